@@ -1,0 +1,12 @@
+//! Plumbing shared by `kimberlize`, `dekimberlize` and `vmigrate`: key
+//! options, progress bars, stats files, error reporting and exit codes,
+//! man page rendering.
+
+pub mod keys;
+pub mod man;
+pub mod output;
+pub mod progress;
+pub mod run;
+
+pub use keys::KeyArgs;
+pub use run::{main_with, Quiet};

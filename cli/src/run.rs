@@ -1,0 +1,83 @@
+//! `main` for every binary: errors printed as a chain, documented exit
+//! codes, broken pipes ignored.
+
+use std::process::ExitCode;
+
+use kimberley_formats::Error as FormatError;
+
+/// `-q` handling.
+pub type Quiet = bool;
+
+/// Exit codes (also in every man page and docs/EXIT-CODES.md).
+pub const EXIT_CODES: &str = "\
+EXIT STATUS:
+  0  success
+  1  error (I/O, resources, anything not listed below)
+  2  usage error (bad arguments)
+  3  the overlay is truncated, corrupt, of an unknown version, or not an overlay
+  4  authentication failed: wrong key or passphrase, or tampered data
+  5  wrong base VM, or overlays given out of chain order / with a missing link
+  6  the output already exists
+  7  a VM directory is missing, unreadable or inconsistent
+  8  the result does not match the digest the overlay promised
+  9  the VM failed (no usable /dev/kvm, guest crash, timeout, script error)";
+
+/// Runs `f`, prints `error: ...` with its causes on failure and maps the
+/// root cause to an exit code. A broken pipe on stdout exits quietly.
+pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let fe = e.chain().find_map(|c| c.downcast_ref::<FormatError>());
+            if fe.is_some_and(|fe| fe.is_broken_pipe())
+                || e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                })
+            {
+                return ExitCode::SUCCESS;
+            }
+            let mut msg = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{msg}");
+            let code = fe
+                .map(|fe| fe.exit_code())
+                .or_else(|| e.chain().find_map(exit_code_of))
+                .unwrap_or(1);
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// An error carrying its own exit code (for front ends: VM failures).
+#[derive(Debug)]
+pub struct WithCode(pub i32, pub String);
+
+impl std::fmt::Display for WithCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for WithCode {}
+
+fn exit_code_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    e.downcast_ref::<WithCode>().map(|w| w.0)
+}
+
+/// Configures the rayon pool; returns the thread count used.
+pub fn threads(n: Option<usize>) -> usize {
+    let n = n
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    n
+}

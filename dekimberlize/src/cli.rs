@@ -1,0 +1,80 @@
+//! Command-line definitions (also rendered into `man/`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use kimberley_cli::KeyArgs;
+
+/// Apply VM overlays: synthesise a launch VM from a base VM.
+///
+/// Reads an overlay (a file, or stdin: a pipe or `ssh`), authenticates its
+/// header, refuses it unless it was made from this base, then decrypts,
+/// decompresses and checks segments on --threads workers while the rest is
+/// still arriving, and builds the launch VM in one pass over the base.
+/// Every component is checked against the digest the overlay promised, then
+/// fsynced and renamed into place: a failed run leaves nothing behind.
+///
+/// Examples:
+///
+///   dekimberlize --base base -i app.ovl -k overlay.key -o app-vm
+///   ssh laptop kimberlize diff --base base --launch app -k key | dekimberlize --base base -k key -o app-vm
+///   dekimberlize --base base -i os-layer.ovl -i app-layer.ovl -k key -o app-vm
+///   dekimberlize verify -i app.ovl -k overlay.key
+#[derive(Debug, Parser)]
+#[command(name = "dekimberlize", version, about, long_about, after_long_help = kimberley_cli::run::EXIT_CODES)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Authenticate and parse a whole overlay without writing anything.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The base VM directory the overlay was made from.
+    #[arg(long, value_name = "VMDIR", required = true)]
+    pub base: Option<PathBuf>,
+    /// Overlay to apply ("-" for stdin, the default). Repeat for a layered
+    /// chain, in order from the base up.
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Vec<PathBuf>,
+    /// The launch VM directory to create (must not exist).
+    #[arg(short, long, value_name = "VMDIR", required = true)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+    /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// No progress bar or summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Overlay to check ("-" for stdin, the default).
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Also check that the overlay applies to this base VM.
+    #[arg(long, value_name = "VMDIR")]
+    pub base: Option<PathBuf>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+    /// No summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}

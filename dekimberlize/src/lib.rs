@@ -1,0 +1,105 @@
+//! `dekimberlize`: apply VM overlays. A thin front end over
+//! `kimberley-formats`.
+
+pub mod cli;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use clap::Parser;
+use kimberley_cli::output::{open_input, write_json};
+use kimberley_cli::progress::Bar;
+use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
+use kimberley_formats::progress::Progress;
+use kimberley_formats::vmdir::VmDir;
+
+/// Parses arguments and runs the command.
+pub fn main() -> Result<()> {
+    let args = cli::Cli::parse();
+    match args.command {
+        Some(cli::Command::Verify(v)) => verify(v),
+        None => run_apply(args.apply),
+    }
+}
+
+fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
+    let paths: Vec<PathBuf> = if paths.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        paths.to_vec()
+    };
+    if paths.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
+        return Err(anyhow!("stdin (-) can be given only once"));
+    }
+    if paths.iter().any(|p| p.as_os_str() == "-") && std::io::stdin().is_terminal() {
+        return Err(anyhow!(
+            "no overlay given: use -i FILE or pipe an overlay into stdin"
+        ));
+    }
+    paths
+        .iter()
+        .map(|p| {
+            let (name, reader) = open_input(p)?;
+            Ok(Input { name, reader })
+        })
+        .collect()
+}
+
+fn run_apply(a: cli::ApplyArgs) -> Result<()> {
+    let threads = kimberley_cli::run::threads(a.threads);
+    let base_path = a.base.expect("required by clap");
+    let out = a.output.expect("required by clap");
+    let secret = a.keys.secret()?;
+    let base = VmDir::open(&base_path)?;
+    if out.exists() {
+        return Err(kimberley_formats::Error::Exists(out).into());
+    }
+    let inputs = inputs(&a.input)?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), a.quiet);
+    let stats = apply::apply_chain(
+        &base,
+        inputs,
+        &out,
+        &ApplyOptions { secret, threads },
+        &progress,
+    )?;
+    drop(bar);
+    if let Some(p) = &a.stats_json {
+        write_json(p, &stats)?;
+    }
+    if !a.quiet && std::io::stderr().is_terminal() {
+        let secs = stats.times.total_ms as f64 / 1000.0;
+        eprintln!(
+            "{}: {:.1} MiB launch VM from {:.1} MiB of overlay in {:.2} s ({:.2} GiB/s)",
+            out.display(),
+            stats.launch_bytes as f64 / 1048576.0,
+            stats.overlay_bytes as f64 / 1048576.0,
+            secs,
+            stats.launch_bytes as f64 / 1073741824.0 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn verify(v: cli::VerifyArgs) -> Result<()> {
+    let threads = kimberley_cli::run::threads(v.threads);
+    let secret = v.keys.secret()?;
+    let mut ins = inputs(v.input.as_slice())?;
+    let o = Opened::open(ins.remove(0), secret.as_ref())?;
+    if let Some(b) = &v.base {
+        let base = VmDir::open(b)?;
+        check_chain(&base, std::slice::from_ref(&o))?;
+    }
+    let name = o.name.clone();
+    let r = apply::verify(o, threads, &Progress::default())?;
+    if !v.quiet {
+        eprintln!(
+            "{name}: OK ({} bytes, {} segments, {} records, every segment authenticated)",
+            r.bytes, r.segments, r.records
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    kimberley_cli::main_with(dekimberlize::main)
+}

@@ -1,0 +1,191 @@
+//! Reads frames on one thread, opens segments on worker threads, and hands
+//! them over in stream order, checking order and the index on the way.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+
+use super::open::Opened;
+use crate::error::{Error, Result};
+use crate::overlay::frame::SegmentKind;
+use crate::overlay::io::Frame;
+use crate::overlay::record::{self, Geometry, Record};
+use crate::overlay::segment::{Index, IndexEntry};
+use crate::overlay::Pos;
+use crate::progress::Progress;
+
+/// An opened data segment.
+#[derive(Debug)]
+pub struct Segment {
+    /// STREAM counter.
+    pub counter: u64,
+    /// Decompressed body.
+    pub body: Vec<u8>,
+    /// Parsed records (byte ranges index `body`).
+    pub records: Vec<Record>,
+}
+
+enum Opened_ {
+    Data(Segment, IndexEntry),
+    Index(Index),
+}
+
+/// Totals of a decode run.
+#[derive(Debug)]
+pub struct DecodeStats {
+    /// Overlay bytes read.
+    pub bytes: u64,
+    /// Data segments.
+    pub segments: u64,
+    /// The (checked) index.
+    pub index: Index,
+    /// When the last byte was read.
+    pub receive_done: Instant,
+    /// Worker time spent opening segments.
+    pub decode_cpu_ms: u64,
+}
+
+fn open_frame(frame: Frame, sealer: &crate::crypto::Sealer, geo: &Geometry) -> Result<Opened_> {
+    let (counter, kind, offset, frame_len) =
+        (frame.counter, frame.header.kind, frame.offset, frame.len());
+    let body = frame.open(sealer)?;
+    match kind {
+        SegmentKind::Data => {
+            let records = record::parse(&body, geo, (0, 0))
+                .map_err(|e| Error::Corrupt(format!("segment {counter}: {e}")))?;
+            let (first, end) = match (records.first(), records.last()) {
+                (Some(f), Some(l)) => (f.start_pos(), l.end_pos()),
+                _ => return Err(Error::Corrupt(format!("segment {counter} has no records"))),
+            };
+            let entry = IndexEntry {
+                counter,
+                offset,
+                frame_len: frame_len as u32,
+                body_len: body.len() as u32,
+                first,
+                end,
+                records: records.len() as u32,
+            };
+            Ok(Opened_::Data(
+                Segment {
+                    counter,
+                    body,
+                    records,
+                },
+                entry,
+            ))
+        }
+        SegmentKind::Index => Ok(Opened_::Index(Index::decode(&body)?)),
+        SegmentKind::Manifest => Err(Error::Corrupt(format!(
+            "segment {counter}: a second manifest"
+        ))),
+    }
+}
+
+/// Runs the decode pipeline over the rest of `o`, calling `on_segment` for
+/// each data segment in order. Returns once the index and footer checked.
+pub fn run(
+    o: Opened,
+    geo: Geometry,
+    threads: usize,
+    progress: &Progress,
+    mut on_segment: impl FnMut(Segment) -> Result<()>,
+) -> Result<DecodeStats> {
+    let threads = threads.max(1);
+    let Opened {
+        sealer, mut reader, ..
+    } = o;
+    let sealer = Arc::new(sealer);
+    let geo = Arc::new(geo);
+    let (ftx, frx) = bounded::<(u64, Result<Frame>)>(threads * 2);
+    let (dtx, drx) = bounded::<(u64, Result<Opened_>, u64, u64)>(threads * 2);
+    let (done_tx, done_rx) = bounded::<(Instant, u64)>(1);
+    // Threads are detached: on an error the consumer returns at once, even
+    // if the reader is blocked on a slow pipe; dropped channels stop them.
+    std::thread::spawn(move || loop {
+        match reader.next_frame() {
+            Ok(Some(f)) => {
+                let (c, last) = (f.counter, f.header.last);
+                if ftx.send((c, Ok(f))).is_err() {
+                    return;
+                }
+                if last {
+                    // next_frame already checked the footer and the end.
+                    let _ = done_tx.send((Instant::now(), reader.bytes_read));
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = ftx.send((u64::MAX, Err(e)));
+                return;
+            }
+        }
+    });
+    for _ in 0..threads {
+        let (frx, dtx, sealer, geo) = (frx.clone(), dtx.clone(), sealer.clone(), geo.clone());
+        std::thread::spawn(move || {
+            for (counter, item) in frx {
+                let t = Instant::now();
+                let len = item.as_ref().map(|f| f.len()).unwrap_or(0);
+                let r = item.and_then(|f| open_frame(f, &sealer, &geo));
+                if dtx
+                    .send((counter, r, len, t.elapsed().as_micros() as u64))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    drop(dtx);
+    drop(frx);
+
+    let mut pending: BTreeMap<u64, (Result<Opened_>, u64)> = BTreeMap::new();
+    let mut next = 1u64;
+    let mut prev_end: Pos = (0, 0);
+    let mut seen: Vec<IndexEntry> = Vec::new();
+    let mut cpu_us = 0u64;
+    let index = 'outer: loop {
+        let Ok((counter, r, len, us)) = drx.recv() else {
+            return Err(Error::Truncated("the stream ended early".into()));
+        };
+        cpu_us += us;
+        pending.insert(counter, (r, len));
+        while let Some((r, len)) = pending.remove(&next).or_else(|| pending.remove(&u64::MAX)) {
+            next += 1;
+            progress.advance(len);
+            match r? {
+                Opened_::Data(seg, entry) => {
+                    if entry.first < prev_end {
+                        return Err(Error::Corrupt(format!(
+                            "segment {} overlaps the previous one",
+                            seg.counter
+                        )));
+                    }
+                    prev_end = entry.end;
+                    seen.push(entry);
+                    on_segment(seg)?;
+                }
+                Opened_::Index(ix) => break 'outer ix,
+            }
+        }
+    };
+    let (receive_done, total_bytes) = done_rx
+        .recv()
+        .map_err(|_| Error::Truncated("the stream ended early".into()))?;
+    if index.entries != seen {
+        return Err(Error::Corrupt(
+            "the index does not match the segments".into(),
+        ));
+    }
+    Ok(DecodeStats {
+        bytes: total_bytes,
+        segments: seen.len() as u64,
+        index,
+        receive_done,
+        decode_cpu_ms: cpu_us / 1000,
+    })
+}

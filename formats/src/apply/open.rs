@@ -1,0 +1,160 @@
+//! Opening an overlay: header, keys, MAC, manifest segment; chain checks.
+
+use std::io::Read;
+
+use super::Input;
+use crate::crypto::keys::Secret;
+use crate::crypto::{overlay_keys, sealer_for, Sealer};
+use crate::digest::hex;
+use crate::error::{Error, Result};
+use crate::overlay::frame::SegmentKind;
+use crate::overlay::header::Header;
+use crate::overlay::io::FrameReader;
+use crate::overlay::record::Geometry;
+use crate::overlay::segment::ManifestSegment;
+use crate::vmdir::VmDir;
+
+/// An overlay whose header authenticated and whose manifest was read; the
+/// reader is positioned at the first data segment.
+pub struct Opened {
+    /// Name for messages.
+    pub name: String,
+    /// The header.
+    pub header: Header,
+    /// Opens segments.
+    pub sealer: Sealer,
+    /// The manifest segment.
+    pub manifest: ManifestSegment,
+    /// The rest of the stream.
+    pub reader: FrameReader<Box<dyn Read + Send>>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Opened({})", self.name)
+    }
+}
+
+fn named(name: &str, e: Error) -> Error {
+    match e {
+        Error::Truncated(s) => Error::Truncated(format!("{name}: {s}")),
+        Error::Corrupt(s) => Error::Corrupt(format!("{name}: {s}")),
+        Error::Auth(s) => Error::Auth(format!("{name}: {s}")),
+        Error::Key(s) => Error::Key(format!("{name}: {s}")),
+        Error::Io { context, source } => Error::Io {
+            context: format!("{name}: {context}"),
+            source,
+        },
+        Error::Empty => Error::Truncated(format!("{name} is empty")),
+        Error::NotAnOverlay => {
+            Error::Corrupt(format!("{name} is not a Kimberley overlay (bad magic)"))
+        }
+        other => other,
+    }
+}
+
+impl Opened {
+    /// Reads the header, derives keys, checks the MAC and reads the
+    /// manifest segment.
+    pub fn open(input: Input, secret: Option<&Secret>) -> Result<Opened> {
+        let name = input.name;
+        Self::open_inner(&name, input.reader, secret).map_err(|e| named(&name, e))
+    }
+
+    fn open_inner(
+        name: &str,
+        reader: Box<dyn Read + Send>,
+        secret: Option<&Secret>,
+    ) -> Result<Opened> {
+        let mut reader = FrameReader::new(reader);
+        let (header, _) = reader.header()?;
+        let keys = overlay_keys(&header, secret)?;
+        header.verify_mac(keys.as_ref())?;
+        let sealer = sealer_for(&header, keys.as_ref());
+        let frame = reader
+            .next_frame()?
+            .ok_or_else(|| Error::Truncated("no manifest segment".into()))?;
+        if frame.header.kind != SegmentKind::Manifest {
+            return Err(Error::Corrupt("first segment is not the manifest".into()));
+        }
+        let body = frame.open(&sealer)?;
+        let manifest = ManifestSegment::decode(&body)?;
+        if manifest.launch_manifest().identity() != header.result_id {
+            return Err(Error::Corrupt(
+                "manifest does not match the header's result identity".into(),
+            ));
+        }
+        Ok(Opened {
+            name: name.to_string(),
+            header,
+            sealer,
+            manifest,
+            reader,
+        })
+    }
+
+    /// Component sizes records are checked against.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            launch: self.manifest.launch.iter().map(|c| c.size).collect(),
+            base: self.manifest.base.iter().map(|c| c.size).collect(),
+        }
+    }
+}
+
+fn short(id: &[u8]) -> String {
+    hex(&id[..8])
+}
+
+/// Checks that `chain` applies to `base` in this order, with no missing
+/// link, before anything is written.
+pub fn check_chain(base: &VmDir, chain: &[Opened]) -> Result<()> {
+    let first = &chain[0];
+    if first.header.base_id != base.identity() {
+        return Err(if first.header.has_parent() {
+            Error::Chain(format!(
+                "{} is layer {} and needs its parent overlay {} applied first",
+                first.name,
+                first.header.depth,
+                short(&first.header.parent_id)
+            ))
+        } else {
+            Error::WrongBase(format!(
+                "{} was made from base {}, not from {} (base {})",
+                first.name,
+                short(&first.header.base_id),
+                base.path.display(),
+                short(&base.identity())
+            ))
+        });
+    }
+    if first.manifest.base != base.manifest.components {
+        return Err(Error::Corrupt(format!(
+            "{}: base components disagree with the header",
+            first.name
+        )));
+    }
+    for w in chain.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if b.header.parent_id != a.header.overlay_id || b.header.base_id != a.header.result_id {
+            return Err(Error::Chain(if b.header.has_parent() {
+                format!(
+                    "{} must follow overlay {}, but follows {} ({}); give the overlays in chain order",
+                    b.name,
+                    short(&b.header.parent_id),
+                    a.name,
+                    short(&a.header.overlay_id)
+                )
+            } else {
+                format!("{} applies to a base VM, not on top of {}", b.name, a.name)
+            }));
+        }
+        if b.manifest.base != a.manifest.launch {
+            return Err(Error::Corrupt(format!(
+                "{}: base components disagree with the header",
+                b.name
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! Key files, passphrases and key derivation.
+
+use std::path::Path;
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::AtomicFile;
+
+/// Length of a key file.
+pub const KEY_LEN: usize = 32;
+
+/// Argon2id parameters, stored in the overlay header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Argon2Params {
+    /// Memory in KiB.
+    pub m_cost: u32,
+    /// Passes.
+    pub t_cost: u32,
+    /// Lanes.
+    pub p_cost: u32,
+}
+
+impl Argon2Params {
+    /// What `kimberlize` uses: 64 MiB, 3 passes, 1 lane.
+    pub const DEFAULT: Argon2Params = Argon2Params {
+        m_cost: 64 * 1024,
+        t_cost: 3,
+        p_cost: 1,
+    };
+    /// Largest memory cost a reader accepts (1 GiB), so a crafted header
+    /// cannot make a reader allocate without bound.
+    pub const MAX_M_COST: u32 = 1024 * 1024;
+    /// Largest pass count a reader accepts.
+    pub const MAX_T_COST: u32 = 64;
+    /// Largest lane count a reader accepts.
+    pub const MAX_P_COST: u32 = 16;
+
+    /// Checks the reader's caps and Argon2's own minimums.
+    pub fn check(&self) -> Result<()> {
+        if self.m_cost > Self::MAX_M_COST
+            || self.t_cost > Self::MAX_T_COST
+            || self.p_cost > Self::MAX_P_COST
+        {
+            return Err(Error::Corrupt(
+                "Argon2 parameters exceed the reader's limits".into(),
+            ));
+        }
+        if self.t_cost == 0 || self.p_cost == 0 || self.m_cost < 8 * self.p_cost {
+            return Err(Error::Corrupt("Argon2 parameters are invalid".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A secret the user holds.
+#[derive(Clone)]
+pub enum Secret {
+    /// 32 bytes from a key file.
+    Key([u8; KEY_LEN]),
+    /// A passphrase (bytes of the passphrase file, one trailing newline removed).
+    Passphrase(Vec<u8>),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Key(_) => f.write_str("Secret::Key(..)"),
+            Secret::Passphrase(_) => f.write_str("Secret::Passphrase(..)"),
+        }
+    }
+}
+
+impl Secret {
+    /// Reads a key file (exactly 32 bytes).
+    pub fn from_key_file(path: &Path) -> Result<Secret> {
+        let bytes = std::fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
+        let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
+            Error::Key(format!(
+                "{} is {} bytes; a key file is exactly {KEY_LEN} bytes (make one with `kimberlize keygen`)",
+                path.display(),
+                bytes.len()
+            ))
+        })?;
+        Ok(Secret::Key(key))
+    }
+
+    /// Reads a passphrase file.
+    pub fn from_passphrase_file(path: &Path) -> Result<Secret> {
+        let mut bytes =
+            std::fs::read(path).ctx(|| format!("reading passphrase file {}", path.display()))?;
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        if bytes.is_empty() {
+            return Err(Error::Key(format!(
+                "{} holds an empty passphrase",
+                path.display()
+            )));
+        }
+        Ok(Secret::Passphrase(bytes))
+    }
+}
+
+/// Writes a new random key file (mode 0600), atomically; refuses to
+/// overwrite.
+pub fn keygen(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut key = [0u8; KEY_LEN];
+    getrandom::fill(&mut key).map_err(|e| Error::Key(format!("no randomness: {e}")))?;
+    let f = AtomicFile::create(path, false)?;
+    f.file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .ctx(|| format!("setting permissions of {}", path.display()))?;
+    std::os::unix::fs::FileExt::write_all_at(f.file(), &key, 0)
+        .ctx(|| format!("writing {}", path.display()))?;
+    f.commit()
+}
+
+/// Fills a buffer with random bytes.
+pub fn random<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| Error::Key(format!("no randomness: {e}")))?;
+    Ok(b)
+}
+
+/// How an overlay is protected, as stored in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMaterial {
+    /// `--no-encrypt`: BLAKE3 integrity only.
+    None,
+    /// A 32-byte key file.
+    KeyFile,
+    /// A passphrase through Argon2id.
+    Passphrase(Argon2Params),
+}
+
+/// The keys of one overlay.
+#[derive(Clone)]
+pub struct OverlayKeys {
+    /// Keys the header MAC (keyed BLAKE3).
+    pub header: [u8; 32],
+    /// ChaCha20-Poly1305 key for segments.
+    pub payload: [u8; 32],
+}
+
+impl std::fmt::Debug for OverlayKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OverlayKeys(..)")
+    }
+}
+
+/// The user key: the key file's bytes, or Argon2id(passphrase, salt).
+pub fn user_key(secret: &Secret, material: KeyMaterial, salt: &[u8; 32]) -> Result<[u8; 32]> {
+    match (material, secret) {
+        (KeyMaterial::KeyFile, Secret::Key(k)) => Ok(*k),
+        (KeyMaterial::Passphrase(p), Secret::Passphrase(pw)) => {
+            p.check()?;
+            let params = argon2::Params::new(p.m_cost, p.t_cost, p.p_cost, Some(32))
+                .map_err(|e| Error::Corrupt(format!("Argon2 parameters: {e}")))?;
+            let a =
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+            let mut out = [0u8; 32];
+            a.hash_password_into(pw, salt, &mut out)
+                .map_err(|e| Error::Key(format!("Argon2id failed: {e}")))?;
+            Ok(out)
+        }
+        (KeyMaterial::KeyFile, Secret::Passphrase(_)) => Err(Error::Key(
+            "this overlay is encrypted with a key file; use --key-file".into(),
+        )),
+        (KeyMaterial::Passphrase(_), Secret::Key(_)) => Err(Error::Key(
+            "this overlay is encrypted with a passphrase; use --passphrase-file".into(),
+        )),
+        (KeyMaterial::None, _) => Err(Error::Invalid("no key for an unencrypted overlay".into())),
+    }
+}
+
+/// Derives the header and payload keys: HKDF-SHA256(ikm = user key, salt).
+pub fn derive(user_key: &[u8; 32], salt: &[u8; 32]) -> OverlayKeys {
+    let hk = Hkdf::<Sha256>::new(Some(salt), user_key);
+    let mut header = [0u8; 32];
+    let mut payload = [0u8; 32];
+    hk.expand(b"kimberley overlay v1 header", &mut header)
+        .expect("32 bytes is a valid HKDF length");
+    hk.expand(b"kimberley overlay v1 payload", &mut payload)
+        .expect("32 bytes is a valid HKDF length");
+    OverlayKeys { header, payload }
+}

@@ -1,0 +1,162 @@
+//! `kimberlize diff`: base VMDIR + launch VMDIR → overlay stream.
+//!
+//! Stages: [`base_index`] reads the base once (verifying its digests) and
+//! indexes its chunks; [`classify`] reads launch and base side by side in
+//! large blocks and classifies chunks in parallel; [`encode`] turns chunk
+//! classes into records and segments; [`writer`] compresses and seals
+//! segments on worker threads and writes them in order.
+
+pub mod base_index;
+pub mod classify;
+pub mod encode;
+pub mod writer;
+
+use std::io::Write;
+use std::time::Instant;
+
+use crate::crypto::keys::{random, Argon2Params, KeyMaterial, Secret};
+use crate::crypto::{overlay_keys, sealer_for};
+use crate::error::{Error, Result};
+use crate::overlay::header::Header;
+use crate::overlay::segment::{ChunkStats, ManifestSegment};
+use crate::progress::Progress;
+use crate::vmdir::VmDir;
+
+/// How to protect the overlay.
+#[derive(Debug, Clone)]
+pub enum Protection {
+    /// `--no-encrypt`.
+    None,
+    /// A key file's key.
+    Key([u8; 32]),
+    /// A passphrase and the Argon2id parameters to use.
+    Passphrase(Vec<u8>, Argon2Params),
+}
+
+/// The parent overlay, for a layered overlay.
+#[derive(Debug, Clone, Copy)]
+pub struct Parent {
+    /// The parent's `overlay_id`.
+    pub overlay_id: [u8; 16],
+    /// The parent's depth.
+    pub depth: u32,
+    /// The parent's result identity (must equal the base's identity).
+    pub result_id: [u8; 32],
+}
+
+/// Options of one diff.
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    /// Segment protection.
+    pub protection: Protection,
+    /// zstd level.
+    pub level: i32,
+    /// Compression worker threads.
+    pub threads: usize,
+    /// Set when `base` is the result of applying this parent.
+    pub parent: Option<Parent>,
+}
+
+/// Milliseconds spent in each stage.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiffTimes {
+    /// Reading and indexing the base.
+    pub base_index_ms: u64,
+    /// Reading and classifying the launch VM, encoding records.
+    pub classify_ms: u64,
+    /// Waiting for compression and writing after the last record.
+    pub drain_ms: u64,
+    /// Everything.
+    pub total_ms: u64,
+}
+
+/// What a diff did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiffStats {
+    /// Logical bytes of the launch VM.
+    pub launch_bytes: u64,
+    /// Bytes of base data read (holes skipped).
+    pub base_read_bytes: u64,
+    /// Bytes of launch data read (holes skipped).
+    pub launch_read_bytes: u64,
+    /// Overlay bytes written.
+    pub overlay_bytes: u64,
+    /// Data segments written.
+    pub segments: u64,
+    /// Record body bytes before compression.
+    pub body_bytes: u64,
+    /// Chunks by encoding.
+    pub chunks: ChunkStats,
+    /// Stage times.
+    pub times: DiffTimes,
+}
+
+/// Diffs `launch` against `base`, writing the overlay to `out`.
+pub fn diff<W: Write + Send>(
+    base: &VmDir,
+    launch: &VmDir,
+    opts: &DiffOptions,
+    out: W,
+    progress: &Progress,
+) -> Result<(W, DiffStats)> {
+    let t0 = Instant::now();
+    let mut stats = DiffStats::default();
+    if let Some(p) = &opts.parent {
+        if p.result_id != base.identity() {
+            return Err(Error::Chain(
+                "the parent overlay does not produce the given base".into(),
+            ));
+        }
+    }
+    let salt = random::<32>()?;
+    let (material, secret) = match &opts.protection {
+        Protection::None => (KeyMaterial::None, None),
+        Protection::Key(k) => (KeyMaterial::KeyFile, Some(Secret::Key(*k))),
+        Protection::Passphrase(p, a) => (
+            KeyMaterial::Passphrase(*a),
+            Some(Secret::Passphrase(p.clone())),
+        ),
+    };
+    let mut header = Header {
+        protection: material,
+        overlay_id: random::<16>()?,
+        salt,
+        base_id: base.identity(),
+        result_id: launch.identity(),
+        parent_id: opts.parent.map(|p| p.overlay_id).unwrap_or([0; 16]),
+        depth: opts.parent.map(|p| p.depth + 1).unwrap_or(0),
+        mac: [0; 32],
+    };
+    let keys = overlay_keys(&header, secret.as_ref())?;
+    let header_bytes = header.seal(keys.as_ref());
+    let sealer = sealer_for(&header, keys.as_ref());
+
+    let index = base_index::BaseIndex::build(base, progress)?;
+    stats.base_read_bytes = index.read_bytes;
+    stats.times.base_index_ms = t0.elapsed().as_millis() as u64;
+
+    let manifest = ManifestSegment {
+        name: launch.manifest.name.clone(),
+        vcpus: launch.manifest.vcpus,
+        launch: launch.manifest.components.clone(),
+        base: base.manifest.components.clone(),
+    };
+    let t1 = Instant::now();
+    let (out, wstats) = writer::run(out, &header_bytes, &sealer, opts, |sink| {
+        sink.send_manifest(manifest.encode())?;
+        let mut enc = encode::SegmentBuilder::new(sink);
+        let cstats = classify::run(base, launch, &index, &mut enc, progress)?;
+        stats.launch_read_bytes = cstats.launch_read_bytes;
+        stats.chunks = enc.finish()?;
+        stats.times.classify_ms = t1.elapsed().as_millis() as u64;
+        Ok(stats.chunks)
+    })?;
+    stats.launch_bytes = launch.manifest.components.iter().map(|c| c.size).sum();
+    stats.overlay_bytes = wstats.bytes;
+    stats.segments = wstats.segments;
+    stats.body_bytes = wstats.body_bytes;
+    stats.times.drain_ms =
+        (t1.elapsed().as_millis() as u64).saturating_sub(stats.times.classify_ms);
+    stats.times.total_ms = t0.elapsed().as_millis() as u64;
+    Ok((out, stats))
+}

@@ -1,0 +1,238 @@
+//! Component digests: BLAKE3 over 1 MiB blocks (see FORMAT.md, "Component
+//! digest"). Blocks can be hashed in parallel, and an all-zero block (a hole)
+//! has a known hash, so sparse images are verified without reading holes.
+
+use std::sync::OnceLock;
+
+/// Size of a digest block.
+pub const BLOCK_SIZE: usize = 1 << 20;
+/// `BLOCK_SIZE` as u64.
+pub const BLOCK: u64 = BLOCK_SIZE as u64;
+
+const CONTEXT: &str = "kimberley 2026 component digest v1";
+
+/// A 32-byte digest.
+pub type Digest = [u8; 32];
+
+/// Hash of one digest block.
+pub fn block_hash(bytes: &[u8]) -> Digest {
+    *blake3::hash(bytes).as_bytes()
+}
+
+/// Hash of an all-zero block of `len` bytes (cached for full blocks).
+pub fn zero_block_hash(len: usize) -> Digest {
+    static FULL: OnceLock<Digest> = OnceLock::new();
+    if len == BLOCK_SIZE {
+        *FULL.get_or_init(|| block_hash(&vec![0u8; BLOCK_SIZE]))
+    } else {
+        block_hash(&vec![0u8; len])
+    }
+}
+
+/// Number of digest blocks of an image of `size` bytes.
+pub fn block_count(size: u64) -> u64 {
+    size.div_ceil(BLOCK)
+}
+
+/// Length of block `i` of an image of `size` bytes.
+pub fn block_len(size: u64, i: u64) -> usize {
+    (size - i * BLOCK).min(BLOCK) as usize
+}
+
+/// Accumulates block hashes, in order, into a component digest.
+pub struct ComponentHasher {
+    inner: blake3::Hasher,
+    size: u64,
+    blocks: u64,
+}
+
+impl ComponentHasher {
+    /// Starts the digest of a component of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        let mut inner = blake3::Hasher::new_derive_key(CONTEXT);
+        inner.update(&size.to_le_bytes());
+        ComponentHasher {
+            inner,
+            size,
+            blocks: 0,
+        }
+    }
+
+    /// Index of the next block expected.
+    pub fn next_block(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Adds the hash of the next block.
+    pub fn push(&mut self, block_hash: &Digest) {
+        self.inner.update(block_hash);
+        self.blocks += 1;
+    }
+
+    /// Ends the digest. Panics in debug builds if blocks are missing.
+    pub fn finish(self) -> Digest {
+        debug_assert_eq!(self.blocks, block_count(self.size));
+        *self.inner.finalize().as_bytes()
+    }
+}
+
+/// Digest of an in-memory image (tests and small components).
+pub fn digest_bytes(bytes: &[u8]) -> Digest {
+    let mut h = ComponentHasher::new(bytes.len() as u64);
+    for b in bytes.chunks(BLOCK_SIZE) {
+        h.push(&block_hash(b));
+    }
+    h.finish()
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 64 hex characters.
+pub fn from_hex(s: &str) -> Option<Digest> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_hash_like_zeros() {
+        let z = vec![0u8; BLOCK_SIZE * 2 + 5];
+        let mut h = ComponentHasher::new(z.len() as u64);
+        h.push(&zero_block_hash(BLOCK_SIZE));
+        h.push(&zero_block_hash(BLOCK_SIZE));
+        h.push(&zero_block_hash(5));
+        assert_eq!(h.finish(), digest_bytes(&z));
+    }
+
+    #[test]
+    fn size_is_bound() {
+        assert_ne!(digest_bytes(&[]), digest_bytes(&[0]));
+        assert_eq!(
+            from_hex(&hex(&digest_bytes(b"x"))),
+            Some(digest_bytes(b"x"))
+        );
+    }
+}
+
+/// Digest of an image presented as increasing `(offset, bytes)` data pieces;
+/// gaps (holes) count as zeros and cost nothing for whole blocks. Full blocks
+/// are hashed in parallel batches.
+pub struct SparseHasher {
+    size: u64,
+    hasher: ComponentHasher,
+    /// Full blocks waiting to be hashed, and the partly filled current one.
+    pending: Vec<Vec<u8>>,
+    cur: Vec<u8>,
+    /// Offset of the start of `cur`'s block.
+    cur_block: u64,
+}
+
+const BATCH: usize = 8;
+
+impl SparseHasher {
+    /// Starts hashing an image of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        SparseHasher {
+            size,
+            hasher: ComponentHasher::new(size),
+            pending: Vec::new(),
+            cur: Vec::with_capacity(BLOCK_SIZE),
+            cur_block: 0,
+        }
+    }
+
+    /// Feeds data at `offset` (must not go backwards; gaps are zeros).
+    pub fn feed(&mut self, mut offset: u64, mut data: &[u8]) {
+        while !data.is_empty() {
+            let block = offset / BLOCK;
+            self.advance_to(block);
+            let in_block = (offset - block * BLOCK) as usize;
+            if self.cur.len() < in_block {
+                self.cur.resize(in_block, 0);
+            }
+            debug_assert_eq!(self.cur.len(), in_block, "data fed backwards");
+            let room = block_len(self.size, block) - in_block;
+            let n = room.min(data.len());
+            self.cur.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            offset += n as u64;
+            if self.cur.len() == block_len(self.size, block) {
+                self.close_current();
+            }
+        }
+    }
+
+    /// Closes blocks before `block` (padding with zeros).
+    fn advance_to(&mut self, block: u64) {
+        while self.cur_block < block {
+            if self.cur.is_empty() {
+                // A whole block of hole: flush the batch, push the zero hash.
+                self.flush();
+                self.hasher
+                    .push(&zero_block_hash(block_len(self.size, self.cur_block)));
+                self.cur_block += 1;
+            } else {
+                self.cur.resize(block_len(self.size, self.cur_block), 0);
+                self.close_current();
+            }
+        }
+    }
+
+    fn close_current(&mut self) {
+        let full = std::mem::replace(&mut self.cur, Vec::with_capacity(BLOCK_SIZE));
+        self.pending.push(full);
+        self.cur_block += 1;
+        if self.pending.len() >= BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        use rayon::prelude::*;
+        let hashes: Vec<Digest> = self.pending.par_iter().map(|b| block_hash(b)).collect();
+        for h in &hashes {
+            self.hasher.push(h);
+        }
+        self.pending.clear();
+    }
+
+    /// The digest (the rest of the image is zeros).
+    pub fn finish(mut self) -> Digest {
+        let blocks = block_count(self.size);
+        self.advance_to(blocks);
+        self.flush();
+        self.hasher.finish()
+    }
+}
+
+#[cfg(test)]
+mod sparse_tests {
+    use super::*;
+
+    #[test]
+    fn sparse_feed_matches_dense() {
+        let size = 3 * BLOCK + 100;
+        let mut img = vec![0u8; size as usize];
+        for (i, b) in img.iter_mut().enumerate().skip(BLOCK_SIZE + 10).take(5000) {
+            *b = i as u8 | 1;
+        }
+        img[size as usize - 1] = 9;
+        let mut h = SparseHasher::new(size);
+        h.feed(BLOCK + 10, &img[BLOCK_SIZE + 10..BLOCK_SIZE + 5010]);
+        h.feed(size - 1, &[9]);
+        assert_eq!(h.finish(), digest_bytes(&img));
+        assert_eq!(SparseHasher::new(0).finish(), digest_bytes(&[]));
+    }
+}

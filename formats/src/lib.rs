@@ -1,0 +1,24 @@
+//! Kimberley's formats and pipelines.
+//!
+//! - [`vmdir`]: the VM directory (a suspended or powered-off VM on disk).
+//! - [`overlay`]: the VM overlay format: pure encoders and parsers over bytes.
+//! - [`crypto`]: keys, key derivation and the STREAM segment sealing.
+//! - [`diff`]: the `kimberlize diff` pipeline (base + launch → overlay).
+//! - [`apply`]: the `dekimberlize` pipeline (base + overlay chain → launch).
+//!
+//! `docs/FORMAT.md` at the repository root is the normative specification of
+//! every byte this crate reads or writes.
+
+pub mod apply;
+pub mod chunk;
+pub mod crypto;
+pub mod diff;
+pub mod digest;
+pub mod error;
+pub mod fsutil;
+pub mod overlay;
+pub mod progress;
+pub mod sparse;
+pub mod vmdir;
+
+pub use error::{Error, Result};

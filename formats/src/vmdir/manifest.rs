@@ -1,0 +1,359 @@
+//! `manifest.json`: pure parsing, validation and encoding.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{self, Digest};
+
+/// The `format` value every manifest carries.
+pub const FORMAT: &str = "kimberley-vmdir";
+/// The manifest version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Most disks a VMDIR may have.
+pub const MAX_DISKS: usize = 64;
+/// Largest component (1 TiB).
+pub const MAX_COMPONENT_SIZE: u64 = 1 << 40;
+/// Largest state blob (64 MiB).
+pub const MAX_STATE_SIZE: u64 = 64 << 20;
+/// Longest VM name.
+pub const MAX_NAME: usize = 255;
+
+/// What a component is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Guest memory (exactly one, first).
+    Memory,
+    /// A raw disk (zero or more, after memory).
+    Disk,
+    /// The opaque vCPU + device state (at most one, last).
+    State,
+}
+
+impl Kind {
+    /// The code used in binary formats.
+    pub fn code(self) -> u8 {
+        match self {
+            Kind::Memory => 1,
+            Kind::Disk => 2,
+            Kind::State => 3,
+        }
+    }
+
+    /// Inverse of [`Kind::code`].
+    pub fn from_code(c: u8) -> Option<Kind> {
+        match c {
+            1 => Some(Kind::Memory),
+            2 => Some(Kind::Disk),
+            3 => Some(Kind::State),
+            _ => None,
+        }
+    }
+}
+
+/// One component file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Component {
+    /// What it is.
+    pub kind: Kind,
+    /// Logical size in bytes (the file may be sparse).
+    pub size: u64,
+    /// Component digest (see `digest`).
+    pub digest: Digest,
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// A human-readable name.
+    pub name: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Components in canonical order: memory, disks, state.
+    pub components: Vec<Component>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    format: String,
+    version: u32,
+    name: String,
+    memory_size: u64,
+    vcpus: u32,
+    components: Vec<RawComponent>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawComponent {
+    kind: Kind,
+    file: String,
+    size: u64,
+    blake3: String,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// Over [`MAX_MANIFEST_BYTES`].
+    #[error("manifest is larger than {MAX_MANIFEST_BYTES} bytes")]
+    TooLarge,
+    /// Not JSON of the right shape.
+    #[error("manifest is not valid: {0}")]
+    Syntax(String),
+    /// Another format or version.
+    #[error("not a {FORMAT} version {VERSION} manifest (format {0:?}, version {1})")]
+    Version(String, u32),
+    /// A rule of FORMAT.md is broken.
+    #[error("manifest: {0}")]
+    Rule(String),
+}
+
+impl Manifest {
+    /// The file name of component `i` (fixed by kind and position).
+    pub fn file_name(&self, i: usize) -> String {
+        file_name_for(&self.components, i)
+    }
+
+    /// The memory size.
+    pub fn memory_size(&self) -> u64 {
+        self.components[0].size
+    }
+
+    /// The state component, if any.
+    pub fn state_index(&self) -> Option<usize> {
+        self.components.iter().position(|c| c.kind == Kind::State)
+    }
+
+    /// Indices of the disks, in order.
+    pub fn disk_indices(&self) -> Vec<usize> {
+        (0..self.components.len())
+            .filter(|&i| self.components[i].kind == Kind::Disk)
+            .collect()
+    }
+
+    /// The identity of the VM this manifest describes: a hash of vCPU count
+    /// and every component's kind, size and digest (not the name).
+    pub fn identity(&self) -> Digest {
+        let mut h = blake3::Hasher::new_derive_key("kimberley 2026 vm identity v1");
+        h.update(&self.vcpus.to_le_bytes());
+        h.update(&(self.components.len() as u32).to_le_bytes());
+        for c in &self.components {
+            h.update(&[c.kind.code()]);
+            h.update(&c.size.to_le_bytes());
+            h.update(&c.digest);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Checks the structural rules of FORMAT.md.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let rule = |s: String| Err(ManifestError::Rule(s));
+        if self.name.is_empty()
+            || self.name.len() > MAX_NAME
+            || self.name.chars().any(char::is_control)
+        {
+            return rule(format!(
+                "name must be 1-{MAX_NAME} bytes without control characters"
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > 255 {
+            return rule("vcpus must be 1-255".into());
+        }
+        let n = self.components.len();
+        if n == 0 || self.components[0].kind != Kind::Memory {
+            return rule("the first component must be the memory".into());
+        }
+        let mut disks = 0;
+        for (i, c) in self.components.iter().enumerate().skip(1) {
+            match c.kind {
+                Kind::Memory => return rule("more than one memory component".into()),
+                Kind::Disk => {
+                    if self.components[..i].iter().any(|p| p.kind == Kind::State) {
+                        return rule("the state component must come last".into());
+                    }
+                    disks += 1;
+                }
+                Kind::State => {
+                    if i != n - 1 {
+                        return rule("the state component must come last".into());
+                    }
+                    if c.size > MAX_STATE_SIZE {
+                        return rule(format!("state blob larger than {MAX_STATE_SIZE} bytes"));
+                    }
+                }
+            }
+        }
+        if disks > MAX_DISKS {
+            return rule(format!("more than {MAX_DISKS} disks"));
+        }
+        if let Some(c) = self.components.iter().find(|c| c.size > MAX_COMPONENT_SIZE) {
+            return rule(format!("{:?} component larger than 1 TiB", c.kind));
+        }
+        Ok(())
+    }
+
+    /// Parses and validates `manifest.json` bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge);
+        }
+        // Check format and version before the exact shape, so a future
+        // version gets a version error rather than a syntax error.
+        let loose: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        let format = loose
+            .get("format")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let version = loose.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if format != FORMAT || version != u64::from(VERSION) {
+            return Err(ManifestError::Version(
+                format.to_string(),
+                version.min(u32::MAX as u64) as u32,
+            ));
+        }
+        let raw: RawManifest =
+            serde_json::from_value(loose).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        let mut components = Vec::with_capacity(raw.components.len().min(MAX_DISKS + 2));
+        for rc in &raw.components {
+            let digest = digest::from_hex(&rc.blake3)
+                .ok_or_else(|| ManifestError::Rule(format!("bad blake3 digest {:?}", rc.blake3)))?;
+            components.push(Component {
+                kind: rc.kind,
+                size: rc.size,
+                digest,
+            });
+            if components.len() > MAX_DISKS + 2 {
+                return Err(ManifestError::Rule("too many components".into()));
+            }
+        }
+        let m = Manifest {
+            name: raw.name,
+            vcpus: raw.vcpus,
+            components,
+        };
+        m.validate()?;
+        for (i, rc) in raw.components.iter().enumerate() {
+            if rc.file != m.file_name(i) {
+                return Err(ManifestError::Rule(format!(
+                    "component {i} must be stored in {:?}, not {:?}",
+                    m.file_name(i),
+                    rc.file
+                )));
+            }
+        }
+        if raw.memory_size != m.memory_size() {
+            return Err(ManifestError::Rule(
+                "memory_size differs from the memory component's size".into(),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Encodes as pretty JSON with a final newline.
+    pub fn encode(&self) -> Vec<u8> {
+        let raw = RawManifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            name: self.name.clone(),
+            memory_size: self.memory_size(),
+            vcpus: self.vcpus,
+            components: self
+                .components
+                .iter()
+                .enumerate()
+                .map(|(i, c)| RawComponent {
+                    kind: c.kind,
+                    file: self.file_name(i),
+                    size: c.size,
+                    blake3: digest::hex(&c.digest),
+                })
+                .collect(),
+        };
+        let mut v = serde_json::to_vec_pretty(&raw).expect("manifest serialises");
+        v.push(b'\n');
+        v
+    }
+}
+
+fn file_name_for(components: &[Component], i: usize) -> String {
+    match components[i].kind {
+        Kind::Memory => "memory.raw".into(),
+        Kind::State => "state.bin".into(),
+        Kind::Disk => {
+            let n = components[..i]
+                .iter()
+                .filter(|c| c.kind == Kind::Disk)
+                .count();
+            format!("disk{n}.raw")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            name: "demo".into(),
+            vcpus: 1,
+            components: vec![
+                Component {
+                    kind: Kind::Memory,
+                    size: 8192,
+                    digest: [1; 32],
+                },
+                Component {
+                    kind: Kind::Disk,
+                    size: 4096,
+                    digest: [2; 32],
+                },
+                Component {
+                    kind: Kind::State,
+                    size: 10,
+                    digest: [3; 32],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let bytes = m.encode();
+        assert_eq!(Manifest::parse(&bytes).unwrap(), m);
+        assert_eq!(m.file_name(1), "disk0.raw");
+    }
+
+    #[test]
+    fn refuses_bad_manifests() {
+        let good = String::from_utf8(sample().encode()).unwrap();
+        for (from, to) in [
+            ("\"version\": 1", "\"version\": 2"),
+            ("disk0.raw", "../etc/passwd"),
+            ("\"vcpus\": 1", "\"vcpus\": 0"),
+            ("\"memory_size\": 8192", "\"memory_size\": 1"),
+            ("\"kind\": \"state\"", "\"kind\": \"memory\""),
+        ] {
+            let bad = good.replace(from, to);
+            assert_ne!(bad, good);
+            assert!(Manifest::parse(bad.as_bytes()).is_err(), "accepted {to}");
+        }
+        assert!(Manifest::parse(b"").is_err());
+        assert!(Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn identity_ignores_name_but_not_content() {
+        let a = sample();
+        let mut b = sample();
+        b.name = "other".into();
+        assert_eq!(a.identity(), b.identity());
+        b.components[1].digest[0] ^= 1;
+        assert_ne!(a.identity(), b.identity());
+    }
+}

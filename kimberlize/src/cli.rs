@@ -1,0 +1,127 @@
+//! Command-line definitions (also rendered into `man/`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use kimberley_cli::KeyArgs;
+
+/// Make VM overlays.
+///
+/// A VM overlay is the difference between a base VM and a launch VM (the
+/// base after an install script and a resume script ran in it), chunked,
+/// deduplicated, compressed in parallel, encrypted and bound to its base.
+/// `dekimberlize` applies it to the same base to get the launch VM back.
+///
+/// A typical session:
+///
+///   kimberlize keygen -o overlay.key
+///   kimberlize import -o base --memory base-mem.raw --disk base-disk.raw
+///   kimberlize import -o launch --memory mem.raw --disk disk.raw
+///   kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
+///   kimberlize diff --base base --launch launch -k overlay.key | ssh cloudlet dekimberlize --base base -k overlay.key -o app
+#[derive(Debug, Parser)]
+#[command(name = "kimberlize", version, about, long_about, after_long_help = kimberley_cli::run::EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new random 32-byte key file (mode 0600).
+    Keygen {
+        /// Where to write the key (must not exist).
+        #[arg(short, long, value_name = "KEYFILE")]
+        output: PathBuf,
+    },
+    /// Wrap existing raw images into a VM directory.
+    ///
+    /// Copies a raw guest memory file (e.g. a Firecracker or Cloud Hypervisor
+    /// memory snapshot), raw disks and an optional state blob into a new
+    /// VMDIR, hashing them in the same pass. Holes stay holes.
+    Import(ImportArgs),
+    /// Diff a launch VM against its base and write an overlay.
+    ///
+    /// Reads the base once (checking it against its manifest) and indexes
+    /// its chunks, then reads the launch VM and encodes each changed 4 KiB
+    /// chunk as zero, a reference to base or earlier overlay content, a
+    /// small delta, or literal bytes. Segments are compressed and sealed on
+    /// --threads workers. Writes to stdout unless -o FILE is given; never to
+    /// a terminal.
+    Diff(DiffArgs),
+    /// Show an overlay's header, chain position and segments.
+    ///
+    /// Without a key, shows what the header says and walks the frames. With
+    /// a key (or for an unencrypted overlay), authenticates and parses every
+    /// segment and shows the launch VM and chunk statistics.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The VM directory to create (must not exist).
+    #[arg(short, long, value_name = "VMDIR")]
+    pub output: PathBuf,
+    /// Raw guest memory image.
+    #[arg(long, value_name = "FILE")]
+    pub memory: PathBuf,
+    /// Raw disk image (repeat for more disks, in order).
+    #[arg(long, value_name = "FILE")]
+    pub disk: Vec<PathBuf>,
+    /// Opaque vCPU and device state blob.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// VM name (default: the directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// vCPU count recorded in the manifest.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The base VM directory.
+    #[arg(long, value_name = "VMDIR")]
+    pub base: PathBuf,
+    /// The launch VM directory.
+    #[arg(long, value_name = "VMDIR")]
+    pub launch: PathBuf,
+    /// Output file ("-" or absent: stdout). Written atomically.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Make a layered overlay on top of this parent overlay (repeat for a
+    /// chain, in order). The new overlay is relative to base + parents, and
+    /// dekimberlize must be given the same chain before it.
+    #[arg(long, value_name = "OVL")]
+    pub parent: Vec<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+    /// zstd level (1 fast … 19 small).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub level: i32,
+    /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// No progress bar or summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The overlay file ("-" for stdin).
+    #[arg(value_name = "OVL")]
+    pub overlay: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,23 @@
+//! `kimberlize`: make VM overlays. The binary is a thin front end over
+//! `kimberley-formats` (and `kimberley-vmm` for the VM-running commands).
+
+pub mod cli;
+mod diff;
+mod inspect;
+
+use anyhow::Result;
+use clap::Parser;
+
+/// Parses arguments and runs the command.
+pub fn main() -> Result<()> {
+    let args = cli::Cli::parse();
+    match args.command {
+        cli::Command::Keygen { output } => {
+            kimberley_formats::crypto::keys::keygen(&output)?;
+            Ok(())
+        }
+        cli::Command::Import(a) => diff::import(a),
+        cli::Command::Diff(a) => diff::diff(a),
+        cli::Command::Inspect(a) => inspect::inspect(a),
+    }
+}
