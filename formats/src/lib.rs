@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod overlay;
 pub mod progress;
 pub mod sparse;
+pub mod testkit;
 pub mod vmdir;
 
 pub use error::{Error, Result};
