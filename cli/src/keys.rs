@@ -14,7 +14,7 @@ pub struct KeyArgs {
     /// 32-byte key file (make one with `kimberlize keygen -o FILE`).
     #[arg(long, short = 'k', value_name = "FILE")]
     pub key_file: Option<PathBuf>,
-    /// File holding a passphrase (its first line ending is removed); the key
+    /// File holding a passphrase (one newline at its end is removed); the key
     /// is derived with Argon2id, whose parameters travel in the header.
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,

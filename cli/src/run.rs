@@ -8,7 +8,7 @@ use kimberley_formats::Error as FormatError;
 /// `-q` handling.
 pub type Quiet = bool;
 
-/// Exit codes (also in every man page and docs/EXIT-CODES.md).
+/// Exit codes (also in every man page and docs/FORMAT.md).
 pub const EXIT_CODES: &str = "\
 EXIT STATUS:
   0  success

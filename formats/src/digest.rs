@@ -92,7 +92,7 @@ pub fn hex(d: &[u8]) -> String {
 
 /// Parses 64 hex characters.
 pub fn from_hex(s: &str) -> Option<Digest> {
-    if s.len() != 64 || !s.is_ascii() {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];

@@ -70,7 +70,7 @@ impl Error {
         }
     }
 
-    /// The process exit code documented in `docs/EXIT-CODES.md` (also in
+    /// The process exit code in `docs/FORMAT.md` ("Exit codes"; also in
     /// every man page).
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -114,10 +114,8 @@ impl AtomicFile {
         file.sync_all()
             .ctx(|| format!("syncing {}", self.tmp.display()))?;
         drop(file);
-        if self.dest.exists() {
-            // `overwrite` was checked at creation; a racing creator loses.
-            fs::remove_file(&self.dest).ctx(|| format!("replacing {}", self.dest.display()))?;
-        }
+        // rename(2) replaces an existing destination atomically (`overwrite`
+        // was checked at creation).
         fs::rename(&self.tmp, &self.dest)
             .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
         sync_dir(&parent_of(&self.dest))
@@ -130,6 +128,25 @@ impl Drop for AtomicFile {
             let _ = fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// rename(2) that fails with [`Error::Exists`] instead of replacing.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("{} contains a NUL byte", p.display())));
+    let (a, b) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive
+    // the call; AT_FDCWD makes the paths relative to the working directory.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Err(Error::Exists(to.to_path_buf()));
+    }
+    Err(Error::io(format!("renaming {} to {}", from.display(), to.display()), e))
 }
 
 /// A directory being filled under a temporary name; committed by rename.
@@ -169,11 +186,7 @@ impl AtomicDir {
     /// existing one), syncs the parent.
     pub fn commit(mut self) -> Result<()> {
         sync_dir(&self.tmp)?;
-        if self.dest.exists() {
-            return Err(Error::Exists(self.dest.clone()));
-        }
-        fs::rename(&self.tmp, &self.dest)
-            .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        rename_noreplace(&self.tmp, &self.dest)?;
         self.done = true;
         sync_dir(&parent_of(&self.dest))
     }

@@ -41,7 +41,7 @@ fn chain() -> Chain {
     let parent = Parent {
         overlay_id: h1.overlay_id,
         depth: h1.depth,
-        result_id: h1.result_id,
+        result_id: VmDir::open(&p1.launch).unwrap().identity(),
     };
     let (l2, _) = diff_bytes(&p1.launch, &p2.launch, Protection::Key(KEY), Some(parent));
     Chain {
@@ -69,7 +69,7 @@ fn chain_applies_in_one_run() {
     assert_eq!(names, ["1", "2", "out"], "intermediate layers left behind");
     let h2 = Header::decode(&c.l2).unwrap();
     assert_eq!(h2.depth, 1);
-    assert_eq!(h2.base_id, VmDir::open(&c.mid).unwrap().identity());
+    assert_ne!(h2.base_id, VmDir::open(&c.mid).unwrap().identity(), "identities are keyed");
 }
 
 #[test]
@@ -97,16 +97,8 @@ fn a_parent_that_does_not_produce_the_base_is_refused() {
     let h1 = Header::decode(&c.l1).unwrap();
     let base = VmDir::open(&c.base).unwrap();
     let top = VmDir::open(&c.top).unwrap();
-    let opts = kimberley_formats::diff::DiffOptions {
-        protection: Protection::None,
-        level: 3,
-        threads: 1,
-        parent: Some(Parent {
-            overlay_id: h1.overlay_id,
-            depth: 0,
-            result_id: h1.result_id,
-        }),
-    };
+    let mut opts = kimberley_formats::diff::DiffOptions::new(Protection::None);
+    opts.parent = Some(Parent { overlay_id: h1.overlay_id, depth: 0, result_id: VmDir::open(&c.mid).unwrap().identity() });
     let e = kimberley_formats::diff::diff(&base, &top, &opts, Vec::new(), &Default::default())
         .unwrap_err();
     assert!(matches!(e, Error::Chain(_)), "{e}");

@@ -63,7 +63,8 @@ fn sizes_change_and_disks_appear() {
         ..Default::default()
     });
     round_trip(PairSpec {
-        memory: (1 << 20) + 777,
+        disks: vec![(1 << 20) + 777],
+        launch_disks: vec![(1 << 20) + 777, 5000],
         state: None,
         seed: 9,
         ..Default::default()

@@ -70,7 +70,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         parent = Some(Parent {
             overlay_id: last.header.overlay_id,
             depth: last.header.depth,
-            result_id: last.header.result_id,
+            result_id: last.result_identity(),
         });
         let dir = temp_sibling(&a.launch);
         let opts = ApplyOptions { secret, threads };
@@ -82,10 +82,10 @@ pub fn diff(a: DiffArgs) -> Result<()> {
 
     let out = OverlayOut::open(a.output.as_deref(), a.force)?;
     let opts = DiffOptions {
-        protection,
         level: a.level,
         threads,
         parent,
+        ..DiffOptions::new(protection)
     };
     let writer = out.writer()?;
     let (mut w, stats) = diff::diff(&effective, &launch, &opts, writer, &progress)?;

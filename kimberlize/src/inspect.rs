@@ -34,6 +34,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "overlay_id": hex(&header.overlay_id),
         "base_id": hex(&header.base_id),
         "result_id": hex(&header.result_id),
+        "ids_keyed": header.protection != KeyMaterial::None,
         "depth": header.depth,
         "parent_id": if header.has_parent() { json!(hex(&header.parent_id)) } else { json!(null) },
     });
@@ -107,8 +108,9 @@ fn print_text(v: &serde_json::Value) {
     println!("format       version {}", s("version"));
     println!("protection   {}", s("protection"));
     println!("overlay id   {}", s("overlay_id"));
-    println!("base id      {}", s("base_id"));
-    println!("result id    {}", s("result_id"));
+    let keyed = if v["ids_keyed"] == serde_json::Value::Bool(true) { " (keyed)" } else { "" };
+    println!("base id      {}{keyed}", s("base_id"));
+    println!("result id    {}{keyed}", s("result_id"));
     if s("depth") == "0" {
         println!("chain        layer 0: applies directly to the base VM");
     } else {

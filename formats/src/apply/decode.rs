@@ -119,7 +119,8 @@ pub fn run(
             }
             Ok(None) => return,
             Err(e) => {
-                let _ = ftx.send((u64::MAX, Err(e)));
+                // Delivered in order: after every frame read before it.
+                let _ = ftx.send((reader.next_counter(), Err(e)));
                 return;
             }
         }
@@ -154,7 +155,7 @@ pub fn run(
         };
         cpu_us += us;
         pending.insert(counter, (r, len));
-        while let Some((r, len)) = pending.remove(&next).or_else(|| pending.remove(&u64::MAX)) {
+        while let Some((r, len)) = pending.remove(&next) {
             next += 1;
             progress.advance(len);
             match r? {

@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use super::Input;
-use crate::crypto::keys::Secret;
+use crate::crypto::keys::{commit_id, OverlayKeys, Secret};
 use crate::crypto::{overlay_keys, sealer_for, Sealer};
 use crate::digest::hex;
 use crate::error::{Error, Result};
@@ -25,6 +25,8 @@ pub struct Opened {
     pub sealer: Sealer,
     /// The manifest segment.
     pub manifest: ManifestSegment,
+    /// The keys (None for an unencrypted overlay).
+    pub keys: Option<OverlayKeys>,
     /// The rest of the stream.
     pub reader: FrameReader<Box<dyn Read + Send>>,
 }
@@ -79,7 +81,7 @@ impl Opened {
         }
         let body = frame.open(&sealer)?;
         let manifest = ManifestSegment::decode(&body)?;
-        if manifest.launch_manifest().identity() != header.result_id {
+        if commit_id(keys.as_ref(), &manifest.launch_manifest().identity()) != header.result_id {
             return Err(Error::Corrupt(
                 "manifest does not match the header's result identity".into(),
             ));
@@ -89,8 +91,19 @@ impl Opened {
             header,
             sealer,
             manifest,
+            keys,
             reader,
         })
+    }
+
+    /// The identity of the VM this overlay produces.
+    pub fn result_identity(&self) -> [u8; 32] {
+        self.manifest.launch_manifest().identity()
+    }
+
+    /// True when this overlay applies to a VM of identity `id`.
+    pub fn applies_to(&self, id: &[u8; 32]) -> bool {
+        commit_id(self.keys.as_ref(), id) == self.header.base_id
     }
 
     /// Component sizes records are checked against.
@@ -110,7 +123,7 @@ fn short(id: &[u8]) -> String {
 /// link, before anything is written.
 pub fn check_chain(base: &VmDir, chain: &[Opened]) -> Result<()> {
     let first = &chain[0];
-    if first.header.base_id != base.identity() {
+    if !first.applies_to(&base.identity()) {
         return Err(if first.header.has_parent() {
             Error::Chain(format!(
                 "{} is layer {} and needs its parent overlay {} applied first",
@@ -120,9 +133,8 @@ pub fn check_chain(base: &VmDir, chain: &[Opened]) -> Result<()> {
             ))
         } else {
             Error::WrongBase(format!(
-                "{} was made from base {}, not from {} (base {})",
+                "{} was made from another base VM, not from {} (identity {})",
                 first.name,
-                short(&first.header.base_id),
                 base.path.display(),
                 short(&base.identity())
             ))
@@ -136,7 +148,10 @@ pub fn check_chain(base: &VmDir, chain: &[Opened]) -> Result<()> {
     }
     for w in chain.windows(2) {
         let (a, b) = (&w[0], &w[1]);
-        if b.header.parent_id != a.header.overlay_id || b.header.base_id != a.header.result_id {
+        if b.header.parent_id != a.header.overlay_id
+            || !b.applies_to(&a.result_identity())
+            || b.header.depth != a.header.depth + 1
+        {
             return Err(Error::Chain(if b.header.has_parent() {
                 format!(
                     "{} must follow overlay {}, but follows {} ({}); give the overlays in chain order",

@@ -146,6 +146,18 @@ pub struct OverlayKeys {
     pub header: [u8; 32],
     /// ChaCha20-Poly1305 key for segments.
     pub payload: [u8; 32],
+    /// Keys the VM identities stored in the header (see [`commit_id`]).
+    pub ident: [u8; 32],
+}
+
+/// The form in which a VM identity is stored in an overlay header: keyed
+/// BLAKE3 under the identity key for an encrypted overlay (so headers do
+/// not reveal which VMs they involve), the identity itself otherwise.
+pub fn commit_id(keys: Option<&OverlayKeys>, id: &[u8; 32]) -> [u8; 32] {
+    match keys {
+        Some(k) => *blake3::keyed_hash(&k.ident, id).as_bytes(),
+        None => *id,
+    }
 }
 
 impl std::fmt::Debug for OverlayKeys {
@@ -184,9 +196,12 @@ pub fn derive(user_key: &[u8; 32], salt: &[u8; 32]) -> OverlayKeys {
     let hk = Hkdf::<Sha256>::new(Some(salt), user_key);
     let mut header = [0u8; 32];
     let mut payload = [0u8; 32];
+    let mut ident = [0u8; 32];
     hk.expand(b"kimberley overlay v1 header", &mut header)
         .expect("32 bytes is a valid HKDF length");
     hk.expand(b"kimberley overlay v1 payload", &mut payload)
         .expect("32 bytes is a valid HKDF length");
-    OverlayKeys { header, payload }
+    hk.expand(b"kimberley overlay v1 identity", &mut ident)
+        .expect("32 bytes is a valid HKDF length");
+    OverlayKeys { header, payload, ident }
 }

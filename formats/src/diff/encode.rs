@@ -1,10 +1,10 @@
 //! Turns per-chunk decisions into records (coalescing runs) and cuts the
-//! record stream into segments of about [`TARGET_BODY`] bytes.
+//! record stream into segments of about the target size (1 MiB by default).
 
 use super::writer::Sink;
 use crate::error::Result;
 use crate::overlay::record::{Writer, MAX_RUN};
-use crate::overlay::segment::{ChunkStats, TARGET_BODY};
+use crate::overlay::segment::ChunkStats;
 use crate::overlay::Pos;
 
 /// Longest literal run (keeps segments near their target size).
@@ -62,11 +62,12 @@ pub struct SegmentBuilder<'s> {
     end: Pos,
     run: Run,
     stats: ChunkStats,
+    target: usize,
 }
 
 impl<'s> SegmentBuilder<'s> {
     /// Starts with an empty segment.
-    pub fn new(sink: &'s mut Sink) -> Self {
+    pub fn new(sink: &'s mut Sink, target: usize) -> Self {
         SegmentBuilder {
             sink,
             body: Writer::default(),
@@ -74,6 +75,7 @@ impl<'s> SegmentBuilder<'s> {
             end: (0, 0),
             run: Run::None,
             stats: ChunkStats::default(),
+            target,
         }
     }
 
@@ -221,7 +223,7 @@ impl<'s> SegmentBuilder<'s> {
     }
 
     fn maybe_cut(&mut self) -> Result<()> {
-        if self.body.buf.len() >= TARGET_BODY {
+        if self.body.buf.len() >= self.target {
             self.cut()?;
         }
         Ok(())

@@ -14,11 +14,11 @@ pub mod writer;
 use std::io::Write;
 use std::time::Instant;
 
-use crate::crypto::keys::{random, Argon2Params, KeyMaterial, Secret};
+use crate::crypto::keys::{commit_id, random, Argon2Params, KeyMaterial, Secret};
 use crate::crypto::{overlay_keys, sealer_for};
 use crate::error::{Error, Result};
 use crate::overlay::header::Header;
-use crate::overlay::segment::{ChunkStats, ManifestSegment};
+use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
 use crate::progress::Progress;
 use crate::vmdir::VmDir;
 
@@ -40,7 +40,8 @@ pub struct Parent {
     pub overlay_id: [u8; 16],
     /// The parent's depth.
     pub depth: u32,
-    /// The parent's result identity (must equal the base's identity).
+    /// The VM identity the parent produces (from its manifest segment; must
+    /// equal the base's identity).
     pub result_id: [u8; 32],
 }
 
@@ -55,6 +56,21 @@ pub struct DiffOptions {
     pub threads: usize,
     /// Set when `base` is the result of applying this parent.
     pub parent: Option<Parent>,
+    /// Target size of a data segment body (default [`TARGET_BODY`]).
+    pub segment_bytes: usize,
+}
+
+impl DiffOptions {
+    /// Defaults: level 3, all cores, 1 MiB segments, no parent.
+    pub fn new(protection: Protection) -> Self {
+        DiffOptions {
+            protection,
+            level: 3,
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            parent: None,
+            segment_bytes: TARGET_BODY,
+        }
+    }
 }
 
 /// Milliseconds spent in each stage.
@@ -121,13 +137,15 @@ pub fn diff<W: Write + Send>(
         protection: material,
         overlay_id: random::<16>()?,
         salt,
-        base_id: base.identity(),
-        result_id: launch.identity(),
+        base_id: [0; 32],
+        result_id: [0; 32],
         parent_id: opts.parent.map(|p| p.overlay_id).unwrap_or([0; 16]),
         depth: opts.parent.map(|p| p.depth + 1).unwrap_or(0),
         mac: [0; 32],
     };
     let keys = overlay_keys(&header, secret.as_ref())?;
+    header.base_id = commit_id(keys.as_ref(), &base.identity());
+    header.result_id = commit_id(keys.as_ref(), &launch.identity());
     let header_bytes = header.seal(keys.as_ref());
     let sealer = sealer_for(&header, keys.as_ref());
 
@@ -144,7 +162,7 @@ pub fn diff<W: Write + Send>(
     let t1 = Instant::now();
     let (out, wstats) = writer::run(out, &header_bytes, &sealer, opts, |sink| {
         sink.send_manifest(manifest.encode())?;
-        let mut enc = encode::SegmentBuilder::new(sink);
+        let mut enc = encode::SegmentBuilder::new(sink, opts.segment_bytes.clamp(4096, MAX_BODY / 2));
         let cstats = classify::run(base, launch, &index, &mut enc, progress)?;
         stats.launch_read_bytes = cstats.launch_read_bytes;
         stats.chunks = enc.finish()?;

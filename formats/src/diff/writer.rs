@@ -167,12 +167,16 @@ where
         let stats = produced?;
         let segments = entries.len() as u64;
         let idx = Index { entries, stats };
+        let body = idx.encode();
+        if body.len() > crate::overlay::segment::MAX_BODY {
+            return Err(Error::Invalid(format!("overlay too large: {segments} data segments do not fit one index")));
+        }
         let frame = seal_frame(
             sealer,
             fw.next_counter(),
             SegmentKind::Index,
             true,
-            compress(&idx.encode(), level),
+            compress(&body, level),
         );
         let index_offset = fw.write_frame(&frame)?;
         let (out, bytes) = fw.finish(index_offset)?;

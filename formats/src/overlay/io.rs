@@ -118,6 +118,11 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
+    /// The counter the next frame will have.
+    pub fn next_counter(&self) -> u64 {
+        self.counter
+    }
+
     /// Reads and decodes the header (the MAC is checked by the caller, who
     /// has the keys). Returns it with its raw bytes.
     pub fn header(&mut self) -> Result<(Header, [u8; HEADER_LEN])> {
@@ -171,10 +176,11 @@ impl<R: Read> FrameReader<R> {
         };
         self.pos += frame.len();
         self.bytes_read += frame.len();
-        self.counter += 1;
         if header.last {
+            // A bad footer is reported in the index frame's place.
             self.footer(frame.offset)?;
         }
+        self.counter += 1;
         Ok(Some(frame))
     }
 
@@ -186,7 +192,7 @@ impl<R: Read> FrameReader<R> {
             return Err(Error::Truncated("stream ends inside the footer".into()));
         }
         let f = Footer::decode(&b)?;
-        if f.index_offset != index_offset || f.frames != self.counter {
+        if f.index_offset != index_offset || f.frames != self.counter + 1 {
             return Err(Error::Corrupt("footer does not match the segments".into()));
         }
         let mut extra = [0u8; 1];

@@ -238,8 +238,9 @@ impl Index {
             let e = get().ok_or_else(|| corrupt("index"))?;
             if let Some(p) = entries.last() {
                 let p: &IndexEntry = p;
-                if e.counter != p.counter + 1
-                    || e.offset < p.offset + u64::from(p.frame_len)
+                let next_offset = p.offset.checked_add(u64::from(p.frame_len));
+                if Some(e.counter) != p.counter.checked_add(1)
+                    || next_offset.is_none_or(|o| e.offset < o)
                     || e.first < p.end
                 {
                     return Err(corrupt("index"));
