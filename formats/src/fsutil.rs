@@ -134,11 +134,22 @@ impl Drop for AtomicFile {
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("{} contains a NUL byte", p.display())));
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::Invalid(format!("{} contains a NUL byte", p.display())))
+    };
     let (a, b) = (c(from)?, c(to)?);
     // SAFETY: both pointers are valid NUL-terminated strings that outlive
     // the call; AT_FDCWD makes the paths relative to the working directory.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
     if r == 0 {
         return Ok(());
     }
@@ -146,7 +157,10 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     if e.raw_os_error() == Some(libc::EEXIST) {
         return Err(Error::Exists(to.to_path_buf()));
     }
-    Err(Error::io(format!("renaming {} to {}", from.display(), to.display()), e))
+    Err(Error::io(
+        format!("renaming {} to {}", from.display(), to.display()),
+        e,
+    ))
 }
 
 /// A directory being filled under a temporary name; committed by rename.

@@ -180,7 +180,7 @@ fn reordered_dropped_duplicated_and_spliced_segments_are_refused() {
 #[test]
 fn wrong_key_wrong_base_garbage_empty_and_existing_output() {
     let t = tempfile::tempdir().unwrap();
-    let p = small_pair(&t.path(), 4);
+    let p = small_pair(t.path(), 4);
     let d = t.path().join("other");
     std::fs::create_dir(&d).unwrap();
     let other = small_pair(&d, 5);
@@ -220,7 +220,7 @@ fn wrong_key_wrong_base_garbage_empty_and_existing_output() {
 #[test]
 fn a_base_changed_behind_its_manifest_is_never_reported_as_success() {
     let t = tempfile::tempdir().unwrap();
-    let p = small_pair(&t.path(), 6);
+    let p = small_pair(t.path(), 6);
     let (ovl, _) = diff_bytes(&p.base, &p.launch, Protection::None, None);
     // Change an unchanged base page without updating the manifest.
     let mem = p.base.join("memory.raw");

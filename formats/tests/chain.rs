@@ -69,7 +69,11 @@ fn chain_applies_in_one_run() {
     assert_eq!(names, ["1", "2", "out"], "intermediate layers left behind");
     let h2 = Header::decode(&c.l2).unwrap();
     assert_eq!(h2.depth, 1);
-    assert_ne!(h2.base_id, VmDir::open(&c.mid).unwrap().identity(), "identities are keyed");
+    assert_ne!(
+        h2.base_id,
+        VmDir::open(&c.mid).unwrap().identity(),
+        "identities are keyed"
+    );
 }
 
 #[test]
@@ -98,7 +102,11 @@ fn a_parent_that_does_not_produce_the_base_is_refused() {
     let base = VmDir::open(&c.base).unwrap();
     let top = VmDir::open(&c.top).unwrap();
     let mut opts = kimberley_formats::diff::DiffOptions::new(Protection::None);
-    opts.parent = Some(Parent { overlay_id: h1.overlay_id, depth: 0, result_id: VmDir::open(&c.mid).unwrap().identity() });
+    opts.parent = Some(Parent {
+        overlay_id: h1.overlay_id,
+        depth: 0,
+        result_id: VmDir::open(&c.mid).unwrap().identity(),
+    });
     let e = kimberley_formats::diff::diff(&base, &top, &opts, Vec::new(), &Default::default())
         .unwrap_err();
     assert!(matches!(e, Error::Chain(_)), "{e}");

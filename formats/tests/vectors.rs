@@ -43,13 +43,20 @@ fn golden_vectors() {
         generate();
     }
     let d = dir();
-    let expect = std::fs::read_to_string(d.join("expect.tsv")).expect("testdata/vectors/expect.tsv");
+    let expect =
+        std::fs::read_to_string(d.join("expect.tsv")).expect("testdata/vectors/expect.tsv");
     let mut rows = 0;
-    for line in expect.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in expect
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let f: Vec<&str> = line.split('\t').collect();
         assert_eq!(f.len(), 5, "bad row {line:?}");
         let (base, files, sec, code, want) = (f[0], f[1], f[2], f[3], f[4]);
-        let overlays: Vec<Vec<u8>> = files.split(' ').map(|n| std::fs::read(d.join(n)).unwrap()).collect();
+        let overlays: Vec<Vec<u8>> = files
+            .split(' ')
+            .map(|n| std::fs::read(d.join(n)).unwrap())
+            .collect();
         let refs: Vec<&[u8]> = overlays.iter().map(|v| &v[..]).collect();
         let t = tempfile::tempdir().unwrap();
         let out = t.path().join("out");
@@ -64,7 +71,10 @@ fn golden_vectors() {
             (c, Ok(_)) => panic!("{files}: invalid vector accepted (expected exit {c})"),
             (c, Err(e)) => {
                 assert_eq!(e.exit_code().to_string(), c, "{files}: {e}");
-                assert!(e.to_string().contains(want), "{files}: {e:?} does not mention {want:?}");
+                assert!(
+                    e.to_string().contains(want),
+                    "{files}: {e:?} does not mention {want:?}"
+                );
                 assert!(!out.exists());
             }
         }
@@ -94,10 +104,31 @@ fn generate() {
     for s in ["1", "2", "3"] {
         std::fs::create_dir(t.path().join(s)).unwrap();
     }
-    let spec = PairSpec { seed: 11, memory: 64 << 10, disks: vec![192 << 10], launch_disks: vec![192 << 10], change_percent: 25, state: Some(200) };
+    let spec = PairSpec {
+        seed: 11,
+        memory: 64 << 10,
+        disks: vec![192 << 10],
+        launch_disks: vec![192 << 10],
+        change_percent: 25,
+        state: Some(200),
+    };
     let p1 = make_pair(&t.path().join("1"), &spec).unwrap();
-    let p2 = make_pair(&t.path().join("2"), &PairSpec { seed: 12, ..spec.clone() }).unwrap();
-    let other = make_pair(&t.path().join("3"), &PairSpec { seed: 13, ..spec.clone() }).unwrap();
+    let p2 = make_pair(
+        &t.path().join("2"),
+        &PairSpec {
+            seed: 12,
+            ..spec.clone()
+        },
+    )
+    .unwrap();
+    let other = make_pair(
+        &t.path().join("3"),
+        &PairSpec {
+            seed: 13,
+            ..spec.clone()
+        },
+    )
+    .unwrap();
     // The stored base, as a VMDIR.
     let copy_vm = |from: &Path, to: &Path| {
         std::fs::create_dir(to).unwrap();
@@ -112,17 +143,48 @@ fn generate() {
     std::fs::write(d.join("wrong-key.bin"), WRONG_KEY).unwrap();
     std::fs::write(d.join("passphrase.txt"), [PASSPHRASE, b"\n"].concat()).unwrap();
     let mk = |base: &Path, launch: &Path, prot: Protection, parent: Option<Parent>| -> Vec<u8> {
-        let opts = DiffOptions { parent, threads: 1, segment_bytes: 8 << 10, ..DiffOptions::new(prot) };
-        diff(&VmDir::open(base).unwrap(), &VmDir::open(launch).unwrap(), &opts, Vec::new(), &Progress::default()).unwrap().0
+        let opts = DiffOptions {
+            parent,
+            threads: 1,
+            segment_bytes: 8 << 10,
+            ..DiffOptions::new(prot)
+        };
+        diff(
+            &VmDir::open(base).unwrap(),
+            &VmDir::open(launch).unwrap(),
+            &opts,
+            Vec::new(),
+            &Progress::default(),
+        )
+        .unwrap()
+        .0
     };
-    let small = Argon2Params { m_cost: 64, t_cost: 1, p_cost: 1 };
+    let small = Argon2Params {
+        m_cost: 64,
+        t_cost: 1,
+        p_cost: 1,
+    };
     let plain = mk(&p1.base, &p1.launch, Protection::None, None);
     let key = mk(&p1.base, &p1.launch, Protection::Key(KEY), None);
     let key2 = mk(&p1.base, &p1.launch, Protection::Key(KEY), None);
-    let pass = mk(&p1.base, &p1.launch, Protection::Passphrase(PASSPHRASE.to_vec(), small), None);
+    let pass = mk(
+        &p1.base,
+        &p1.launch,
+        Protection::Passphrase(PASSPHRASE.to_vec(), small),
+        None,
+    );
     let h1 = kimberley_formats::overlay::header::Header::decode(&key).unwrap();
     let mid_id = VmDir::open(&p1.launch).unwrap().identity();
-    let l2 = mk(&p1.launch, &p2.launch, Protection::Key(KEY), Some(Parent { overlay_id: h1.overlay_id, depth: 0, result_id: mid_id }));
+    let l2 = mk(
+        &p1.launch,
+        &p2.launch,
+        Protection::Key(KEY),
+        Some(Parent {
+            overlay_id: h1.overlay_id,
+            depth: 0,
+            result_id: mid_id,
+        }),
+    );
     let wrong_base = mk(&other.base, &other.launch, Protection::Key(KEY), None);
     let fk = frames(&key);
     assert!(fk.len() >= 5, "vectors need several data segments");
@@ -160,7 +222,10 @@ fn generate() {
         ("ok-passphrase.ovl", pass.clone()),
         ("ok-chain-2.ovl", l2.clone()),
         ("bad-empty.ovl", vec![]),
-        ("bad-garbage.ovl", b"this is not an overlay at all\n".to_vec()),
+        (
+            "bad-garbage.ovl",
+            b"this is not an overlay at all\n".to_vec(),
+        ),
         ("bad-version.ovl", version),
         ("bad-argon-limits.ovl", argon),
         ("bad-truncated-header.ovl", cut(&key, 100)),
@@ -174,7 +239,10 @@ fn generate() {
         ("bad-flip-plain.ovl", flip(&plain, frames(&plain)[1].0 + 40)),
         ("bad-flip-footer.ovl", flip(&key, key.len() - 20)),
         ("bad-reordered.ovl", with_frames(&reorder)),
-        ("bad-dropped.ovl", with_frames(&(0..n).filter(|&i| i != 2).collect::<Vec<_>>())),
+        (
+            "bad-dropped.ovl",
+            with_frames(&(0..n).filter(|&i| i != 2).collect::<Vec<_>>()),
+        ),
         ("bad-spliced.ovl", spliced),
         ("bad-wrong-base.ovl", wrong_base),
     ];
@@ -206,7 +274,8 @@ fn generate() {
         "base\tbad-truncated-boundary.ovl\tkey.bin\t3\ttruncated".into(),
         "base\tbad-no-footer.ovl\tkey.bin\t3\ttruncated".into(),
         "base\tbad-trailing-data.ovl\tkey.bin\t3\tafter the end".into(),
-        "base\tbad-flip-header.ovl\tkey.bin\t4\twrong key, or the overlay header was modified".into(),
+        "base\tbad-flip-header.ovl\tkey.bin\t4\twrong key, or the overlay header was modified"
+            .into(),
         "base\tbad-flip-frame-header.ovl\tkey.bin\t4\tdoes not authenticate".into(),
         "base\tbad-flip-segment.ovl\tkey.bin\t4\tdoes not authenticate".into(),
         "base\tbad-flip-plain.ovl\t-\t3\tBLAKE3".into(),

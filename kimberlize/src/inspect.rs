@@ -108,7 +108,11 @@ fn print_text(v: &serde_json::Value) {
     println!("format       version {}", s("version"));
     println!("protection   {}", s("protection"));
     println!("overlay id   {}", s("overlay_id"));
-    let keyed = if v["ids_keyed"] == serde_json::Value::Bool(true) { " (keyed)" } else { "" };
+    let keyed = if v["ids_keyed"] == serde_json::Value::Bool(true) {
+        " (keyed)"
+    } else {
+        ""
+    };
     println!("base id      {}{keyed}", s("base_id"));
     println!("result id    {}{keyed}", s("result_id"));
     if s("depth") == "0" {

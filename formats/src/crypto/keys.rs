@@ -203,5 +203,9 @@ pub fn derive(user_key: &[u8; 32], salt: &[u8; 32]) -> OverlayKeys {
         .expect("32 bytes is a valid HKDF length");
     hk.expand(b"kimberley overlay v1 identity", &mut ident)
         .expect("32 bytes is a valid HKDF length");
-    OverlayKeys { header, payload, ident }
+    OverlayKeys {
+        header,
+        payload,
+        ident,
+    }
 }

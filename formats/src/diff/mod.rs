@@ -66,7 +66,9 @@ impl DiffOptions {
         DiffOptions {
             protection,
             level: 3,
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             parent: None,
             segment_bytes: TARGET_BODY,
         }
@@ -162,7 +164,8 @@ pub fn diff<W: Write + Send>(
     let t1 = Instant::now();
     let (out, wstats) = writer::run(out, &header_bytes, &sealer, opts, |sink| {
         sink.send_manifest(manifest.encode())?;
-        let mut enc = encode::SegmentBuilder::new(sink, opts.segment_bytes.clamp(4096, MAX_BODY / 2));
+        let mut enc =
+            encode::SegmentBuilder::new(sink, opts.segment_bytes.clamp(4096, MAX_BODY / 2));
         let cstats = classify::run(base, launch, &index, &mut enc, progress)?;
         stats.launch_read_bytes = cstats.launch_read_bytes;
         stats.chunks = enc.finish()?;

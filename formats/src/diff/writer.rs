@@ -169,7 +169,9 @@ where
         let idx = Index { entries, stats };
         let body = idx.encode();
         if body.len() > crate::overlay::segment::MAX_BODY {
-            return Err(Error::Invalid(format!("overlay too large: {segments} data segments do not fit one index")));
+            return Err(Error::Invalid(format!(
+                "overlay too large: {segments} data segments do not fit one index"
+            )));
         }
         let frame = seal_frame(
             sealer,

@@ -166,7 +166,7 @@ impl Manifest {
         if n == 0 || self.components[0].kind != Kind::Memory {
             return rule("the first component must be the memory".into());
         }
-        if self.components[0].size == 0 || self.components[0].size % 4096 != 0 {
+        if self.components[0].size == 0 || !self.components[0].size.is_multiple_of(4096) {
             return rule("the memory size must be a non-zero multiple of 4096".into());
         }
         let mut disks = 0;

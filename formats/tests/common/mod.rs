@@ -22,7 +22,11 @@ pub fn diff_bytes(
 ) -> (Vec<u8>, DiffStats) {
     let base = VmDir::open(base).unwrap();
     let launch = VmDir::open(launch).unwrap();
-    let opts = DiffOptions { parent, threads: 2, ..DiffOptions::new(protection) };
+    let opts = DiffOptions {
+        parent,
+        threads: 2,
+        ..DiffOptions::new(protection)
+    };
     let (out, stats) = diff(&base, &launch, &opts, Vec::new(), &Progress::default()).unwrap();
     (out, stats)
 }

@@ -1,0 +1,380 @@
+//! The command-line tools end to end: pipes, files, exit codes, stats,
+//! nothing left behind on failure, a full disk.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
+
+fn bin(name: &str) -> PathBuf {
+    // Both binaries are built into the same directory.
+    let me = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize"));
+    let p = me.with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --bins)",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn setup(dir: &Path) -> (Pair, PathBuf) {
+    let pair = make_pair(dir, &PairSpec::default()).unwrap();
+    let key = dir.join("key");
+    let o = run(Command::new(bin("kimberlize"))
+        .args(["keygen", "-o"])
+        .arg(&key));
+    assert!(o.status.success(), "{}", stderr(&o));
+    (pair, key)
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for f in ["manifest.json", "memory.raw", "disk0.raw", "state.bin"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+}
+
+#[test]
+fn pipe_from_kimberlize_into_dekimberlize() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup(t.path());
+    let out = t.path().join("out");
+    let stats = t.path().join("stats.json");
+    let mut k = Command::new(bin("kimberlize"))
+        .args(["diff", "-q", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-k")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let d = Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&out)
+        .arg("--stats-json")
+        .arg(&stats)
+        .stdin(k.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(k.wait().unwrap().success());
+    assert!(d.status.success(), "{}", stderr(&d));
+    same_files(&out, &p.launch);
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
+    assert!(s["overlay_bytes"].as_u64().unwrap() > 0);
+    assert!(s["chunks"]["literal"].as_u64().unwrap() > 0);
+    for stage in ["open_ms", "receive_ms", "apply_ms", "total_ms"] {
+        assert!(s["times"][stage].is_u64(), "{stage} missing");
+    }
+}
+
+#[test]
+fn files_verify_inspect_and_exit_codes() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup(t.path());
+    let ovl = t.path().join("a.ovl");
+    let stats = t.path().join("d.json");
+    let o = run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&ovl)
+        .arg("--stats-json")
+        .arg(&stats));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
+    assert_eq!(
+        s["overlay_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&ovl).unwrap().len()
+    );
+    // An existing output file is refused (6) unless --force.
+    let o = run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&ovl));
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    // Encryption is the default: no key option is a usage error.
+    let o = run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-o")
+        .arg(t.path().join("x.ovl")));
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("--no-encrypt"), "{}", stderr(&o));
+
+    let o = run(Command::new(bin("dekimberlize"))
+        .args(["verify", "-i"])
+        .arg(&ovl)
+        .arg("-k")
+        .arg(&key)
+        .arg("--base")
+        .arg(&p.base));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("OK"));
+    let o = run(Command::new(bin("kimberlize"))
+        .arg("inspect")
+        .arg(&ovl)
+        .arg("-k")
+        .arg(&key));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("layer 0") && text.contains("every segment authenticated"),
+        "{text}"
+    );
+    let o = run(Command::new(bin("kimberlize")).arg("inspect").arg(&ovl));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("verified     no"));
+
+    let mut wrong = std::fs::read(&ovl).unwrap();
+    let n = wrong.len();
+    wrong[n / 2] ^= 1;
+    let bad = t.path().join("bad.ovl");
+    std::fs::write(&bad, &wrong).unwrap();
+    let trunc = t.path().join("trunc.ovl");
+    std::fs::write(&trunc, &wrong[..n / 3]).unwrap();
+    let other_key = t.path().join("other.key");
+    std::fs::write(&other_key, [9u8; 32]).unwrap();
+    let empty = t.path().join("empty.ovl");
+    std::fs::write(&empty, b"").unwrap();
+    let before: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let cases: Vec<(&Path, &Path, &Path, i32, &str)> = vec![
+        (&bad, &key, &p.base, 4, "does not authenticate"),
+        (&trunc, &key, &p.base, 3, "truncated"),
+        (&ovl, &other_key, &p.base, 4, "wrong key"),
+        (&ovl, &key, &p.launch, 5, "another base"),
+        (&empty, &key, &p.base, 3, "empty"),
+        (&key, &key, &p.base, 3, "not a Kimberley overlay"),
+    ];
+    for (input, k, base, want, text) in cases {
+        let out = t.path().join("out");
+        let o = run(Command::new(bin("dekimberlize"))
+            .arg("--base")
+            .arg(base)
+            .arg("-i")
+            .arg(input)
+            .arg("-k")
+            .arg(k)
+            .arg("-o")
+            .arg(&out));
+        assert_eq!(code(&o), want, "{}: {}", input.display(), stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.starts_with("error: ") && e.contains(text) && e.lines().count() == 1,
+            "{e}"
+        );
+        let after: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(after, before, "left something behind");
+    }
+    // An existing output directory.
+    let o = run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-i")
+        .arg(&ovl)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&p.launch));
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    // A VMDIR that is not one.
+    let o = run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(t.path())
+        .arg("-i")
+        .arg(&ovl)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(t.path().join("o2")));
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    // Bad arguments.
+    let o = run(Command::new(bin("dekimberlize")).arg("--bogus"));
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn a_full_disk_fails_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup(t.path());
+    let ovl = t.path().join("a.ovl");
+    let o = run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&ovl));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A 1 MiB tmpfs cannot hold the launch VM's data.
+    let mnt = t.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        m.status.success(),
+        "this test needs root to mount a small tmpfs: {}",
+        String::from_utf8_lossy(&m.stderr)
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let o = run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-i")
+        .arg(&ovl)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(mnt.join("out")));
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("No space left on device"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "left something on the full disk"
+    );
+    // And kimberlize writing an overlay there.
+    let o = run(Command::new(bin("kimberlize"))
+        .args(["diff", "--no-encrypt", "--level", "1", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-o")
+        .arg(mnt.join("x.ovl")));
+    if !o.status.success() {
+        assert_eq!(code(&o), 1, "{}", stderr(&o));
+        assert_eq!(
+            std::fs::read_dir(&mnt).unwrap().count(),
+            0,
+            "left something on the full disk"
+        );
+    }
+}
+
+#[test]
+fn layered_chain_from_the_command_line() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup(t.path());
+    let d2 = t.path().join("2");
+    std::fs::create_dir(&d2).unwrap();
+    let p2 = make_pair(
+        &d2,
+        &PairSpec {
+            seed: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let l1 = t.path().join("l1.ovl");
+    let l2 = t.path().join("l2.ovl");
+    let ok = |o: Output| assert!(o.status.success(), "{}", stderr(&o));
+    ok(run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&p.base)
+        .arg("--launch")
+        .arg(&p.launch)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&l1)));
+    ok(run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&p.base)
+        .arg("--parent")
+        .arg(&l1)
+        .arg("--launch")
+        .arg(&p2.launch)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&l2)));
+    let out = t.path().join("out");
+    ok(run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-i")
+        .arg(&l1)
+        .arg("-i")
+        .arg(&l2)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(&out)));
+    same_files(&out, &p2.launch);
+    let o = run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-i")
+        .arg(&l2)
+        .arg("-i")
+        .arg(&l1)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(t.path().join("o2")));
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    let o = run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-i")
+        .arg(&l2)
+        .arg("-k")
+        .arg(&key)
+        .arg("-o")
+        .arg(t.path().join("o3")));
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("parent"));
+}

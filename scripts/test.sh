@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test suite, as CI runs it: every test, KVM tests required when
+# /dev/kvm exists, lints denied. Usage: scripts/test.sh [cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# A KVM test that skips when /dev/kvm exists is a failure.
+if [ -e /dev/kvm ]; then
+    export KIMBERLEY_REQUIRE_KVM=1
+fi
+
+# Test scratch on tmpfs when we can: this machine's disk makes fsync and
+# unlink of test images slow, and the tests create many.
+if [ -z "${TMPDIR:-}" ] && [ "$(id -u)" = 0 ]; then
+    scratch=/tmp/kimberley-test-scratch
+    mkdir -p "$scratch"
+    mountpoint -q "$scratch" || mount -t tmpfs -o size=8g,mode=1777 tmpfs "$scratch" || true
+    export TMPDIR="$scratch"
+fi
+
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked "$@"
