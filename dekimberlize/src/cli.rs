@@ -56,6 +56,11 @@ pub struct ApplyArgs {
     /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// Do not fsync the result: it is still complete, checked and renamed
+    /// into place atomically, but a crash may lose it. For transient launch
+    /// VMs (a cloudlet's soft state).
+    #[arg(long)]
+    pub no_sync: bool,
     /// No progress bar or summary on stderr.
     #[arg(short, long)]
     pub quiet: bool,

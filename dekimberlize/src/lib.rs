@@ -63,7 +63,11 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         &base,
         inputs,
         &out,
-        &ApplyOptions { secret, threads },
+        &ApplyOptions {
+            secret,
+            threads,
+            sync: !a.no_sync,
+        },
         &progress,
     )?;
     drop(bar);

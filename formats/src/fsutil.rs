@@ -196,13 +196,18 @@ impl AtomicDir {
         &self.dest
     }
 
-    /// Syncs the directory, renames it into place (refusing to replace an
-    /// existing one), syncs the parent.
-    pub fn commit(mut self) -> Result<()> {
-        sync_dir(&self.tmp)?;
+    /// Syncs the directory (when `sync`), renames it into place (refusing
+    /// to replace an existing one), syncs the parent.
+    pub fn commit(mut self, sync: bool) -> Result<()> {
+        if sync {
+            sync_dir(&self.tmp)?;
+        }
         rename_noreplace(&self.tmp, &self.dest)?;
         self.done = true;
-        sync_dir(&parent_of(&self.dest))
+        if sync {
+            sync_dir(&parent_of(&self.dest))?;
+        }
+        Ok(())
     }
 }
 

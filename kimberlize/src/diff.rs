@@ -73,7 +73,12 @@ pub fn diff(a: DiffArgs) -> Result<()> {
             result_id: last.result_identity(),
         });
         let dir = temp_sibling(&a.launch);
-        let opts = ApplyOptions { secret, threads };
+        // Scratch: not worth an fsync.
+        let opts = ApplyOptions {
+            secret,
+            threads,
+            sync: false,
+        };
         apply::apply_chain(&effective, inputs, &dir, &opts, &progress)
             .context("applying the parent overlays")?;
         _scratch = Some(Scratch(dir.clone()));

@@ -45,6 +45,9 @@ pub struct ApplyOptions {
     pub secret: Option<Secret>,
     /// Segment decoding threads.
     pub threads: usize,
+    /// fsync the result before renaming it into place (default). Without,
+    /// the result is still complete and atomic but not durable.
+    pub sync: bool,
 }
 
 /// Milliseconds at which each stage ended, from the start.
@@ -157,7 +160,8 @@ fn apply_one(
 ) -> Result<ApplyStats> {
     let mut stats = ApplyStats::default();
     let launch = o.manifest.launch_manifest();
-    let w = VmDirWriter::create(out)?;
+    let mut w = VmDirWriter::create(out)?;
+    w.set_sync(opts.sync);
     let mut files = Vec::new();
     for (i, c) in launch.components.iter().enumerate() {
         let f = w.create_file(&launch.file_name(i))?;
@@ -167,6 +171,7 @@ fn apply_one(
     }
     progress.stage("applying", launch.components.iter().map(|c| c.size).sum());
     let mut m = merge::Merge::new(base, &o.manifest, files, progress)?;
+    m.start_writeback(opts.sync);
     let geo = o.geometry();
     let dstats = decode::run(o, geo, opts.threads, progress, |seg| m.segment(seg))?;
     stats.times.receive_ms = dstats.receive_done.duration_since(t0).as_millis() as u64;

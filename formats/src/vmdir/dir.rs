@@ -112,6 +112,7 @@ pub fn digest_file(f: &File, size: u64) -> std::io::Result<[u8; 32]> {
 /// manifest last and renames the directory into place.
 pub struct VmDirWriter {
     dir: AtomicDir,
+    sync: bool,
 }
 
 impl VmDirWriter {
@@ -119,7 +120,14 @@ impl VmDirWriter {
     pub fn create(dest: &Path) -> Result<Self> {
         Ok(VmDirWriter {
             dir: AtomicDir::create(dest)?,
+            sync: true,
         })
+    }
+
+    /// With `false`, `commit` skips fsync (the rename stays atomic, but a
+    /// crash may lose the data): for transient VMs that are soft state.
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
     }
 
     /// The temporary directory being filled.
@@ -157,15 +165,19 @@ impl VmDirWriter {
                     p.display()
                 )));
             }
-            f.sync_all().ctx(|| format!("syncing {}", p.display()))?;
+            if self.sync {
+                f.sync_all().ctx(|| format!("syncing {}", p.display()))?;
+            }
         }
         let mp = self.dir.path().join(MANIFEST);
         let mut f = File::create(&mp).ctx(|| format!("creating {}", mp.display()))?;
         std::io::Write::write_all(&mut f, &manifest.encode())
             .ctx(|| format!("writing {}", mp.display()))?;
-        f.sync_all().ctx(|| format!("syncing {}", mp.display()))?;
+        if self.sync {
+            f.sync_all().ctx(|| format!("syncing {}", mp.display()))?;
+        }
         let dest = self.dir.dest().to_path_buf();
-        self.dir.commit()?;
+        self.dir.commit(self.sync)?;
         Ok(dest)
     }
 }

@@ -50,7 +50,11 @@ pub fn apply(
         &base,
         inputs,
         out,
-        &ApplyOptions { secret, threads: 2 },
+        &ApplyOptions {
+            secret,
+            threads: 2,
+            sync: true,
+        },
         &Progress::default(),
     )
 }

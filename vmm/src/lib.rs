@@ -1,0 +1,44 @@
+//! Kimberley microVM: a small KVM VMM in the layout of Firecracker
+//! (`vstate/` for KVM state, `devices/`, `persist/`), running the project's
+//! CPL-3 test guest (`../guest`). See docs/VMM.md.
+
+pub mod abi;
+mod arch;
+pub mod bitmap;
+pub mod control;
+pub mod devices;
+mod error;
+mod loader;
+pub mod persist;
+mod runner;
+mod signals;
+mod vm;
+pub mod vstate;
+
+use std::path::PathBuf;
+
+pub use bitmap::Bitmap;
+pub use control::SnapshotFn;
+pub use error::{Error, Result};
+pub use signals::stop_on_signals;
+pub use vm::{validate_state, Vm, GUEST_ELF};
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest RAM in bytes (multiple of 2 MiB, 16 MiB to 3 GiB).
+    pub memory_size: u64,
+    /// vCPUs (vCPU 0 runs the guest; the rest are created and parked).
+    pub vcpus: u8,
+    /// Raw disk images, opened read-write, attached as virtio-blk in order.
+    pub disks: Vec<PathBuf>,
+}
+
+/// The result of a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptOutcome {
+    /// The `N` of `done N`: 0 on success.
+    pub status: i32,
+    /// Output lines, without the final `done N`.
+    pub lines: Vec<String>,
+}

@@ -1,0 +1,673 @@
+//! `Vm`: boot, restore, scripts, pause/resume, save, dirty tracking.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::abi::{self, BootInfo};
+use crate::bitmap::Bitmap;
+use crate::devices::serial::{SerialDevice, SerialDeviceState};
+use crate::devices::virtio_blk::{BlockState, VirtioBlk};
+use crate::error::{Error, Result};
+use crate::persist::{self, Codec, Persist, Reader, Writer};
+use crate::runner::{self, lock, Inner, Request, RunState, Shared};
+use crate::vstate::memory::{self, Memory, PAGE_SIZE};
+use crate::vstate::vcpu::{self, Vcpu, VcpuState};
+use crate::vstate::vm::{KvmVm, VmKvmState};
+use crate::{arch, loader, ScriptOutcome, VmConfig};
+
+const TAG_VM: u32 = 1;
+const TAG_VCPU: u32 = 2;
+const TAG_SERIAL: u32 = 3;
+const TAG_BLOCK: u32 = 4;
+/// Largest partial output line kept in a state blob.
+const MAX_PARTIAL_LINE: usize = 64 * 1024;
+
+/// The embedded test guest (built by build.rs).
+pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimberley-guest"));
+
+/// A running (or paused) microVM.
+pub struct Vm {
+    kvm: KvmVm,
+    memory: Memory,
+    shared: Arc<Shared>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    thread: Option<JoinHandle<()>>,
+    disks: Vec<PathBuf>,
+    tsc_khz: u32,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("memory_size", &self.memory.size())
+            .field("vcpus", &self.vcpus.len())
+            .field("disks", &self.disks)
+            .finish()
+    }
+}
+
+/// Everything in a state blob, decoded.
+struct Snapshot {
+    memory_size: u64,
+    tsc_khz: u32,
+    ready: bool,
+    partial_line: Vec<u8>,
+    kvm: VmKvmState,
+    vcpus: Vec<VcpuState>,
+    serial: SerialDeviceState,
+    blocks: Vec<BlockState>,
+}
+
+fn check_vcpus(kvm: &KvmVm, n: u8) -> Result<()> {
+    let max = kvm.kvm.get_nr_vcpus().max(1);
+    if n == 0 || n as usize > max {
+        return Err(Error::Config(format!(
+            "{n} vCPUs requested, this host allows 1 to {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn msr_list(kvm: &KvmVm) -> Result<Vec<u32>> {
+    Ok(kvm
+        .kvm
+        .get_msr_index_list()
+        .map_err(|e| Error::Kvm("GET_MSR_INDEX_LIST", e))?
+        .as_slice()
+        .to_vec())
+}
+
+impl Vm {
+    /// Boots a fresh test guest in anonymous memory. vCPU 0 runs the guest;
+    /// further vCPUs are created but stay in the wait-for-SIPI state.
+    pub fn boot(cfg: &VmConfig) -> Result<Vm> {
+        if cfg.disks.len() > abi::MAX_DISKS {
+            return Err(Error::Config(format!("at most {} disks", abi::MAX_DISKS)));
+        }
+        runner::install_kick_handler();
+        let mut kvm = KvmVm::new()?;
+        check_vcpus(&kvm, cfg.vcpus)?;
+        let memory = Memory::anonymous(cfg.memory_size)?;
+        kvm.set_memory(&memory)?;
+
+        let image = loader::load(GUEST_ELF, &memory)?;
+        arch::write_page_tables(&memory)?;
+        arch::write_gdt(&memory)?;
+
+        let supported = kvm
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("GET_SUPPORTED_CPUID", e))?;
+        let msrs = msr_list(&kvm)?;
+        let mut vcpus = Vec::new();
+        for i in 0..cfg.vcpus {
+            let fd = kvm
+                .fd
+                .create_vcpu(i as u64)
+                .map_err(|e| Error::Kvm("CREATE_VCPU", e))?;
+            fd.set_cpuid2(&vcpu::cpuid_for(&supported, i)?)
+                .map_err(|e| Error::Kvm("SET_CPUID2", e))?;
+            let v = Vcpu {
+                fd,
+                index: i,
+                msr_list: msrs.clone(),
+            };
+            if i == 0 {
+                v.setup_boot(image.entry)?;
+            }
+            vcpus.push(v);
+        }
+        let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
+
+        let mut blocks = Vec::new();
+        for p in &cfg.disks {
+            blocks.push(VirtioBlk::open(p, memory.clone())?);
+        }
+        let mut disk_mmio = [0u64; abi::MAX_DISKS];
+        for (i, a) in disk_mmio.iter_mut().enumerate().take(blocks.len()) {
+            *a = abi::VIRTIO_MMIO_BASE + i as u64 * abi::VIRTIO_MMIO_SIZE;
+        }
+        let heap_start = image.end.div_ceil(2 << 20) * (2 << 20);
+        if heap_start >= cfg.memory_size {
+            return Err(Error::Config("memory too small for the guest image".into()));
+        }
+        arch::write_boot_info(
+            &memory,
+            &BootInfo {
+                magic: abi::BOOT_MAGIC,
+                abi_version: abi::ABI_VERSION,
+                vcpu_count: cfg.vcpus as u32,
+                memory_size: cfg.memory_size,
+                tsc_khz: tsc_khz as u64,
+                heap_start,
+                heap_end: cfg.memory_size,
+                serial_port: abi::SERIAL_PORT as u32,
+                disk_count: blocks.len() as u32,
+                disk_mmio,
+            },
+        )?;
+        Ok(Self::start(
+            kvm,
+            memory,
+            vcpus,
+            SerialDevice::default(),
+            blocks,
+            cfg.disks.clone(),
+            tsc_khz,
+            false,
+            Vec::new(),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        kvm: KvmVm,
+        memory: Memory,
+        vcpus: Vec<Vcpu>,
+        serial: SerialDevice,
+        blocks: Vec<VirtioBlk>,
+        disks: Vec<PathBuf>,
+        tsc_khz: u32,
+        ready: bool,
+        partial_line: Vec<u8>,
+    ) -> Vm {
+        let mut inner = Inner::new(serial, ready);
+        inner.out_line = partial_line;
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+            cond: Condvar::new(),
+            blocks: Mutex::new(blocks),
+        });
+        let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+        let (s, v0) = (shared.clone(), vcpus[0].clone());
+        let thread = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || runner::vcpu_thread(s, v0))
+            .ok();
+        if thread.is_none() {
+            let mut g = lock(&shared.inner);
+            g.state = RunState::Exited;
+            g.exit = Some(runner::GuestExit::Other(
+                "cannot spawn the vCPU thread".into(),
+            ));
+        }
+        Vm {
+            kvm,
+            memory,
+            shared,
+            vcpus,
+            thread,
+            disks,
+            tsc_khz,
+            started: Instant::now(),
+        }
+    }
+
+    /// Restores a VM from a memory file (mapped MAP_PRIVATE: lazy,
+    /// copy-on-write), its disks (in the order they were saved) and a state
+    /// blob from [`Vm::save`]. The VM is running when this returns.
+    pub fn restore(memory: &Path, disks: Vec<PathBuf>, state: &[u8]) -> Result<Vm> {
+        let snap = decode_snapshot(state)?;
+        if disks.len() != snap.blocks.len() {
+            return Err(Error::StateMismatch(
+                disks.first().cloned().unwrap_or_default(),
+                format!(
+                    "{} disks given, the state has {}",
+                    disks.len(),
+                    snap.blocks.len()
+                ),
+            ));
+        }
+        runner::install_kick_handler();
+        let mut kvm = KvmVm::new()?;
+        check_vcpus(&kvm, snap.vcpus.len() as u8)?;
+        let mem = Memory::private_file(memory, snap.memory_size)?;
+        kvm.set_memory(&mem)?;
+        let msrs = msr_list(&kvm)?;
+        let mut vcpus = Vec::new();
+        for s in &snap.vcpus {
+            let fd = kvm
+                .fd
+                .create_vcpu(s.index as u64)
+                .map_err(|e| Error::Kvm("CREATE_VCPU", e))?;
+            vcpus.push(Vcpu::restore((fd, msrs.clone()), s)?);
+        }
+        kvm.restore_state(&snap.kvm)?;
+        let serial = SerialDevice::restore((), &snap.serial)?;
+        let mut blocks = Vec::new();
+        for (p, s) in disks.iter().zip(&snap.blocks) {
+            blocks.push(VirtioBlk::restore((p.clone(), mem.clone()), s)?);
+        }
+        Ok(Self::start(
+            kvm,
+            mem,
+            vcpus,
+            serial,
+            blocks,
+            disks,
+            snap.tsc_khz,
+            snap.ready,
+            snap.partial_line,
+        ))
+    }
+
+    /// Waits until the guest signalled it is ready for commands.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.shared.inner);
+        loop {
+            if g.ready {
+                return Ok(());
+            }
+            if let Some(e) = &g.exit {
+                return Err(e.to_error());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            g = self
+                .shared
+                .cond
+                .wait_timeout(g, deadline - now)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Sends `script` to the guest and collects its output until `done N`.
+    /// `on_line` sees each output line as it arrives. A script error is
+    /// reported in `ScriptOutcome::status`, not as `Err`.
+    pub fn run_script(
+        &mut self,
+        script: &str,
+        on_line: &mut dyn FnMut(&str),
+        timeout: Duration,
+    ) -> Result<ScriptOutcome> {
+        if script.as_bytes().contains(&abi::SCRIPT_END) {
+            return Err(Error::Script(
+                "contains byte 0x04 (the end-of-script marker)".into(),
+            ));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.shared.inner);
+        if let Some(e) = &g.exit {
+            return Err(e.to_error());
+        }
+        if g.request != Request::Run {
+            return Err(Error::Paused);
+        }
+        g.lines.clear();
+        let mut bytes = script.as_bytes().to_vec();
+        if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+            bytes.push(b'\n');
+        }
+        bytes.push(abi::SCRIPT_END);
+        g.serial.push_input(&bytes);
+        self.shared.cond.notify_all();
+        let mut lines = Vec::new();
+        loop {
+            while let Some(l) = g.lines.pop_front() {
+                if let Some(status) = l
+                    .strip_prefix("done ")
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    return Ok(ScriptOutcome { status, lines });
+                }
+                on_line(&l);
+                lines.push(l);
+            }
+            if let Some(e) = &g.exit {
+                return Err(e.to_error());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            g = self
+                .shared
+                .cond
+                .wait_timeout(g, deadline - now)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Output lines the guest printed outside of scripts (drained).
+    pub fn take_console_lines(&mut self) -> Vec<String> {
+        lock(&self.shared.inner).lines.drain(..).collect()
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread_t belongs to a thread we own and have not
+            // joined; the signal's handler is installed (install_kick_handler).
+            unsafe { libc::pthread_kill(t.as_pthread_t(), runner::kick_signal()) };
+        }
+    }
+
+    /// Stops the vCPU (completing in-flight I/O) and waits until it is parked.
+    pub fn pause(&mut self) -> Result<()> {
+        {
+            let mut g = lock(&self.shared.inner);
+            if g.state == RunState::Exited {
+                return Ok(());
+            }
+            g.request = Request::Pause;
+            self.shared.cond.notify_all();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.kick();
+            let g = lock(&self.shared.inner);
+            if matches!(g.state, RunState::Paused | RunState::Exited) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(Duration::from_secs(10)));
+            }
+            let _ = self.shared.cond.wait_timeout(g, Duration::from_millis(5));
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&mut self) -> Result<()> {
+        let mut g = lock(&self.shared.inner);
+        if let Some(e) = &g.exit {
+            return Err(e.to_error());
+        }
+        g.request = Request::Run;
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// True if paused (or asked to pause).
+    pub fn is_paused(&self) -> bool {
+        lock(&self.shared.inner).request == Request::Pause
+    }
+
+    /// Why the guest stopped on its own, if it did.
+    pub fn exit_error(&self) -> Option<Error> {
+        lock(&self.shared.inner).exit.as_ref().map(|e| e.to_error())
+    }
+
+    /// True once the guest reported ready.
+    pub fn is_ready(&self) -> bool {
+        lock(&self.shared.inner).ready
+    }
+
+    /// Time since this `Vm` was created (booted or restored).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// When this `Vm` object was created.
+    pub fn started_at(&self) -> Instant {
+        self.started
+    }
+
+    /// When the vCPU thread first entered KVM_RUN (None until it has).
+    pub fn first_entry(&self) -> Option<Instant> {
+        lock(&self.shared.inner).first_entry
+    }
+
+    /// When KVM_RUN first returned, i.e. the guest executed up to its first exit.
+    pub fn first_exit(&self) -> Option<Instant> {
+        lock(&self.shared.inner).first_exit
+    }
+
+    /// Waits for [`Vm::first_exit`] to be set.
+    pub fn wait_first_exit(&self, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.shared.inner);
+        loop {
+            if let Some(t) = g.first_exit {
+                return Ok(t);
+            }
+            if let Some(e) = &g.exit {
+                return Err(e.to_error());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            g = self
+                .shared
+                .cond
+                .wait_timeout(g, deadline - now)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.memory.size() as u64
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u8 {
+        self.vcpus.len() as u8
+    }
+
+    /// Guest TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Paths of the disks, in device order.
+    pub fn disk_paths(&self) -> &[PathBuf] {
+        &self.disks
+    }
+
+    /// Guest memory (for migration tools).
+    pub fn memory(&self) -> &Memory {
+        &self.memory
+    }
+
+    /// Turns dirty-page logging on or off. Turning it on clears the
+    /// devices' own dirty bitmaps.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<()> {
+        self.kvm.set_dirty_logging(on)?;
+        if on {
+            for b in lock(&self.shared.blocks).iter_mut() {
+                b.take_dirty_pages();
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages (4 KiB) written since the last call: KVM's log ORed with the
+    /// pages devices wrote (fetch-and-clear). Logging must be on.
+    pub fn dirty_pages(&mut self) -> Result<Bitmap> {
+        let mut bm = self.kvm.dirty_log()?;
+        for b in lock(&self.shared.blocks).iter_mut() {
+            bm.or(&b.take_dirty_pages());
+        }
+        Ok(bm)
+    }
+
+    /// 4 KiB blocks of disk `disk` the guest wrote since the last call
+    /// (fetch-and-clear; always tracked).
+    pub fn dirty_disk_blocks(&mut self, disk: usize) -> Result<Bitmap> {
+        lock(&self.shared.blocks)
+            .get_mut(disk)
+            .map(|b| b.take_dirty_blocks())
+            .ok_or(Error::NoSuchDisk(disk))
+    }
+
+    /// Pauses, flushes the disks, writes guest memory to `memory_out`
+    /// (sparse: zero pages are holes) and returns the state blob. The VM
+    /// stays paused; call [`Vm::resume`] to continue.
+    pub fn save(&mut self, memory_out: &Path) -> Result<Vec<u8>> {
+        let blob = self.save_state()?;
+        // SAFETY: the vCPU is parked (save_state paused it) and devices only
+        // write guest memory from the vCPU thread, so nothing writes while
+        // the slice lives.
+        let mem = unsafe { self.memory.as_slice() };
+        memory::write_sparse(mem, memory_out)?;
+        Ok(blob)
+    }
+
+    /// Pauses, flushes the disks and returns the state blob without
+    /// writing memory (for migration tools that send memory themselves).
+    pub fn save_state(&mut self) -> Result<Vec<u8>> {
+        self.pause()?;
+        if let Some(e) = self.exit_error() {
+            return Err(e);
+        }
+        let blocks = {
+            let b = lock(&self.shared.blocks);
+            let mut v = Vec::new();
+            for d in b.iter() {
+                d.flush()?;
+                v.push(d.save()?);
+            }
+            v
+        };
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            vcpus.push(lock(v).save()?);
+        }
+        let kvm = self.kvm.save_state()?;
+        let (serial, ready, partial_line) = {
+            let g = lock(&self.shared.inner);
+            (g.serial.save()?, g.ready, g.out_line.clone())
+        };
+        let snap = Snapshot {
+            memory_size: self.memory.size() as u64,
+            tsc_khz: self.tsc_khz,
+            ready,
+            partial_line,
+            kvm,
+            vcpus,
+            serial,
+            blocks,
+        };
+        Ok(encode_snapshot(&snap))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        {
+            let mut g = lock(&self.shared.inner);
+            g.request = Request::Exit;
+            self.shared.cond.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            loop {
+                self.kick_thread(&t);
+                if lock(&self.shared.inner).state == RunState::Exited || t.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+impl Vm {
+    fn kick_thread(&self, t: &JoinHandle<()>) {
+        if !t.is_finished() {
+            // SAFETY: as in `kick`.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), runner::kick_signal()) };
+        }
+    }
+}
+
+fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.section(TAG_VM, |w| {
+        w.u64(s.memory_size);
+        w.u32(s.vcpus.len() as u32);
+        w.u32(s.blocks.len() as u32);
+        w.u32(s.tsc_khz);
+        w.u8(s.ready as u8);
+        w.bytes(&s.partial_line);
+        s.kvm.encode(w);
+    });
+    for v in &s.vcpus {
+        w.section(TAG_VCPU, |w| v.encode(w));
+    }
+    w.section(TAG_SERIAL, |w| s.serial.encode(w));
+    for b in &s.blocks {
+        w.section(TAG_BLOCK, |w| b.encode(w));
+    }
+    persist::seal(&w.into_inner())
+}
+
+fn expect_section<'a>(r: &mut Reader<'a>, tag: u32) -> Result<Reader<'a>> {
+    let (t, body) = r.section()?;
+    if t != tag {
+        return Err(Error::corrupt(format!(
+            "section tag {t} where {tag} was expected"
+        )));
+    }
+    Ok(body)
+}
+
+fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
+    let body = persist::open(blob)?;
+    let mut r = Reader::new(body, "state body");
+    let mut vm = expect_section(&mut r, TAG_VM)?;
+    let memory_size = vm.u64()?;
+    if memory_size % PAGE_SIZE as u64 != 0
+        || !(abi::MIN_MEMORY..=abi::MAX_MEMORY).contains(&memory_size)
+    {
+        return Err(Error::corrupt(format!("memory size {memory_size}")));
+    }
+    let nvcpus = vm.count(255, "vCPUs")?;
+    if nvcpus == 0 {
+        return Err(Error::corrupt("no vCPUs"));
+    }
+    let nblocks = vm.count(abi::MAX_DISKS, "disks")?;
+    let tsc_khz = vm.u32()?;
+    let ready = vm.u8()? != 0;
+    let partial_line = vm.bytes(MAX_PARTIAL_LINE, "partial output line")?.to_vec();
+    let kvm = VmKvmState::decode(&mut vm)?;
+    vm.finish()?;
+    let mut vcpus = Vec::new();
+    for i in 0..nvcpus {
+        let mut s = expect_section(&mut r, TAG_VCPU)?;
+        let v = VcpuState::decode(&mut s)?;
+        s.finish()?;
+        if v.index as usize != i {
+            return Err(Error::corrupt(format!(
+                "vCPU {} where {i} was expected",
+                v.index
+            )));
+        }
+        vcpus.push(v);
+    }
+    let mut s = expect_section(&mut r, TAG_SERIAL)?;
+    let serial = SerialDeviceState::decode(&mut s)?;
+    s.finish()?;
+    let mut blocks = Vec::new();
+    for _ in 0..nblocks {
+        let mut s = expect_section(&mut r, TAG_BLOCK)?;
+        blocks.push(BlockState::decode(&mut s)?);
+        s.finish()?;
+    }
+    r.finish()?;
+    Ok(Snapshot {
+        memory_size,
+        tsc_khz,
+        ready,
+        partial_line,
+        kvm,
+        vcpus,
+        serial,
+        blocks,
+    })
+}
+
+/// Checks a state blob without restoring it.
+pub fn validate_state(blob: &[u8]) -> Result<()> {
+    decode_snapshot(blob).map(|_| ())
+}

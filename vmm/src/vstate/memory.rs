@@ -1,0 +1,185 @@
+//! Guest memory: one region at guest-physical 0, anonymous or a private
+//! (copy-on-write) mapping of a memory file, and the sparse memory writer.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::error::{Error, Result};
+
+/// Guest page size used for dirty tracking and sparse files.
+pub const PAGE_SIZE: usize = 4096;
+
+/// The VM's RAM.
+#[derive(Clone, Debug)]
+pub struct Memory {
+    mem: GuestMemoryMmap,
+    host: *mut u8,
+    size: usize,
+}
+
+// SAFETY: `host` points into the mapping owned (through an Arc) by `mem`,
+// which is Send + Sync; the pointer itself carries no thread affinity.
+unsafe impl Send for Memory {}
+// SAFETY: as above; concurrent access goes through volatile/bounds-checked
+// vm-memory calls or happens while the vCPU is paused.
+unsafe impl Sync for Memory {}
+
+fn check_size(size: u64) -> Result<usize> {
+    use crate::abi::{MAX_MEMORY, MIN_MEMORY};
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || size & ((2 << 20) - 1) != 0 {
+        return Err(Error::Config(format!(
+            "memory size {size} must be a multiple of 2 MiB between {MIN_MEMORY} and {MAX_MEMORY}"
+        )));
+    }
+    Ok(size as usize)
+}
+
+impl Memory {
+    /// Anonymous, zero-filled memory of `size` bytes.
+    pub fn anonymous(size: u64) -> Result<Memory> {
+        let size = check_size(size)?;
+        let region = MmapRegion::<()>::build(
+            None,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Memory(format!("mmap {size} bytes: {e}")))?;
+        Self::from_region(region, size)
+    }
+
+    /// Memory backed by `file` mapped MAP_PRIVATE: pages are read lazily on
+    /// first touch and guest writes never reach the file.
+    pub fn private_file(path: &Path, size: u64) -> Result<Memory> {
+        let size = check_size(size)?;
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .len();
+        if len != size as u64 {
+            return Err(Error::StateMismatch(
+                path.to_path_buf(),
+                format!("memory file is {len} bytes, the state says {size}"),
+            ));
+        }
+        let region = MmapRegion::<()>::build(
+            Some(FileOffset::new(file, 0)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Memory(format!("mmap {}: {e}", path.display())))?;
+        Self::from_region(region, size)
+    }
+
+    fn from_region(region: MmapRegion<()>, size: usize) -> Result<Memory> {
+        let host = region.as_ptr();
+        let r = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| Error::Memory("region overflows the address space".into()))?;
+        let mem =
+            GuestMemoryMmap::from_regions(vec![r]).map_err(|e| Error::Memory(e.to_string()))?;
+        Ok(Memory { mem, host, size })
+    }
+
+    /// The vm-memory view (bounds-checked accesses).
+    pub fn guest(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Host address of guest-physical 0.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// The whole of guest memory as a byte slice.
+    ///
+    /// # Safety
+    /// No vCPU may run (the guest could change the bytes under the slice)
+    /// and no other reference to the memory may be written through while the
+    /// slice lives.
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping covers `size` bytes at `host` and lives as long
+        // as `self`; the caller guarantees no concurrent writers.
+        unsafe { std::slice::from_raw_parts(self.host, self.size) }
+    }
+
+    /// Writes `bytes` at guest-physical `addr` (bounds-checked).
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        use vm_memory::Bytes;
+        self.mem
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("write {} bytes at {addr:#x}: {e}", bytes.len())))
+    }
+
+    /// Reads into `bytes` from guest-physical `addr` (bounds-checked).
+    pub fn read(&self, addr: u64, bytes: &mut [u8]) -> Result<()> {
+        use vm_memory::Bytes;
+        self.mem
+            .read_slice(bytes, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("read {} bytes at {addr:#x}: {e}", bytes.len())))
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets.
+        unsafe { page.align_to::<u128>() }
+    };
+    pre.iter().all(|&b| b == 0)
+        && post.iter().all(|&b| b == 0)
+        && mid.iter().fold(0u128, |a, &w| a | w) == 0
+}
+
+/// Largest single write.
+const MAX_RUN: usize = 16 << 20;
+
+/// Writes `mem` to `path` as a sparse file: all-zero 4 KiB pages become
+/// holes, runs of non-zero pages are written with large `pwrite`s. The file
+/// is written under a temporary name and renamed into place, so `path` may
+/// be the file the memory was restored from.
+pub fn write_sparse(mem: &[u8], path: &Path) -> Result<u64> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let ctx = |what: &str| format!("{what} {}", tmp.display());
+    let mut f = File::create(&tmp).map_err(|e| Error::io(ctx("create"), e))?;
+    f.set_len(mem.len() as u64)
+        .map_err(|e| Error::io(ctx("truncate"), e))?;
+    let mut written = 0u64;
+    let mut run_start: Option<usize> = None;
+    let mut off = 0usize;
+    while off <= mem.len() {
+        let zero = off == mem.len() || is_zero(&mem[off..off + PAGE_SIZE]);
+        if let Some(s) = run_start {
+            if zero || off - s >= MAX_RUN {
+                f.write_all_at(&mem[s..off], s as u64)
+                    .map_err(|e| Error::io(ctx("write"), e))?;
+                written += (off - s) as u64;
+                run_start = None;
+            }
+        }
+        if off == mem.len() {
+            break;
+        }
+        if !zero && run_start.is_none() {
+            run_start = Some(off);
+        }
+        off += PAGE_SIZE;
+    }
+    f.flush().map_err(|e| Error::io(ctx("flush"), e))?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
+    Ok(written)
+}

@@ -1,0 +1,5 @@
+//! KVM file descriptors and their state: the VM, its vCPUs, guest memory.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

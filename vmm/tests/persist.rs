@@ -1,0 +1,203 @@
+//! Save/restore, dirty tracking and state-blob validation (real KVM).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kimberley_vmm::{Error, Vm};
+
+fn counter(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("counter "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn save_restore_continues() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = make_disk(dir.path(), 4 << 20);
+    let mut vm = boot(64, &[&disk]);
+    let before = run_ok(
+        &mut vm,
+        "fill a 3M 5 random\nfill b 200K 6 text\ndisk-write 0 64K 3\nchecksum a\nchecksum b\ndisk-checksum 0 64K\ncounter start\nsleep 10\ncounter",
+    );
+    let c1 = counter(&before);
+    let mem = dir.path().join("memory.raw");
+    let t0 = Instant::now();
+    let state = vm.save(&mem).unwrap();
+    eprintln!(
+        "save of 64 MiB: {:?}, blob {} bytes",
+        t0.elapsed(),
+        state.len()
+    );
+    // Sparse: far fewer blocks than 64 MiB are allocated.
+    let meta = std::fs::metadata(&mem).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < 16 << 20,
+        "memory file uses {} bytes",
+        meta.blocks() * 512
+    );
+    drop(vm);
+
+    let t0 = Instant::now();
+    let mut vm2 = Vm::restore(&mem, vec![disk.clone()], &state).unwrap();
+    let entry = vm2.wait_first_exit(T).unwrap();
+    eprintln!("restore to first exit: {:?}", entry - t0);
+    let after = run_ok(
+        &mut vm2,
+        "checksum a\nchecksum b\ndisk-checksum 0 64K\nsleep 2\ncounter",
+    );
+    assert_eq!(&after[..3], &before[..3]);
+    let c2 = counter(&after);
+    assert!(c2 > c1, "counter went from {c1} to {c2}");
+
+    // Save the restored VM again (over the file it was restored from) and restore once more.
+    std::thread::sleep(Duration::from_millis(5));
+    let state2 = vm2.save(&mem).unwrap();
+    drop(vm2);
+    let mut vm3 = Vm::restore(&mem, vec![disk.clone()], &state2).unwrap();
+    let again = run_ok(&mut vm3, "checksum a\nsleep 2\ncounter");
+    assert_eq!(again[0], before[0]);
+    assert!(counter(&again) > c2);
+}
+
+#[test]
+fn pause_resume_and_save_paused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = boot(32, &[]);
+    run_ok(&mut vm, "counter start");
+    vm.pause().unwrap();
+    assert!(matches!(
+        vm.run_script("counter", &mut |_| {}, T),
+        Err(Error::Paused)
+    ));
+    vm.resume().unwrap();
+    let c1 = counter(&run_ok(&mut vm, "sleep 2\ncounter"));
+    let state = vm.save(&dir.path().join("m")).unwrap();
+    vm.resume().unwrap();
+    let c2 = counter(&run_ok(&mut vm, "sleep 2\ncounter"));
+    assert!(c2 > c1);
+    drop(vm);
+    let mut vm2 = Vm::restore(&dir.path().join("m"), vec![], &state).unwrap();
+    assert!(counter(&run_ok(&mut vm2, "sleep 2\ncounter")) > c1);
+}
+
+#[test]
+fn dirty_log_reports_fill() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = make_disk(dir.path(), 1 << 20);
+    let mut vm = boot(64, &[&disk]);
+    assert!(matches!(vm.dirty_pages(), Err(Error::DirtyLogDisabled)));
+    vm.set_dirty_logging(true).unwrap();
+    let _ = vm.dirty_pages().unwrap();
+    run_ok(&mut vm, "fill big 4M 1 random");
+    let d = vm.dirty_pages().unwrap();
+    assert_eq!(d.len(), (64 << 20) / 4096);
+    // At least the 1024 pages of the region (plus a few of stack/serial state).
+    assert!(d.count() >= 1024, "{} dirty pages", d.count());
+    let heap: Vec<usize> = d.iter_set().filter(|&p| p >= 0x60_0000 / 4096).collect();
+    assert!(heap.len() >= 1024);
+    // Fetch-and-clear: an idle guest dirties almost nothing.
+    let again = vm.dirty_pages().unwrap();
+    assert!(
+        again.count() < 64,
+        "{} pages dirty while idle",
+        again.count()
+    );
+    // Disk reads DMA'd into guest memory are reported by the device.
+    run_ok(&mut vm, "disk-checksum 0 256K");
+    let d = vm.dirty_pages().unwrap();
+    assert!(
+        d.count() >= 64,
+        "{} pages after a 256K disk read",
+        d.count()
+    );
+    vm.set_dirty_logging(false).unwrap();
+}
+
+#[test]
+fn corrupt_and_foreign_blobs_are_rejected() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = boot(32, &[]);
+    let mem = dir.path().join("memory.raw");
+    let state = vm.save(&mem).unwrap();
+    drop(vm);
+    kimberley_vmm::validate_state(&state).unwrap();
+
+    // Other version.
+    let mut v2 = state.clone();
+    v2[8] = 2;
+    assert!(matches!(
+        Vm::restore(&mem, vec![], &v2),
+        Err(Error::StateVersion {
+            found: 2,
+            expected: 1
+        })
+    ));
+    // Bad magic, truncation, flipped bytes everywhere: errors, never panics.
+    let mut bad = state.clone();
+    bad[0] ^= 1;
+    assert!(matches!(
+        Vm::restore(&mem, vec![], &bad),
+        Err(Error::CorruptState(_))
+    ));
+    for len in [0, 5, 31, 32, 100, state.len() - 1] {
+        assert!(Vm::restore(&mem, vec![], &state[..len]).is_err());
+    }
+    for i in (0..state.len()).step_by(97) {
+        let mut b = state.clone();
+        b[i] ^= 0x5a;
+        assert!(
+            kimberley_vmm::validate_state(&b).is_err(),
+            "flip at {i} accepted"
+        );
+    }
+    // A consistent envelope around garbage: still an error.
+    let body: Vec<u8> = (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let sealed = kimberley_vmm::persist::seal(&body);
+    assert!(matches!(
+        Vm::restore(&mem, vec![], &sealed),
+        Err(Error::CorruptState(_))
+    ));
+    // Huge declared counts are refused by the caps.
+    let mut w = kimberley_vmm::persist::Writer::new();
+    w.section(1, |w| {
+        w.u64(32 << 20);
+        w.u32(u32::MAX);
+    });
+    let sealed = kimberley_vmm::persist::seal(&w.into_inner());
+    let e = Vm::restore(&mem, vec![], &sealed).unwrap_err();
+    assert!(e.to_string().contains("cap"), "{e}");
+    // Wrong number of disks, wrong memory file size.
+    assert!(matches!(
+        Vm::restore(&mem, vec![mem.clone()], &state),
+        Err(Error::StateMismatch(..))
+    ));
+    let small = dir.path().join("small.raw");
+    std::fs::write(&small, [0u8; 4096]).unwrap();
+    assert!(matches!(
+        Vm::restore(&small, vec![], &state),
+        Err(Error::StateMismatch(..))
+    ));
+    // The original still restores.
+    let mut vm = Vm::restore(&mem, vec![], &state).unwrap();
+    assert_eq!(run_ok(&mut vm, "print ok"), vec!["ok"]);
+}
