@@ -7,6 +7,7 @@ pub mod man;
 pub mod output;
 pub mod progress;
 pub mod run;
+pub mod vm;
 
 pub use keys::KeyArgs;
 pub use run::{main_with, Quiet};

@@ -19,6 +19,7 @@ use kimberley_cli::KeyArgs;
 ///   dekimberlize --base base -i app.ovl -k overlay.key -o app-vm
 ///   ssh laptop kimberlize diff --base base --launch app -k key | dekimberlize --base base -k key -o app-vm
 ///   dekimberlize --base base -i os-layer.ovl -i app-layer.ovl -k key -o app-vm
+///   dekimberlize --base base -i app.ovl -k overlay.key -o app-vm --run --control app.sock
 ///   dekimberlize verify -i app.ovl -k overlay.key
 #[derive(Debug, Parser)]
 #[command(name = "dekimberlize", version, about, long_about, after_long_help = kimberley_cli::run::EXIT_CODES)]
@@ -56,6 +57,16 @@ pub struct ApplyArgs {
     /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// After synthesis, resume the launch VM in the KVM microVM: its console
+    /// goes to stdout; it runs until stopped through the control socket or
+    /// by SIGINT/SIGTERM, then suspends cleanly back into the VMDIR.
+    #[arg(long)]
+    pub run: bool,
+    /// Control socket for --run (one JSON request per line: status, pause,
+    /// resume, snapshot, stop, exec). Default: a socket in the temporary
+    /// directory, printed on stderr.
+    #[arg(long, value_name = "SOCK", requires = "run")]
+    pub control: Option<PathBuf>,
     /// Do not fsync the result: it is still complete, checked and renamed
     /// into place atomically, but a crash may lose it. For transient launch
     /// VMs (a cloudlet's soft state).

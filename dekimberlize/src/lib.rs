@@ -2,6 +2,7 @@
 //! `kimberley-formats`.
 
 pub mod cli;
+mod run;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -48,6 +49,7 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
 }
 
 fn run_apply(a: cli::ApplyArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let threads = kimberley_cli::run::threads(a.threads);
     let base_path = a.base.expect("required by clap");
     let out = a.output.expect("required by clap");
@@ -71,9 +73,6 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         &progress,
     )?;
     drop(bar);
-    if let Some(p) = &a.stats_json {
-        write_json(p, &stats)?;
-    }
     if !a.quiet && std::io::stderr().is_terminal() {
         let secs = stats.times.total_ms as f64 / 1000.0;
         eprintln!(
@@ -84,6 +83,13 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
             secs,
             stats.launch_bytes as f64 / 1073741824.0 / secs.max(1e-9)
         );
+    }
+    let json = serde_json::to_value(&stats)?;
+    if a.run {
+        return run::run(&out, a.control, t0, json, a.stats_json.as_deref());
+    }
+    if let Some(p) = &a.stats_json {
+        write_json(p, &json)?;
     }
     Ok(())
 }

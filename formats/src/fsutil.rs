@@ -130,13 +130,12 @@ impl Drop for AtomicFile {
     }
 }
 
-/// rename(2) that fails with [`Error::Exists`] instead of replacing.
-pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), io::Error> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::Invalid(format!("{} contains a NUL byte", p.display())))
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
     };
     let (a, b) = (c(from)?, c(to)?);
     // SAFETY: both pointers are valid NUL-terminated strings that outlive
@@ -147,20 +146,32 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
             a.as_ptr(),
             libc::AT_FDCWD,
             b.as_ptr(),
-            libc::RENAME_NOREPLACE,
+            flags,
         )
     };
     if r == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EEXIST) {
-        return Err(Error::Exists(to.to_path_buf()));
+}
+
+/// rename(2) that fails with [`Error::Exists`] instead of replacing.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    match renameat2(from, to, libc::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(Error::Exists(to.to_path_buf())),
+        Err(e) => Err(Error::io(
+            format!("renaming {} to {}", from.display(), to.display()),
+            e,
+        )),
     }
-    Err(Error::io(
-        format!("renaming {} to {}", from.display(), to.display()),
-        e,
-    ))
+}
+
+/// Atomically swaps two paths (both must exist).
+pub fn exchange(a: &Path, b: &Path) -> Result<()> {
+    renameat2(a, b, libc::RENAME_EXCHANGE)
+        .ctx(|| format!("swapping {} and {}", a.display(), b.display()))
 }
 
 /// A directory being filled under a temporary name; committed by rename.
@@ -169,6 +180,7 @@ pub struct AtomicDir {
     tmp: PathBuf,
     dest: PathBuf,
     done: bool,
+    replace: bool,
 }
 
 impl AtomicDir {
@@ -183,6 +195,26 @@ impl AtomicDir {
             tmp,
             dest: dest.to_path_buf(),
             done: false,
+            replace: false,
+        })
+    }
+
+    /// Like [`AtomicDir::create`], for a `dest` that exists and is to be
+    /// replaced as a whole at commit (swapped atomically, then removed).
+    pub fn create_replacing(dest: &Path) -> Result<Self> {
+        if !dest.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{} is not a directory",
+                dest.display()
+            )));
+        }
+        let tmp = temp_sibling(dest);
+        fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        Ok(AtomicDir {
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+            replace: true,
         })
     }
 
@@ -202,7 +234,14 @@ impl AtomicDir {
         if sync {
             sync_dir(&self.tmp)?;
         }
-        rename_noreplace(&self.tmp, &self.dest)?;
+        if self.replace {
+            exchange(&self.tmp, &self.dest)?;
+            // The old directory is now at the temporary name.
+            fs::remove_dir_all(&self.tmp)
+                .ctx(|| format!("removing the old {}", self.dest.display()))?;
+        } else {
+            rename_noreplace(&self.tmp, &self.dest)?;
+        }
         self.done = true;
         if sync {
             sync_dir(&parent_of(&self.dest))?;

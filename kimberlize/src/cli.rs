@@ -12,7 +12,14 @@ use kimberley_cli::KeyArgs;
 /// deduplicated, compressed in parallel, encrypted and bound to its base.
 /// `dekimberlize` applies it to the same base to get the launch VM back.
 ///
-/// A typical session:
+/// With the project's KVM microVM and its test guest:
+///
+///   kimberlize keygen -o overlay.key
+///   kimberlize base -o base --memory 256M --disk 1G
+///   kimberlize build --base base --install install.txt --resume resume.txt -k overlay.key -o app.ovl
+///   dekimberlize --base base -i app.ovl -k overlay.key -o app --run
+///
+/// With images from elsewhere (a Firecracker memory file, raw disks):
 ///
 ///   kimberlize keygen -o overlay.key
 ///   kimberlize import -o base --memory base-mem.raw --disk base-disk.raw
@@ -40,6 +47,26 @@ pub enum Command {
     /// memory snapshot), raw disks and an optional state blob into a new
     /// VMDIR, hashing them in the same pass. Holes stay holes.
     Import(ImportArgs),
+    /// Boot the test guest under KVM and suspend it: a base VM.
+    ///
+    /// Creates an empty sparse disk, boots the project's test guest in the
+    /// KVM microVM, waits until it is ready for commands and suspends it
+    /// into a new VMDIR (memory, disk, vCPU and device state).
+    Base(BaseArgs),
+    /// Customise a base VM with scripts and write the overlay.
+    ///
+    /// Resumes the base VM (it is never modified: memory is mapped
+    /// copy-on-write and the disks are copied), runs the install script and
+    /// then the resume script in the guest, suspends the result (the launch
+    /// VM) and diffs it against the base, exactly like `kimberlize diff`.
+    /// What the guest prints goes to stderr line by line, since stdout may
+    /// carry the overlay.
+    ///
+    /// Scripts are text, one command a line, `#` comments: print TEXT,
+    /// fill NAME SIZE SEED random|text|zero, checksum NAME,
+    /// disk-write OFFSET SIZE SEED, disk-checksum OFFSET SIZE,
+    /// counter start|stop, counter, dirty NAME RATE, sleep MS.
+    Build(BuildArgs),
     /// Diff a launch VM against its base and write an overlay.
     ///
     /// Reads the base once (checking it against its manifest) and indexes
@@ -110,6 +137,72 @@ pub struct DiffArgs {
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
     /// No progress bar or summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Parses sizes such as 256M or 1G.
+fn size(s: &str) -> Result<u64, String> {
+    kimberley_cli::run::parse_size(s)
+}
+
+#[derive(Debug, Args)]
+pub struct BaseArgs {
+    /// The VM directory to create (must not exist).
+    #[arg(short, long, value_name = "VMDIR")]
+    pub output: PathBuf,
+    /// Guest memory (a multiple of 2M, 16M to 3G).
+    #[arg(long, default_value = "256M", value_parser = size)]
+    pub memory: u64,
+    /// Size of the empty disk to attach (0: no disk).
+    #[arg(long, default_value = "1G", value_parser = size)]
+    pub disk: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
+    pub vcpus: u8,
+    /// VM name (default: the directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Give up if the guest is not ready within this many seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The base VM directory (a suspended VM, e.g. from `kimberlize base`).
+    #[arg(long, value_name = "VMDIR")]
+    pub base: PathBuf,
+    /// Script run first (installs the application).
+    #[arg(long, value_name = "SCRIPT")]
+    pub install: PathBuf,
+    /// Script run next (brings the application to where it waits for the user).
+    #[arg(long, value_name = "SCRIPT")]
+    pub resume: PathBuf,
+    /// Overlay output ("-" or absent: stdout). Written atomically.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+    /// Also keep the launch VM as a VMDIR here (must not exist).
+    #[arg(long, value_name = "VMDIR")]
+    pub launch_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+    /// zstd level (1 fast … 19 small).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub level: i32,
+    /// Give up if a script runs longer than this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Write statistics (script times, then the diff's) as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// No progress bar or summary on stderr (the guest's output still goes there).
     #[arg(short, long)]
     pub quiet: bool,
 }

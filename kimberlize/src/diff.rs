@@ -36,7 +36,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
 }
 
 /// Removes a directory when dropped.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -92,11 +92,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         parent,
         ..DiffOptions::new(protection)
     };
-    let writer = out.writer()?;
-    let (mut w, stats) = diff::diff(&effective, &launch, &opts, writer, &progress)?;
-    std::io::Write::flush(&mut w).context("writing the overlay")?;
-    drop(w);
-    out.commit()?;
+    let stats = write_overlay(&effective, &launch, out, &opts, &progress)?;
     drop(_bar);
     if let Some(p) = &a.stats_json {
         write_json(p, &stats)?;
@@ -107,7 +103,23 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     Ok(())
 }
 
-fn summary(s: &diff::DiffStats, out: Option<&Path>) {
+/// Diffs into `out` and commits it.
+pub(crate) fn write_overlay(
+    base: &VmDir,
+    launch: &VmDir,
+    out: OverlayOut,
+    opts: &DiffOptions,
+    progress: &Progress,
+) -> Result<diff::DiffStats> {
+    let writer = out.writer()?;
+    let (mut w, stats) = diff::diff(base, launch, opts, writer, progress)?;
+    std::io::Write::flush(&mut w).context("writing the overlay")?;
+    drop(w);
+    out.commit()?;
+    Ok(stats)
+}
+
+pub(crate) fn summary(s: &diff::DiffStats, out: Option<&Path>) {
     let c = &s.chunks;
     eprintln!(
         "{}: {:.1} MiB overlay for {:.1} MiB of launch VM in {:.2} s ({} unchanged, {} zero, {} base refs, {} self refs, {} deltas, {} literal chunks)",

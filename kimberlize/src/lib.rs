@@ -4,6 +4,7 @@
 pub mod cli;
 mod diff;
 mod inspect;
+mod vm;
 
 use anyhow::Result;
 use clap::Parser;
@@ -18,6 +19,8 @@ pub fn main() -> Result<()> {
         }
         cli::Command::Import(a) => diff::import(a),
         cli::Command::Diff(a) => diff::diff(a),
+        cli::Command::Base(a) => vm::base(a),
+        cli::Command::Build(a) => vm::build(a),
         cli::Command::Inspect(a) => inspect::inspect(a),
     }
 }

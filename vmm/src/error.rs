@@ -10,7 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// /dev/kvm is missing or cannot be opened.
-    #[error("cannot open /dev/kvm: {0}")]
+    #[error("no usable /dev/kvm: {0}")]
     KvmUnavailable(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("KVM {0} failed: {1}")]
@@ -68,6 +68,9 @@ pub enum Error {
     /// The control socket failed.
     #[error("control socket: {0}")]
     Control(String),
+    /// Reading or writing a VM directory failed.
+    #[error(transparent)]
+    VmDir(#[from] kimberley_formats::Error),
 }
 
 impl Error {
@@ -87,7 +90,7 @@ mod tests {
     #[test]
     fn messages() {
         let e = Error::KvmUnavailable(kvm_ioctls::Error::new(libc::ENOENT));
-        assert!(e.to_string().starts_with("cannot open /dev/kvm: "), "{e}");
+        assert!(e.to_string().starts_with("no usable /dev/kvm: "), "{e}");
         assert_eq!(
             Error::TripleFault.to_string(),
             "guest crashed (triple fault)"

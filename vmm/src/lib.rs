@@ -13,6 +13,7 @@ pub mod persist;
 mod runner;
 mod signals;
 mod vm;
+pub mod vmdir;
 pub mod vstate;
 
 use std::path::PathBuf;

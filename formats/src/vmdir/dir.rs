@@ -124,6 +124,15 @@ impl VmDirWriter {
         })
     }
 
+    /// Starts a new version of the existing VMDIR `dest`, which `commit`
+    /// replaces as a whole (atomically).
+    pub fn replacing(dest: &Path) -> Result<Self> {
+        Ok(VmDirWriter {
+            dir: AtomicDir::create_replacing(dest)?,
+            sync: true,
+        })
+    }
+
     /// With `false`, `commit` skips fsync (the rename stays atomic, but a
     /// crash may lose the data): for transient VMs that are soft state.
     pub fn set_sync(&mut self, sync: bool) {

@@ -53,7 +53,8 @@ impl KvmVm {
     /// Opens /dev/kvm and creates a VM with an in-kernel irqchip.
     pub fn new() -> Result<KvmVm> {
         let kvm = Kvm::new().map_err(Error::KvmUnavailable)?;
-        let fd = kvm.create_vm().map_err(|e| Error::Kvm("CREATE_VM", e))?;
+        // /dev/kvm opened but is not a KVM device (or KVM refuses VMs).
+        let fd = kvm.create_vm().map_err(Error::KvmUnavailable)?;
         // Only needed by some hosts for real-mode emulation; harmless elsewhere.
         let _ = fd.set_tss_address(0xfffb_d000);
         fd.create_irq_chip()

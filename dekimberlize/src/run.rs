@@ -1,0 +1,86 @@
+//! `--run`: resume the synthesised launch VM and keep it running.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kimberley_cli::output::write_json;
+use kimberley_cli::vm::vm_error;
+use kimberley_formats::vmdir::{VmDir, VmDirWriter};
+use kimberley_vmm::{control, vmdir};
+
+fn ms(from: Instant, to: Instant) -> u64 {
+    to.saturating_duration_since(from).as_millis() as u64
+}
+
+/// Resumes the VM in `out`, serves the control socket until stopped, then
+/// suspends it back into `out`.
+pub fn run(
+    out: &Path,
+    control_path: Option<PathBuf>,
+    t0: Instant,
+    mut stats: serde_json::Value,
+    stats_json: Option<&Path>,
+) -> Result<()> {
+    let dir = VmDir::open(out)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop = kimberley_vmm::stop_on_signals(stop).map_err(vm_error)?;
+    let t_restore = Instant::now();
+    let mut vm = vmdir::restore(&dir)
+        .map_err(vm_error)
+        .context("resuming the launch VM")?;
+    let first_exit = vm
+        .wait_first_exit(Duration::from_secs(10))
+        .map_err(vm_error)?;
+    let first_entry = vm.first_entry().unwrap_or(first_exit);
+    // The first command the guest answers: the end of the timeline.
+    let mut stdout = std::io::stdout();
+    let o = vm
+        .run_script(
+            "print kimberley: launch VM resumed",
+            &mut |l| {
+                let _ = writeln!(stdout, "{l}");
+            },
+            Duration::from_secs(30),
+        )
+        .map_err(vm_error)?;
+    let answered = Instant::now();
+    if o.status != 0 {
+        anyhow::bail!("the launch VM did not answer its first command");
+    }
+    let t = &mut stats["times"];
+    t["restore_start_ms"] = ms(t0, t_restore).into();
+    t["resume_ms"] = ms(t0, first_entry).into();
+    t["first_answer_ms"] = ms(t0, answered).into();
+    t["restore_to_first_instruction_ms"] = ms(t_restore, first_entry).into();
+    if let Some(p) = stats_json {
+        write_json(p, &stats)?;
+    }
+    let sock = control_path.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("kimberley-{}.sock", std::process::id()))
+    });
+    eprintln!("launch VM running; control socket {} (send {{\"cmd\":\"stop\"}} or press Ctrl-C to suspend it)", sock.display());
+    let name = dir.manifest.name.clone();
+    let snapshot: control::SnapshotFn = Box::new(move |vm, to| {
+        let w = VmDirWriter::create(to).map_err(|e| e.to_string())?;
+        vmdir::save_into(vm, w, &name)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let console = Box::new(|line: &str| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{line}");
+        let _ = o.flush();
+    });
+    let served = control::serve(vm, &sock, snapshot, stop, console);
+    let _ = std::fs::remove_file(&sock);
+    let mut vm = served.map_err(vm_error)?;
+    vmdir::save_in_place(&mut vm, &dir)
+        .map_err(vm_error)
+        .context("suspending the launch VM")?;
+    eprintln!("launch VM suspended into {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! The KVM end to end: `kimberlize base` → `kimberlize build` →
+//! `dekimberlize --run`, with correctness shown through the guest, and the
+//! VM failure modes. These tests need /dev/kvm; with
+//! KIMBERLEY_REQUIRE_KVM=1 (set by scripts/test.sh when /dev/kvm exists)
+//! they fail instead of skipping.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kimberley_formats::vmdir::VmDir;
+
+fn bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first",
+        p.display()
+    );
+    p
+}
+
+fn kvm() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("KIMBERLEY_REQUIRE_KVM").as_deref() != Ok("1"),
+            "/dev/kvm is not usable and KIMBERLEY_REQUIRE_KVM=1"
+        );
+        eprintln!("skipping: no usable /dev/kvm");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn lines(b: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(b)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The value printed for `what` (e.g. "checksum app").
+fn value(lines: &[String], what: &str) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(what).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no {what:?} in {lines:?}"))
+}
+
+const INSTALL: &str = "# an application install
+print installing
+fill app 24M 1 text
+fill lib 8M 2 random
+fill scratch 4M 0 zero
+disk-write 0 4M 3
+disk-write 64M 1M 4
+checksum app
+checksum lib
+checksum scratch
+disk-checksum 0 4M
+disk-checksum 64M 1M
+counter start
+";
+const RESUME: &str = "sleep 50\ncounter\nprint waiting for the user\n";
+
+struct Setup {
+    t: tempfile::TempDir,
+    key: PathBuf,
+    base: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let t = tempfile::tempdir().unwrap();
+        let key = t.path().join("key");
+        ok(run(Command::new(bin("kimberlize"))
+            .args(["keygen", "-o"])
+            .arg(&key)));
+        let base = t.path().join("base");
+        ok(run(Command::new(bin("kimberlize"))
+            .args(["base", "--memory", "128M", "--disk", "256M", "-o"])
+            .arg(&base)));
+        for (n, s) in [("install", INSTALL), ("resume", RESUME), ("install-x", "")] {
+            std::fs::write(t.path().join(n), s).unwrap();
+        }
+        Setup { t, key, base }
+    }
+
+    fn p(&self, n: &str) -> PathBuf {
+        self.t.path().join(n)
+    }
+
+    fn build(&self, install: &str, extra: &[&str]) -> Output {
+        std::fs::write(self.p("install-x"), install).unwrap();
+        run(Command::new(bin("kimberlize"))
+            .args(["build", "--base"])
+            .arg(&self.base)
+            .arg("--install")
+            .arg(self.p("install-x"))
+            .arg("--resume")
+            .arg(self.p("resume"))
+            .arg("-k")
+            .arg(&self.key)
+            .args(extra))
+    }
+}
+
+struct Running {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Running {
+    fn start(s: &Setup, args: &[&Path], out: &Path, tag: &str) -> Running {
+        let sock = s.p(&format!("{tag}.sock"));
+        let stats = s.p(&format!("{tag}.json"));
+        let child = Command::new(bin("dekimberlize"))
+            .args(args)
+            .arg("-k")
+            .arg(&s.key)
+            .arg("-o")
+            .arg(out)
+            .arg("--run")
+            .arg("--control")
+            .arg(&sock)
+            .arg("--stats-json")
+            .arg(&stats)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the control socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Running { child, sock }
+    }
+
+    fn request(&self, req: &str) -> serde_json::Value {
+        let mut s = UnixStream::connect(&self.sock).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn exec(&self, script: &str) -> Vec<String> {
+        let v = self.request(&serde_json::json!({"cmd": "exec", "script": script}).to_string());
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["status"], 0, "{v}");
+        v["output"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn stop(mut self) -> Output {
+        assert_eq!(self.request(r#"{"cmd":"stop"}"#)["ok"], true);
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        use std::io::Read;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_end(&mut err)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        Output {
+            status,
+            stdout: out,
+            stderr: err,
+        }
+    }
+}
+
+#[test]
+fn build_synthesise_and_resume_where_it_was() {
+    if !kvm() {
+        return;
+    }
+    let s = Setup::new();
+    let base_before = std::fs::read(s.base.join("manifest.json")).unwrap();
+    let ovl = s.p("app.ovl");
+    let built = ok(s.build(
+        INSTALL,
+        &[
+            "-o",
+            ovl.to_str().unwrap(),
+            "--launch-out",
+            s.p("launch").to_str().unwrap(),
+            "--stats-json",
+            s.p("build.json").to_str().unwrap(),
+        ],
+    ));
+    // The guest's output went to stderr, line by line.
+    let printed = lines(&built.stderr);
+    assert!(printed.contains(&"installing".to_string()), "{printed:?}");
+    let counter0: u64 = value(&printed, "counter").parse().unwrap();
+    // The base is untouched.
+    assert_eq!(
+        std::fs::read(s.base.join("manifest.json")).unwrap(),
+        base_before
+    );
+    VmDir::open(&s.base).unwrap().verify().unwrap();
+
+    let out = s.p("out");
+    let r = Running::start(
+        &s,
+        &[Path::new("--base"), &s.base, Path::new("-i"), &ovl],
+        &out,
+        "run1",
+    );
+    let got = r.exec("checksum app\nchecksum lib\nchecksum scratch\ndisk-checksum 0 4M\ndisk-checksum 64M 1M\ncounter\n");
+    for what in [
+        "checksum app",
+        "checksum lib",
+        "checksum scratch",
+        "disk-checksum 0 4M",
+        "disk-checksum 64M 1M",
+    ] {
+        assert_eq!(value(&got, what), value(&printed, what), "{what}");
+    }
+    let counter1: u64 = value(&got, "counter").parse().unwrap();
+    assert!(
+        counter1 > counter0,
+        "counter went from {counter0} to {counter1}"
+    );
+    r.exec("fill later 1M 9 random\ndisk-write 8M 1M 5\n");
+    let after = r.exec("checksum later\ndisk-checksum 8M 1M\ncounter\n");
+    let stopped = r.stop();
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    assert!(lines(&stopped.stdout).contains(&"kimberley: launch VM resumed".to_string()));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("run1.json")).unwrap()).unwrap();
+    for k in ["receive_ms", "apply_ms", "resume_ms", "first_answer_ms"] {
+        assert!(stats["times"][k].is_u64(), "{k} missing from {stats}");
+    }
+
+    // Suspended cleanly into the VMDIR, losing nothing: run it again.
+    VmDir::open(&out).unwrap().verify().unwrap();
+    let again = s.p("again");
+    std::fs::rename(&out, &again).unwrap();
+    // Resume it directly: an empty chain is not allowed, so use the VMDIR
+    // through a no-op overlay made against itself.
+    let noop = s.p("noop.ovl");
+    ok(run(Command::new(bin("kimberlize"))
+        .args(["diff", "--base"])
+        .arg(&again)
+        .arg("--launch")
+        .arg(&again)
+        .arg("-k")
+        .arg(&s.key)
+        .arg("-o")
+        .arg(&noop)));
+    let r = Running::start(
+        &s,
+        &[Path::new("--base"), &again, Path::new("-i"), &noop],
+        &out,
+        "run2",
+    );
+    let got = r.exec("checksum later\ndisk-checksum 8M 1M\nchecksum app\ncounter\n");
+    assert_eq!(
+        value(&got, "checksum later"),
+        value(&after, "checksum later")
+    );
+    assert_eq!(
+        value(&got, "disk-checksum 8M 1M"),
+        value(&after, "disk-checksum 8M 1M")
+    );
+    assert_eq!(value(&got, "checksum app"), value(&printed, "checksum app"));
+    let c2: u64 = value(&got, "counter").parse().unwrap();
+    assert!(
+        c2 > value(&after, "counter").parse::<u64>().unwrap(),
+        "counter went back"
+    );
+    assert!(r.stop().status.success());
+}
+
+#[test]
+fn vm_failures_are_clear_and_leave_nothing() {
+    if !kvm() {
+        return;
+    }
+    let s = Setup::new();
+    let listing = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(s.t.path());
+    let check = |o: Output, want: &str| {
+        assert_eq!(
+            o.status.code(),
+            Some(9),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(e.contains(want), "{e:?} lacks {want:?}");
+        assert_eq!(listing(s.t.path()), before, "left something behind");
+        VmDir::open(&s.base).unwrap().verify().unwrap();
+    };
+    let o = s.p("x.ovl");
+    let o = o.to_str().unwrap();
+    check(
+        s.build("print a\nbogus-command 1\n", &["-o", o]),
+        "error 2:",
+    );
+    check(
+        s.build("print a\nbogus-command 1\n", &["-o", o]),
+        "install script failed",
+    );
+    check(s.build("debug-triple-fault\n", &["-o", o]), "triple fault");
+    check(
+        s.build("debug-hang\n", &["-o", o, "--timeout", "2"]),
+        "timed out",
+    );
+    // A state blob of another version.
+    let bad = s.p("badver");
+    std::fs::create_dir(&bad).unwrap();
+    for f in ["manifest.json", "memory.raw", "disk0.raw", "state.bin"] {
+        std::fs::copy(s.base.join(f), bad.join(f)).unwrap();
+    }
+    let mut st = std::fs::read(bad.join("state.bin")).unwrap();
+    st[8] ^= 0x7f; // the version field follows the 8-byte magic
+    std::fs::write(bad.join("state.bin"), st).unwrap();
+    let r = run(Command::new(bin("kimberlize"))
+        .args(["build", "--base"])
+        .arg(&bad)
+        .arg("--install")
+        .arg(s.p("install"))
+        .arg("--resume")
+        .arg(s.p("resume"))
+        .arg("--no-encrypt")
+        .arg("-o")
+        .arg(s.p("y.ovl")));
+    assert_eq!(
+        r.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("version"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::remove_dir_all(&bad).unwrap();
+    // An unreadable VMDIR.
+    let r = run(Command::new(bin("kimberlize"))
+        .args(["build", "--base"])
+        .arg(s.p("nonexistent"))
+        .arg("--install")
+        .arg(s.p("install"))
+        .arg("--resume")
+        .arg(s.p("resume"))
+        .arg("--no-encrypt")
+        .arg("-o")
+        .arg(s.p("y.ovl")));
+    assert_eq!(
+        r.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(listing(s.t.path()), before);
+}
+
+#[test]
+fn no_usable_kvm_is_a_clear_error() {
+    if !kvm() {
+        return;
+    }
+    // Hide /dev/kvm behind /dev/null in a private mount namespace.
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("base");
+    let script = format!(
+        "mount --bind /dev/null /dev/kvm && exec {} base -o {}",
+        bin("kimberlize").display(),
+        out.display()
+    );
+    let o = run(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert_eq!(
+        o.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("/dev/kvm") && e.starts_with("error: "), "{e}");
+    assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+}

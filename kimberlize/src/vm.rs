@@ -1,0 +1,150 @@
+//! `base` and `build`: the commands that run the KVM microVM.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kimberley_cli::output::{write_json, OverlayOut};
+use kimberley_cli::progress::Bar;
+use kimberley_cli::vm::{vm_error, vm_failure};
+use kimberley_formats::diff::DiffOptions;
+use kimberley_formats::fsutil::{copy_sparse, temp_sibling};
+use kimberley_formats::progress::Progress;
+use kimberley_formats::vmdir::{VmDir, VmDirWriter};
+use kimberley_vmm::{vmdir, Vm, VmConfig};
+use serde_json::json;
+
+use crate::cli::{BaseArgs, BuildArgs};
+use crate::diff::{summary, write_overlay, Scratch};
+
+fn name_of(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vm".into())
+}
+
+pub fn base(a: BaseArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let w = VmDirWriter::create(&a.output)?;
+    let mut disks = Vec::new();
+    if a.disk > 0 {
+        let f = w.create_file("disk0.raw")?;
+        f.set_len(a.disk).context("creating the disk")?;
+        disks.push(w.path().join("disk0.raw"));
+    }
+    let cfg = VmConfig {
+        memory_size: a.memory,
+        vcpus: a.vcpus,
+        disks,
+    };
+    let mut vm = Vm::boot(&cfg).map_err(vm_error)?;
+    vm.wait_ready(Duration::from_secs(a.timeout))
+        .map_err(vm_error)?;
+    let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
+    vmdir::save_into(&mut vm, w, &name).map_err(vm_error)?;
+    drop(vm);
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "{}: base VM ready and suspended in {:.0} ms",
+            a.output.display(),
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}
+
+fn read_script(p: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("reading script {}", p.display()))
+}
+
+pub fn build(a: BuildArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let threads = kimberley_cli::run::threads(a.threads);
+    // Everything that can be refused is refused before the VM runs.
+    let protection = a.keys.protection()?;
+    let install = read_script(&a.install)?;
+    let resume = read_script(&a.resume)?;
+    let base = VmDir::open(&a.base)?;
+    let out = OverlayOut::open(a.output.as_deref(), a.force)?;
+    let (launch_path, _scratch) = match &a.launch_out {
+        Some(p) => (p.clone(), None),
+        None => {
+            let p = temp_sibling(
+                &a.base
+                    .with_file_name(format!("{}-launch", name_of(&a.base))),
+            );
+            (p.clone(), Some(Scratch(p)))
+        }
+    };
+    let w = VmDirWriter::create(&launch_path)?;
+    // The launch VM's disks start as copies of the base's; its memory is
+    // the base's file mapped copy-on-write, so the base is never modified.
+    let mut disks = Vec::new();
+    for (k, i) in base.manifest.disk_indices().into_iter().enumerate() {
+        let name = format!("disk{k}.raw");
+        let dst = w.create_file(&name)?;
+        copy_sparse(
+            &base.open_component(i)?,
+            base.manifest.components[i].size,
+            &dst,
+            |_, _| Ok(()),
+        )?;
+        disks.push(w.path().join(name));
+    }
+    let state_i = base
+        .manifest
+        .state_index()
+        .ok_or_else(|| anyhow::anyhow!("{} has no state blob: build needs a suspended base VM (make one with `kimberlize base`)", a.base.display()))?;
+    let state = std::fs::read(base.component_path(state_i)).context("reading the base's state")?;
+    let t_restore = Instant::now();
+    let mut vm = Vm::restore(&base.component_path(0), disks, &state).map_err(vm_error)?;
+    let restore_ms = t_restore.elapsed().as_millis() as u64;
+    let timeout = Duration::from_secs(a.timeout);
+    let mut times = Vec::new();
+    for (what, script) in [("install", &install), ("resume", &resume)] {
+        let t = Instant::now();
+        let o = vm
+            .run_script(script, &mut |line| eprintln!("{line}"), timeout)
+            .map_err(vm_error)
+            .with_context(|| format!("running the {what} script"))?;
+        if o.status != 0 {
+            return Err(vm_failure(format!(
+                "the {what} script failed with status {}",
+                o.status
+            )));
+        }
+        times.push((what, t.elapsed().as_millis() as u64));
+    }
+    let t_save = Instant::now();
+    let launch_name = format!("{}-launch", base.manifest.name);
+    vmdir::save_into(&mut vm, w, &launch_name).map_err(vm_error)?;
+    drop(vm);
+    let suspend_ms = t_save.elapsed().as_millis() as u64;
+    let launch = VmDir::open(&launch_path)?;
+
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), a.quiet);
+    let opts = DiffOptions {
+        level: a.level,
+        threads,
+        ..DiffOptions::new(protection)
+    };
+    let stats = write_overlay(&base, &launch, out, &opts, &progress)?;
+    drop(bar);
+    if let Some(p) = &a.stats_json {
+        let v = json!({
+            "restore_ms": restore_ms,
+            "install_ms": times[0].1,
+            "resume_ms": times[1].1,
+            "suspend_ms": suspend_ms,
+            "diff": stats,
+            "total_ms": t0.elapsed().as_millis() as u64,
+        });
+        write_json(p, &v)?;
+    }
+    if !a.quiet && std::io::stderr().is_terminal() {
+        summary(&stats, a.output.as_deref());
+    }
+    Ok(())
+}
