@@ -22,6 +22,15 @@ fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap()
 }
 
+/// Runs a Kimberley binary with arguments (anything `AsRef<OsStr>`).
+macro_rules! tool {
+    ($name:expr $(, $arg:expr)* $(,)?) => {{
+        let mut c = Command::new(bin($name));
+        $( c.arg($arg); )*
+        run(&mut c)
+    }};
+}
+
 fn code(o: &Output) -> i32 {
     o.status.code().expect("exited, not killed")
 }
@@ -33,9 +42,7 @@ fn stderr(o: &Output) -> String {
 fn setup(dir: &Path) -> (Pair, PathBuf) {
     let pair = make_pair(dir, &PairSpec::default()).unwrap();
     let key = dir.join("key");
-    let o = run(Command::new(bin("kimberlize"))
-        .args(["keygen", "-o"])
-        .arg(&key));
+    let o = tool!("kimberlize", "keygen", "-o", &key);
     assert!(o.status.success(), "{}", stderr(&o));
     (pair, key)
 }
@@ -95,17 +102,20 @@ fn files_verify_inspect_and_exit_codes() {
     let (p, key) = setup(t.path());
     let ovl = t.path().join("a.ovl");
     let stats = t.path().join("d.json");
-    let o = run(Command::new(bin("kimberlize"))
-        .args(["diff", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.launch)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&ovl)
-        .arg("--stats-json")
-        .arg(&stats));
+    let o = tool!(
+        "kimberlize",
+        "diff",
+        "--base",
+        &p.base,
+        "--launch",
+        &p.launch,
+        "-k",
+        &key,
+        "-o",
+        &ovl,
+        "--stats-json",
+        &stats
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
     assert_eq!(
@@ -113,48 +123,53 @@ fn files_verify_inspect_and_exit_codes() {
         std::fs::metadata(&ovl).unwrap().len()
     );
     // An existing output file is refused (6) unless --force.
-    let o = run(Command::new(bin("kimberlize"))
-        .args(["diff", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.launch)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&ovl));
+    let o = tool!(
+        "kimberlize",
+        "diff",
+        "--base",
+        &p.base,
+        "--launch",
+        &p.launch,
+        "-k",
+        &key,
+        "-o",
+        &ovl
+    );
     assert_eq!(code(&o), 6, "{}", stderr(&o));
     // Encryption is the default: no key option is a usage error.
-    let o = run(Command::new(bin("kimberlize"))
-        .args(["diff", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.launch)
-        .arg("-o")
-        .arg(t.path().join("x.ovl")));
+    let o = tool!(
+        "kimberlize",
+        "diff",
+        "--base",
+        &p.base,
+        "--launch",
+        &p.launch,
+        "-o",
+        t.path().join("x.ovl")
+    );
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("--no-encrypt"), "{}", stderr(&o));
 
-    let o = run(Command::new(bin("dekimberlize"))
-        .args(["verify", "-i"])
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key)
-        .arg("--base")
-        .arg(&p.base));
+    let o = tool!(
+        "dekimberlize",
+        "verify",
+        "-i",
+        &ovl,
+        "-k",
+        &key,
+        "--base",
+        &p.base
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("OK"));
-    let o = run(Command::new(bin("kimberlize"))
-        .arg("inspect")
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key));
+    let o = tool!("kimberlize", "inspect", &ovl, "-k", &key);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         text.contains("layer 0") && text.contains("every segment authenticated"),
         "{text}"
     );
-    let o = run(Command::new(bin("kimberlize")).arg("inspect").arg(&ovl));
+    let o = tool!("kimberlize", "inspect", &ovl);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("verified     no"));
 
@@ -183,15 +198,17 @@ fn files_verify_inspect_and_exit_codes() {
     ];
     for (input, k, base, want, text) in cases {
         let out = t.path().join("out");
-        let o = run(Command::new(bin("dekimberlize"))
-            .arg("--base")
-            .arg(base)
-            .arg("-i")
-            .arg(input)
-            .arg("-k")
-            .arg(k)
-            .arg("-o")
-            .arg(&out));
+        let o = tool!(
+            "dekimberlize",
+            "--base",
+            base,
+            "-i",
+            input,
+            "-k",
+            k,
+            "-o",
+            &out
+        );
         assert_eq!(code(&o), want, "{}: {}", input.display(), stderr(&o));
         let e = stderr(&o);
         assert!(
@@ -205,29 +222,33 @@ fn files_verify_inspect_and_exit_codes() {
         assert_eq!(after, before, "left something behind");
     }
     // An existing output directory.
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&p.launch));
+    let o = tool!(
+        "dekimberlize",
+        "--base",
+        &p.base,
+        "-i",
+        &ovl,
+        "-k",
+        &key,
+        "-o",
+        &p.launch
+    );
     assert_eq!(code(&o), 6, "{}", stderr(&o));
     // A VMDIR that is not one.
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(t.path())
-        .arg("-i")
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(t.path().join("o2")));
+    let o = tool!(
+        "dekimberlize",
+        "--base",
+        t.path(),
+        "-i",
+        &ovl,
+        "-k",
+        &key,
+        "-o",
+        t.path().join("o2")
+    );
     assert_eq!(code(&o), 7, "{}", stderr(&o));
     // Bad arguments.
-    let o = run(Command::new(bin("dekimberlize")).arg("--bogus"));
+    let o = tool!("dekimberlize", "--bogus");
     assert_eq!(code(&o), 2);
 }
 
@@ -236,15 +257,18 @@ fn a_full_disk_fails_cleanly() {
     let t = tempfile::tempdir().unwrap();
     let (p, key) = setup(t.path());
     let ovl = t.path().join("a.ovl");
-    let o = run(Command::new(bin("kimberlize"))
-        .args(["diff", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.launch)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&ovl));
+    let o = tool!(
+        "kimberlize",
+        "diff",
+        "--base",
+        &p.base,
+        "--launch",
+        &p.launch,
+        "-k",
+        &key,
+        "-o",
+        &ovl
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     // A 1 MiB tmpfs cannot hold the launch VM's data.
     let mnt = t.path().join("small");
@@ -266,15 +290,17 @@ fn a_full_disk_fails_cleanly() {
         }
     }
     let _u = Unmount(mnt.clone());
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(mnt.join("out")));
+    let o = tool!(
+        "dekimberlize",
+        "--base",
+        &p.base,
+        "-i",
+        &ovl,
+        "-k",
+        &key,
+        "-o",
+        mnt.join("out")
+    );
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(
         stderr(&o).contains("No space left on device"),
@@ -287,13 +313,19 @@ fn a_full_disk_fails_cleanly() {
         "left something on the full disk"
     );
     // And kimberlize writing an overlay there.
-    let o = run(Command::new(bin("kimberlize"))
-        .args(["diff", "--no-encrypt", "--level", "1", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.launch)
-        .arg("-o")
-        .arg(mnt.join("x.ovl")));
+    let o = tool!(
+        "kimberlize",
+        "diff",
+        "--no-encrypt",
+        "--level",
+        "1",
+        "--base",
+        &p.base,
+        "--launch",
+        &p.launch,
+        "-o",
+        mnt.join("x.ovl")
+    );
     if !o.status.success() {
         assert_eq!(code(&o), 1, "{}", stderr(&o));
         assert_eq!(
@@ -321,60 +353,72 @@ fn layered_chain_from_the_command_line() {
     let l1 = t.path().join("l1.ovl");
     let l2 = t.path().join("l2.ovl");
     let ok = |o: Output| assert!(o.status.success(), "{}", stderr(&o));
-    ok(run(Command::new(bin("kimberlize"))
-        .args(["diff", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.launch)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&l1)));
-    ok(run(Command::new(bin("kimberlize"))
-        .args(["diff", "--base"])
-        .arg(&p.base)
-        .arg("--parent")
-        .arg(&l1)
-        .arg("--launch")
-        .arg(&p2.launch)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&l2)));
+    ok(tool!(
+        "kimberlize",
+        "diff",
+        "--base",
+        &p.base,
+        "--launch",
+        &p.launch,
+        "-k",
+        &key,
+        "-o",
+        &l1
+    ));
+    ok(tool!(
+        "kimberlize",
+        "diff",
+        "--base",
+        &p.base,
+        "--parent",
+        &l1,
+        "--launch",
+        &p2.launch,
+        "-k",
+        &key,
+        "-o",
+        &l2
+    ));
     let out = t.path().join("out");
-    ok(run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&l1)
-        .arg("-i")
-        .arg(&l2)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&out)));
+    ok(tool!(
+        "dekimberlize",
+        "--base",
+        &p.base,
+        "-i",
+        &l1,
+        "-i",
+        &l2,
+        "-k",
+        &key,
+        "-o",
+        &out
+    ));
     same_files(&out, &p2.launch);
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&l2)
-        .arg("-i")
-        .arg(&l1)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(t.path().join("o2")));
+    let o = tool!(
+        "dekimberlize",
+        "--base",
+        &p.base,
+        "-i",
+        &l2,
+        "-i",
+        &l1,
+        "-k",
+        &key,
+        "-o",
+        t.path().join("o2")
+    );
     assert_eq!(code(&o), 5, "{}", stderr(&o));
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&l2)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(t.path().join("o3")));
+    let o = tool!(
+        "dekimberlize",
+        "--base",
+        &p.base,
+        "-i",
+        &l2,
+        "-k",
+        &key,
+        "-o",
+        t.path().join("o3")
+    );
     assert_eq!(code(&o), 5, "{}", stderr(&o));
     assert!(stderr(&o).contains("parent"));
 }

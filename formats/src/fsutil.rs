@@ -189,13 +189,17 @@ impl AtomicDir {
         if dest.exists() {
             return Err(Error::Exists(dest.to_path_buf()));
         }
+        Self::start(dest, false)
+    }
+
+    fn start(dest: &Path, replace: bool) -> Result<Self> {
         let tmp = temp_sibling(dest);
         fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicDir {
             tmp,
             dest: dest.to_path_buf(),
             done: false,
-            replace: false,
+            replace,
         })
     }
 
@@ -208,14 +212,7 @@ impl AtomicDir {
                 dest.display()
             )));
         }
-        let tmp = temp_sibling(dest);
-        fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        Ok(AtomicDir {
-            tmp,
-            dest: dest.to_path_buf(),
-            done: false,
-            replace: true,
-        })
+        Self::start(dest, true)
     }
 
     /// The temporary directory to fill.

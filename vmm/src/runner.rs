@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuExit;
@@ -15,7 +15,7 @@ use kvm_ioctls::VcpuExit;
 use crate::abi;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio_blk::VirtioBlk;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::vstate::vcpu::Vcpu;
 
 /// Longest output line kept; longer lines are split.
@@ -139,6 +139,37 @@ pub struct Shared {
     pub inner: Mutex<Inner>,
     pub cond: Condvar,
     pub blocks: Mutex<Vec<VirtioBlk>>,
+}
+
+impl Shared {
+    /// Waits on the condition until `check` gives an answer, the guest
+    /// stopped (its error), or `timeout` passed. `check` runs with the lock
+    /// held, first right away and then after every notification.
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut(&mut Inner) -> Option<Result<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.inner);
+        loop {
+            if let Some(r) = check(&mut g) {
+                return r;
+            }
+            if let Some(e) = &g.exit {
+                return Err(e.to_error());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            g = self
+                .cond
+                .wait_timeout(g, deadline - now)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
 }
 
 /// Locks, ignoring poisoning (a panicked holder leaves consistent-enough data).

@@ -257,26 +257,7 @@ impl Vm {
 
     /// Waits until the guest signalled it is ready for commands.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.shared.inner);
-        loop {
-            if g.ready {
-                return Ok(());
-            }
-            if let Some(e) = &g.exit {
-                return Err(e.to_error());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::Timeout(timeout));
-            }
-            g = self
-                .shared
-                .cond
-                .wait_timeout(g, deadline - now)
-                .map(|r| r.0)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
+        self.shared.wait_for(timeout, |g| g.ready.then_some(Ok(())))
     }
 
     /// Sends `script` to the guest and collects its output until `done N`.
@@ -293,48 +274,40 @@ impl Vm {
                 "contains byte 0x04 (the end-of-script marker)".into(),
             ));
         }
-        let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.shared.inner);
-        if let Some(e) = &g.exit {
-            return Err(e.to_error());
+        {
+            let mut g = lock(&self.shared.inner);
+            if let Some(e) = &g.exit {
+                return Err(e.to_error());
+            }
+            if g.request != Request::Run {
+                return Err(Error::Paused);
+            }
+            g.lines.clear();
+            let mut bytes = script.as_bytes().to_vec();
+            if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+                bytes.push(b'\n');
+            }
+            bytes.push(abi::SCRIPT_END);
+            g.serial.push_input(&bytes);
         }
-        if g.request != Request::Run {
-            return Err(Error::Paused);
-        }
-        g.lines.clear();
-        let mut bytes = script.as_bytes().to_vec();
-        if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
-            bytes.push(b'\n');
-        }
-        bytes.push(abi::SCRIPT_END);
-        g.serial.push_input(&bytes);
         self.shared.cond.notify_all();
         let mut lines = Vec::new();
-        loop {
+        self.shared.wait_for(timeout, |g| {
             while let Some(l) = g.lines.pop_front() {
                 if let Some(status) = l
                     .strip_prefix("done ")
                     .and_then(|s| s.trim().parse::<i32>().ok())
                 {
-                    return Ok(ScriptOutcome { status, lines });
+                    return Some(Ok(ScriptOutcome {
+                        status,
+                        lines: std::mem::take(&mut lines),
+                    }));
                 }
                 on_line(&l);
                 lines.push(l);
             }
-            if let Some(e) = &g.exit {
-                return Err(e.to_error());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::Timeout(timeout));
-            }
-            g = self
-                .shared
-                .cond
-                .wait_timeout(g, deadline - now)
-                .map(|r| r.0)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
+            None
+        })
     }
 
     /// Output lines the guest printed outside of scripts (drained).
@@ -422,26 +395,7 @@ impl Vm {
 
     /// Waits for [`Vm::first_exit`] to be set.
     pub fn wait_first_exit(&self, timeout: Duration) -> Result<Instant> {
-        let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.shared.inner);
-        loop {
-            if let Some(t) = g.first_exit {
-                return Ok(t);
-            }
-            if let Some(e) = &g.exit {
-                return Err(e.to_error());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::Timeout(timeout));
-            }
-            g = self
-                .shared
-                .cond
-                .wait_timeout(g, deadline - now)
-                .map(|r| r.0)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
+        self.shared.wait_for(timeout, |g| g.first_exit.map(Ok))
     }
 
     /// Guest RAM in bytes.
