@@ -422,3 +422,24 @@ fn layered_chain_from_the_command_line() {
     assert_eq!(code(&o), 5, "{}", stderr(&o));
     assert!(stderr(&o).contains("parent"));
 }
+
+#[test]
+fn refuses_to_write_an_overlay_to_a_terminal() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup(t.path());
+    // `script` runs the command with a pseudo-terminal as its stdout.
+    let cmd = format!(
+        "{} diff --base {} --launch {} -k {}",
+        bin("kimberlize").display(),
+        p.base.display(),
+        p.launch.display(),
+        key.display()
+    );
+    let o = run(Command::new("script").args(["-qec", &cmd, "/dev/null"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 1, "{text}");
+    assert!(
+        text.contains("refusing to write an overlay to a terminal"),
+        "{text}"
+    );
+}

@@ -102,9 +102,19 @@ pub fn run(
     let (ftx, frx) = bounded::<(u64, Result<Frame>)>(threads * 2);
     let (dtx, drx) = bounded::<(u64, Result<Opened_>, u64, u64)>(threads * 2);
     let (done_tx, done_rx) = bounded::<(Instant, u64)>(1);
+    // Tickets bound the frames between the reader and the in-order
+    // consumer, so memory stays bounded even when one segment is slow.
+    let depth = threads * 4;
+    let (ticket_tx, ticket_rx) = bounded::<()>(depth);
+    for _ in 0..depth {
+        ticket_tx.send(()).expect("room for every ticket");
+    }
     // Threads are detached: on an error the consumer returns at once, even
     // if the reader is blocked on a slow pipe; dropped channels stop them.
     std::thread::spawn(move || loop {
+        if ticket_rx.recv().is_err() {
+            return;
+        }
         match reader.next_frame() {
             Ok(Some(f)) => {
                 let (c, last) = (f.counter, f.header.last);
@@ -157,6 +167,7 @@ pub fn run(
         pending.insert(counter, (r, len));
         while let Some((r, len)) = pending.remove(&next) {
             next += 1;
+            let _ = ticket_tx.send(());
             progress.advance(len);
             match r? {
                 Opened_::Data(seg, entry) => {

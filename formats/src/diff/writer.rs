@@ -34,6 +34,8 @@ struct Job {
 pub struct Sink {
     tx: Sender<Job>,
     counter: u64,
+    /// One ticket per segment between here and the writer.
+    tickets: crossbeam_channel::Receiver<()>,
 }
 
 fn stopped() -> Error {
@@ -73,6 +75,9 @@ impl Sink {
             meta,
         };
         self.counter += 1;
+        // Wait until the writer has room: bounds the segments in flight
+        // (and the writer's reorder buffer) whatever the workers' pace.
+        self.tickets.recv().map_err(|_| stopped())?;
         self.tx.send(job).map_err(|_| stopped())
     }
 }
@@ -107,6 +112,11 @@ where
     std::thread::scope(|s| {
         let (job_tx, job_rx) = bounded::<Job>(threads * 2);
         let (frame_tx, frame_rx) = bounded::<(u64, Vec<u8>, Option<Meta>)>(threads * 2);
+        let depth = threads * 4;
+        let (ticket_tx, ticket_rx) = bounded::<()>(depth);
+        for _ in 0..depth {
+            ticket_tx.send(()).expect("room for every ticket");
+        }
         for _ in 0..threads {
             let job_rx = job_rx.clone();
             let frame_tx = frame_tx.clone();
@@ -137,6 +147,7 @@ where
                 while let Some((frame, meta)) = pending.remove(&fw.next_counter()) {
                     let counter = fw.next_counter();
                     let offset = fw.write_frame(&frame)?;
+                    let _ = ticket_tx.send(());
                     if let Some(m) = meta {
                         body_bytes += u64::from(m.body_len);
                         entries.push(IndexEntry {
@@ -156,6 +167,7 @@ where
         let mut sink = Sink {
             tx: job_tx,
             counter: 0,
+            tickets: ticket_rx,
         };
         let produced = produce(&mut sink);
         drop(sink);
