@@ -43,7 +43,10 @@ step "dekimberlize --run: stream the overlay through a pipe, synthesise, resume"
 cat demo.ovl | "$D" --base base -k demo.key -o launch-vm --run --control control.sock \
     --stats-json stats-run.json -q > run-console.txt 2> run-stderr.txt &
 pid=$!
-for _ in $(seq 1 300); do [ -S control.sock ] && break; sleep 0.05; done
+for _ in $(seq 1 300); do
+    python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect("control.sock")' 2>/dev/null && break
+    sleep 0.05
+done
 [ -S control.sock ] || { cat run-stderr.txt; exit 1; }
 ask() { python3 - "$1" <<'PY'
 import json, socket, sys

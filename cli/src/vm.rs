@@ -17,3 +17,58 @@ pub fn vm_error(e: VmError) -> anyhow::Error {
 pub fn vm_failure(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(WithCode(EXIT_VM, msg.into()))
 }
+
+/// How [`serve_vmdir`] ended.
+#[derive(Debug)]
+pub enum Served {
+    /// Stopped (request or signal) and suspended back into its VMDIR.
+    Suspended,
+    /// Migrated away (the migrate hook's result); the VMDIR was left as it
+    /// was and the local copy was discarded.
+    Migrated(serde_json::Value),
+}
+
+/// Runs `vm`, which was resumed from `dir`, behind the control socket
+/// `sock` (guest console to stdout) until it is stopped through the socket
+/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_vmm::stop_on_signals`]),
+/// then suspends it back into `dir`. `snapshot` requests write VM
+/// directories; `migrate` requests go to `migrate` when given.
+pub fn serve_vmdir(
+    vm: kimberley_vmm::Vm,
+    dir: &kimberley_formats::vmdir::VmDir,
+    sock: &std::path::Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    migrate: Option<kimberley_vmm::MigrateFn>,
+) -> anyhow::Result<Served> {
+    use std::io::Write;
+
+    use anyhow::Context;
+    use kimberley_formats::vmdir::VmDirWriter;
+    use kimberley_vmm::{control, vmdir};
+
+    let name = dir.manifest.name.clone();
+    let snapshot: control::SnapshotFn = Box::new(move |vm, to| {
+        let w = VmDirWriter::create(to).map_err(|e| e.to_string())?;
+        vmdir::save_into(vm, w, &name)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let console = Box::new(|line: &str| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{line}");
+        let _ = o.flush();
+    });
+    let hooks = control::Hooks { snapshot, migrate };
+    let served = control::serve_with(vm, sock, hooks, stop, console);
+    let _ = std::fs::remove_file(sock);
+    let (mut vm, ending) = served.map_err(vm_error)?;
+    match ending {
+        control::Ending::Migrated(v) => Ok(Served::Migrated(v)),
+        control::Ending::Stopped => {
+            vmdir::save_in_place(&mut vm, dir)
+                .map_err(vm_error)
+                .context("suspending the VM")?;
+            Ok(Served::Suspended)
+        }
+    }
+}

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use kimberley_cli::output::write_json;
 use kimberley_cli::vm::vm_error;
-use kimberley_formats::vmdir::{VmDir, VmDirWriter};
-use kimberley_vmm::{control, vmdir};
+use kimberley_formats::vmdir::VmDir;
+use kimberley_vmm::vmdir;
 
 fn ms(from: Instant, to: Instant) -> u64 {
     to.saturating_duration_since(from).as_millis() as u64
@@ -63,24 +63,7 @@ pub fn run(
         std::env::temp_dir().join(format!("kimberley-{}.sock", std::process::id()))
     });
     eprintln!("launch VM running; control socket {} (send {{\"cmd\":\"stop\"}} or press Ctrl-C to suspend it)", sock.display());
-    let name = dir.manifest.name.clone();
-    let snapshot: control::SnapshotFn = Box::new(move |vm, to| {
-        let w = VmDirWriter::create(to).map_err(|e| e.to_string())?;
-        vmdir::save_into(vm, w, &name)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    });
-    let console = Box::new(|line: &str| {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "{line}");
-        let _ = o.flush();
-    });
-    let served = control::serve(vm, &sock, snapshot, stop, console);
-    let _ = std::fs::remove_file(&sock);
-    let mut vm = served.map_err(vm_error)?;
-    vmdir::save_in_place(&mut vm, &dir)
-        .map_err(vm_error)
-        .context("suspending the launch VM")?;
+    kimberley_cli::vm::serve_vmdir(vm, &dir, &sock, stop, None)?;
     eprintln!("launch VM suspended into {}", out.display());
     Ok(())
 }

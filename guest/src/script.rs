@@ -233,10 +233,14 @@ impl Guest {
         let bytes = ticks * job.rate as u128 / (self.tsc_khz as u128 * 1000);
         let due = (bytes / PAGE as u128) as u64;
         let mut todo = due.saturating_sub(job.pages_done);
-        if todo > pages {
-            // Far behind (e.g. the VM was paused): one full pass, then resync.
-            todo = pages;
-            job.pages_done = due - pages;
+        // Work missed while the vCPU was not running (paused, throttled,
+        // descheduled) is dropped, not caught up: like a CPU-bound
+        // workload, the job dirties at RATE only while it runs. At most
+        // 2 ms of backlog is kept.
+        let backlog = ((job.rate as u128 * 2 / 1000 / PAGE as u128) as u64).clamp(1, pages);
+        if todo > backlog {
+            todo = backlog;
+            job.pages_done = due - backlog;
         }
         for _ in 0..todo {
             let addr = r.addr + job.cursor * PAGE;

@@ -21,6 +21,61 @@ use crate::vm::Vm;
 /// server resumes the VM afterwards if it was running before.
 pub type SnapshotFn = Box<dyn FnMut(&mut Vm, &Path) -> std::result::Result<(), String> + Send>;
 
+/// Called for `{"cmd":"migrate","params":P}`: moves the VM elsewhere
+/// (live migration; the caller's protocol). It may stream progress objects
+/// to the client with [`MigrateIo::progress`] and must check
+/// [`MigrateIo::cancelled`] often. `Ok(result)` means the VM now runs
+/// elsewhere: the server answers `{"ok":true,"result":result}` and `serve`
+/// returns [`Ending::Migrated`] with the VM paused. `Err` means the VM stays
+/// here: the callback leaves it as it found it (running or paused).
+pub type MigrateFn = Box<
+    dyn FnMut(&mut Vm, &Value, &mut MigrateIo<'_>) -> std::result::Result<Value, String> + Send,
+>;
+
+/// The requesting client, seen from a [`MigrateFn`].
+pub struct MigrateIo<'a> {
+    stream: &'a mut UnixStream,
+}
+
+impl MigrateIo<'_> {
+    /// Sends `{"progress":v}` as one line to the client. False if the
+    /// client is gone.
+    pub fn progress(&mut self, v: Value) -> bool {
+        send(self.stream, &json!({ "progress": v }))
+    }
+
+    /// True if the client hung up or sent anything (a cancel request)
+    /// while the migration runs.
+    pub fn cancelled(&mut self) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        n > 0 && fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    }
+}
+
+/// Why [`serve_with`] returned.
+#[derive(Debug)]
+pub enum Ending {
+    /// `stop` request or the stop flag: the caller should save the VM.
+    Stopped,
+    /// The VM was migrated away (the [`MigrateFn`]'s result): the paused
+    /// local copy must not run again.
+    Migrated(Value),
+}
+
+/// The caller's handlers of the requests that need more than the `Vm`.
+pub struct Hooks {
+    /// For `snapshot`.
+    pub snapshot: SnapshotFn,
+    /// For `migrate` (None: the request is refused).
+    pub migrate: Option<MigrateFn>,
+}
+
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 16 << 20;
 /// Default time limit of `exec` when the request gives none.
@@ -40,6 +95,10 @@ enum Request {
         script: String,
         timeout_ms: Option<u64>,
     },
+    Migrate {
+        #[serde(default)]
+        params: Value,
+    },
 }
 
 struct Client {
@@ -50,13 +109,14 @@ struct Client {
 enum Outcome {
     Reply(Value),
     Stop(Value),
+    Migrated(Value, Value),
 }
 
 fn fail(e: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": e.to_string()})
 }
 
-fn handle(vm: &mut Vm, snapshot: &mut SnapshotFn, line: &[u8]) -> Outcome {
+fn handle(vm: &mut Vm, hooks: &mut Hooks, stream: &mut UnixStream, line: &[u8]) -> Outcome {
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => return Outcome::Reply(fail(format!("bad request: {e}"))),
@@ -106,7 +166,7 @@ fn handle(vm: &mut Vm, snapshot: &mut SnapshotFn, line: &[u8]) -> Outcome {
             let was_running = !vm.is_paused();
             let r = std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("create {}: {e}", dir.display()))
-                .and_then(|()| snapshot(vm, &dir));
+                .and_then(|()| (hooks.snapshot)(vm, &dir));
             let resumed = if was_running {
                 vm.resume().map_err(|e| e.to_string())
             } else {
@@ -116,6 +176,27 @@ fn handle(vm: &mut Vm, snapshot: &mut SnapshotFn, line: &[u8]) -> Outcome {
                 Ok(()) => json!({"ok": true, "dir": dir}),
                 Err(e) => fail(e),
             }
+        }
+        Request::Migrate { params } => {
+            let Some(m) = hooks.migrate.as_mut() else {
+                return Outcome::Reply(fail(
+                    "this VMM cannot migrate (run it with `vmigrate run`)",
+                ));
+            };
+            let was_running = !vm.is_paused();
+            let mut io = MigrateIo { stream };
+            return match m(vm, &params, &mut io) {
+                Ok(result) => {
+                    let _ = vm.pause();
+                    Outcome::Migrated(json!({"ok": true, "result": result}), result)
+                }
+                Err(e) => {
+                    if was_running && vm.is_paused() {
+                        let _ = vm.resume();
+                    }
+                    Outcome::Reply(fail(e))
+                }
+            };
         }
         Request::Stop => {
             return match vm.pause() {
@@ -155,13 +236,30 @@ fn bind(socket: &Path) -> Result<UnixListener> {
 /// is not part of a script goes to `console`. Returns the VM, paused, so
 /// the caller can save it.
 pub fn serve(
+    vm: Vm,
+    socket: &Path,
+    snapshot: SnapshotFn,
+    stop: Arc<AtomicBool>,
+    console: Box<dyn FnMut(&str) + Send>,
+) -> Result<Vm> {
+    let hooks = Hooks {
+        snapshot,
+        migrate: None,
+    };
+    serve_with(vm, socket, hooks, stop, console).map(|(vm, _)| vm)
+}
+
+/// [`serve`] with all hooks: also answers `migrate` when `hooks.migrate` is
+/// set, and says why it returned.
+pub fn serve_with(
     mut vm: Vm,
     socket: &Path,
-    mut snapshot: SnapshotFn,
+    mut hooks: Hooks,
     stop: Arc<AtomicBool>,
     mut console: Box<dyn FnMut(&str) + Send>,
-) -> Result<Vm> {
+) -> Result<(Vm, Ending)> {
     let listener = bind(socket)?;
+    let mut ending = Ending::Stopped;
     let mut clients: Vec<Client> = Vec::new();
     let result = loop {
         if stop.load(Ordering::SeqCst) {
@@ -185,9 +283,10 @@ pub fn serve(
         let mut stopping = false;
         let mut i = 0;
         while i < clients.len() {
-            let (alive, stop_now) = serve_client(&mut vm, &mut snapshot, &mut clients[i]);
-            if stop_now {
+            let (alive, stop_now) = serve_client(&mut vm, &mut hooks, &mut clients[i]);
+            if let Some(e) = stop_now {
                 stopping = true;
+                ending = e;
             }
             if alive {
                 i += 1;
@@ -207,12 +306,12 @@ pub fn serve(
         wait_readable(&listener, &clients, 20);
     };
     let _ = std::fs::remove_file(socket);
-    result.map(|()| vm)
+    result.map(|()| (vm, ending))
 }
 
 /// Reads what a client sent and answers complete lines. Returns (keep the
-/// client, stop requested).
-fn serve_client(vm: &mut Vm, snapshot: &mut SnapshotFn, c: &mut Client) -> (bool, bool) {
+/// client, why to stop if the server should).
+fn serve_client(vm: &mut Vm, hooks: &mut Hooks, c: &mut Client) -> (bool, Option<Ending>) {
     let mut tmp = [0u8; 64 * 1024];
     let mut eof = false;
     loop {
@@ -228,12 +327,12 @@ fn serve_client(vm: &mut Vm, snapshot: &mut SnapshotFn, c: &mut Client) -> (bool
                         &mut c.stream,
                         &fail(format!("request longer than {MAX_REQUEST} bytes")),
                     );
-                    return (false, false);
+                    return (false, None);
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return (false, false),
+            Err(_) => return (false, None),
         }
     }
     while let Some(pos) = c.buf.iter().position(|&b| b == b'\n') {
@@ -242,19 +341,23 @@ fn serve_client(vm: &mut Vm, snapshot: &mut SnapshotFn, c: &mut Client) -> (bool
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        match handle(vm, snapshot, line) {
+        match handle(vm, hooks, &mut c.stream, line) {
             Outcome::Reply(v) => {
                 if !send(&mut c.stream, &v) {
-                    return (false, false);
+                    return (false, None);
                 }
             }
             Outcome::Stop(v) => {
                 send(&mut c.stream, &v);
-                return (false, true);
+                return (false, Some(Ending::Stopped));
+            }
+            Outcome::Migrated(v, result) => {
+                send(&mut c.stream, &v);
+                return (false, Some(Ending::Migrated(result)));
             }
         }
     }
-    (!eof, false)
+    (!eof, None)
 }
 
 fn wait_readable(l: &UnixListener, clients: &[Client], ms: i32) {

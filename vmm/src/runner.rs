@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
@@ -139,7 +140,16 @@ pub struct Shared {
     pub inner: Mutex<Inner>,
     pub cond: Condvar,
     pub blocks: Mutex<Vec<VirtioBlk>>,
+    /// vCPU throttle in percent (0 = none, at most [`MAX_THROTTLE`]): see
+    /// [`throttle_sleep`].
+    pub throttle: AtomicU32,
 }
+
+/// Length of a throttle time slice: a throttled vCPU runs this long, then
+/// sleeps `pct / (100 - pct)` of it (as QEMU's auto-converge does).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// Highest throttle.
+pub const MAX_THROTTLE: u32 = 99;
 
 impl Shared {
     /// Waits on the condition until `check` gives an answer, the guest
@@ -230,8 +240,40 @@ pub fn vcpu_thread(shared: Arc<Shared>, vcpu: Arc<Mutex<Vcpu>>) {
     shared.cond.notify_all();
 }
 
+/// With a throttle set, sleeps `pct / (100 - pct)` time slices once the
+/// vCPU has run for a slice (a ticker thread kicks it out of KVM_RUN every
+/// slice). The sleep ends early on a pause or exit request.
+fn throttle_sleep(shared: &Shared, slice_start: &mut Instant) {
+    let pct = shared.throttle.load(Ordering::Relaxed).min(MAX_THROTTLE);
+    if pct == 0 {
+        *slice_start = Instant::now();
+        return;
+    }
+    if slice_start.elapsed() < THROTTLE_SLICE {
+        return;
+    }
+    let sleep = THROTTLE_SLICE * pct / (100 - pct);
+    let deadline = Instant::now() + sleep;
+    let mut g = lock(&shared.inner);
+    while g.request == Request::Run {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        g = shared
+            .cond
+            .wait_timeout(g, deadline - now)
+            .map(|r| r.0)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+    drop(g);
+    *slice_start = Instant::now();
+}
+
 fn run_loop(shared: &Shared, vcpu: &Mutex<Vcpu>, run_ptr: *mut kvm_run) -> Option<GuestExit> {
+    let mut slice_start = Instant::now();
     loop {
+        throttle_sleep(shared, &mut slice_start);
         set_immediate_exit(run_ptr, 0);
         {
             let mut g = lock(&shared.inner);

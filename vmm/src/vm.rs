@@ -2,6 +2,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ pub struct Vm {
     disks: Vec<PathBuf>,
     tsc_khz: u32,
     started: Instant,
+    ticker: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -181,6 +183,7 @@ impl Vm {
             inner: Mutex::new(inner),
             cond: Condvar::new(),
             blocks: Mutex::new(blocks),
+            throttle: AtomicU32::new(0),
         });
         let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let (s, v0) = (shared.clone(), vcpus[0].clone());
@@ -204,6 +207,7 @@ impl Vm {
             disks,
             tsc_khz,
             started: Instant::now(),
+            ticker: None,
         }
     }
 
@@ -454,6 +458,64 @@ impl Vm {
             .ok_or(Error::NoSuchDisk(disk))
     }
 
+    /// Throttles vCPU 0 to run only `100 - pct` percent of the time (0 turns
+    /// throttling off; at most 99): it runs 10 ms slices and sleeps
+    /// `pct / (100 - pct)` of a slice after each (auto-converge for live
+    /// migration). A ticker thread kicks the vCPU out of KVM_RUN every slice
+    /// while a throttle is set.
+    pub fn set_throttle(&mut self, pct: u32) {
+        let pct = pct.min(runner::MAX_THROTTLE);
+        self.shared.throttle.store(pct, Ordering::SeqCst);
+        self.shared.cond.notify_all();
+        if pct == 0 {
+            if let Some(t) = self.ticker.take() {
+                let _ = t.join();
+            }
+            return;
+        }
+        if self.ticker.is_some() {
+            return;
+        }
+        let Some(thread) = &self.thread else { return };
+        let pthread = thread.as_pthread_t();
+        let shared = self.shared.clone();
+        self.ticker = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while shared.throttle.load(Ordering::SeqCst) > 0 {
+                    if lock(&shared.inner).state == RunState::Exited {
+                        break;
+                    }
+                    // SAFETY: the vCPU thread is joined only after this
+                    // ticker (set_throttle(0) and Drop join the ticker
+                    // first), so the pthread_t is valid.
+                    unsafe { libc::pthread_kill(pthread, runner::kick_signal()) };
+                    std::thread::sleep(runner::THROTTLE_SLICE);
+                }
+            })
+            .ok();
+    }
+
+    /// The current throttle in percent.
+    pub fn throttle(&self) -> u32 {
+        self.shared.throttle.load(Ordering::SeqCst)
+    }
+
+    /// Tells the VM its disks now live under new paths (the same files,
+    /// moved or renamed while open, e.g. when a received VM directory is
+    /// renamed into place). The devices keep their open files.
+    pub fn relocate_disks(&mut self, paths: Vec<PathBuf>) -> Result<()> {
+        if paths.len() != self.disks.len() {
+            return Err(Error::Config(format!(
+                "{} disk paths for {} disks",
+                paths.len(),
+                self.disks.len()
+            )));
+        }
+        self.disks = paths;
+        Ok(())
+    }
+
     /// Pauses, flushes the disks, writes guest memory to `memory_out`
     /// (sparse: zero pages are holes) and returns the state blob. The VM
     /// stays paused; call [`Vm::resume`] to continue.
@@ -508,6 +570,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.set_throttle(0);
         {
             let mut g = lock(&self.shared.inner);
             g.request = Request::Exit;

@@ -1,0 +1,167 @@
+//! `vmigrate send`: a control-socket client that asks the VM's process to
+//! migrate, shows its progress, and writes the statistics.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kimberley_cli::run::WithCode;
+use serde_json::{json, Value};
+
+use crate::cli::SendArgs;
+use crate::send::Params;
+
+/// Exit code of an authentication failure (as for overlays).
+const EXIT_AUTH: i32 = 4;
+
+pub fn send(a: SendArgs) -> Result<()> {
+    // Refuse a bad key file here, before bothering the VM's process.
+    crate::wire::read_key(&a.key_file)?;
+    let key_file = std::fs::canonicalize(&a.key_file)
+        .with_context(|| format!("resolving {}", a.key_file.display()))?;
+    let p = Params {
+        to: a.to.clone(),
+        key_file,
+        downtime: Duration::from_millis(a.downtime_ms),
+        max_bandwidth: a.max_bandwidth,
+        max_rounds: a.max_rounds,
+        timeout: Duration::from_secs(a.timeout),
+        shared_disk: a.shared_disk,
+    };
+    let stop = kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false)))
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut s = UnixStream::connect(&a.control)
+        .with_context(|| format!("connecting to the control socket {}", a.control.display()))?;
+    let req = json!({"cmd": "migrate", "params": p.to_json()});
+    writeln!(s, "{req}").context("sending the request")?;
+    let mut r = BufReader::new(s.try_clone().context("duplicating the socket")?);
+    let tty = !a.quiet && std::io::stderr().is_terminal();
+    let mut bar: Option<ProgressBar> = None;
+    let mut cancelled = false;
+    let mut line = String::new();
+    loop {
+        if stop.load(Ordering::SeqCst) && !cancelled {
+            cancelled = true;
+            if !a.quiet {
+                eprintln!("vmigrate: cancelling; the guest stays on the source");
+            }
+            let _ = s.write_all(b"cancel\n");
+        }
+        if r.buffer().is_empty() {
+            let mut fd = libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut fd, 1, 100) } <= 0 {
+                continue;
+            }
+        }
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => bail!("the VM's process closed the control connection during the migration"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading from the control socket"),
+        }
+        let v: Value =
+            serde_json::from_str(line.trim()).context("a bad answer on the control socket")?;
+        if let Some(pr) = v.get("progress") {
+            show(pr, tty, a.quiet, &mut bar);
+            continue;
+        }
+        if let Some(b) = bar.take() {
+            b.finish_and_clear();
+        }
+        if v["ok"] == true {
+            let res = &v["result"];
+            if let Some(p) = &a.stats_json {
+                kimberley_cli::output::write_json(p, res)?;
+            }
+            if !a.quiet {
+                eprintln!(
+                    "vmigrate: the guest runs on {}: {} rounds, {:.1} MiB on the wire, downtime {} ms, total {} ms{}",
+                    a.to,
+                    res["rounds"],
+                    res["bytes_on_wire"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    res["downtime_ms"],
+                    res["total_ms"],
+                    if res["throttled"] == true {
+                        format!(", guest throttled up to {}%", res["max_throttle_pct"])
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            return Ok(());
+        }
+        let err = v["error"].as_str().unwrap_or("unknown error").to_string();
+        let msg = format!("migration failed, the guest keeps running on the source: {err}");
+        if err.contains("authentication failed") {
+            return Err(anyhow::Error::new(WithCode(EXIT_AUTH, msg)));
+        }
+        bail!(msg);
+    }
+}
+
+fn show(p: &Value, tty: bool, quiet: bool, bar: &mut Option<ProgressBar>) {
+    if quiet {
+        return;
+    }
+    if let (Some(done), Some(total)) = (p["done"].as_u64(), p["total"].as_u64()) {
+        if tty {
+            let round = p["round"].as_u64().unwrap_or(0);
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::with_draw_target(
+                    Some(total),
+                    ProgressDrawTarget::stderr_with_hz(10),
+                );
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg:>9} [{bar:30}] {pos}/{len} chunks {per_sec}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                b
+            });
+            let msg = format!("round {round}");
+            if b.message() != msg {
+                b.reset();
+                b.set_message(msg);
+            }
+            b.set_length(total.max(done));
+            b.set_position(done);
+        }
+        return;
+    }
+    if let Some(r) = p.get("round_done") {
+        if let Some(b) = bar.take() {
+            b.finish_and_clear();
+        }
+        eprintln!(
+            "vmigrate: round {}: {} pages ({} zero), {} disk blocks, {:.1} MiB sent in {:.0} ms, dirty rate {:.1} MiB/s{}",
+            r["round"],
+            r["pages"],
+            r["zero_pages"],
+            r["disk_blocks"],
+            r["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            r["ms"].as_f64().unwrap_or(0.0),
+            r["dirty_rate"].as_f64().unwrap_or(0.0) / 1048576.0,
+            match r["throttle"].as_u64() {
+                Some(t) if t > 0 => format!(", guest throttled {t}%"),
+                _ => String::new(),
+            }
+        );
+    } else if let Some(t) = p.get("throttle") {
+        eprintln!("vmigrate: the guest dirties memory faster than the link carries it: throttling its vCPU to {t}%");
+    } else if let Some(r) = p.get("stop_and_copy") {
+        eprintln!("vmigrate: stop and copy ({})", r.as_str().unwrap_or(""));
+    }
+}

@@ -1,0 +1,89 @@
+//! `vmigrate`: live pre-copy migration of Kimberley microVMs (see
+//! docs/MIGRATION.md). `run` and `recv` run a VM behind a control socket;
+//! `send` asks that process (the `migrate` request) to move it.
+
+pub mod chunks;
+pub mod cli;
+mod client;
+pub mod recv;
+pub mod send;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kimberley_cli::vm::{serve_vmdir, vm_error, Served};
+use kimberley_formats::vmdir::VmDir;
+use kimberley_vmm::vmdir;
+
+/// Parses arguments and runs the command.
+pub fn main() -> Result<()> {
+    let args = cli::Cli::parse();
+    match args.command {
+        cli::Command::Run(a) => run(a),
+        cli::Command::Recv(a) => recv_cmd(a),
+        cli::Command::Send(a) => client::send(a),
+    }
+}
+
+fn default_sock(p: Option<PathBuf>) -> PathBuf {
+    p.unwrap_or_else(|| std::env::temp_dir().join(format!("vmigrate-{}.sock", std::process::id())))
+}
+
+fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool>) -> Result<()> {
+    eprintln!(
+        "VM running; control socket {} (stop or Ctrl-C suspends it into {})",
+        sock.display(),
+        dir.path.display()
+    );
+    match serve_vmdir(vm, dir, &sock, stop, Some(send::handler()))? {
+        Served::Suspended => eprintln!("VM suspended into {}", dir.path.display()),
+        Served::Migrated(v) => eprintln!(
+            "VM migrated to {} (downtime {} ms); {} is stale now",
+            v["to"].as_str().unwrap_or("?"),
+            v["downtime_ms"],
+            dir.path.display()
+        ),
+    }
+    Ok(())
+}
+
+fn run(a: cli::RunArgs) -> Result<()> {
+    kimberley_cli::run::threads(None);
+    let dir = VmDir::open(&a.vmdir)?;
+    let stop =
+        kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
+    let vm = vmdir::restore(&dir)
+        .map_err(vm_error)
+        .context("resuming the VM")?;
+    vm.wait_first_exit(Duration::from_secs(10))
+        .map_err(vm_error)?;
+    serve(vm, &dir, default_sock(a.control), stop)
+}
+
+fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
+    kimberley_cli::run::threads(None);
+    let key = wire::read_key(&a.key_file)?;
+    if a.output.exists() {
+        return Err(kimberley_formats::Error::Exists(a.output).into());
+    }
+    let listener = recv::listen(&a.listen)?;
+    if !a.quiet {
+        eprintln!(
+            "vmigrate: waiting for a migration on {}",
+            listener.local_addr()?
+        );
+    }
+    let r = recv::receive(&listener, &key, &a.output, a.quiet)?;
+    drop(listener);
+    if let Some(p) = &a.stats_json {
+        kimberley_cli::output::write_json(p, &r.stats)?;
+    }
+    let stop =
+        kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
+    serve(r.vm, &r.dir, default_sock(a.control), stop)
+}
