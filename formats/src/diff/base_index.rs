@@ -88,7 +88,10 @@ impl BaseIndex {
         }
         let total: u64 = idx.extents.iter().map(|e| e.data_bytes()).sum();
         progress.stage("indexing base", total);
-        let mut buf = vec![0u8; READ_BLOCK];
+        // Data extents can be small and many (a filesystem image): pieces
+        // are gathered into one batch of up to READ_BLOCK bytes, so the
+        // parallel fingerprinting runs once per batch, not per extent.
+        let mut batch = Batch::default();
         for i in 0..n {
             let size = idx.sizes[i];
             let mut hasher = SparseHasher::new(size);
@@ -98,34 +101,24 @@ impl BaseIndex {
                 // Align to chunks so fingerprints are of whole chunks.
                 let mut pos = (s - s % CHUNK).max(done);
                 while pos < e {
-                    let len = ((e - pos) as usize)
-                        .min(READ_BLOCK)
-                        .next_multiple_of(CHUNK_SIZE);
-                    let len = len.min((size - pos) as usize);
-                    let b = &mut buf[..len];
-                    read_at_zero_padded(&idx.files[i], b, pos, size)
+                    let room = READ_BLOCK - batch.buf.len();
+                    let len = ((e - pos) as usize).next_multiple_of(CHUNK_SIZE).min(room).min((size - pos) as usize);
+                    let at = batch.buf.len();
+                    batch.buf.resize(at + len, 0);
+                    read_at_zero_padded(&idx.files[i], &mut batch.buf[at..], pos, size)
                         .ctx(|| format!("reading {}", base.component_path(i).display()))?;
-                    hasher.feed(pos, b);
-                    let first = pos / CHUNK;
-                    let fps: Vec<(u64, u64)> = b
-                        .par_chunks(CHUNK_SIZE)
-                        .enumerate()
-                        .filter(|(_, c)| !is_zero(c))
-                        .map(|(k, c)| (fingerprint(c), first + k as u64))
-                        .collect();
-                    for (fp, chunk) in fps {
-                        // Only whole chunks are indexed (a short last chunk
-                        // can only match another short chunk).
-                        if chunk_len(size, chunk) == CHUNK_SIZE {
-                            idx.map.entry(fp).or_insert(pack(i as u8, chunk));
-                        }
-                    }
+                    hasher.feed(pos, &batch.buf[at..]);
+                    batch.pieces.push((at, pos / CHUNK));
                     idx.read_bytes += len as u64;
                     progress.advance(len as u64);
                     pos += len as u64;
+                    if batch.buf.len() >= READ_BLOCK {
+                        batch.index(&mut idx.map, i as u8, size);
+                    }
                 }
                 done = done.max(pos);
             }
+            batch.index(&mut idx.map, i as u8, size);
             if hasher.finish() != base.manifest.components[i].digest {
                 return Err(Error::VmDir {
                     path: base.path.clone(),
@@ -144,5 +137,45 @@ impl BaseIndex {
         let c = usize::from(comp);
         read_at_zero_padded(&self.files[c], buf, chunk * CHUNK, self.sizes[c])
             .ctx(|| "reading the base".into())
+    }
+}
+
+/// Pieces of one component's data read for fingerprinting together.
+#[derive(Default)]
+struct Batch {
+    buf: Vec<u8>,
+    /// (offset in `buf`, first chunk) of each piece; pieces are whole
+    /// chunks except possibly the component's last.
+    pieces: Vec<(usize, u64)>,
+}
+
+impl Batch {
+    /// Fingerprints every non-zero whole chunk in the batch (in parallel)
+    /// and indexes the first occurrence of each; empties the batch.
+    fn index(&mut self, map: &mut FingerprintMap, comp: u8, size: u64) {
+        let pieces = &self.pieces;
+        // Chunk k of the buffer belongs to the last piece starting at or
+        // before it.
+        let chunk_of = |k: usize| {
+            let at = k * CHUNK_SIZE;
+            let p = pieces.partition_point(|&(o, _)| o <= at) - 1;
+            pieces[p].1 + ((at - pieces[p].0) / CHUNK_SIZE) as u64
+        };
+        let fps: Vec<(u64, u64)> = self
+            .buf
+            .par_chunks(CHUNK_SIZE)
+            .enumerate()
+            .filter(|(_, c)| c.len() == CHUNK_SIZE && !is_zero(c))
+            .map(|(k, c)| (fingerprint(c), chunk_of(k)))
+            .collect();
+        for (fp, chunk) in fps {
+            // Only whole chunks are indexed (a short last chunk can only
+            // match another short chunk).
+            if chunk_len(size, chunk) == CHUNK_SIZE {
+                map.entry(fp).or_insert(pack(comp, chunk));
+            }
+        }
+        self.buf.clear();
+        self.pieces.clear();
     }
 }

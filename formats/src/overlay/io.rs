@@ -160,9 +160,14 @@ impl<R: Read> FrameReader<R> {
                 self.counter, header.kind
             )));
         }
-        let mut sealed = vec![0u8; header.sealed_len as usize];
-        let n = read_full(&mut self.inp, &mut sealed).ctx(|| "reading the overlay".into())?;
-        if n < sealed.len() {
+        // Grows as bytes arrive: a lying length costs no memory up front.
+        let want = header.sealed_len as usize;
+        let mut sealed = Vec::with_capacity(want.min(1 << 20));
+        (&mut self.inp)
+            .take(want as u64)
+            .read_to_end(&mut sealed)
+            .ctx(|| "reading the overlay".into())?;
+        if sealed.len() < want {
             return Err(Error::Truncated(format!(
                 "stream ends inside segment {}",
                 self.counter

@@ -136,18 +136,18 @@ impl ChunkStats {
             self.literal,
         ]
     }
-    /// Sum of all.
+    /// Sum of all (saturating: decoded statistics are untrusted).
     pub fn total(&self) -> u64 {
-        self.fields().iter().sum()
+        self.fields().iter().fold(0u64, |a, &b| a.saturating_add(b))
     }
     /// Adds another.
     pub fn add(&mut self, o: &ChunkStats) {
-        self.unchanged += o.unchanged;
-        self.zero += o.zero;
-        self.ref_base += o.ref_base;
-        self.ref_self += o.ref_self;
-        self.delta += o.delta;
-        self.literal += o.literal;
+        self.unchanged = self.unchanged.saturating_add(o.unchanged);
+        self.zero = self.zero.saturating_add(o.zero);
+        self.ref_base = self.ref_base.saturating_add(o.ref_base);
+        self.ref_self = self.ref_self.saturating_add(o.ref_self);
+        self.delta = self.delta.saturating_add(o.delta);
+        self.literal = self.literal.saturating_add(o.literal);
     }
 }
 
