@@ -102,7 +102,10 @@ impl BaseIndex {
                 let mut pos = (s - s % CHUNK).max(done);
                 while pos < e {
                     let room = READ_BLOCK - batch.buf.len();
-                    let len = ((e - pos) as usize).next_multiple_of(CHUNK_SIZE).min(room).min((size - pos) as usize);
+                    let len = ((e - pos) as usize)
+                        .next_multiple_of(CHUNK_SIZE)
+                        .min(room)
+                        .min((size - pos) as usize);
                     let at = batch.buf.len();
                     batch.buf.resize(at + len, 0);
                     read_at_zero_padded(&idx.files[i], &mut batch.buf[at..], pos, size)

@@ -98,19 +98,18 @@ pub fn run(
                 pos = end;
                 continue;
             }
+            // Only data extents are read (and hashed); holes are zeros.
             let l = &mut lbuf[..len];
-            if l_hole {
-                l.fill(0);
-            } else {
-                read_at_zero_padded(&files[i], l, pos, size)
-                    .ctx(|| format!("reading {}", launch.component_path(i).display()))?;
-                hasher.feed(pos, l);
-                stats.launch_read_bytes += len as u64;
-            }
+            stats.launch_read_bytes += read_data(&files[i], &lext, l, pos, size, |off, data| {
+                hasher.feed(off, data)
+            })
+            .ctx(|| format!("reading {}", launch.component_path(i).display()))?;
             let b = &mut bbuf[..len];
-            match pair {
-                Some(p) if !b_hole => read_at_zero_padded(&index.files[p], b, pos, bsize)
-                    .ctx(|| "reading the base".into())?,
+            match (pair, bext) {
+                (Some(p), Some(e)) => {
+                    read_data(&index.files[p], e, b, pos, bsize, |_, _| {})
+                        .ctx(|| "reading the base".into())?;
+                }
                 _ => b.fill(0),
             }
             let l: &[u8] = l;
@@ -191,6 +190,28 @@ pub fn run(
         }
     }
     Ok(stats)
+}
+
+/// Fills `buf` with the image's bytes at `pos`: zeros, then the data
+/// extents read over them. Calls `on_data` for each piece read; returns the
+/// bytes read.
+fn read_data(
+    f: &File,
+    ext: &ExtentMap,
+    buf: &mut [u8],
+    pos: u64,
+    size: u64,
+    mut on_data: impl FnMut(u64, &[u8]),
+) -> std::io::Result<u64> {
+    buf.fill(0);
+    let mut n = 0;
+    for (a, b) in ext.data_in(pos, pos + buf.len() as u64) {
+        let piece = &mut buf[(a - pos) as usize..(b - pos) as usize];
+        read_at_zero_padded(f, piece, a, size)?;
+        on_data(a, piece);
+        n += b - a;
+    }
+    Ok(n)
 }
 
 fn classify(lc: &[u8], bc: &[u8], index: &BaseIndex) -> Result<Class> {
