@@ -320,6 +320,17 @@ bench_dataset() {
             fi
             record "$ds" dekimberlize apply "$r" "$OP_STATUS" "$OP_SIZE" "$OP_NOTE"
             rm -rf "$o/k.vm"
+            # The same without fsync: what the peers' decoders do (they
+            # write through the page cache and never sync), so this row is
+            # the like-for-like comparison and shows the pipeline's speed.
+            run_op "$ds" dekimberlize "apply --no-sync" "$r" "$o/k.vm" \
+                "$DEKIMB" --base "$dir/base.vm" -i "$o/k.ovl" -o "$o/k.vm" --key-file "$KEY" --no-sync "${DEKIMB_Q[@]}"
+            if [[ $OP_STATUS == ok ]]; then
+                verify_eq "$o/k.vm/$img" "$dir/launch.raw"
+            fi
+            record "$ds" dekimberlize "apply --no-sync" "$r" "$OP_STATUS" "$OP_SIZE" "$OP_NOTE"
+            rm -rf "$o/k.vm"
+            sync
         else
             record_skip "$ds" dekimberlize apply "$r" "${DS_KIMB_NOTE[$ds]:-no overlay from kimberlize diff}"
         fi
@@ -418,6 +429,7 @@ ROWS=(
     "kimberlize|diff|kimberlize diff (encrypted)"
     "kimberlize|diff --no-encrypt|kimberlize diff --no-encrypt (size only, 1 run)"
     "dekimberlize|apply|dekimberlize (verified with cmp)"
+    "dekimberlize|apply --no-sync|dekimberlize --no-sync (no fsync, like the peers; verified)"
     "xdelta3|encode|xdelta3 -e"
     "xdelta3|decode|xdelta3 -d (verified)"
     "zstd|encode|zstd --patch-from"
@@ -480,6 +492,11 @@ evaluate() {
         thr=$(awk -v b="$launch" -v s="$da" 'BEGIN { printf "%.2f", (s > 0) ? b / s / 1073741824 : 1e9 }')
         if (($(calc "$thr >= 1"))); then v="PASS (${thr}x the goal)"; else v="MISS (short by $(calc "int(1 / $thr * 100 + 0.5) / 100")x)"; fi
         add_target "$ds" "dekimberlize ≥ 1 GiB/s of launch image" "$(human "$launch") in $(secs "$da") → ${thr} GiB/s" "$v"
+    fi
+    dn=$(stat_of med "$ds" dekimberlize "apply --no-sync" 6)
+    if [[ $dn != NA ]]; then
+        thr=$(awk -v b="$launch" -v s="$dn" 'BEGIN { printf "%.2f", (s > 0) ? b / s / 1073741824 : 1e9 }')
+        add_target "$ds" "(context) dekimberlize --no-sync, no fsync like the peers' decoders" "$(human "$launch") in $(secs "$dn") → ${thr} GiB/s" "informational: the target row above is the durable run"
     fi
 
     if [[ $ds == D1 ]]; then
