@@ -561,7 +561,6 @@ fn precopy_and_switch(
     let mut rounds = vec![send_round(vm, s, disks, &all, &blocks0, true, 0.0, false)?];
     report_round(s, &rounds[0], 0);
     let mut throttle = 0u32;
-    let mut high = 0u32;
     let mut throttled = false;
     let reason;
     loop {
@@ -595,29 +594,29 @@ fn precopy_and_switch(
                 vm, p, s, disks, dirty, dblocks, rounds, t0, throttled, reason,
             );
         }
-        // Auto-converge (as QEMU): dirtying more than half of what the
-        // link carried, twice in a row, raises the throttle a step.
-        if dirty_rate > 0.5 * bw {
-            high += 1;
-        } else {
-            high = 0;
-        }
+        // Auto-converge: a round that dirtied more than half of what the
+        // link carried raises the throttle by at least a step (QEMU: 20%,
+        // then +10%), and at once to what would bring the guest's own
+        // (unthrottled) rate down to half the link when that is more.
+        // Rounds last seconds on slow links, so waiting for two in a row
+        // (as QEMU does per 1 s period) would take too long.
+        let high = dirty_rate > 0.5 * bw;
         let prev_rate = last.dirty_rate;
-        if high >= 2 && throttle < 99 {
-            throttle = if throttle == 0 {
-                20
-            } else {
-                (throttle + 10).min(99)
-            };
+        if high && throttle < 99 {
+            let guest_rate = dirty_rate / (1.0 - f64::from(throttle) / 100.0);
+            let needed = (100.0 * (1.0 - 0.5 * bw / guest_rate))
+                .ceil()
+                .clamp(0.0, 99.0) as u32;
+            let step = if throttle == 0 { 20 } else { throttle + 10 };
+            throttle = step.max(needed).min(99);
             vm.set_throttle(throttle);
             throttled = true;
-            high = 0;
             s.io.progress(json!({"throttle": throttle}));
         } else if throttle == 0
             && s.round >= 2
             && prev_rate > 0.0
             && dirty_rate >= prev_rate * 0.95
-            && high == 0
+            && !high
         {
             // Dirtying stopped falling and the link keeps up: more rounds
             // would not shrink the final copy.

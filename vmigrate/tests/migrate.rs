@@ -345,7 +345,7 @@ fn fast_dirtier_converges_by_throttling() {
     let mut s = Setup::new("dirty hot 16M\n");
     let st = migrate_ok(&mut s, &["--max-bandwidth", "8M", "--downtime-ms", "100"]);
     assert_eq!(st["throttled"], true, "{st}");
-    assert!(st["max_throttle_pct"].as_u64().unwrap() > 50, "{st}");
+    assert!(st["max_throttle_pct"].as_u64().unwrap() >= 20, "{st}");
     assert_eq!(st["stop_reason"], "converged", "{st}");
 }
 
