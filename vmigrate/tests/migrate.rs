@@ -324,6 +324,27 @@ fn idle_guest() {
 }
 
 #[test]
+fn shared_disk_is_not_copied() {
+    if !kvm() {
+        return;
+    }
+    let mut s = Setup::new("disk-write 2M 1M 7\n");
+    let st = migrate_ok(&mut s, &["--shared-disk"]);
+    let blocks: u64 = st["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["disk_blocks"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(blocks, 0, "a shared disk travelled: {st}");
+    // Both hosts see the same file: here, the same inode.
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(s.p("vm").join("disk0.raw")).unwrap();
+    let b = std::fs::metadata(s.p("dst").join("disk0.raw")).unwrap();
+    assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+}
+
+#[test]
 fn dirtying_guest() {
     if !kvm() {
         return;
