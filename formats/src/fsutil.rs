@@ -174,6 +174,16 @@ pub fn exchange(a: &Path, b: &Path) -> Result<()> {
         .ctx(|| format!("swapping {} and {}", a.display(), b.display()))
 }
 
+/// A scratch directory, removed with its contents when dropped.
+#[derive(Debug)]
+pub struct ScratchDir(pub PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A directory being filled under a temporary name; committed by rename.
 /// Dropped uncommitted, it is removed with its contents.
 pub struct AtomicDir {

@@ -1,7 +1,7 @@
 //! `import` and `diff`.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -9,7 +9,7 @@ use kimberley_cli::output::{open_input, write_json, OverlayOut};
 use kimberley_cli::progress::Bar;
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
-use kimberley_formats::fsutil::temp_sibling;
+use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::import::{import as do_import, ImportSpec};
 use kimberley_formats::vmdir::VmDir;
@@ -33,15 +33,6 @@ pub fn import(a: ImportArgs) -> Result<()> {
     do_import(&a.output, &spec)
         .with_context(|| format!("importing into {}", a.output.display()))?;
     Ok(())
-}
-
-/// Removes a directory when dropped.
-pub(crate) struct Scratch(pub(crate) PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 pub fn diff(a: DiffArgs) -> Result<()> {
@@ -81,7 +72,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         };
         apply::apply_chain(&effective, inputs, &dir, &opts, &progress)
             .context("applying the parent overlays")?;
-        _scratch = Some(Scratch(dir.clone()));
+        _scratch = Some(ScratchDir(dir.clone()));
         effective = VmDir::open(&dir)?;
     }
 

@@ -9,14 +9,14 @@ use kimberley_cli::output::{write_json, OverlayOut};
 use kimberley_cli::progress::Bar;
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
-use kimberley_formats::fsutil::{copy_sparse, temp_sibling};
+use kimberley_formats::fsutil::{copy_sparse, temp_sibling, ScratchDir};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::{VmDir, VmDirWriter};
 use kimberley_vmm::{vmdir, Vm, VmConfig};
 use serde_json::json;
 
 use crate::cli::{BaseArgs, BuildArgs};
-use crate::diff::{summary, write_overlay, Scratch};
+use crate::diff::{summary, write_overlay};
 
 fn name_of(p: &std::path::Path) -> String {
     p.file_name()
@@ -74,7 +74,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
                 &a.base
                     .with_file_name(format!("{}-launch", name_of(&a.base))),
             );
-            (p.clone(), Some(Scratch(p)))
+            (p.clone(), Some(ScratchDir(p)))
         }
     };
     let w = VmDirWriter::create(&launch_path)?;

@@ -12,12 +12,12 @@ pub mod merge;
 pub mod open;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use crate::crypto::keys::Secret;
 use crate::error::{Error, Result};
-use crate::fsutil::temp_sibling;
+use crate::fsutil::{temp_sibling, ScratchDir};
 use crate::overlay::segment::ChunkStats;
 use crate::progress::Progress;
 use crate::vmdir::{VmDir, VmDirWriter};
@@ -114,14 +114,14 @@ pub fn apply_chain(
     stats.times.open_ms = t0.elapsed().as_millis() as u64;
     let n = opened.len();
     // Intermediate layers go to hidden temporary directories next to `out`.
-    let mut intermediates: Vec<TempDir> = Vec::new();
+    let mut intermediates: Vec<ScratchDir> = Vec::new();
     let mut current = base.clone();
     for (k, o) in opened.into_iter().enumerate() {
         let dest = if k + 1 == n {
             out.to_path_buf()
         } else {
             let p = temp_sibling(out);
-            intermediates.push(TempDir(p.clone()));
+            intermediates.push(ScratchDir(p.clone()));
             p
         };
         let s = apply_one(&current, o, &dest, opts, progress, t0)?;
@@ -139,15 +139,6 @@ pub fn apply_chain(
     }
     stats.times.total_ms = t0.elapsed().as_millis() as u64;
     Ok(stats)
-}
-
-/// Removes a directory when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn apply_one(
