@@ -16,7 +16,8 @@
 #
 # Environment: BENCH_DIR (default <repo>/bench-out), BENCH_MD (default
 # <repo>/BENCHMARKS.md), NO_BUILD=1 (use target/release as is),
-# MAX_ROUNDS (default 30, as vmigrate send), CASES (default "basic media"), RATES (default
+# MAX_ROUNDS (default 30, as vmigrate send), RUNS (default 3: each row is
+# the run with the median total time; min-max shown), CASES (default "basic media"), RATES (default
 # "100mbit 70mbit unlimited").
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +27,7 @@ B=$ROOT/target/release
 CASES=${CASES:-basic media}
 RATES=${RATES:-100mbit 70mbit unlimited}
 MAX_ROUNDS=${MAX_ROUNDS:-30}
+RUNS=${RUNS:-3}
 [[ ${NO_BUILD:-} == 1 ]] || (cd "$ROOT" && cargo build --release -p vmigrate -p kimberlize)
 rm -rf "$W"; mkdir -p "$W"; cd "$W"
 "$B/kimberlize" keygen -o key
@@ -57,6 +59,7 @@ print(s.makefile().readline().strip())' "$@"; }
 rows=()
 for c in $CASES; do
   for r in $RATES; do
+   for n in $(seq 1 "$RUNS"); do
     rm -rf vm dst ./*.sock
     cp -a --sparse=always launch vm
     "$B/vmigrate" run vm --control src.sock >/dev/null 2>src.log &
@@ -69,17 +72,27 @@ for c in $CASES; do
     addr=$(sed -n 's/.*waiting for a migration on //p' dst.log)
     bw=(); [[ $r == unlimited ]] || bw=(--max-bandwidth "$r")
     "$B/vmigrate" send -q --control src.sock --to "$addr" -k key "${bw[@]}" \
-      --max-rounds "$MAX_ROUNDS" --stats-json "st-$c-$r.json"
+      --max-rounds "$MAX_ROUNDS" --stats-json "st-$c-$r-$n.json"
     wait $src
     until python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect("dst.sock")' 2>/dev/null; do sleep 0.05; done
     exec_sock dst.sock "counter" >/dev/null
     python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.connect("dst.sock"); s.sendall(b"{\"cmd\":\"stop\"}\n"); s.makefile().readline()'
     wait $dst
+   done
+    # The run with the median total time stands for the row.
+    python3 - "$c" "$r" "$RUNS" <<'PY'
+import json, shutil, sys
+c, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+runs = sorted((json.load(open(f"st-{c}-{r}-{k}.json"))["total_ms"], k) for k in range(1, n + 1))
+shutil.copy(f"st-{c}-{r}-{runs[len(runs) // 2][1]}.json", f"st-{c}-{r}.json")
+json.dump([t for t, _ in runs], open(f"times-{c}-{r}.json", "w"))
+PY
     rows+=("$(python3 -c '
 import json,sys
 s=json.load(open(sys.argv[1]))
-print("| %s | %s | %.1f | %.1f | %.1f | %d | %s | %s |" % (sys.argv[2], sys.argv[3], s["total_ms"]/1000, s["downtime_ms"],
-  s["bytes_on_wire"]/1048576, s["rounds"], s["stop_reason"], ("yes, up to %d%%" % s["max_throttle_pct"]) if s["throttled"] else "no"))' "st-$c-$r.json" "$c" "$r")")
+t=json.load(open(sys.argv[4]))
+print("| %s | %s | %.1f (%.1f–%.1f) | %.1f | %.1f | %d | %s | %s |" % (sys.argv[2], sys.argv[3], s["total_ms"]/1000, t[0]/1000, t[-1]/1000, s["downtime_ms"],
+  s["bytes_on_wire"]/1048576, s["rounds"], s["stop_reason"], ("yes, up to %d%%" % s["max_throttle_pct"]) if s["throttled"] else "no"))' "st-$c-$r.json" "$c" "$r" "times-$c-$r.json")")
     echo "${rows[-1]}"
   done
 done
@@ -93,6 +106,8 @@ sec=$(mktemp)
   echo "- 512 MiB guest; basic = 160M text + 40M random filled, counter running; media = basic + \`dirty\` of a 64M region at 20M/s"
   echo "- loopback, link limited by \`--max-bandwidth\` (token bucket on the sender); --downtime-ms 50, --max-rounds $MAX_ROUNDS"
   echo "- $(date -u +%F), load $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores"
+  echo
+  echo "Each row is the run with the median total time of $RUNS (total: median, min–max)."
   echo
   echo "| case | link | total s | downtime ms | MiB on wire | rounds | stop | throttled |"
   echo "|---|---|---|---|---|---|---|---|"
