@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Minimal QMP client for scripts/bench-qemu-migrate.sh (socket module only).
+
+  qmp.py cmd SOCK COMMAND [JSON-ARGS]   one command, prints its "return"
+  qmp.py migrate SRC DST PORT BW_BYTES DOWNTIME_MS MULTIFD OUT.json
+      MULTIFD: "off", "on" (multifd, no compression) or a compression
+      method ("zstd", "zlib"). Sets the same capabilities on both sides,
+      starts the destination's listener (it runs with -incoming defer), runs
+      the migration, polls query-migrate until completed/failed and writes
+      the final query-migrate answer (plus the parameters used) to OUT.json.
+"""
+import json
+import socket
+import sys
+import threading
+import time
+
+
+class Relay:
+    """Counting TCP relay 127.0.0.1:<ephemeral> -> 127.0.0.1:port. Used for
+    multifd runs only: QEMU 7.2 accounts multifd pages uncompressed in
+    ram.transferred, so the bytes really sent are counted here."""
+
+    def __init__(self, port):
+        self.port = port
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(16)
+        self.listen_port = self.ls.getsockname()[1]
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.threads = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self.ls.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.port))
+            for x, y, count in ((a, b, True), (b, a, False)):
+                t = threading.Thread(target=self._pump, args=(x, y, count), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, x, y, count):
+        buf = bytearray(1 << 20)
+        try:
+            while True:
+                n = x.recv_into(buf)
+                if not n:
+                    break
+                y.sendall(memoryview(buf)[:n])
+                if count:
+                    with self.lock:
+                        self.bytes += n
+        except OSError:
+            pass
+        try:
+            y.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self, timeout=10):
+        self.ls.close()
+        end = time.time() + timeout
+        for t in self.threads:
+            t.join(max(0, end - time.time()))
+        return self.bytes
+
+
+class QMP:
+    def __init__(self, path, timeout=30.0):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX)
+                self.s.connect(path)
+                break
+            except OSError:
+                self.s.close()
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.f = self.s.makefile("rwb")
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise RuntimeError(f"{path}: no QMP greeting: {greeting}")
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        line = self.f.readline()
+        if not line:
+            raise RuntimeError("QMP connection closed")
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            r = self._read()
+            if "event" in r:
+                continue
+            if "error" in r:
+                raise RuntimeError(f"{name} {args}: {r['error']}")
+            return r["return"]
+
+
+def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out):
+    src, dst = QMP(src_path), QMP(dst_path)
+    caps = [{"capability": "events", "state": True}]
+    params = {}
+    if multifd != "off":
+        caps.append({"capability": "multifd", "state": True})
+        params["multifd-compression"] = "none" if multifd == "on" else multifd
+    for q in (src, dst):
+        q.cmd("migrate-set-capabilities", capabilities=caps)
+        if params:
+            q.cmd("migrate-set-parameters", **params)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": bw, "downtime-limit": downtime_ms})
+    uri = f"tcp:127.0.0.1:{port}"
+    dst.cmd("migrate-incoming", uri=uri)
+    relay = Relay(port) if multifd != "off" else None
+    t0 = time.time()
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.listen_port}" if relay else uri)
+    last = None
+    while True:
+        r = src.cmd("query-migrate")
+        st = r.get("status")
+        if st != last:
+            print(f"  [{time.time() - t0:6.2f}s] {st}", file=sys.stderr)
+            last = st
+        if st in ("completed", "failed", "cancelled"):
+            break
+        if time.time() - t0 > 1800:
+            src.cmd("migrate_cancel")
+            r = src.cmd("query-migrate")
+            r["status"] = "timeout"
+            break
+        time.sleep(0.1)
+    wall = time.time() - t0
+    # QEMU 7.2 sets "completed" before it fills in total-time and downtime:
+    # an answer read in between has both 0. Ask again until they are there.
+    if r.get("status") == "completed":
+        for _ in range(50):
+            if r.get("total-time", 0) > 0:
+                break
+            time.sleep(0.1)
+            r = src.cmd("query-migrate")
+        time.sleep(0.2)
+        r = src.cmd("query-migrate")
+    # The destination resumes the guest once it has the whole state.
+    dst_status = None
+    for _ in range(200):
+        dst_status = dst.cmd("query-status")
+        if dst_status.get("status") == "running" or r.get("status") != "completed":
+            break
+        time.sleep(0.05)
+    r["bench"] = {
+        "relay_bytes": relay.close() if relay else None,
+        "max_bandwidth": bw,
+        "downtime_limit_ms": downtime_ms,
+        "multifd": multifd,
+        "wall_s": wall,
+        "dst_status": dst_status,
+        "src_status": src.cmd("query-status"),
+        "src_params": src.cmd("query-migrate-parameters"),
+        "src_caps": [c for c in src.cmd("query-migrate-capabilities") if c["state"]],
+    }
+    with open(out, "w") as f:
+        json.dump(r, f, indent=1)
+    print(json.dumps({k: r.get(k) for k in ("status", "total-time", "downtime", "setup-time")}), file=sys.stderr)
+    return 0 if r.get("status") == "completed" else 1
+
+
+def main():
+    a = sys.argv[1:]
+    if a[0] == "cmd":
+        q = QMP(a[1])
+        args = json.loads(a[3]) if len(a) > 3 else {}
+        print(json.dumps(q.cmd(a[2], **args)))
+        return 0
+    if a[0] == "migrate":
+        return migrate(a[1], a[2], int(a[3]), int(a[4]), int(a[5]), a[6], a[7])
+    raise SystemExit(__doc__)
+
+
+sys.exit(main())
