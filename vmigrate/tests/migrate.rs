@@ -17,19 +17,7 @@ fn bin(name: &str) -> PathBuf {
 }
 
 fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("KIMBERLEY_REQUIRE_KVM").as_deref() != Ok("1"),
-            "/dev/kvm is not usable and KIMBERLEY_REQUIRE_KVM=1"
-        );
-        eprintln!("skipping: no usable /dev/kvm");
-    }
-    ok
+    kimberley_vmm::kvm_for_tests()
 }
 
 fn ok(o: Output) -> Output {

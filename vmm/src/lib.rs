@@ -24,6 +24,25 @@ pub use error::{Error, Result};
 pub use signals::stop_on_signals;
 pub use vm::{validate_state, Vm, GUEST_ELF};
 
+/// For test suites that need KVM: true when `/dev/kvm` can be opened.
+/// When it cannot and `KIMBERLEY_REQUIRE_KVM=1` (CI sets it when
+/// `/dev/kvm` exists), panics: a skipped KVM test is a failure there.
+pub fn kvm_for_tests() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("KIMBERLEY_REQUIRE_KVM").as_deref() != Ok("1"),
+            "/dev/kvm is not usable and KIMBERLEY_REQUIRE_KVM=1"
+        );
+        eprintln!("skipping: no usable /dev/kvm");
+    }
+    ok
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {

@@ -14,18 +14,7 @@ pub const T: Duration = Duration::from_secs(30);
 
 /// True if KVM tests can run; panics if they must (KIMBERLEY_REQUIRE_KVM=1).
 pub fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("KIMBERLEY_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("/dev/kvm is not usable and KIMBERLEY_REQUIRE_KVM=1");
-        }
-        eprintln!("skipping: /dev/kvm is not usable");
-    }
-    ok
+    kimberley_vmm::kvm_for_tests()
 }
 
 pub fn boot(mem_mib: u64, disks: &[&Path]) -> Vm {
