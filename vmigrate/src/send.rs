@@ -449,11 +449,12 @@ pub fn migrate(vm: &mut Vm, p: &Params, io: &mut MigrateIo<'_>) -> Result<Value>
             let _ = s.send_msg(msg::ABORT, Vec::new());
             let _ = s.writer.flush();
             let _ = s.tx.stream().shutdown(std::net::Shutdown::Both);
+            // Unthrottled before it resumes; dirty-log teardown after.
+            vm.set_throttle(0);
             if was_running && vm.is_paused() {
                 vm.resume()
                     .map_err(|re| anyhow!("{e:#}; and the guest could not be resumed: {re}"))?;
             }
-            vm.set_throttle(0);
             let _ = vm.set_dirty_logging(false);
             Err(e)
         }
