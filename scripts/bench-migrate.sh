@@ -138,12 +138,5 @@ for c, r, lim in [("basic", "unlimited", 50), ("media", "unlimited", 50), ("medi
 PY
   echo "<!-- bench-migrate:end -->"
 } > "$sec"
-python3 - "$MD" "$sec" <<'PY'
-import sys,re,os
-md,sec=sys.argv[1],open(sys.argv[2]).read().rstrip("\n")
-s=open(md).read() if os.path.exists(md) else ""
-pat=re.compile(r"<!-- bench-migrate:begin -->.*?<!-- bench-migrate:end -->",re.S)
-s=pat.sub(lambda m: sec, s) if pat.search(s) else (s.rstrip("\n")+"\n\n"+sec+"\n")
-open(md,"w").write(s)
-PY
+python3 "$ROOT/scripts/bench/update-section.py" bench-migrate "$MD" "$sec"
 echo "updated $MD"

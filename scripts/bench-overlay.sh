@@ -578,18 +578,7 @@ mkdir -p "$(dirname "$BENCH_MD")"
 if [[ ! -f $BENCH_MD && $QUICK == 1 && -f $ROOT/BENCHMARKS.md ]]; then
     cp "$ROOT/BENCHMARKS.md" "$BENCH_MD" # exercise the in-place rewrite on a copy
 fi
-if [[ -f $BENCH_MD ]] && grep -q '^<!-- bench-overlay:begin -->' "$BENCH_MD"; then
-    grep -q '^<!-- bench-overlay:end -->' "$BENCH_MD" || die "$BENCH_MD has a begin marker but no end marker"
-    awk -v sec="$SECTION" '
-        /^<!-- bench-overlay:begin -->/ { while ((getline l < sec) > 0) print l; skip = 1; next }
-        /^<!-- bench-overlay:end -->/ { skip = 0; next }
-        !skip { print }' "$BENCH_MD" >"$BENCH_MD.tmp.$$"
-    mv "$BENCH_MD.tmp.$$" "$BENCH_MD"
-elif [[ -f $BENCH_MD ]]; then
-    { echo; cat "$SECTION"; } >>"$BENCH_MD"
-else
-    { echo "# Benchmarks"; echo; cat "$SECTION"; } >"$BENCH_MD"
-fi
+python3 "$ROOT/scripts/bench/update-section.py" bench-overlay "$BENCH_MD" "$SECTION" || die "cannot update $BENCH_MD"
 cp "$SECTION" "$BENCH_DIR/section.md"
 log "results: $TSV"
 log "report: $BENCH_MD"

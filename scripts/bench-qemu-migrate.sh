@@ -206,14 +206,7 @@ PY
 } > "$sec"
 cat "$sec"
 if [[ ${NO_MD:-} != 1 ]]; then
-  python3 - "$MD" "$sec" <<'PY'
-import sys, re, os
-md, sec = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
-s = open(md).read() if os.path.exists(md) else ""
-pat = re.compile(r"<!-- bench-qemu-migrate:begin -->.*?<!-- bench-qemu-migrate:end -->", re.S)
-s = pat.sub(lambda m: sec, s) if pat.search(s) else (s.rstrip("\n") + "\n\n" + sec + "\n")
-open(md, "w").write(s)
-PY
+  python3 "$ROOT/scripts/bench/update-section.py" bench-qemu-migrate "$MD" "$sec"
   echo "updated $MD"
 fi
 rm -f "$sec"

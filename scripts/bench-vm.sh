@@ -271,17 +271,6 @@ mkdir -p "$(dirname "$BENCH_MD")"
 if [[ ! -f $BENCH_MD && $QUICK == 1 && -f $ROOT/BENCHMARKS.md ]]; then
     cp "$ROOT/BENCHMARKS.md" "$BENCH_MD" # exercise the in-place rewrite on a copy
 fi
-if [[ -f $BENCH_MD ]] && grep -q '^<!-- bench-vm:begin -->' "$BENCH_MD"; then
-    grep -q '^<!-- bench-vm:end -->' "$BENCH_MD" || die "$BENCH_MD has a begin marker but no end marker"
-    awk -v sec="$SECTION" '
-        /^<!-- bench-vm:begin -->/ { while ((getline l < sec) > 0) print l; skip = 1; next }
-        /^<!-- bench-vm:end -->/ { skip = 0; next }
-        !skip { print }' "$BENCH_MD" >"$BENCH_MD.tmp.$$"
-    mv "$BENCH_MD.tmp.$$" "$BENCH_MD"
-elif [[ -f $BENCH_MD ]]; then
-    { echo; cat "$SECTION"; } >>"$BENCH_MD"
-else
-    { echo "# Benchmarks"; echo; cat "$SECTION"; } >"$BENCH_MD"
-fi
+python3 "$ROOT/scripts/bench/update-section.py" bench-vm "$BENCH_MD" "$SECTION" || die "cannot update $BENCH_MD"
 cat "$SECTION"
 log "raw results: $TSV; report: $BENCH_MD"
