@@ -16,9 +16,11 @@ pub mod diff;
 pub mod digest;
 pub mod error;
 pub mod fsutil;
+pub mod le;
 pub mod overlay;
 pub mod progress;
 pub mod sparse;
+pub mod sys;
 pub mod testkit;
 pub mod vmdir;
 
