@@ -87,6 +87,13 @@ pub struct RecvArgs {
     /// Write receiver statistics as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// Accept a sender's `--shared-disk` only for disk files beneath DIR
+    /// (storage both hosts see, at the same path). Without it, a sender
+    /// with shared disks is refused. The file must be a regular file of
+    /// the size the sender names, reached without symlinks, on the same
+    /// file system as OUT (it is hard-linked into OUT).
+    #[arg(long, value_name = "DIR")]
+    pub shared_disk_dir: Option<PathBuf>,
     /// No messages on stderr besides errors.
     #[arg(short, long)]
     pub quiet: bool,
@@ -123,7 +130,8 @@ pub struct SendArgs {
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
     /// The disks are on storage both hosts share (same path): do not copy
-    /// them. The receiver links them into its VM directory.
+    /// them. The receiver links them into its VM directory; it must be run
+    /// with `--shared-disk-dir` naming a directory that holds them.
     #[arg(long)]
     pub shared_disk: bool,
     /// No progress on stderr.

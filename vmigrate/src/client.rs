@@ -11,26 +11,27 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kimberley_cli::run::WithCode;
+use kimberley_formats::sys::poll;
 use serde_json::{json, Value};
 
 use crate::cli::SendArgs;
-use crate::send::Params;
+use crate::params::Params;
 
 /// Exit code of an authentication failure (as for overlays).
 const EXIT_AUTH: i32 = 4;
 
 pub fn send(a: SendArgs) -> Result<()> {
     // Refuse a bad key file here, before bothering the VM's process.
-    crate::wire::read_key(&a.key_file)?;
+    crate::channel::read_key(&a.key_file)?;
     let key_file = std::fs::canonicalize(&a.key_file)
         .with_context(|| format!("resolving {}", a.key_file.display()))?;
     let p = Params {
         to: a.to.clone(),
         key_file,
-        downtime: Duration::from_millis(a.downtime_ms),
+        downtime_ms: a.downtime_ms,
         max_bandwidth: a.max_bandwidth,
         max_rounds: a.max_rounds,
-        timeout: Duration::from_secs(a.timeout),
+        timeout_ms: a.timeout.saturating_mul(1000),
         shared_disk: a.shared_disk,
     };
     let stop = kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false)))
@@ -52,16 +53,11 @@ pub fn send(a: SendArgs) -> Result<()> {
             }
             let _ = s.write_all(b"cancel\n");
         }
-        if r.buffer().is_empty() {
-            let mut fd = libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut fd, 1, 100) } <= 0 {
-                continue;
-            }
+        if r.buffer().is_empty()
+            && !poll::readable_one(s.as_raw_fd(), Some(Duration::from_millis(100)))
+                .context("waiting on the control socket")?
+        {
+            continue;
         }
         line.clear();
         match r.read_line(&mut line) {

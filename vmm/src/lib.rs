@@ -10,6 +10,7 @@ pub mod devices;
 mod error;
 mod loader;
 pub mod persist;
+pub mod probe;
 mod runner;
 mod signals;
 mod vm;

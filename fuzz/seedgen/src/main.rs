@@ -262,6 +262,50 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
     let _ = FRAME_HEADER_LEN;
 }
 
+/// Seeds for migration_wire: one of each message, a hello, frame headers
+/// and CHUNKS bodies, as the harness frames them (mode byte first).
+fn migration_seeds(s: &mut Seeds) {
+    use vmigrate::protocol::*;
+    let t = "migration_wire";
+    let hello = Hello {
+        role: Role::Sender,
+        nonce: [3; 32],
+    };
+    s.put(t, "hello", &[&[0u8][..], &hello.encode()].concat());
+    let msgs = vec![
+        Message::Start(Start {
+            memory_size: 64 << 20,
+            vcpus: 1,
+            shared_disk: false,
+            disks: vec![DiskInfo { size: 1 << 20, path: String::new() }],
+        }),
+        Message::Start(Start {
+            memory_size: 64 << 20,
+            vcpus: 2,
+            shared_disk: true,
+            disks: vec![DiskInfo { size: 1 << 20, path: "/srv/vm/disk0.raw".into() }],
+        }),
+        Message::RoundEnd(3),
+        Message::RoundAck(RoundAck { round: 3, apply_us: 100, blocks_hashed: 2, hash_us: 900, fixed_us: 5000 }),
+        Message::Running(Running { apply_us: 1, blocks_hashed: 2, hash_us: 3, commit_us: 4, restore_us: 5, delay_us: 6 }),
+        Message::Error("no space left on device".into()),
+        Message::Commit,
+        Message::Done,
+    ];
+    for (i, m) in msgs.into_iter().enumerate() {
+        let ty = m.ty();
+        let body = m.encode();
+        let fh = FrameHeader::for_body(ty, body.len()).encode();
+        s.put(t, &format!("fh{i}"), &[&[1u8][..], &fh].concat());
+        s.put(t, &format!("msg{i}"), &[&[2u8, ty as u8][..], &body].concat());
+    }
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    let body = vmigrate::chunks::encode(0, &[(1, Some(&page[..])), (2, None)]);
+    s.put(t, "chunks", &[&[3u8][..], &body].concat());
+    let body = vmigrate::chunks::encode_shared(1, &[5, 6, 7]);
+    s.put(t, "chunks-shared", &[&[3u8][..], &body].concat());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let root = PathBuf::from(args.get(1).expect("usage: seedgen CORPUS_DIR [--tiny SEEDS_DIR]"));
@@ -277,6 +321,7 @@ fn main() {
         all: Vec::new(),
     };
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    migration_seeds(&mut s);
 
     // A: memory only, 64 KiB.
     let a_mem = image(&mut rng, 64 << 10);
@@ -389,6 +434,14 @@ fn main() {
             ("overlay_parts", "sealer"),
             ("vmdir_manifest", "a-base.json"),
             ("vmdir_manifest", "b-launch.json"),
+            ("migration_wire", "hello"),
+            ("migration_wire", "fh0"),
+            ("migration_wire", "msg0"),
+            ("migration_wire", "msg1"),
+            ("migration_wire", "msg3"),
+            ("migration_wire", "msg4"),
+            ("migration_wire", "chunks"),
+            ("migration_wire", "chunks-shared"),
         ];
         for (t, name) in KEEP {
             let d = tiny.join(t);
