@@ -1,4 +1,5 @@
 //! Raw system calls the crates share, one small module per concern, each
 //! `unsafe` block next to its `// SAFETY:` argument.
 
+pub mod file;
 pub mod poll;
