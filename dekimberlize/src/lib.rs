@@ -55,7 +55,9 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let out = a.output.expect("required by clap");
     let secret = a.keys.secret()?;
     let base = VmDir::open(&base_path)?;
-    if out.exists() {
+    // Anything at `out`, a dangling symbolic link included, is refused
+    // (and the output is committed without replacing anything).
+    if kimberley_formats::fsutil::occupied(&out) {
         return Err(kimberley_formats::Error::Exists(out).into());
     }
     let inputs = inputs(&a.input)?;

@@ -72,7 +72,7 @@ fn run(a: cli::RunArgs) -> Result<()> {
 fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
     kimberley_cli::run::threads(None);
     let key = channel::read_key(&a.key_file)?;
-    if std::fs::symlink_metadata(&a.output).is_ok() {
+    if kimberley_formats::fsutil::occupied(&a.output) {
         return Err(kimberley_formats::Error::Exists(a.output).into());
     }
     if let Some(d) = &a.shared_disk_dir {

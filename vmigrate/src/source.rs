@@ -630,7 +630,10 @@ fn precopy_and_switch(
     let disks: Vec<File> = vm
         .disk_paths()
         .iter()
-        .map(|d| File::open(d).with_context(|| format!("opening {}", d.display())))
+        .map(|d| {
+            kimberley_formats::fsutil::open_regular(d, false)
+                .with_context(|| format!("opening {}", d.display()))
+        })
         .collect::<Result<_>>()?;
     let disk_sizes: Vec<u64> = disks
         .iter()

@@ -23,7 +23,7 @@ pub use bitmap::Bitmap;
 pub use control::{Ending, Hooks, MigrateFn, MigrateIo, SnapshotFn};
 pub use error::{Error, Result};
 pub use signals::stop_on_signals;
-pub use vm::{validate_state, Vm, GUEST_ELF};
+pub use vm::{validate_state, OpenedFile, Vm, GUEST_ELF};
 
 /// For test suites that need KVM: true when `/dev/kvm` can be opened.
 /// When it cannot and `KIMBERLEY_REQUIRE_KVM=1` (CI sets it when

@@ -26,6 +26,16 @@ const TAG_BLOCK: u32 = 4;
 /// Largest partial output line kept in a state blob.
 const MAX_PARTIAL_LINE: usize = 64 * 1024;
 
+/// A file for [`Vm::restore_opened`]: opened by the caller, with the path
+/// that names it (in messages and [`Vm::disk_paths`]).
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// The open file: readable (memory) or readable and writable (a disk).
+    pub file: std::fs::File,
+    /// Where it was opened.
+    pub path: PathBuf,
+}
+
 /// The embedded test guest (built by build.rs).
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimberley-guest"));
 
@@ -214,11 +224,37 @@ impl Vm {
     /// Restores a VM from a memory file (mapped MAP_PRIVATE: lazy,
     /// copy-on-write), its disks (in the order they were saved) and a state
     /// blob from [`Vm::save`]. The VM is running when this returns.
+    ///
+    /// Each path must name a regular file, not a symbolic link (opened with
+    /// `kimberley_formats::fsutil::open_regular`), and is opened once; see
+    /// [`Vm::restore_opened`] to pass files already opened and checked.
     pub fn restore(memory: &Path, disks: Vec<PathBuf>, state: &[u8]) -> Result<Vm> {
+        let open = |path: &Path, write: bool, what: &str| -> Result<OpenedFile> {
+            let file = kimberley_formats::fsutil::open_regular(path, write)
+                .map_err(|e| Error::io(format!("open {what} {}", path.display()), e))?;
+            Ok(OpenedFile {
+                file,
+                path: path.to_path_buf(),
+            })
+        };
+        let memory = open(memory, false, "memory file")?;
+        let disks = disks
+            .iter()
+            .map(|p| open(p, true, "disk"))
+            .collect::<Result<Vec<_>>>()?;
+        Self::restore_opened(memory, disks, state)
+    }
+
+    /// [`Vm::restore`] from files the caller opened and checked (e.g.
+    /// through `VmDir::open_component` for the memory and
+    /// `VmDir::open_component_rw` for the disks): the VM maps and writes
+    /// exactly these files and never opens a path. Sizes come from the
+    /// files; each must be a regular file.
+    pub fn restore_opened(memory: OpenedFile, disks: Vec<OpenedFile>, state: &[u8]) -> Result<Vm> {
         let snap = decode_snapshot(state)?;
         if disks.len() != snap.blocks.len() {
             return Err(Error::StateMismatch(
-                disks.first().cloned().unwrap_or_default(),
+                disks.first().map(|d| d.path.clone()).unwrap_or_default(),
                 format!(
                     "{} disks given, the state has {}",
                     disks.len(),
@@ -229,7 +265,7 @@ impl Vm {
         runner::install_kick_handler();
         let mut kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
-        let mem = Memory::private_file(memory, snap.memory_size)?;
+        let mem = Memory::private_file(memory.file, &memory.path, snap.memory_size)?;
         kvm.set_memory(&mem)?;
         let msrs = msr_list(&kvm)?;
         let mut vcpus = Vec::new();
@@ -243,8 +279,10 @@ impl Vm {
         kvm.restore_state(&snap.kvm)?;
         let serial = SerialDevice::restore((), &snap.serial)?;
         let mut blocks = Vec::new();
-        for (p, s) in disks.iter().zip(&snap.blocks) {
-            blocks.push(VirtioBlk::restore((p.clone(), mem.clone()), s)?);
+        let mut paths = Vec::new();
+        for (d, s) in disks.into_iter().zip(&snap.blocks) {
+            paths.push(d.path.clone());
+            blocks.push(VirtioBlk::restore((d.file, d.path, mem.clone()), s)?);
         }
         Ok(Self::start(
             kvm,
@@ -252,7 +290,7 @@ impl Vm {
             vcpus,
             serial,
             blocks,
-            disks,
+            paths,
             snap.tsc_khz,
             snap.ready,
             snap.partial_line,

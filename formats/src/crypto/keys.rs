@@ -106,16 +106,13 @@ impl Secret {
     }
 }
 
-/// Writes a new random key file (mode 0600), atomically; refuses to
-/// overwrite.
+/// Writes a new random key file, atomically and private (mode 0600 from
+/// the creation of its temporary file); refuses to replace anything at
+/// `path`.
 pub fn keygen(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let mut key = [0u8; KEY_LEN];
     getrandom::fill(&mut key).map_err(|e| Error::Key(format!("no randomness: {e}")))?;
     let f = AtomicFile::create(path, false)?;
-    f.file()
-        .set_permissions(std::fs::Permissions::from_mode(0o600))
-        .ctx(|| format!("setting permissions of {}", path.display()))?;
     std::os::unix::fs::FileExt::write_all_at(f.file(), &key, 0)
         .ctx(|| format!("writing {}", path.display()))?;
     f.commit()

@@ -283,16 +283,22 @@ impl Manifest {
 }
 
 fn file_name_for(components: &[Component], i: usize) -> String {
-    match components[i].kind {
+    let disk = components[..i]
+        .iter()
+        .filter(|c| c.kind == Kind::Disk)
+        .count();
+    file_name(components[i].kind, disk)
+}
+
+/// The canonical file name of a component of `kind` (FORMAT.md §5.1):
+/// `memory.raw`, `disk{disk}.raw` (`disk` is the ordinal among the disks,
+/// from 0; ignored for the other kinds) or `state.bin`. Every VMDIR file
+/// name comes from here or from [`Manifest::file_name`].
+pub fn file_name(kind: Kind, disk: usize) -> String {
+    match kind {
         Kind::Memory => "memory.raw".into(),
         Kind::State => "state.bin".into(),
-        Kind::Disk => {
-            let n = components[..i]
-                .iter()
-                .filter(|c| c.kind == Kind::Disk)
-                .count();
-            format!("disk{n}.raw")
-        }
+        Kind::Disk => format!("disk{disk}.raw"),
     }
 }
 
@@ -330,6 +336,9 @@ mod tests {
         let bytes = m.encode();
         assert_eq!(Manifest::parse(&bytes).unwrap(), m);
         assert_eq!(m.file_name(1), "disk0.raw");
+        assert_eq!(m.file_name(2), file_name(Kind::State, 0));
+        assert_eq!(file_name(Kind::Disk, 12), "disk12.raw");
+        assert_eq!(file_name(Kind::Memory, 3), "memory.raw");
     }
 
     #[test]

@@ -101,24 +101,11 @@ pub fn wait_for(p: &Path) {
 
 pub struct Proc(pub Child);
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub struct Setup {
-    pub t: tempfile::TempDir,
-    pub key: PathBuf,
-    pub src: Proc,
-    pub src_sock: PathBuf,
-}
-
-impl Setup {
-    /// A running source VM (64 MiB, a disk) with the regions of INSTALL
-    /// and `extra` run in it.
-    pub fn new(extra: &str) -> Setup {
+/// Builds (once per test binary) a key and a launch VM with INSTALL run in
+/// it, under a directory that lives as long as the process.
+fn template() -> &'static Path {
+    static T: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
         let t = tempfile::tempdir().unwrap();
         let p = |n: &str| t.path().join(n);
         ok(Command::new(bin("kimberlize"))
@@ -145,6 +132,40 @@ impl Setup {
             .arg("-o")
             .arg(p("app.ovl"))
             .arg("--launch-out")
+            .arg(p("vm"))
+            .output()
+            .unwrap());
+        t
+    })
+    .path()
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Setup {
+    pub t: tempfile::TempDir,
+    pub key: PathBuf,
+    pub src: Proc,
+    pub src_sock: PathBuf,
+}
+
+impl Setup {
+    /// A running source VM (64 MiB, a disk) with the regions of INSTALL
+    /// and `extra` run in it.
+    pub fn new(extra: &str) -> Setup {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        // One launch VM per test binary, copied (holes kept) per test.
+        let tpl = template();
+        std::fs::copy(tpl.join("key"), p("key")).unwrap();
+        ok(Command::new("cp")
+            .args(["-a", "--sparse=always"])
+            .arg(tpl.join("vm"))
             .arg(p("vm"))
             .output()
             .unwrap());
