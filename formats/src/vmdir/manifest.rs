@@ -440,7 +440,10 @@ mod tests {
         let mut accepted = Vec::new();
         for (from, to) in [
             // Top level: a second `name` after the first (the last would win).
-            ("\"name\": \"demo\",", "\"name\": \"demo\",\n  \"name\": \"other\","),
+            (
+                "\"name\": \"demo\",",
+                "\"name\": \"demo\",\n  \"name\": \"other\",",
+            ),
             // Top level: `vcpus` twice with the same value.
             ("\"vcpus\": 1,", "\"vcpus\": 1,\n  \"vcpus\": 1,"),
             // Inside a component: a second `size`.
@@ -458,7 +461,10 @@ mod tests {
                 other => accepted.push(format!("{to:?}: {other:?}")),
             }
         }
-        assert!(accepted.is_empty(), "duplicated members not refused: {accepted:#?}");
+        assert!(
+            accepted.is_empty(),
+            "duplicated members not refused: {accepted:#?}"
+        );
     }
 
     #[test]
@@ -470,12 +476,18 @@ mod tests {
                 "vcpus": 1, "components": [["memory", "memory.raw", 8192, "{}"]]}}"#,
             hex(0)
         );
-        assert!(Manifest::parse(bad.as_bytes()).is_err(), "accepted an array as a component");
+        assert!(
+            Manifest::parse(bad.as_bytes()).is_err(),
+            "accepted an array as a component"
+        );
         let bad = format!(
             r#"["kimberley-vmdir", 1, "demo", 8192, 1, [["memory", "memory.raw", 8192, "{}"]]]"#,
             hex(0)
         );
-        assert!(Manifest::parse(bad.as_bytes()).is_err(), "accepted an array as a manifest");
+        assert!(
+            Manifest::parse(bad.as_bytes()).is_err(),
+            "accepted an array as a manifest"
+        );
     }
 
     #[test]
