@@ -69,6 +69,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         &out,
         &ApplyOptions {
             secret,
+            policy: a.read.policy(),
             threads,
             sync: !a.no_sync,
         },
@@ -100,16 +101,23 @@ fn verify(v: cli::VerifyArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(v.threads);
     let secret = v.keys.secret()?;
     let mut ins = inputs(v.input.as_slice())?;
-    let o = Opened::open(ins.remove(0), secret.as_ref())?;
+    let o = Opened::open(ins.remove(0), secret.as_ref(), &v.read.policy())?;
     if let Some(b) = &v.base {
         let base = VmDir::open(b)?;
         check_chain(&base, std::slice::from_ref(&o))?;
     }
     let name = o.name.clone();
+    // An unencrypted overlay (read without a key, or with
+    // --allow-unencrypted) has integrity checks only.
+    let checked = if o.keys.is_some() {
+        "every segment authenticated"
+    } else {
+        "checksums OK (not authenticated)"
+    };
     let r = apply::verify(o, threads, &Progress::default())?;
     if !v.quiet {
         eprintln!(
-            "{name}: OK ({} bytes, {} segments, {} records, every segment authenticated)",
+            "{name}: OK ({} bytes, {} segments, {} records, {checked})",
             r.bytes, r.segments, r.records
         );
     }

@@ -17,7 +17,8 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use kimberley_formats::apply::{self, Input, Opened};
-use kimberley_formats::crypto::keys::Secret;
+use kimberley_formats::crypto::keys::{KdfLimits, Secret};
+use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::{self, DiffOptions, Parent, Protection};
 use kimberley_formats::overlay::frame::{SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::HEADER_LEN;
@@ -31,6 +32,12 @@ use kimberley_formats::vmdir::VmDir;
 mod common;
 
 const CHUNK: usize = 4096;
+
+/// Seeds are unencrypted and keyed overlays, all read with the fuzz key.
+const ALLOW_UNENCRYPTED: ReadPolicy = ReadPolicy {
+    allow_unencrypted: true,
+    kdf: KdfLimits::DEFAULT,
+};
 
 /// Deterministic bytes.
 struct Rng(u64);
@@ -134,6 +141,7 @@ fn make_overlay(
             reader: Box::new(Cursor::new(out.clone())),
         },
         Some(&secret),
+        &ALLOW_UNENCRYPTED,
     )
     .unwrap();
     apply::verify(o, 1, &Progress::default()).unwrap();
@@ -177,6 +185,7 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
                 reader: Box::new(Cursor::new(rebuilt)),
             },
             Some(&Secret::Key(common::KEY)),
+            &ALLOW_UNENCRYPTED,
         )
         .expect("rebuilt structured seed opens");
         apply::verify(o, 1, &Progress::default()).expect("rebuilt structured seed verifies");
@@ -200,6 +209,7 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
             reader: Box::new(Cursor::new(ovl.to_vec())),
         },
         Some(&secret),
+        &ALLOW_UNENCRYPTED,
     )
     .unwrap();
     let geo = o.geometry();
@@ -385,6 +395,7 @@ fn main() {
                 reader: Box::new(Cursor::new(a.clone())),
             },
             Some(&Secret::Key(common::KEY)),
+            &ALLOW_UNENCRYPTED,
         )
         .unwrap();
         let parent = Parent {
