@@ -9,7 +9,6 @@ pub mod recv;
 pub mod send;
 pub mod wire;
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kimberley_cli::vm::{serve_vmdir, vm_error, Served};
 use kimberley_formats::vmdir::VmDir;
-use kimberley_vmm::vmdir;
+use kimberley_vmm::{vmdir, ControlSocket};
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
@@ -30,17 +29,24 @@ pub fn main() -> Result<()> {
     }
 }
 
-fn default_sock(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(|| std::env::temp_dir().join(format!("vmigrate-{}.sock", std::process::id())))
+/// The control socket (`--control`, or a private default), bound and
+/// checked before anything else happens.
+fn bind(p: Option<&std::path::Path>) -> Result<ControlSocket> {
+    ControlSocket::bind(p, "vmigrate").map_err(vm_error)
 }
 
-fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool>) -> Result<()> {
+fn serve(
+    vm: kimberley_vmm::Vm,
+    dir: &VmDir,
+    sock: ControlSocket,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     eprintln!(
         "VM running; control socket {} (stop or Ctrl-C suspends it into {})",
-        sock.display(),
+        sock.path().display(),
         dir.path.display()
     );
-    match serve_vmdir(vm, dir, &sock, stop, Some(send::handler()))? {
+    match serve_vmdir(vm, dir, sock, stop, Some(send::handler()))? {
         Served::Suspended => eprintln!("VM suspended into {}", dir.path.display()),
         Served::Migrated(v) => eprintln!(
             "VM migrated to {} (downtime {} ms); {} is stale now",
@@ -55,6 +61,7 @@ fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool
 fn run(a: cli::RunArgs) -> Result<()> {
     kimberley_cli::run::threads(None);
     let dir = VmDir::open(&a.vmdir)?;
+    let sock = bind(a.control.as_deref())?;
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
     let vm = vmdir::restore(&dir)
@@ -62,7 +69,7 @@ fn run(a: cli::RunArgs) -> Result<()> {
         .context("resuming the VM")?;
     vm.wait_first_exit(Duration::from_secs(10))
         .map_err(vm_error)?;
-    serve(vm, &dir, default_sock(a.control), stop)
+    serve(vm, &dir, sock, stop)
 }
 
 fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
@@ -71,6 +78,7 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
     if a.output.exists() {
         return Err(kimberley_formats::Error::Exists(a.output).into());
     }
+    let sock = bind(a.control.as_deref())?;
     let listener = recv::listen(&a.listen)?;
     if !a.quiet {
         eprintln!(
@@ -85,5 +93,5 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
     }
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
-    serve(r.vm, &r.dir, default_sock(a.control), stop)
+    serve(r.vm, &r.dir, sock, stop)
 }

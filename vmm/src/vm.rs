@@ -2,7 +2,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -259,6 +259,17 @@ impl Vm {
         ))
     }
 
+    /// Makes every wait of this VM ([`Vm::wait_ready`], [`Vm::run_script`],
+    /// [`Vm::wait_first_exit`]) end with [`Error::Interrupted`] within
+    /// about 20 ms of `flag` becoming true (e.g. the stop flag of
+    /// [`crate::stop_on_signals`]), so SIGINT/SIGTERM is not held up by a
+    /// long or hung script. A script cut short keeps running in the guest.
+    /// [`Vm::pause`] is not interrupted: it is how a stop takes effect.
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        lock(&self.shared.inner).interrupt = Some(flag);
+        self.shared.cond.notify_all();
+    }
+
     /// Waits until the guest signalled it is ready for commands.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         self.shared.wait_for(timeout, |g| g.ready.then_some(Ok(())))
@@ -285,6 +296,9 @@ impl Vm {
             }
             if g.request != Request::Run {
                 return Err(Error::Paused);
+            }
+            if g.interrupted() {
+                return Err(Error::Interrupted);
             }
             g.lines.clear();
             let mut bytes = script.as_bytes().to_vec();
