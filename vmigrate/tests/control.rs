@@ -553,3 +553,74 @@ fn overlong_request_is_refused() {
     assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
     stop(&mut p, &sock);
 }
+
+/// SIGTERM to the source's process during a migration cancels it: the
+/// guest is suspended into its VMDIR intact, the receiver keeps nothing.
+#[test]
+fn sigterm_during_a_migration_cancels_it() {
+    if !kvm() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n);
+    ok(Command::new(bin("kimberlize"))
+        .args(["keygen", "-o"])
+        .arg(p("key"))
+        .output()
+        .unwrap());
+    let vm = base(t.path(), "vm");
+    let src_sock = p("src.sock");
+    let mut src = run_vm(&vm, &src_sock);
+    let sum = Client::connect(&src_sock).exec_ok("fill big 12M 1 random\nchecksum big\n");
+    let mut dst = Proc::spawn(
+        Command::new(bin("vmigrate"))
+            .args(["recv", "--listen", "127.0.0.1:0", "-k"])
+            .arg(p("key"))
+            .arg("-o")
+            .arg(p("dst"))
+            .arg("--control")
+            .arg(p("dst.sock")),
+        "recv",
+    );
+    let addr = dst
+        .line_starting("vmigrate: waiting for a migration on ")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let (s2, key) = (src_sock.clone(), p("key"));
+    let send = std::thread::spawn(move || {
+        Command::new(bin("vmigrate"))
+            .arg("send")
+            .arg("--control")
+            .arg(&s2)
+            .args(["--to", &addr, "--max-bandwidth", "2M", "-k"])
+            .arg(key)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    src.signal(libc::SIGTERM);
+    let st = src.wait_exit(Duration::from_secs(10));
+    let took = t0.elapsed();
+    assert!(st.success(), "{st}: {}", src.stderr());
+    // The sender drains its bandwidth-limited queue before it aborts.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    eprintln!("suspended {took:?} after SIGTERM");
+    assert!(
+        src.stderr().contains("VM suspended into"),
+        "{}",
+        src.stderr()
+    );
+    let o = send.join().unwrap();
+    assert!(!o.status.success(), "the migration went through");
+    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+    assert!(!p("dst").exists());
+    VmDir::open(&vm).unwrap().verify().unwrap();
+    let mut again = run_vm(&vm, &src_sock);
+    let now = Client::connect(&src_sock).exec_ok("checksum big\n");
+    assert_eq!(now, sum);
+    stop(&mut again, &src_sock);
+}

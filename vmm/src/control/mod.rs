@@ -20,9 +20,12 @@ use crate::vm::Vm;
 
 pub use socket::ControlSocket;
 
-/// Called for `{"cmd":"snapshot","dir":DIR}`: writes a VM directory (its
-/// manifest format belongs to the caller), typically via [`Vm::save`]. The
-/// server resumes the VM afterwards if it was running before.
+/// Called for `{"cmd":"snapshot","dir":DIR}` with DIR absolute and not
+/// existing (the server checked both and does not create it): writes a VM
+/// directory there (its manifest format belongs to the caller), typically
+/// via [`Vm::save`], atomically (built under a temporary name, renamed
+/// into place without replacing anything). The server resumes the VM
+/// afterwards if it was running before.
 pub type SnapshotFn = Box<dyn FnMut(&mut Vm, &Path) -> std::result::Result<(), String> + Send>;
 
 /// Called for `{"cmd":"migrate","params":P}`: moves the VM elsewhere
