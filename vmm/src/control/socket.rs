@@ -28,6 +28,9 @@ pub struct ControlSocket {
     euid: u32,
 }
 
+/// Longest path a socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// What is at the requested path before we bind.
 enum Existing {
     Nothing,
@@ -205,7 +208,7 @@ fn probe(path: &Path) -> Result<Existing> {
             path.display()
         )));
     }
-    match UnixStream::connect(path) {
+    match connect(path) {
         Ok(_) => Err(control(format!(
             "another process serves {}",
             path.display()
@@ -217,6 +220,26 @@ fn probe(path: &Path) -> Result<Existing> {
             path.display()
         ))),
     }
+}
+
+/// `p` as a socket address: itself, or when it is longer than an address
+/// holds, the same file through `/proc/self/fd` (with the open directory
+/// that keeps that path valid).
+fn addressable(p: &Path) -> std::io::Result<(PathBuf, Option<std::fs::File>)> {
+    if p.as_os_str().len() <= MAX_SOCKET_PATH {
+        return Ok((p.to_path_buf(), None));
+    }
+    let name = p
+        .file_name()
+        .ok_or_else(|| std::io::Error::from(ErrorKind::InvalidInput))?;
+    let d = std::fs::File::open(fsutil::parent_of(p))?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", d.as_raw_fd())).join(name);
+    Ok((short, Some(d)))
+}
+
+fn connect(p: &Path) -> std::io::Result<UnixStream> {
+    let (a, _dir) = addressable(p)?;
+    UnixStream::connect(a)
 }
 
 /// A directory removed (with what is left in it) when dropped.
@@ -241,16 +264,21 @@ fn bind_at(path: &Path, own_dir: Option<PathBuf>, euid: u32) -> Result<ControlSo
     let parent = fsutil::parent_of(path);
     for _ in 0..3 {
         let existing = probe(path)?;
-        let tmp = TempDir(
-            tempdir::create(&parent.join(format!(".{name}."))).map_err(|e| {
-                Error::io(
-                    format!("creating a private directory in {}", parent.display()),
-                    e,
-                )
-            })?,
-        );
+        // `.NAME.XXXXXX/sock` (`.XXXXXX` for a very long NAME).
+        let prefix = if name.len() <= 64 {
+            parent.join(format!(".{name}."))
+        } else {
+            parent.join(".")
+        };
+        let tmp = TempDir(tempdir::create(&prefix).map_err(|e| {
+            Error::io(
+                format!("creating a private directory in {}", parent.display()),
+                e,
+            )
+        })?);
         let inner = tmp.0.join("sock");
-        let listener = UnixListener::bind(&inner)
+        let listener = addressable(&inner)
+            .and_then(|(a, _dir)| UnixListener::bind(a))
             .map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
         std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(format!("chmod {}", inner.display()), e))?;
@@ -264,15 +292,23 @@ fn bind_at(path: &Path, own_dir: Option<PathBuf>, euid: u32) -> Result<ControlSo
                 Err(e) => return Err(e.into()),
             },
             Existing::Stale => {
-                fsutil::exchange(&inner, path)?;
-                // The old socket is now `inner`: if it came alive since the
-                // probe, put it back.
-                if UnixStream::connect(&inner).is_ok() {
-                    let _ = fsutil::exchange(&inner, path);
-                    return Err(control(format!(
-                        "another process serves {}",
-                        path.display()
-                    )));
+                if let Err(e) = fsutil::exchange(&inner, path) {
+                    if std::fs::symlink_metadata(path).is_err() {
+                        continue; // it went away meanwhile: look again
+                    }
+                    return Err(e.into());
+                }
+                // The old socket is now `inner`: unless it still refuses
+                // connections, put it back.
+                match connect(&inner) {
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+                    _ => {
+                        let _ = fsutil::exchange(&inner, path);
+                        return Err(control(format!(
+                            "another process serves {}",
+                            path.display()
+                        )));
+                    }
                 }
             }
         }
@@ -407,6 +443,35 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         // Nothing left behind next to it.
         assert_eq!(std::fs::read_dir(&t).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn long_paths() {
+        let euid = cred::euid();
+        let t = tempdir::create(&std::env::temp_dir().join("kimberley-ctl-test-")).unwrap();
+        let _g = TempDir(t.clone());
+        let base = t.as_os_str().len() + 1;
+        // The longest name; a short name in a deep directory; a path
+        // longer than a socket address (clients may use a relative one).
+        let long = t.join("s".repeat(MAX_SOCKET_PATH - base));
+        let d = t.join("d".repeat(MAX_SOCKET_PATH - base - 7));
+        std::fs::create_dir(&d).unwrap();
+        for p in [long, d.join("a.sock"), d.join("longer.sock")] {
+            assert!(p.as_os_str().len() >= MAX_SOCKET_PATH);
+            let s = bind_at(&p, None, euid).unwrap();
+            assert!(connect(&p).is_ok());
+            // Live: refused; stale: replaced.
+            let e = bind_at(&p, None, euid).unwrap_err().to_string();
+            assert!(e.contains("another process serves"), "{e}");
+            drop(s);
+            drop(UnixListener::bind(addressable(&p).unwrap().0).unwrap());
+            let s = bind_at(&p, None, euid).unwrap();
+            assert!(connect(&p).is_ok());
+            drop(s);
+            assert!(!p.exists());
+        }
+        assert_eq!(std::fs::read_dir(&t).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
     }
 
     #[test]
