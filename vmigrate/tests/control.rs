@@ -270,8 +270,9 @@ fn every_request_through_vmigrate_recv() {
 
 /// SIGTERM or SIGINT while a script runs (a long `sleep`, a hung guest):
 /// the client is told, the VM is suspended within a second or so, and the
-/// process exits 0.
-fn interrupted(script: &str, sig: libc::c_int) {
+/// process exits 0. With `resume`, the VM is run again and answers a new
+/// script correctly (once the cut-short one, still running, has ended).
+fn interrupted(script: &str, sig: libc::c_int, resume: bool) {
     let t = tempfile::tempdir().unwrap();
     let vm = base(t.path(), "vm");
     let sock = t.path().join("vm.sock");
@@ -299,19 +300,31 @@ fn interrupted(script: &str, sig: libc::c_int) {
     );
     assert!(p.stderr().contains("suspended"), "{}", p.stderr());
     VmDir::open(&vm).unwrap().verify().unwrap();
+    if resume {
+        let mut p = run_vm(&vm, &sock);
+        assert_eq!(Client::connect(&sock).exec_ok("print fresh"), ["fresh"]);
+        stop(&mut p, &sock);
+    }
 }
 
 #[test]
 fn sigterm_during_a_long_script_suspends() {
     if kvm() {
-        interrupted("sleep 15000\n", libc::SIGTERM);
+        interrupted("sleep 15000\n", libc::SIGTERM, false);
     }
 }
 
 #[test]
 fn sigint_with_a_hung_guest_suspends() {
     if kvm() {
-        interrupted("debug-hang\n", libc::SIGINT);
+        interrupted("debug-hang\n", libc::SIGINT, false);
+    }
+}
+
+#[test]
+fn sigterm_during_a_script_then_resume() {
+    if kvm() {
+        interrupted("sleep 2000\nprint stale\n", libc::SIGTERM, true);
     }
 }
 

@@ -383,3 +383,47 @@ fn default_socket_location() {
     drop(s);
     assert!(!p.exists());
 }
+
+/// A script cut short (timeout, interrupt) keeps running in the guest; the
+/// next script gets its own output and status, not the rest of the old one.
+#[test]
+fn the_next_script_is_not_confused_by_one_cut_short() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(32, &[]);
+    let r = vm.run_script(
+        "sleep 300\nprint stale\nbogus",
+        &mut |_| {},
+        Duration::from_millis(50),
+    );
+    assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+    let mut seen = Vec::new();
+    let o = vm
+        .run_script("print fresh", &mut |l| seen.push(l.to_string()), T)
+        .unwrap();
+    assert_eq!(o.lines, ["fresh"]);
+    assert_eq!(o.status, 0);
+    assert_eq!(seen, ["fresh"]);
+    // Line numbers of errors still count from the script's first line.
+    let o = vm.run_script("nonsense", &mut |_| {}, T).unwrap();
+    assert_eq!(o.lines, ["error 1: unknown command 'nonsense'"]);
+
+    // Interrupted, then suspended and restored: the same.
+    let flag = Arc::new(AtomicBool::new(false));
+    vm.set_interrupt(flag.clone());
+    let f2 = flag.clone();
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        f2.store(true, Ordering::SeqCst);
+    });
+    let r = vm.run_script("sleep 500\nprint stale", &mut |_| {}, T);
+    assert!(matches!(r, Err(Error::Interrupted)), "{r:?}");
+    setter.join().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = dir.path().join("memory.raw");
+    let state = vm.save(&mem).unwrap();
+    drop(vm);
+    let mut vm = Vm::restore(&mem, Vec::new(), &state).unwrap();
+    assert_eq!(run_ok(&mut vm, "print after"), ["after"]);
+}
