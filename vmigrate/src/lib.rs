@@ -64,11 +64,15 @@ fn run(a: cli::RunArgs) -> Result<()> {
     let sock = bind(a.control.as_deref())?;
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
-    let vm = vmdir::restore(&dir)
+    let mut vm = vmdir::restore(&dir)
         .map_err(vm_error)
         .context("resuming the VM")?;
-    vm.wait_first_exit(Duration::from_secs(10))
-        .map_err(vm_error)?;
+    vm.set_interrupt(stop.clone());
+    match vm.wait_first_exit(Duration::from_secs(10)) {
+        // SIGINT/SIGTERM already: `serve` suspends the VM at once.
+        Ok(_) | Err(kimberley_vmm::Error::Interrupted) => {}
+        Err(e) => return Err(vm_error(e)),
+    }
     serve(vm, &dir, sock, stop)
 }
 

@@ -324,7 +324,13 @@ fn sigint_with_a_hung_guest_suspends() {
 #[test]
 fn sigterm_during_a_script_then_resume() {
     if kvm() {
-        interrupted("sleep 2000\nprint stale\n", libc::SIGTERM, true);
+        // Resumed, the rest of this script still runs: the new script is
+        // sent while it sleeps again and must not get its output.
+        interrupted(
+            "sleep 1000\nprint x\nsleep 1000\nprint stale\n",
+            libc::SIGTERM,
+            true,
+        );
     }
 }
 
