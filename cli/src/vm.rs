@@ -30,13 +30,15 @@ pub enum Served {
 
 /// Runs `vm`, which was resumed from `dir`, behind the control socket
 /// `sock` (guest console to stdout) until it is stopped through the socket
-/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_vmm::stop_on_signals`]),
-/// then suspends it back into `dir`. `snapshot` requests write VM
-/// directories; `migrate` requests go to `migrate` when given.
+/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_vmm::stop_on_signals`];
+/// it also interrupts a running `exec`), then suspends it back into `dir`.
+/// `snapshot` requests write VM directories (atomically, at absolute paths
+/// that do not exist); `migrate` requests go to `migrate` when given. The
+/// socket file is gone when this returns.
 pub fn serve_vmdir(
     vm: kimberley_vmm::Vm,
     dir: &kimberley_formats::vmdir::VmDir,
-    sock: &std::path::Path,
+    sock: kimberley_vmm::ControlSocket,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     migrate: Option<kimberley_vmm::MigrateFn>,
 ) -> anyhow::Result<Served> {
@@ -59,9 +61,7 @@ pub fn serve_vmdir(
         let _ = o.flush();
     });
     let hooks = control::Hooks { snapshot, migrate };
-    let served = control::serve_with(vm, sock, hooks, stop, console);
-    let _ = std::fs::remove_file(sock);
-    let (mut vm, ending) = served.map_err(vm_error)?;
+    let (mut vm, ending) = control::serve_with(vm, sock, hooks, stop, console).map_err(vm_error)?;
     match ending {
         control::Ending::Migrated(v) => Ok(Served::Migrated(v)),
         control::Ending::Stopped => {

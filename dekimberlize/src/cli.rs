@@ -74,8 +74,11 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub run: bool,
     /// Control socket for --run (one JSON request per line: status, pause,
-    /// resume, snapshot, stop, exec). Default: a socket in the temporary
-    /// directory, printed on stderr.
+    /// resume, snapshot, stop, exec; docs/VMM.md), bound before the
+    /// overlay is read. Created 0600, usable only by this uid and root; a
+    /// live socket there is refused, a stale one replaced. Default:
+    /// $XDG_RUNTIME_DIR/kimberley/dekimberlize-PID.sock (/run/kimberley/
+    /// for root), printed on stderr.
     #[arg(long, value_name = "SOCK", requires = "run")]
     pub control: Option<PathBuf>,
     /// Do not fsync the result: it is still complete, checked and renamed

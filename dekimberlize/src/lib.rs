@@ -60,6 +60,16 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     if kimberley_formats::fsutil::occupied(&out) {
         return Err(kimberley_formats::Error::Exists(out).into());
     }
+    // The control socket is checked and bound before any work: a path
+    // that another VM serves is refused before the overlay is read.
+    let control = if a.run {
+        Some(
+            kimberley_vmm::ControlSocket::bind(a.control.as_deref(), "dekimberlize")
+                .map_err(kimberley_cli::vm::vm_error)?,
+        )
+    } else {
+        None
+    };
     let inputs = inputs(&a.input)?;
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), a.quiet);
@@ -88,8 +98,8 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         );
     }
     let json = serde_json::to_value(&stats)?;
-    if a.run {
-        return run::run(&out, a.control, t0, json, a.stats_json.as_deref());
+    if let Some(sock) = control {
+        return run::run(&out, sock, t0, json, a.stats_json.as_deref());
     }
     if let Some(p) = &a.stats_json {
         write_json(p, &json)?;

@@ -63,8 +63,11 @@ pub struct RunArgs {
     /// The suspended VM directory to run.
     #[arg(value_name = "VMDIR")]
     pub vmdir: PathBuf,
-    /// Control socket (one JSON request per line). Default: a socket in
-    /// the temporary directory, printed on stderr.
+    /// Control socket (one JSON request per line; docs/VMM.md). Created
+    /// 0600, usable only by this uid and root; a live socket there is
+    /// refused, a stale one replaced. Default:
+    /// $XDG_RUNTIME_DIR/kimberley/vmigrate-PID.sock (/run/kimberley/ for
+    /// root), printed on stderr.
     #[arg(long, value_name = "SOCK")]
     pub control: Option<PathBuf>,
 }
@@ -80,8 +83,10 @@ pub struct RecvArgs {
     /// The VM directory to create (must not exist).
     #[arg(short, long, value_name = "VMDIR")]
     pub output: PathBuf,
-    /// Control socket of the received VM. Default: a socket in the
-    /// temporary directory, printed on stderr.
+    /// Control socket of the received VM, bound (and checked) before
+    /// waiting: like `vmigrate run --control`. Default:
+    /// $XDG_RUNTIME_DIR/kimberley/vmigrate-PID.sock (/run/kimberley/ for
+    /// root), printed on stderr.
     #[arg(long, value_name = "SOCK")]
     pub control: Option<PathBuf>,
     /// Write receiver statistics as JSON here.

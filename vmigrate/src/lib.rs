@@ -13,7 +13,6 @@ pub mod protocol;
 pub mod source;
 mod writer;
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kimberley_cli::vm::{serve_vmdir, vm_error, Served};
 use kimberley_formats::vmdir::VmDir;
-use kimberley_vmm::vmdir;
+use kimberley_vmm::{vmdir, ControlSocket};
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
@@ -34,17 +33,24 @@ pub fn main() -> Result<()> {
     }
 }
 
-fn default_sock(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(|| std::env::temp_dir().join(format!("vmigrate-{}.sock", std::process::id())))
+/// The control socket (`--control`, or a private default), bound and
+/// checked before anything else happens.
+fn bind(p: Option<&std::path::Path>) -> Result<ControlSocket> {
+    ControlSocket::bind(p, "vmigrate").map_err(vm_error)
 }
 
-fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool>) -> Result<()> {
+fn serve(
+    vm: kimberley_vmm::Vm,
+    dir: &VmDir,
+    sock: ControlSocket,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     eprintln!(
         "VM running; control socket {} (stop or Ctrl-C suspends it into {})",
-        sock.display(),
+        sock.path().display(),
         dir.path.display()
     );
-    match serve_vmdir(vm, dir, &sock, stop, Some(source::handler()))? {
+    match serve_vmdir(vm, dir, sock, stop, Some(source::handler()))? {
         Served::Suspended => eprintln!("VM suspended into {}", dir.path.display()),
         Served::Migrated(v) => eprintln!(
             "VM migrated to {} (downtime {} ms); {} is stale now",
@@ -59,14 +65,19 @@ fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool
 fn run(a: cli::RunArgs) -> Result<()> {
     kimberley_cli::run::threads(None);
     let dir = VmDir::open(&a.vmdir)?;
+    let sock = bind(a.control.as_deref())?;
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
-    let vm = vmdir::restore(&dir)
+    let mut vm = vmdir::restore(&dir)
         .map_err(vm_error)
         .context("resuming the VM")?;
-    vm.wait_first_exit(Duration::from_secs(10))
-        .map_err(vm_error)?;
-    serve(vm, &dir, default_sock(a.control), stop)
+    vm.set_interrupt(stop.clone());
+    match vm.wait_first_exit(Duration::from_secs(10)) {
+        // SIGINT/SIGTERM already: `serve` suspends the VM at once.
+        Ok(_) | Err(kimberley_vmm::Error::Interrupted) => {}
+        Err(e) => return Err(vm_error(e)),
+    }
+    serve(vm, &dir, sock, stop)
 }
 
 fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
@@ -82,6 +93,10 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
     }
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
+    // The control socket is bound (and checked) before any migration is
+    // accepted: nothing that can fail this way is left for after the
+    // hand-over.
+    let sock = bind(a.control.as_deref())?;
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;
     let listener = dest::Listener::start(listener, key, a.quiet)?;
@@ -118,5 +133,5 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
             eprintln!("vmigrate: warning: writing {}: {e:#}", p.display());
         }
     }
-    serve(r.vm, &r.dir, default_sock(a.control), stop)
+    serve(r.vm, &r.dir, sock, stop)
 }

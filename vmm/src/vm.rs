@@ -2,7 +2,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,6 +38,20 @@ pub struct OpenedFile {
 
 /// The embedded test guest (built by build.rs).
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimberley-guest"));
+
+/// A line no script prints by accident: `kimberley-sync PID-NANOS-N`.
+fn sync_marker() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "kimberley-sync {}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// A running (or paused) microVM.
 pub struct Vm {
@@ -297,6 +311,17 @@ impl Vm {
         ))
     }
 
+    /// Makes every wait of this VM ([`Vm::wait_ready`], [`Vm::run_script`],
+    /// [`Vm::wait_first_exit`]) end with [`Error::Interrupted`] within
+    /// about 20 ms of `flag` becoming true (e.g. the stop flag of
+    /// [`crate::stop_on_signals`]), so SIGINT/SIGTERM is not held up by a
+    /// long or hung script. A script cut short keeps running in the guest.
+    /// [`Vm::pause`] is not interrupted: it is how a stop takes effect.
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        lock(&self.shared.inner).interrupt = Some(flag);
+        self.shared.cond.notify_all();
+    }
+
     /// Waits until the guest signalled it is ready for commands.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         self.shared.wait_for(timeout, |g| g.ready.then_some(Ok(())))
@@ -305,6 +330,13 @@ impl Vm {
     /// Sends `script` to the guest and collects its output until `done N`.
     /// `on_line` sees each output line as it arrives. A script error is
     /// reported in `ScriptOutcome::status`, not as `Err`.
+    ///
+    /// A script cut short earlier (timeout, interrupt, even before a
+    /// save and restore) still runs in the guest and ends with its own
+    /// `done`. So that its output is not taken for this script's, the
+    /// script is preceded by a one-line sync script, `print` of a marker
+    /// unique to this call: output up to the marker and the sync script's
+    /// own `done` is dropped.
     pub fn run_script(
         &mut self,
         script: &str,
@@ -316,6 +348,7 @@ impl Vm {
                 "contains byte 0x04 (the end-of-script marker)".into(),
             ));
         }
+        let marker = sync_marker();
         {
             let mut g = lock(&self.shared.inner);
             if let Some(e) = &g.exit {
@@ -324,9 +357,14 @@ impl Vm {
             if g.request != Request::Run {
                 return Err(Error::Paused);
             }
+            if g.interrupted() {
+                return Err(Error::Interrupted);
+            }
             g.lines.clear();
-            let mut bytes = script.as_bytes().to_vec();
-            if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+            let mut bytes = format!("print {marker}\n").into_bytes();
+            bytes.push(abi::SCRIPT_END);
+            bytes.extend_from_slice(script.as_bytes());
+            if !script.is_empty() && !script.ends_with('\n') {
                 bytes.push(b'\n');
             }
             bytes.push(abi::SCRIPT_END);
@@ -334,12 +372,22 @@ impl Vm {
         }
         self.shared.cond.notify_all();
         let mut lines = Vec::new();
+        // Before the marker: leftovers; right after it: the sync's `done`.
+        let (mut synced, mut sync_done) = (false, false);
         self.shared.wait_for(timeout, |g| {
             while let Some(l) = g.lines.pop_front() {
-                if let Some(status) = l
+                if !synced {
+                    synced = l == marker;
+                    continue;
+                }
+                let done = l
                     .strip_prefix("done ")
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
+                    .and_then(|s| s.trim().parse::<i32>().ok());
+                if !sync_done {
+                    sync_done = done.is_some();
+                    continue;
+                }
+                if let Some(status) = done {
                     return Some(Ok(ScriptOutcome {
                         status,
                         lines: std::mem::take(&mut lines),
