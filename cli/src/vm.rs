@@ -26,6 +26,9 @@ pub enum Served {
     /// Migrated away (the migrate hook's result); the VMDIR was left as it
     /// was and the local copy was discarded.
     Migrated(serde_json::Value),
+    /// A migration's hand-over is in doubt (why): the guest, which the
+    /// receiver may be running, was suspended into its VMDIR, not resumed.
+    InDoubt(String),
 }
 
 /// Runs `vm`, which was resumed from `dir`, behind the control socket
@@ -64,6 +67,12 @@ pub fn serve_vmdir(
     let (mut vm, ending) = control::serve_with(vm, sock, hooks, stop, console).map_err(vm_error)?;
     match ending {
         control::Ending::Migrated(v) => Ok(Served::Migrated(v)),
+        control::Ending::InDoubt(why) => {
+            vmdir::save_in_place(&mut vm, dir)
+                .map_err(vm_error)
+                .context("suspending the VM whose hand-over is in doubt")?;
+            Ok(Served::InDoubt(why))
+        }
         control::Ending::Stopped => {
             vmdir::save_in_place(&mut vm, dir)
                 .map_err(vm_error)

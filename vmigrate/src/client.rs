@@ -80,7 +80,12 @@ pub fn send(a: SendArgs) -> Result<()> {
             if let Some(p) = &a.stats_json {
                 kimberley_cli::output::write_json(p, res)?;
             }
-            if !a.quiet {
+            if !a.quiet && res.get("hand_over").is_some() {
+                eprintln!(
+                    "vmigrate: the guest runs on {}: the connection was lost after the hand-over, which the receiver then confirmed",
+                    a.to
+                );
+            } else if !a.quiet {
                 eprintln!(
                     "vmigrate: the guest runs on {}: {} rounds, {:.1} MiB on the wire, downtime {} ms, total {} ms{}",
                     a.to,
@@ -98,6 +103,9 @@ pub fn send(a: SendArgs) -> Result<()> {
             return Ok(());
         }
         let err = v["error"].as_str().unwrap_or("unknown error").to_string();
+        if v["in_doubt"] == true {
+            bail!("migration in doubt, the guest is suspended on the source (not resumed): {err}");
+        }
         let msg = format!("migration failed, the guest keeps running on the source: {err}");
         if err.contains("authentication failed") {
             return Err(anyhow::Error::new(WithCode(EXIT_AUTH, msg)));
@@ -157,6 +165,11 @@ fn show(p: &Value, tty: bool, quiet: bool, bar: &mut Option<ProgressBar>) {
         );
     } else if let Some(t) = p.get("throttle") {
         eprintln!("vmigrate: the guest dirties memory faster than the link carries it: throttling its vCPU to {t}%");
+    } else if let Some(r) = p.get("in_doubt") {
+        eprintln!(
+            "vmigrate: lost the receiver after the hand-over started ({}); asking it how it ended",
+            r.as_str().unwrap_or("")
+        );
     } else if let Some(r) = p.get("stop_and_copy") {
         eprintln!("vmigrate: stop and copy ({})", r.as_str().unwrap_or(""));
     }

@@ -53,10 +53,17 @@ fn serve(
     match serve_vmdir(vm, dir, sock, stop, Some(source::handler()))? {
         Served::Suspended => eprintln!("VM suspended into {}", dir.path.display()),
         Served::Migrated(v) => eprintln!(
-            "VM migrated to {} (downtime {} ms); {} is stale now",
+            "VM migrated to {}{}; {} is stale now",
             v["to"].as_str().unwrap_or("?"),
-            v["downtime_ms"],
+            v["downtime_ms"]
+                .as_f64()
+                .map(|d| format!(" (downtime {d} ms)"))
+                .unwrap_or_default(),
             dir.path.display()
+        ),
+        Served::InDoubt(why) => bail!(
+            "{why}; the guest is suspended in {d}: if the receiver does not run it, resume it with `vmigrate run {d}`, otherwise delete {d}",
+            d = dir.path.display()
         ),
     }
     Ok(())

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kimberley_formats::chunk::is_zero;
 use kimberley_formats::sparse::data_extents;
 use kimberley_formats::sys::poll;
-use kimberley_vmm::{Bitmap, MigrateIo, Vm};
+use kimberley_vmm::{Bitmap, MigrateError, MigrateIo, Vm};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
@@ -373,7 +373,14 @@ pub fn migrate(vm: &mut Vm, p: &Params, io: &mut MigrateIo<'_>) -> Result<Value,
         Ok(v) => return Ok(v),
         Err(e) => e,
     };
-    let _ = s.writer.flush();
+    // What is still queued is not worth waiting for on a slow link.
+    let whole = s.writer.cancel();
+    if !committed && whole {
+        // Tell the receiver to discard (best effort); otherwise the closed
+        // connection tells it.
+        let _ = s.send_msg(Message::Abort);
+        let _ = s.writer.flush();
+    }
     let _ = s.tx.stream().shutdown(std::net::Shutdown::Both);
     vm.set_throttle(0);
     let e = if committed && e.downcast_ref::<ReceiverError>().is_none() {
@@ -399,11 +406,6 @@ pub fn migrate(vm: &mut Vm, p: &Params, io: &mut MigrateIo<'_>) -> Result<Value,
             }
         }
     } else {
-        if !committed {
-            // Tell the receiver to discard (best effort).
-            let _ = s.send_msg(Message::Abort);
-            let _ = s.writer.flush();
-        }
         e
     };
     // The guest runs here as before: unthrottled before it resumes,
@@ -926,8 +928,11 @@ fn stop_and_copy(
 /// The control socket's `migrate` hook.
 pub fn handler() -> kimberley_vmm::MigrateFn {
     Box::new(|vm: &mut Vm, params: &Value, io: &mut MigrateIo<'_>| {
-        let p = Params::from_json(params).map_err(|e| format!("{e:#}"))?;
-        migrate(vm, &p, io).map_err(|f| f.to_string())
+        let p = Params::from_json(params).map_err(|e| MigrateError::Failed(format!("{e:#}")))?;
+        migrate(vm, &p, io).map_err(|f| match f {
+            Failure::Kept(e) => MigrateError::Failed(format!("{e:#}")),
+            Failure::InDoubt(e) => MigrateError::InDoubt(format!("{e:#}")),
+        })
     })
 }
 

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +28,8 @@ pub struct Writer {
     thread: Option<JoinHandle<()>>,
     bytes: Arc<AtomicU64>,
     error: Arc<Mutex<Option<String>>>,
+    cancel: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -36,7 +38,9 @@ impl Writer {
         let (tx, rx): (SyncSender<Item>, Receiver<Item>) = sync_channel(4);
         let bytes = Arc::new(AtomicU64::new(0));
         let error = Arc::new(Mutex::new(None));
-        let (b, e) = (bytes.clone(), error.clone());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (b, e, c, d) = (bytes.clone(), error.clone(), cancel.clone(), dropped.clone());
         let thread = std::thread::spawn(move || {
             // Token bucket: `next` is when the link is free again.
             let mut next = Instant::now();
@@ -44,6 +48,10 @@ impl Writer {
                 match item {
                     Item::Frames(fs) => {
                         for f in fs {
+                            if c.load(Ordering::SeqCst) {
+                                d.fetch_add(1, Ordering::SeqCst);
+                                continue;
+                            }
                             if let Err(err) = out.write_all(&f) {
                                 *e.lock().unwrap_or_else(|p| p.into_inner()) =
                                     Some(format!("the connection failed: {err}"));
@@ -72,6 +80,8 @@ impl Writer {
             thread: Some(thread),
             bytes,
             error,
+            cancel,
+            dropped,
         }
     }
 
@@ -103,6 +113,16 @@ impl Writer {
             bail!("sending to the receiver failed");
         }
         self.check()
+    }
+
+    /// Drops whatever is queued instead of writing it (a cancel must not
+    /// wait for a slow link to drain). True if nothing was dropped, so the
+    /// stream is still whole and more may be sent.
+    pub fn cancel(&self) -> bool {
+        self.cancel.store(true, Ordering::SeqCst);
+        let _ = self.flush();
+        self.cancel.store(false, Ordering::SeqCst);
+        self.dropped.load(Ordering::SeqCst) == 0
     }
 
     /// Bytes written so far.

@@ -20,7 +20,7 @@ pub mod vstate;
 use std::path::PathBuf;
 
 pub use bitmap::Bitmap;
-pub use control::{ControlSocket, Ending, Hooks, MigrateFn, MigrateIo, SnapshotFn};
+pub use control::{ControlSocket, Ending, Hooks, MigrateError, MigrateFn, MigrateIo, SnapshotFn};
 pub use error::{Error, Result};
 pub use signals::stop_on_signals;
 pub use vm::{validate_state, OpenedFile, Vm, GUEST_ELF};

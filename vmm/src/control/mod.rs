@@ -33,11 +33,24 @@ pub type SnapshotFn = Box<dyn FnMut(&mut Vm, &Path) -> std::result::Result<(), S
 /// to the client with [`MigrateIo::progress`] and must check
 /// [`MigrateIo::cancelled`] often. `Ok(result)` means the VM now runs
 /// elsewhere: the server answers `{"ok":true,"result":result}` and `serve`
-/// returns [`Ending::Migrated`] with the VM paused. `Err` means the VM stays
-/// here: the callback leaves it as it found it (running or paused).
+/// returns [`Ending::Migrated`] with the VM paused. `Err(Failed)` means the
+/// VM stays here: the callback leaves it as it found it (running or
+/// paused). `Err(InDoubt)` means the hand-over may have happened: the VM is
+/// left paused, is never resumed, and `serve` returns [`Ending::InDoubt`]
+/// so the caller suspends it.
 pub type MigrateFn = Box<
-    dyn FnMut(&mut Vm, &Value, &mut MigrateIo<'_>) -> std::result::Result<Value, String> + Send,
+    dyn FnMut(&mut Vm, &Value, &mut MigrateIo<'_>) -> std::result::Result<Value, MigrateError>
+        + Send,
 >;
+
+/// How a migration that did not complete ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrateError {
+    /// Nothing was handed over; the VM runs here as before.
+    Failed(String),
+    /// The other side may run the VM now: this copy must not run again.
+    InDoubt(String),
+}
 
 /// The requesting client, seen from a [`MigrateFn`].
 pub struct MigrateIo<'a> {
@@ -69,6 +82,9 @@ pub enum Ending {
     /// The VM was migrated away (the [`MigrateFn`]'s result): the paused
     /// local copy must not run again.
     Migrated(Value),
+    /// A migration's hand-over is in doubt (the message says why): the
+    /// paused local copy must not run again; the caller suspends it.
+    InDoubt(String),
 }
 
 /// The caller's handlers of the requests that need more than the `Vm`.
@@ -321,11 +337,17 @@ fn handle(
                         Some(Ending::Migrated(result)),
                     )
                 }
-                Err(e) => {
+                Err(MigrateError::Failed(e)) => {
                     if was_running && vm.is_paused() {
                         let _ = vm.resume();
                     }
                     (fail(e), None)
+                }
+                Err(MigrateError::InDoubt(e)) => {
+                    let _ = vm.pause();
+                    let mut r = fail(&e);
+                    r["in_doubt"] = Value::Bool(true);
+                    (r, Some(Ending::InDoubt(e)))
                 }
             };
         }
