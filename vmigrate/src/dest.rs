@@ -36,6 +36,9 @@ pub const MAX_PER_PEER: usize = 8;
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// How long the receiver waits for DONE after RUNNING.
 pub const DONE_WAIT: Duration = Duration::from_secs(30);
+/// How long a receiver whose session failed before COMMIT stays to answer
+/// a sender in doubt (which asks at once when the connection breaks).
+pub const LINGER: Duration = Duration::from_secs(30);
 /// How long after its session ended the receiver still answers QUERY (a
 /// sender in doubt asks within `source::RUNNING_WAIT +
 /// source::RESOLVE_FOR` of sending COMMIT, which is shorter).
@@ -129,6 +132,7 @@ impl Drop for Slot {
 /// ones are refused; QUERY is answered from the [`Phase`].
 pub struct Listener {
     phase: Arc<Mutex<Phase>>,
+    queried: Arc<AtomicBool>,
     sessions: mpsc::Receiver<Session>,
     close_at: Arc<Mutex<Option<Instant>>>,
     addr: SocketAddr,
@@ -142,15 +146,17 @@ impl Listener {
             .context("configuring the listening socket")?;
         let addr = listener.local_addr().context("the listening address")?;
         let phase = Arc::new(Mutex::new(Phase::Idle));
+        let queried = Arc::new(AtomicBool::new(false));
         let close_at = Arc::new(Mutex::new(None::<Instant>));
         let (tx, sessions) = mpsc::channel::<Session>();
-        let (ph, ca) = (phase.clone(), close_at.clone());
+        let (ph, q, ca) = (phase.clone(), queried.clone(), close_at.clone());
         std::thread::Builder::new()
             .name("vmigrate-listen".into())
-            .spawn(move || accept_loop(listener, key, quiet, ph, ca, tx))
+            .spawn(move || accept_loop(listener, key, quiet, ph, q, ca, tx))
             .context("starting the listening thread")?;
         Ok(Listener {
             phase,
+            queried,
             sessions,
             close_at,
             addr,
@@ -181,6 +187,20 @@ impl Listener {
         *self.close_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
     }
 
+    /// Waits until the sender asked about this receiver's session (and was answered),
+    /// `d` passed, or `stop` is set.
+    pub fn linger(&self, d: Duration, stop: &AtomicBool) {
+        let t = Instant::now();
+        while t.elapsed() < d && !stop.load(Ordering::SeqCst) {
+            if self.queried.load(Ordering::SeqCst) {
+                // Let the answer leave before the process does.
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn set_phase(&self, p: Phase) {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
@@ -203,6 +223,7 @@ fn accept_loop(
     key: [u8; 32],
     quiet: bool,
     phase: Arc<Mutex<Phase>>,
+    queried: Arc<AtomicBool>,
     close_at: Arc<Mutex<Option<Instant>>>,
     sessions: mpsc::Sender<Session>,
 ) {
@@ -240,12 +261,12 @@ fn accept_loop(
             }
             continue;
         };
-        let (phase, sessions) = (phase.clone(), sessions.clone());
+        let (phase, queried, sessions) = (phase.clone(), queried.clone(), sessions.clone());
         let spawned = std::thread::Builder::new()
             .name("vmigrate-handshake".into())
             .spawn(move || {
                 let _slot = slot;
-                if let Err(e) = first_message(stream, peer, &key, &phase, &sessions) {
+                if let Err(e) = first_message(stream, peer, &key, &phase, &queried, &sessions) {
                     eprintln!("vmigrate: refused {peer}: {e:#}");
                 }
             });
@@ -262,6 +283,7 @@ fn first_message(
     peer: SocketAddr,
     key: &[u8; 32],
     phase: &Mutex<Phase>,
+    queried: &AtomicBool,
     sessions: &mpsc::Sender<Session>,
 ) -> Result<()> {
     let deadline = Instant::now() + channel::HANDSHAKE_DEADLINE;
@@ -312,6 +334,9 @@ fn first_message(
             };
             eprintln!("vmigrate: {peer} asked how the hand-over ended: {answer:?}");
             tx.send(Message::Outcome(answer))?;
+            if answer != Outcome::Unknown {
+                queried.store(true, Ordering::SeqCst);
+            }
             Ok(())
         }
         other => bail!("protocol error: {} as first message", other.ty().name()),
@@ -360,10 +385,34 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
         Err(e) => {
             l.set_phase(Phase::Aborted(id));
             let _ = tx.send(Message::Error(format!("{e:#}")));
+            drop((tx, rx));
+            // Unless the sender cancelled or this receiver is stopping, the
+            // sender may have sent COMMIT and be in doubt: stay to tell it.
+            if e.downcast_ref::<SenderAborted>().is_none() && !stop.load(Ordering::SeqCst) {
+                if !opts.quiet {
+                    eprintln!(
+                        "vmigrate: the migration failed; answering the sender for up to {} s in case it asks how it ended",
+                        LINGER.as_secs()
+                    );
+                }
+                l.linger(LINGER, stop);
+            }
             Err(e.context("the migration failed; what was received is discarded"))
         }
     }
 }
+
+/// The sender sent ABORT: it resumes its guest and asks nothing.
+#[derive(Debug)]
+struct SenderAborted;
+
+impl std::fmt::Display for SenderAborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the sender cancelled the migration")
+    }
+}
+
+impl std::error::Error for SenderAborted {}
 
 /// Everything received up to COMMIT.
 struct Prepared {
@@ -565,7 +614,7 @@ fn prepare(
                     bytes,
                 });
             }
-            Message::Abort => bail!("the sender cancelled the migration"),
+            Message::Abort => return Err(SenderAborted.into()),
             other => bail!("protocol error: unexpected {}", other.ty().name()),
         }
     }

@@ -436,8 +436,9 @@ enum Resolution {
 }
 
 /// Asks the receiver at `to`, on new connections for up to
-/// [`RESOLVE_FOR`], whether session `id` committed. A refused connection
-/// means no receiver process is left to run the guest.
+/// [`RESOLVE_FOR`], whether session `id` committed. Only an authenticated
+/// answer counts: a refused connection may come from a firewall or a
+/// proxy in front of a receiver that runs the guest.
 fn resolve(to: &str, key: &[u8; 32], id: [u8; SESSION_ID_LEN]) -> Resolution {
     let deadline = Instant::now() + RESOLVE_FOR;
     let mut last;
@@ -452,14 +453,6 @@ fn resolve(to: &str, key: &[u8; 32], id: [u8; SESSION_ID_LEN]) -> Resolution {
             Ok(Outcome::Unknown) => {
                 return Resolution::NotCommitted(
                     "the receiver no longer knows the session (it was restarted)".into(),
-                )
-            }
-            Err(e)
-                if e.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) =>
-            {
-                return Resolution::NotCommitted(
-                    "the receiver's process is gone, and its copy with it".into(),
                 )
             }
             Err(e) => last = format!("{e:#}"),
