@@ -59,6 +59,49 @@ fn dirtying_guest() {
     let mut s = Setup::new("dirty hot 4M\n");
     let st = migrate_ok(&mut s, &["--max-bandwidth", "40M"]);
     assert!(st["rounds"].as_u64().unwrap() >= 2, "{st}");
+    // The pause window is accounted for part by part (issue 7, finding
+    // 16), and so is the prediction that ended pre-copy.
+    let parts = &st["downtime_parts"];
+    let names = [
+        "pause_ms",
+        "state_ms",
+        "dirty_fetch_ms",
+        "final_pages_ms",
+        "state_send_ms",
+        "receiver_apply_ms",
+        "receiver_hash_ms",
+        "receiver_commit_ms",
+        "restore_ms",
+        "network_ms",
+    ];
+    let sum: f64 = names
+        .iter()
+        .map(|n| parts[n].as_f64().unwrap_or_else(|| panic!("no {n}: {st}")))
+        .sum();
+    let down = st["downtime_ms"].as_f64().unwrap();
+    assert!(
+        (sum - down).abs() <= 0.01 * down + 0.01 || parts["network_ms"] == 0.0,
+        "parts {sum} vs downtime {down}: {st}"
+    );
+    assert!(
+        parts["network_ms"].as_f64().unwrap() <= 0.5 * down + 2.0,
+        "most of the window is unaccounted for: {st}"
+    );
+    let e = &st["downtime_estimate"];
+    let esum: f64 = [
+        "source_ms",
+        "final_pages_ms",
+        "state_send_ms",
+        "receiver_hash_ms",
+        "receiver_ms",
+        "round_trip_ms",
+    ]
+    .iter()
+    .map(|n| e[n].as_f64().unwrap())
+    .sum();
+    assert!((esum - e["total_ms"].as_f64().unwrap()).abs() < 0.01, "{st}");
+    // The receiver's own fixed cost was measured, not assumed.
+    assert!(st["measured_costs"]["receiver_fixed_ms"].as_f64().unwrap() > 0.0, "{st}");
 }
 
 #[test]
