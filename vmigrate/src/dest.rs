@@ -49,8 +49,6 @@ const APPLY_BATCH: usize = 64;
 /// What the receiver was told on the command line.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The migration key.
-    pub key: [u8; 32],
     /// The VM directory to create.
     pub out: PathBuf,
     /// Shared disks must be files beneath this directory.

@@ -120,7 +120,6 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
         eprintln!("vmigrate: migration from {}", session.peer);
     }
     let opts = dest::Options {
-        key,
         out: a.output.clone(),
         shared_disk_dir: a.shared_disk_dir.clone(),
         quiet: a.quiet,
