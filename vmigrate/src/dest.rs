@@ -373,7 +373,10 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
         ..
     } = s;
     let id = tx.session_id();
-    match prepare(st, &mut rx, &mut tx, opts, stop) {
+    // Only once round 0 was acknowledged can the sender have moved on to
+    // its final copy and COMMIT.
+    let mut acked = false;
+    match prepare(st, &mut rx, &mut tx, opts, stop, &mut acked) {
         Ok(p) if l.commit(id) => start(l, id, p, tx, rx),
         Ok(_) => {
             let e = anyhow!("the sender asked how the hand-over ended before COMMIT arrived, so it resumed its guest");
@@ -386,7 +389,8 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
             drop((tx, rx));
             // Unless the sender cancelled or this receiver is stopping, the
             // sender may have sent COMMIT and be in doubt: stay to tell it.
-            if e.downcast_ref::<SenderAborted>().is_none() && !stop.load(Ordering::SeqCst) {
+            if acked && e.downcast_ref::<SenderAborted>().is_none() && !stop.load(Ordering::SeqCst)
+            {
                 if !opts.quiet {
                     eprintln!(
                         "vmigrate: the migration failed; answering the sender for up to {} s in case it asks how it ended",
@@ -476,6 +480,7 @@ fn prepare(
     tx: &mut Tx,
     opts: &Options,
     stop: &AtomicBool,
+    acked: &mut bool,
 ) -> Result<Prepared> {
     // Check everything the sender claims before any VM data moves.
     let mut shared_files = Vec::new();
@@ -592,6 +597,7 @@ fn prepare(
                     hash_us: t.elapsed().as_micros() as u64,
                     fixed_us,
                 }))?;
+                *acked = true;
             }
             Message::State(b) => {
                 kimberley_vmm::validate_state(&b)

@@ -40,7 +40,12 @@ impl Writer {
         let error = Arc::new(Mutex::new(None));
         let cancel = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicU64::new(0));
-        let (b, e, c, d) = (bytes.clone(), error.clone(), cancel.clone(), dropped.clone());
+        let (b, e, c, d) = (
+            bytes.clone(),
+            error.clone(),
+            cancel.clone(),
+            dropped.clone(),
+        );
         let thread = std::thread::spawn(move || {
             // Token bucket: `next` is when the link is free again.
             let mut next = Instant::now();

@@ -59,8 +59,9 @@ fn receiver(key: &Path, out: &Path, extra: &[&OsStr]) -> (Proc, String) {
 }
 
 /// Plays a sender that holds the key and announces one shared disk at
-/// `path` of `size` bytes; returns the receiver's answer.
-fn malicious_start(addr: &str, key: &[u8; 32], path: &str, size: u64) -> Message {
+/// `path` of `size` bytes; returns the receiver's answer within 3 s (None:
+/// it said nothing, i.e. it took the disk and waits for data).
+fn malicious_start(addr: &str, key: &[u8; 32], path: &str, size: u64) -> Option<Message> {
     let s = TcpStream::connect(addr).unwrap();
     let (mut tx, mut rx) = channel::handshake_sender(s, key).unwrap();
     tx.send(Message::Start(Start {
@@ -73,7 +74,10 @@ fn malicious_start(addr: &str, key: &[u8; 32], path: &str, size: u64) -> Message
         }],
     }))
     .unwrap();
-    rx.recv().unwrap()
+    rx.stream()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    rx.recv().ok()
 }
 
 #[test]
@@ -132,9 +136,10 @@ fn sender_cannot_choose_host_files_as_shared_disks() {
         let out = t.path().join("out");
         let (mut p, addr) = receiver(&key_path, &out, extra);
         let m = malicious_start(&addr, &key, &path, size);
+        let linked = std::fs::metadata(&secret).unwrap().nlink();
         assert!(
-            matches!(&m, Message::Error(_)),
-            "{what}: the receiver answered {m:?}"
+            matches!(&m, Some(Message::Error(_))),
+            "{what}: the receiver answered {m:?} (the host file has {linked} links)"
         );
         let st = p.0.wait().unwrap();
         assert!(!st.success(), "{what}: the receiver succeeded");
@@ -255,4 +260,103 @@ fn silent_connections_do_not_block_a_migration() {
         dribble.join().unwrap(),
         "the dribbling handshake was never cut"
     );
+}
+
+/// Starts `vmigrate recv` with `extra` arguments and returns its output if
+/// it exits within 10 s (None: it is still running, i.e. listening).
+fn recv_exits(key: &Path, out: &Path, extra: &[&OsStr]) -> Option<std::process::Output> {
+    let mut c = Command::new(bin("vmigrate"))
+        .args(["recv", "--listen", "127.0.0.1:0", "-k"])
+        .arg(key)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if c.try_wait().unwrap().is_some() {
+            return Some(c.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    None
+}
+
+/// Finding 4: everything that can fail on the receiver's side for reasons
+/// of its own (its control socket) is checked before a migration is
+/// accepted, so a migrated guest is never dropped for it afterwards.
+#[test]
+fn receiver_checks_its_control_socket_before_accepting() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let out = t.path().join("out");
+    // A mistyped --control (its directory does not exist).
+    let bad = t.path().join("no-such-dir").join("x.sock");
+    // A symlink planted where the socket is to be.
+    let planted = t.path().join("planted.sock");
+    std::os::unix::fs::symlink(t.path().join("elsewhere"), &planted).unwrap();
+    for sock in [&bad, &planted] {
+        let o = recv_exits(&key, &out, &[OsStr::new("--control"), sock.as_os_str()])
+            .unwrap_or_else(|| panic!("{}: the receiver started listening", sock.display()));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(!err.contains("waiting for a migration"), "{err}");
+    }
+    assert!(
+        !t.path().join("elsewhere").exists(),
+        "the symlink was followed"
+    );
+    assert!(!out.exists());
+}
+
+/// Finding 4: a receiver that runs out of space fails before the hand-over,
+/// and the guest keeps running on the source, intact.
+#[test]
+fn receiver_out_of_space_leaves_the_guest_on_the_source() {
+    if !kvm() {
+        return;
+    }
+    let mut s = Setup::new("");
+    let before = look(&s.src_sock);
+    // An 8 MiB tmpfs cannot hold the guest's 25 MiB of data.
+    let mnt = s.p("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        m.status.success(),
+        "this test needs root to mount a small tmpfs: {}",
+        String::from_utf8_lossy(&m.stderr)
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let (mut p, addr) = receiver(&s.key.clone(), &mnt.join("out"), &[]);
+    let o = s.send(&addr, &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("keeps running on the source"), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    let st = p.0.wait().unwrap();
+    assert!(!st.success());
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "the receiver left something behind"
+    );
+    s.source_intact(&before);
 }

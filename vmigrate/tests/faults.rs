@@ -156,7 +156,10 @@ fn pump(
         }
         let n = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         let mut body = vec![0u8; n];
-        if from.read_exact(&mut body).is_err() || to.write_all(&h).is_err() || to.write_all(&body).is_err() {
+        if from.read_exact(&mut body).is_err()
+            || to.write_all(&h).is_err()
+            || to.write_all(&body).is_err()
+        {
             let _ = to.shutdown(Shutdown::Write);
             return;
         }
@@ -165,7 +168,11 @@ fn pump(
 
 /// A proxy to `to`: the first connection (the migration) gets the fault;
 /// later ones (a sender in doubt asking how the hand-over ended) pass.
-fn proxy(to: String, at: At, strike: Arc<dyn Fn() -> bool + Send + Sync>) -> (String, Arc<Mutex<bool>>) {
+fn proxy(
+    to: String,
+    at: At,
+    strike: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> (String, Arc<Mutex<bool>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let struck = Arc::new(Mutex::new(false));
@@ -290,7 +297,10 @@ fn cell(fault: Fault, at: At, allowed: &[Expect]) {
         let _ = e.read_to_string(&mut err);
     }
     eprintln!("[send] {err}");
-    assert!(*struck.lock().unwrap(), "{fault:?} at {at:?}: the phase was never reached");
+    assert!(
+        *struck.lock().unwrap(),
+        "{fault:?} at {at:?}: the phase was never reached"
+    );
     // Let both sides settle (a receiver waits up to 30 s for DONE; one
     // that failed exits at once; a source in doubt asks for up to 20 s).
     let dst_sock = s.p("dst.sock");
@@ -338,14 +348,23 @@ fn cell(fault: Fault, at: At, allowed: &[Expect]) {
             .any(|l| l.starts_with("VM running; control socket"));
     match outcome {
         Expect::Source => {
-            assert!(src_alive && !dst_runs, "{fault:?} at {at:?}: two copies or none");
+            assert!(
+                src_alive && !dst_runs,
+                "{fault:?} at {at:?}: two copies or none"
+            );
             if !matches!(fault, Fault::KillReceiver) {
-                assert!(!s.p("dst").exists(), "{fault:?} at {at:?}: OUT was left behind");
+                assert!(
+                    !s.p("dst").exists(),
+                    "{fault:?} at {at:?}: OUT was left behind"
+                );
             }
             s.source_intact(&before);
         }
         Expect::Receiver => {
-            assert!(dst_alive && !src_alive, "{fault:?} at {at:?}: two copies or none");
+            assert!(
+                dst_alive && !src_alive,
+                "{fault:?} at {at:?}: two copies or none"
+            );
             wait_for(&dst_sock);
             let g = look(&dst_sock);
             assert_eq!(g.sums, before.sums, "{fault:?} at {at:?}: damaged guest");
@@ -353,7 +372,10 @@ fn cell(fault: Fault, at: At, allowed: &[Expect]) {
         }
         Expect::SuspendedAtSource => {
             if !matches!(fault, Fault::KillReceiver) {
-                assert!(!s.p("dst").exists(), "{fault:?} at {at:?}: OUT was left behind");
+                assert!(
+                    !s.p("dst").exists(),
+                    "{fault:?} at {at:?}: OUT was left behind"
+                );
             }
             check_suspended(&s.p("vm"), &before);
         }

@@ -99,9 +99,15 @@ fn dirtying_guest() {
     .iter()
     .map(|n| e[n].as_f64().unwrap())
     .sum();
-    assert!((esum - e["total_ms"].as_f64().unwrap()).abs() < 0.01, "{st}");
+    assert!(
+        (esum - e["total_ms"].as_f64().unwrap()).abs() < 0.01,
+        "{st}"
+    );
     // The receiver's own fixed cost was measured, not assumed.
-    assert!(st["measured_costs"]["receiver_fixed_ms"].as_f64().unwrap() > 0.0, "{st}");
+    assert!(
+        st["measured_costs"]["receiver_fixed_ms"].as_f64().unwrap() > 0.0,
+        "{st}"
+    );
 }
 
 #[test]
