@@ -433,3 +433,63 @@ cells! {
     kill_client_commit: KillClient at COMMIT => Receiver;
     kill_client_running: KillClient at RUNNING => Receiver;
 }
+
+/// Finding 9: the receiver commits OUT (digests of exactly the handed-over
+/// state) before the guest runs, and runs it from OUT. Checked at the
+/// moment RUNNING passes the proxy: OUT must already be a complete VM
+/// directory whose every digest matches, and its disk must be the source's
+/// disk as handed over.
+#[test]
+fn out_is_committed_before_the_guest_runs() {
+    if !kvm() {
+        return;
+    }
+    let mut s = Setup::new("dirty hot 2M\n");
+    let before = look(&s.src_sock);
+    let (_dst, addr, _) = s.recv_with(&s.key.clone(), "dst", &[]);
+    let out = s.p("dst");
+    let seen = Arc::new(Mutex::new(None::<Result<kimberley_formats::vmdir::Manifest, String>>));
+    let seen2 = seen.clone();
+    let strike: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || {
+        let r = kimberley_formats::vmdir::VmDir::open(&out)
+            .and_then(|d| d.verify().map(|()| d.manifest))
+            .map_err(|e| e.to_string());
+        *seen2.lock().unwrap() = Some(r);
+        true
+    });
+    let (paddr, struck) = proxy(addr, RUNNING, strike);
+    ok(s.send(&paddr, &[]));
+    assert!(*struck.lock().unwrap());
+    s.source_exits();
+    let m = seen
+        .lock()
+        .unwrap()
+        .take()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("OUT was not a committed VM directory at RUNNING: {e}"));
+    // The source's disk, used in place and paused since, is the disk as
+    // handed over.
+    let f = std::fs::File::open(s.p("vm").join("disk0.raw")).unwrap();
+    let size = f.metadata().unwrap().len();
+    let d = kimberley_formats::vmdir::dir::digest_file(&f, size).unwrap();
+    assert_eq!(m.components[1].digest, d, "OUT's disk digest is not the handed-over disk");
+    wait_for(&s.p("dst.sock"));
+    let g = look(&s.p("dst.sock"));
+    assert_eq!(g.sums, before.sums);
+    // The guest runs from OUT itself.
+    let st = ctl_status(&s.p("dst.sock"));
+    let disks = st["disks"].as_array().unwrap();
+    assert!(
+        disks[0].as_str().unwrap().starts_with(s.p("dst").to_str().unwrap()),
+        "{st}"
+    );
+}
+
+fn ctl_status(sock: &Path) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut c = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    writeln!(c, "{{\"cmd\":\"status\"}}").unwrap();
+    let mut l = String::new();
+    std::io::BufReader::new(c).read_line(&mut l).unwrap();
+    serde_json::from_str(&l).unwrap()
+}
