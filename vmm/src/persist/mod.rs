@@ -3,6 +3,8 @@
 
 mod codec;
 
+#[cfg(test)]
+pub(crate) use codec::Pod;
 pub use codec::{Reader, Writer};
 
 use crate::error::{Error, Result};
