@@ -619,8 +619,18 @@ fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     persist::seal(&w.into_inner())
 }
 
+fn section_name(tag: u32) -> &'static str {
+    match tag {
+        TAG_VM => "VM section",
+        TAG_VCPU => "vCPU section",
+        TAG_SERIAL => "serial section",
+        TAG_BLOCK => "block section",
+        _ => "unknown section",
+    }
+}
+
 fn expect_section<'a>(r: &mut Reader<'a>, tag: u32) -> Result<Reader<'a>> {
-    let (t, body) = r.section()?;
+    let (t, body) = r.section(section_name)?;
     if t != tag {
         return Err(Error::corrupt(format!(
             "section tag {t} where {tag} was expected"
@@ -711,12 +721,8 @@ mod tests {
     }
 
     /// A KVM structure whose bytes are `pattern(seed, size)`.
-    fn fill<T: crate::persist::Pod>(seed: u32) -> T {
-        let size = std::mem::size_of::<T>();
-        let mut w = Writer::new();
-        w.bytes(&pattern(seed, size));
-        let b = w.into_inner();
-        Reader::new(&b, "pattern").pod("pattern").unwrap()
+    fn fill<T: zerocopy::FromBytes>(seed: u32) -> T {
+        T::read_from_bytes(&pattern(seed, std::mem::size_of::<T>())).unwrap()
     }
 
     /// A state with every field set to distinct, non-zero bytes (the values
