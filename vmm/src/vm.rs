@@ -832,4 +832,30 @@ mod tests {
             "decode/encode round trip changed vm-v1.bin"
         );
     }
+
+    /// docs/VMM.md: chip ids 0, 1, 2 and a queue size of 0 or a power of two
+    /// up to 256 are checks of the blob itself, so `validate_state` (what
+    /// the migration receiver runs before it commits) must refuse them, not
+    /// only a later restore.
+    #[test]
+    fn validate_refuses_bad_chip_ids_and_queue_sizes() {
+        validate_state(&encode_snapshot(&pattern_snapshot())).unwrap();
+        for (chip, id) in [(0, 1), (1, 0), (2, 3), (2, u32::MAX)] {
+            let mut s = pattern_snapshot();
+            s.kvm.irqchips[chip].chip_id = id;
+            let e = validate_state(&encode_snapshot(&s)).unwrap_err();
+            assert!(e.to_string().contains("irqchip id"), "{e}");
+        }
+        for size in [3u16, 257, 512, 0xffff] {
+            let mut s = pattern_snapshot();
+            s.blocks[1].queue.size = size;
+            let e = validate_state(&encode_snapshot(&s)).unwrap_err();
+            assert!(e.to_string().contains("virtio queue size"), "{e}");
+        }
+        for size in [0u16, 1, 2, 128, 256] {
+            let mut s = pattern_snapshot();
+            s.blocks[0].queue.size = size;
+            validate_state(&encode_snapshot(&s)).unwrap();
+        }
+    }
 }

@@ -164,11 +164,19 @@ impl Codec for VmKvmState {
 
     fn decode(r: &mut Reader<'_>) -> Result<VmKvmState> {
         let clock = r.kvm_struct("clock")?;
-        let irqchips = [
+        let irqchips: [kvm_irqchip; 3] = [
             r.kvm_struct("irqchip")?,
             r.kvm_struct("irqchip")?,
             r.kvm_struct("irqchip")?,
         ];
+        for (chip, id) in irqchips.iter().zip(CHIPS) {
+            if chip.chip_id != id {
+                return Err(Error::corrupt(format!(
+                    "irqchip id {} where {id} was expected",
+                    chip.chip_id
+                )));
+            }
+        }
         Ok(VmKvmState { clock, irqchips })
     }
 }
