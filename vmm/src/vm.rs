@@ -14,7 +14,7 @@ use crate::devices::virtio_blk::{BlockState, VirtioBlk};
 use crate::error::{Error, Result};
 use crate::persist::{self, Codec, Persist, Reader, Writer};
 use crate::runner::{self, lock, Inner, Request, RunState, Shared};
-use crate::vstate::memory::{self, Memory, PAGE_SIZE};
+use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
@@ -25,6 +25,8 @@ const TAG_SERIAL: u32 = 3;
 const TAG_BLOCK: u32 = 4;
 /// Largest partial output line kept in a state blob.
 const MAX_PARTIAL_LINE: usize = 64 * 1024;
+/// Guest memory is a whole number of 2 MiB pages (docs/VMM.md).
+const MEMORY_ALIGN: u64 = 2 << 20;
 
 /// The embedded test guest (built by build.rs).
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimberley-guest"));
@@ -644,7 +646,7 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
     let mut r = Reader::new(body, "state body");
     let mut vm = expect_section(&mut r, TAG_VM)?;
     let memory_size = vm.u64()?;
-    if memory_size % PAGE_SIZE as u64 != 0
+    if memory_size % MEMORY_ALIGN != 0
         || !(abi::MIN_MEMORY..=abi::MAX_MEMORY).contains(&memory_size)
     {
         return Err(Error::corrupt(format!("memory size {memory_size}")));
@@ -833,12 +835,12 @@ mod tests {
         );
     }
 
-    /// docs/VMM.md: chip ids 0, 1, 2 and a queue size of 0 or a power of two
-    /// up to 256 are checks of the blob itself, so `validate_state` (what
+    /// docs/VMM.md: chip ids 0, 1, 2, a queue size of 0 or a power of two
+    /// up to 256 and a memory size in 2 MiB units are checks of the blob itself, so `validate_state` (what
     /// the migration receiver runs before it commits) must refuse them, not
     /// only a later restore.
     #[test]
-    fn validate_refuses_bad_chip_ids_and_queue_sizes() {
+    fn validate_refuses_bad_chip_ids_queue_and_memory_sizes() {
         validate_state(&encode_snapshot(&pattern_snapshot())).unwrap();
         for (chip, id) in [(0, 1), (1, 0), (2, 3), (2, u32::MAX)] {
             let mut s = pattern_snapshot();
@@ -851,6 +853,13 @@ mod tests {
             s.blocks[1].queue.size = size;
             let e = validate_state(&encode_snapshot(&s)).unwrap_err();
             assert!(e.to_string().contains("virtio queue size"), "{e}");
+        }
+        // Memory sizes a restore could not map are refused by the decoder.
+        for size in [(16 << 20) + 4096, (3 << 30) + (2 << 20), 14 << 20, 0] {
+            let mut s = pattern_snapshot();
+            s.memory_size = size;
+            let e = validate_state(&encode_snapshot(&s)).unwrap_err();
+            assert!(e.to_string().contains("memory size"), "{e}");
         }
         for size in [0u16, 1, 2, 128, 256] {
             let mut s = pattern_snapshot();
