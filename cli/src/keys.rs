@@ -1,10 +1,12 @@
-//! `--key-file`, `--passphrase-file`, `--no-encrypt`.
+//! `--key-file`, `--passphrase-file`, `--no-encrypt`, and what a reader
+//! accepts: `--allow-unencrypted`, `--max-kdf-memory`, `--max-kdf-passes`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use kimberley_formats::crypto::keys::{Argon2Params, Secret};
+use kimberley_formats::crypto::keys::{Argon2Params, KdfLimits, Secret};
+use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::Protection;
 
 /// How an overlay is (to be) protected.
@@ -45,5 +47,94 @@ impl KeyArgs {
                 "overlays are encrypted by default: give --key-file FILE (make one with `kimberlize keygen -o FILE`), --passphrase-file FILE, or --no-encrypt"
             ),
         })
+    }
+}
+
+/// What a reader of overlays accepts (flattened next to [`KeyArgs`] in
+/// every command that reads overlays).
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
+    /// Accept an unencrypted overlay (made with --no-encrypt) although a key
+    /// or passphrase is given. Such an overlay is checked for integrity only:
+    /// anyone who knows the base could have written it. Without this, it is
+    /// refused (exit 4) whenever a key or passphrase is given.
+    #[arg(long)]
+    pub allow_unencrypted: bool,
+    /// Most memory Argon2id may use for a passphrase overlay. The header
+    /// chooses the cost before anything can be authenticated, so a header
+    /// asking for more is refused before any key derivation; raise this only
+    /// for an overlay from a source you trust.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = kdf_memory)]
+    pub max_kdf_memory: u32,
+    /// Most Argon2id passes for a passphrase overlay (see --max-kdf-memory).
+    #[arg(long, value_name = "N", default_value_t = KdfLimits::DEFAULT.max_passes,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_kdf_passes: u32,
+}
+
+impl ReadArgs {
+    /// The library's reader policy.
+    pub fn policy(&self) -> ReadPolicy {
+        ReadPolicy {
+            allow_unencrypted: self.allow_unencrypted,
+            kdf: KdfLimits {
+                max_memory_kib: self.max_kdf_memory,
+                max_passes: self.max_kdf_passes,
+            },
+        }
+    }
+}
+
+/// Parses `--max-kdf-memory`: a size (e.g. 256M, 1G) in whole KiB, as KiB.
+fn kdf_memory(s: &str) -> Result<u32, String> {
+    let bytes = crate::run::parse_size(s)?;
+    if bytes < 1024 || !bytes.is_multiple_of(1024) {
+        return Err(format!(
+            "{s:?} is not a whole number of KiB (e.g. 256M, 1G)"
+        ));
+    }
+    u32::try_from(bytes / 1024).map_err(|_| format!("{s:?} is more than Argon2id can use"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        read: ReadArgs,
+    }
+
+    #[test]
+    fn defaults_are_the_library_caps() {
+        let t = T::try_parse_from(["t"]).unwrap();
+        assert_eq!(t.read.policy(), ReadPolicy::default());
+        assert!(!t.read.policy().allow_unencrypted);
+    }
+
+    #[test]
+    fn flags_set_the_policy() {
+        let t = T::try_parse_from([
+            "t",
+            "--allow-unencrypted",
+            "--max-kdf-memory",
+            "1G",
+            "--max-kdf-passes",
+            "64",
+        ])
+        .unwrap();
+        let p = t.read.policy();
+        assert!(p.allow_unencrypted);
+        assert_eq!(p.kdf.max_memory_kib, 1 << 20);
+        assert_eq!(p.kdf.max_passes, 64);
+        for bad in [
+            ["--max-kdf-memory", "1000"],
+            ["--max-kdf-memory", "8T"],
+            ["--max-kdf-passes", "0"],
+        ] {
+            assert!(T::try_parse_from(["t", bad[0], bad[1]]).is_err(), "{bad:?}");
+        }
     }
 }

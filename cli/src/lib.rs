@@ -9,5 +9,5 @@ pub mod progress;
 pub mod run;
 pub mod vm;
 
-pub use keys::KeyArgs;
+pub use keys::{KeyArgs, ReadArgs};
 pub use run::{main_with, Quiet};

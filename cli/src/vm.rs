@@ -26,17 +26,22 @@ pub enum Served {
     /// Migrated away (the migrate hook's result); the VMDIR was left as it
     /// was and the local copy was discarded.
     Migrated(serde_json::Value),
+    /// A migration's hand-over is in doubt (why): the guest, which the
+    /// receiver may be running, was suspended into its VMDIR, not resumed.
+    InDoubt(String),
 }
 
 /// Runs `vm`, which was resumed from `dir`, behind the control socket
 /// `sock` (guest console to stdout) until it is stopped through the socket
-/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_vmm::stop_on_signals`]),
-/// then suspends it back into `dir`. `snapshot` requests write VM
-/// directories; `migrate` requests go to `migrate` when given.
+/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_vmm::stop_on_signals`];
+/// it also interrupts a running `exec`), then suspends it back into `dir`.
+/// `snapshot` requests write VM directories (atomically, at absolute paths
+/// that do not exist); `migrate` requests go to `migrate` when given. The
+/// socket file is gone when this returns.
 pub fn serve_vmdir(
     vm: kimberley_vmm::Vm,
     dir: &kimberley_formats::vmdir::VmDir,
-    sock: &std::path::Path,
+    sock: kimberley_vmm::ControlSocket,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     migrate: Option<kimberley_vmm::MigrateFn>,
 ) -> anyhow::Result<Served> {
@@ -59,11 +64,15 @@ pub fn serve_vmdir(
         let _ = o.flush();
     });
     let hooks = control::Hooks { snapshot, migrate };
-    let served = control::serve_with(vm, sock, hooks, stop, console);
-    let _ = std::fs::remove_file(sock);
-    let (mut vm, ending) = served.map_err(vm_error)?;
+    let (mut vm, ending) = control::serve_with(vm, sock, hooks, stop, console).map_err(vm_error)?;
     match ending {
         control::Ending::Migrated(v) => Ok(Served::Migrated(v)),
+        control::Ending::InDoubt(why) => {
+            vmdir::save_in_place(&mut vm, dir)
+                .map_err(vm_error)
+                .context("suspending the VM whose hand-over is in doubt")?;
+            Ok(Served::InDoubt(why))
+        }
         control::Ending::Stopped => {
             vmdir::save_in_place(&mut vm, dir)
                 .map_err(vm_error)

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use kimberley_cli::KeyArgs;
+use kimberley_cli::{KeyArgs, ReadArgs};
 
 /// Apply VM overlays: synthesise a launch VM from a base VM.
 ///
@@ -13,6 +13,11 @@ use kimberley_cli::KeyArgs;
 /// still arriving, and builds the launch VM in one pass over the base.
 /// Every component is checked against the digest the overlay promised, then
 /// fsynced and renamed into place: a failed run leaves nothing behind.
+///
+/// Given a key or passphrase, it refuses (exit 4) any overlay of the chain
+/// that is not encrypted, since an unencrypted overlay authenticates nothing,
+/// unless --allow-unencrypted; and it refuses a passphrase overlay whose
+/// header asks Argon2id for more than --max-kdf-memory or --max-kdf-passes.
 ///
 /// Examples:
 ///
@@ -34,6 +39,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Authenticate and parse a whole overlay without writing anything.
+    ///
+    /// Says "every segment authenticated" for an encrypted overlay, and
+    /// "checksums OK (not authenticated)" for an unencrypted one (read without
+    /// a key, or with --allow-unencrypted).
     Verify(VerifyArgs),
 }
 
@@ -51,6 +60,8 @@ pub struct ApplyArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Worker threads (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,
@@ -63,8 +74,11 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub run: bool,
     /// Control socket for --run (one JSON request per line: status, pause,
-    /// resume, snapshot, stop, exec). Default: a socket in the temporary
-    /// directory, printed on stderr.
+    /// resume, snapshot, stop, exec; docs/VMM.md), bound before the
+    /// overlay is read. Created 0600, usable only by this uid and root; a
+    /// live socket there is refused, a stale one replaced. Default:
+    /// $XDG_RUNTIME_DIR/kimberley/dekimberlize-PID.sock (/run/kimberley/
+    /// for root), printed on stderr.
     #[arg(long, value_name = "SOCK", requires = "run")]
     pub control: Option<PathBuf>,
     /// Do not fsync the result: it is still complete, checked and renamed
@@ -87,6 +101,8 @@ pub struct VerifyArgs {
     pub base: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Worker threads (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,

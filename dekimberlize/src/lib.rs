@@ -55,9 +55,21 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let out = a.output.expect("required by clap");
     let secret = a.keys.secret()?;
     let base = VmDir::open(&base_path)?;
-    if out.exists() {
+    // Anything at `out`, a dangling symbolic link included, is refused
+    // (and the output is committed without replacing anything).
+    if kimberley_formats::fsutil::occupied(&out) {
         return Err(kimberley_formats::Error::Exists(out).into());
     }
+    // The control socket is checked and bound before any work: a path
+    // that another VM serves is refused before the overlay is read.
+    let control = if a.run {
+        Some(
+            kimberley_vmm::ControlSocket::bind(a.control.as_deref(), "dekimberlize")
+                .map_err(kimberley_cli::vm::vm_error)?,
+        )
+    } else {
+        None
+    };
     let inputs = inputs(&a.input)?;
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), a.quiet);
@@ -67,6 +79,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         &out,
         &ApplyOptions {
             secret,
+            policy: a.read.policy(),
             threads,
             sync: !a.no_sync,
         },
@@ -85,8 +98,8 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         );
     }
     let json = serde_json::to_value(&stats)?;
-    if a.run {
-        return run::run(&out, a.control, t0, json, a.stats_json.as_deref());
+    if let Some(sock) = control {
+        return run::run(&out, sock, t0, json, a.stats_json.as_deref());
     }
     if let Some(p) = &a.stats_json {
         write_json(p, &json)?;
@@ -98,16 +111,23 @@ fn verify(v: cli::VerifyArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(v.threads);
     let secret = v.keys.secret()?;
     let mut ins = inputs(v.input.as_slice())?;
-    let o = Opened::open(ins.remove(0), secret.as_ref())?;
+    let o = Opened::open(ins.remove(0), secret.as_ref(), &v.read.policy())?;
     if let Some(b) = &v.base {
         let base = VmDir::open(b)?;
         check_chain(&base, std::slice::from_ref(&o))?;
     }
     let name = o.name.clone();
+    // An unencrypted overlay (read without a key, or with
+    // --allow-unencrypted) has integrity checks only.
+    let checked = if o.keys.is_some() {
+        "every segment authenticated"
+    } else {
+        "checksums OK (not authenticated)"
+    };
     let r = apply::verify(o, threads, &Progress::default())?;
     if !v.quiet {
         eprintln!(
-            "{name}: OK ({} bytes, {} segments, {} records, every segment authenticated)",
+            "{name}: OK ({} bytes, {} segments, {} records, {checked})",
             r.bytes, r.segments, r.records
         );
     }

@@ -1,7 +1,7 @@
 //! `--run`: resume the synthesised launch VM and keep it running.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,17 +10,17 @@ use anyhow::{Context, Result};
 use kimberley_cli::output::write_json;
 use kimberley_cli::vm::vm_error;
 use kimberley_formats::vmdir::VmDir;
-use kimberley_vmm::vmdir;
+use kimberley_vmm::{vmdir, ControlSocket, Error as VmError};
 
 fn ms(from: Instant, to: Instant) -> u64 {
     to.saturating_duration_since(from).as_millis() as u64
 }
 
-/// Resumes the VM in `out`, serves the control socket until stopped, then
-/// suspends it back into `out`.
+/// Resumes the VM in `out`, serves the control socket `sock` until
+/// stopped, then suspends it back into `out`.
 pub fn run(
     out: &Path,
-    control_path: Option<PathBuf>,
+    sock: ControlSocket,
     t0: Instant,
     mut stats: serde_json::Value,
     stats_json: Option<&Path>,
@@ -32,21 +32,24 @@ pub fn run(
     let mut vm = vmdir::restore(&dir)
         .map_err(vm_error)
         .context("resuming the launch VM")?;
-    let first_exit = vm
-        .wait_first_exit(Duration::from_secs(10))
-        .map_err(vm_error)?;
+    vm.set_interrupt(stop.clone());
+    let first_exit = match vm.wait_first_exit(Duration::from_secs(10)) {
+        Err(VmError::Interrupted) => return suspend(vm, &dir, sock, stop, out),
+        r => r.map_err(vm_error)?,
+    };
     let first_entry = vm.first_entry().unwrap_or(first_exit);
     // The first command the guest answers: the end of the timeline.
     let mut stdout = std::io::stdout();
-    let o = vm
-        .run_script(
-            "print kimberley: launch VM resumed",
-            &mut |l| {
-                let _ = writeln!(stdout, "{l}");
-            },
-            Duration::from_secs(30),
-        )
-        .map_err(vm_error)?;
+    let o = match vm.run_script(
+        "print kimberley: launch VM resumed",
+        &mut |l| {
+            let _ = writeln!(stdout, "{l}");
+        },
+        Duration::from_secs(30),
+    ) {
+        Err(VmError::Interrupted) => return suspend(vm, &dir, sock, stop, out),
+        r => r.map_err(vm_error)?,
+    };
     let answered = Instant::now();
     if o.status != 0 {
         anyhow::bail!("the launch VM did not answer its first command");
@@ -59,11 +62,20 @@ pub fn run(
     if let Some(p) = stats_json {
         write_json(p, &stats)?;
     }
-    let sock = control_path.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("kimberley-{}.sock", std::process::id()))
-    });
-    eprintln!("launch VM running; control socket {} (send {{\"cmd\":\"stop\"}} or press Ctrl-C to suspend it)", sock.display());
-    kimberley_cli::vm::serve_vmdir(vm, &dir, &sock, stop, None)?;
+    eprintln!("launch VM running; control socket {} (send {{\"cmd\":\"stop\"}} or press Ctrl-C to suspend it)", sock.path().display());
+    suspend(vm, &dir, sock, stop, out)
+}
+
+/// Serves the control socket until a stop (at once if SIGINT/SIGTERM came
+/// already), then suspends the VM into `out`.
+fn suspend(
+    vm: kimberley_vmm::Vm,
+    dir: &VmDir,
+    sock: ControlSocket,
+    stop: Arc<AtomicBool>,
+    out: &Path,
+) -> Result<()> {
+    kimberley_cli::vm::serve_vmdir(vm, dir, sock, stop, None)?;
     eprintln!("launch VM suspended into {}", out.display());
     Ok(())
 }

@@ -76,6 +76,86 @@ impl ComponentHasher {
     }
 }
 
+/// A component digest kept up to date while the component's file is
+/// written piecemeal (live migration): per-block hashes start as those of
+/// zeros (an empty sparse file), blocks written to are marked, and
+/// [`BlockDigests::rehash`] re-reads and re-hashes only the marked ones.
+#[derive(Debug, Clone)]
+pub struct BlockDigests {
+    size: u64,
+    hashes: Vec<Digest>,
+    stale: Vec<bool>,
+}
+
+impl BlockDigests {
+    /// The digest state of an all-zero component of `size` bytes.
+    pub fn zeros(size: u64) -> Self {
+        let n = block_count(size);
+        BlockDigests {
+            size,
+            hashes: (0..n)
+                .map(|i| zero_block_hash(block_len(size, i)))
+                .collect(),
+            stale: vec![false; n as usize],
+        }
+    }
+
+    /// Marks the block holding byte `offset` for re-hashing.
+    pub fn mark(&mut self, offset: u64) {
+        if let Some(s) = self.stale.get_mut((offset / BLOCK) as usize) {
+            *s = true;
+        }
+    }
+
+    /// Marks every block.
+    pub fn mark_all(&mut self) {
+        self.stale.fill(true);
+    }
+
+    /// Blocks marked since the last [`BlockDigests::rehash`].
+    pub fn stale_count(&self) -> u64 {
+        self.stale.iter().filter(|&&s| s).count() as u64
+    }
+
+    /// Re-reads and re-hashes the marked blocks from `file` (holes and the
+    /// end of the file read as zeros), on all cores. Returns how many.
+    pub fn rehash(&mut self, file: &std::fs::File) -> std::io::Result<u64> {
+        use rayon::prelude::*;
+        let size = self.size;
+        let todo: Vec<u64> = (0..self.stale.len() as u64)
+            .filter(|&i| self.stale[i as usize])
+            .collect();
+        let new: Vec<(u64, Digest)> = todo
+            .par_iter()
+            .map(|&i| {
+                let mut buf = vec![0u8; block_len(size, i)];
+                crate::fsutil::read_at_zero_padded(file, &mut buf, i * BLOCK, size)?;
+                let h = if crate::chunk::is_zero(&buf) {
+                    zero_block_hash(buf.len())
+                } else {
+                    block_hash(&buf)
+                };
+                Ok((i, h))
+            })
+            .collect::<std::io::Result<_>>()?;
+        for (i, h) in new {
+            self.hashes[i as usize] = h;
+            self.stale[i as usize] = false;
+        }
+        Ok(todo.len() as u64)
+    }
+
+    /// The component digest. Marked blocks must have been re-hashed.
+    pub fn digest(&self) -> Digest {
+        debug_assert_eq!(self.stale_count(), 0);
+        let mut h = ComponentHasher::new(self.size);
+        for b in &self.hashes {
+            h.push(b);
+        }
+        h.finish()
+    }
+}
+
 /// Digest of an in-memory image (tests and small components).
 pub fn digest_bytes(bytes: &[u8]) -> Digest {
     let mut h = ComponentHasher::new(bytes.len() as u64);
@@ -114,6 +194,37 @@ mod tests {
         h.push(&zero_block_hash(BLOCK_SIZE));
         h.push(&zero_block_hash(5));
         assert_eq!(h.finish(), digest_bytes(&z));
+    }
+
+    #[test]
+    fn block_digests_follow_piecemeal_writes() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let size = BLOCK * 3 + 100;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(t.path().join("f"))
+            .unwrap();
+        f.set_len(size).unwrap();
+        let mut img = vec![0u8; size as usize];
+        let mut d = BlockDigests::zeros(size);
+        assert_eq!(d.digest(), digest_bytes(&img));
+        for (off, b) in [(5u64, 7u8), (BLOCK * 3 + 50, 9), (BLOCK + 4096, 1)] {
+            f.write_all_at(&[b; 40], off).unwrap();
+            img[off as usize..off as usize + 40].fill(b);
+            d.mark(off);
+        }
+        assert_eq!(d.stale_count(), 3);
+        assert_eq!(d.rehash(&f).unwrap(), 3);
+        assert_eq!(d.digest(), digest_bytes(&img));
+        // A block written back to zeros hashes as zeros again.
+        f.write_all_at(&[0; 40], 5).unwrap();
+        img[5..45].fill(0);
+        d.mark(5);
+        d.rehash(&f).unwrap();
+        assert_eq!(d.digest(), digest_bytes(&img));
     }
 
     #[test]

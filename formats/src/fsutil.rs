@@ -1,9 +1,11 @@
-//! File-system helpers: atomic outputs, hole-preserving copies, positional
-//! reads that treat the end of a file as zeros.
+//! File-system helpers: private atomic outputs, opening inputs that must be
+//! regular files, hole-preserving copies, positional reads that treat the
+//! end of a file as zeros.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -41,6 +43,93 @@ fn read_exact_or_zero(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::R
     Ok(())
 }
 
+/// Mode of every file an output is made of (set in the `open(2)` that
+/// creates it, never changed afterwards).
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every directory an output is made of (set in `mkdir(2)`).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates the new file `path` (refusing anything already there, a
+/// dangling symbolic link included) readable and writable by its owner
+/// only, from the first system call.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+}
+
+/// Creates the new directory `path` accessible by its owner only, from the
+/// first system call.
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(PRIVATE_DIR_MODE).create(path)
+}
+
+/// True if anything is at `path`, a dangling symbolic link included
+/// (`lstat(2)`, where `Path::exists` follows links).
+pub fn occupied(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Opens `path` (read-only, or read-write with `write`) when it is a
+/// regular file: a symbolic link as its last component is not followed
+/// (`O_NOFOLLOW`), a FIFO or device is not waited on (`O_NONBLOCK`, cleared
+/// again once the file is known to be regular), and the type is checked on
+/// the opened descriptor (`fstat(2)`), so the file checked is the file
+/// used. Take sizes from `file.metadata()`, not from the path.
+pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            if e.raw_os_error() == Some(libc::ELOOP) && link {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "is a symbolic link (not followed)",
+                )
+            } else {
+                e
+            }
+        })?;
+    check_regular(&file)?;
+    crate::sys::file::set_nonblocking(file.as_raw_fd(), false)?;
+    Ok(file)
+}
+
+/// Refuses an opened file that is not a regular file, naming what it is.
+pub fn check_regular(file: &File) -> io::Result<()> {
+    let t = file.metadata()?.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let what = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("is {what}, not a regular file"),
+    ))
+}
+
+/// True if `a` and `b` are the same file (device and inode).
+pub fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
 /// fsyncs a directory so a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     let d = if dir.as_os_str().is_empty() {
@@ -74,32 +163,31 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     parent_of(path).join(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
-/// A file being written under a temporary name; [`AtomicFile::commit`]
-/// fsyncs and renames it into place. Dropped uncommitted, it is removed.
+/// A file being written under a temporary name, private (0600) from its
+/// creation; [`AtomicFile::commit`] fsyncs and renames it into place.
+/// Dropped uncommitted, it is removed.
 pub struct AtomicFile {
     file: Option<File>,
     tmp: PathBuf,
     dest: PathBuf,
+    overwrite: bool,
 }
 
 impl AtomicFile {
-    /// Creates the temporary file next to `dest`. Refuses an existing `dest`
-    /// unless `overwrite`.
+    /// Creates the temporary file next to `dest`. Unless `overwrite`,
+    /// refuses anything at `dest` (a dangling symbolic link included), now
+    /// and at the commit.
     pub fn create(dest: &Path, overwrite: bool) -> Result<Self> {
-        if !overwrite && dest.exists() {
+        if !overwrite && occupied(dest) {
             return Err(Error::Exists(dest.to_path_buf()));
         }
         let tmp = temp_sibling(dest);
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create_new(true)
-            .open(&tmp)
-            .ctx(|| format!("creating {}", tmp.display()))?;
+        let file = create_private(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicFile {
             file: Some(file),
             tmp,
             dest: dest.to_path_buf(),
+            overwrite,
         })
     }
 
@@ -108,16 +196,22 @@ impl AtomicFile {
         self.file.as_ref().expect("file present until commit")
     }
 
-    /// fsync, rename into place, fsync the directory.
+    /// fsync, rename into place (without replacing anything unless
+    /// `overwrite`), fsync the directory. On failure the temporary file is
+    /// removed.
     pub fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("file present until commit");
+        let file = self.file.as_ref().expect("file present until commit");
         file.sync_all()
             .ctx(|| format!("syncing {}", self.tmp.display()))?;
-        drop(file);
-        // rename(2) replaces an existing destination atomically (`overwrite`
-        // was checked at creation).
-        fs::rename(&self.tmp, &self.dest)
-            .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        if self.overwrite {
+            // rename(2) replaces whatever is at `dest` (a link itself, never
+            // its target) atomically.
+            fs::rename(&self.tmp, &self.dest)
+                .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        } else {
+            rename_noreplace(&self.tmp, &self.dest)?;
+        }
+        self.file = None;
         sync_dir(&parent_of(&self.dest))
     }
 }
@@ -186,6 +280,8 @@ impl Drop for ScratchDir {
 
 /// A directory being filled under a temporary name; committed by rename.
 /// Dropped uncommitted, it is removed with its contents.
+///
+/// Fill it with [`create_private`] so its files are private too.
 pub struct AtomicDir {
     tmp: PathBuf,
     dest: PathBuf,
@@ -194,9 +290,11 @@ pub struct AtomicDir {
 }
 
 impl AtomicDir {
-    /// Creates the temporary directory. Refuses an existing `dest`.
+    /// Creates the temporary directory, private (0700) from its creation.
+    /// Refuses anything at `dest` (a dangling symbolic link included), now
+    /// and at the commit.
     pub fn create(dest: &Path) -> Result<Self> {
-        if dest.exists() {
+        if occupied(dest) {
             return Err(Error::Exists(dest.to_path_buf()));
         }
         Self::start(dest, false)
@@ -204,7 +302,7 @@ impl AtomicDir {
 
     fn start(dest: &Path, replace: bool) -> Result<Self> {
         let tmp = temp_sibling(dest);
-        fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        create_private_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicDir {
             tmp,
             dest: dest.to_path_buf(),
@@ -290,4 +388,140 @@ pub fn copy_sparse(
         }
     }
     Ok(extents)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+
+    const CHILD: &str = "KIMBERLEY_TEST_UMASK_CHILD";
+
+    /// The permission bits of `p` (not following a symbolic link).
+    pub(crate) fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// The umask is per process: reruns test `name` (its full path) in a
+    /// child started with umask 000 and asserts it passed. Returns true in
+    /// that child, which then runs the test body.
+    pub(crate) fn in_child_with_umask_000(name: &str) -> bool {
+        if std::env::var(CHILD).as_deref() == Ok(name) {
+            // Show the umask really is 000: a plain create is world-writable.
+            let t = tempfile::tempdir().unwrap();
+            let p = t.path().join("control");
+            File::create(&p).unwrap();
+            assert_eq!(mode(&p), 0o666, "the child's umask is not 000");
+            return true;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let o = Command::new("sh")
+            .args(["-c", "umask 000 && exec \"$0\" \"$@\""])
+            .arg(exe)
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, name)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("1 passed"),
+            "{name} under umask 000:\n{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        false
+    }
+
+    #[test]
+    fn outputs_are_private_from_creation() {
+        if !in_child_with_umask_000("fsutil::tests::outputs_are_private_from_creation") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let key = t.path().join("key");
+        let f = AtomicFile::create(&key, false).unwrap();
+        // What a watcher on the directory can open before the commit.
+        assert_eq!(mode(&f.tmp), 0o600, "temporary file");
+        f.commit().unwrap();
+        assert_eq!(mode(&key), 0o600);
+
+        let json = t.path().join("stats.json");
+        let f = AtomicFile::create(&json, true).unwrap();
+        assert_eq!(mode(&f.tmp), 0o600, "temporary file (overwrite)");
+        f.commit().unwrap();
+        assert_eq!(mode(&json), 0o600);
+
+        let d = t.path().join("vm");
+        let a = AtomicDir::create(&d).unwrap();
+        assert_eq!(mode(a.path()), 0o700, "temporary directory");
+        a.commit(false).unwrap();
+        assert_eq!(mode(&d), 0o700);
+    }
+
+    #[test]
+    fn open_regular_refuses_links_fifos_and_directories() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        fs::write(p("file"), b"data").unwrap();
+        std::os::unix::fs::symlink(p("file"), p("link")).unwrap();
+        std::os::unix::fs::symlink(p("nothing"), p("dangling")).unwrap();
+        fs::create_dir(p("dir")).unwrap();
+        let ok = Command::new("mkfifo").arg(p("fifo")).status().unwrap();
+        assert!(ok.success());
+        for write in [false, true] {
+            let f = open_regular(&p("file"), write).unwrap();
+            assert_eq!(f.metadata().unwrap().len(), 4);
+            for (n, why) in [
+                ("link", "symbolic link"),
+                ("dangling", "symbolic link"),
+                ("fifo", "FIFO"),
+            ] {
+                let e = open_regular(&p(n), write).expect_err(n).to_string();
+                assert!(e.contains(why), "{n}: {e}");
+            }
+            assert!(open_regular(&p("dir"), write).is_err());
+            assert!(open_regular(&p("nothing"), write).is_err());
+        }
+        let e = open_regular(&p("dir"), false).unwrap_err().to_string();
+        assert!(e.contains("directory"), "{e}");
+        // A device: opened without blocking, then refused.
+        let e = open_regular(Path::new("/dev/null"), false).unwrap_err();
+        assert!(e.to_string().contains("device"), "{e}");
+        // The file it returns blocks again (O_NONBLOCK cleared).
+        let f = open_regular(&p("file"), false).unwrap();
+        // SAFETY: F_GETFL only reads the flags of a descriptor we own.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+    }
+
+    #[test]
+    fn occupied_sees_dangling_links() {
+        let t = tempfile::tempdir().unwrap();
+        let l = t.path().join("l");
+        assert!(!occupied(&l));
+        std::os::unix::fs::symlink(t.path().join("nothing"), &l).unwrap();
+        assert!(occupied(&l) && !l.exists());
+    }
+
+    #[test]
+    fn no_replace_commit_keeps_a_dangling_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        let target = t.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, &out).unwrap();
+        // Present before: refused at creation.
+        assert!(matches!(
+            AtomicFile::create(&out, false),
+            Err(Error::Exists(_))
+        ));
+        assert!(matches!(AtomicDir::create(&out), Err(Error::Exists(_))));
+        // Appearing meanwhile: refused at commit.
+        fs::remove_file(&out).unwrap();
+        let f = AtomicFile::create(&out, false).unwrap();
+        let tmp = f.tmp.clone();
+        std::os::unix::fs::symlink(&target, &out).unwrap();
+        assert!(matches!(f.commit(), Err(Error::Exists(_))));
+        assert_eq!(fs::read_link(&out).unwrap(), target);
+        assert!(!target.exists() && !tmp.exists());
+    }
 }

@@ -214,6 +214,9 @@ fn generate() {
     version[8] = 2;
     let mut argon = pass.clone();
     argon[144..148].copy_from_slice(&u32::MAX.to_le_bytes());
+    // The key-file overlay with its protection byte set to 0 (none).
+    let mut downgrade = key.clone();
+    downgrade[12] = 0;
     let mut trailing = key.clone();
     trailing.extend_from_slice(b"\n");
     let files: Vec<(&str, Vec<u8>)> = vec![
@@ -245,6 +248,7 @@ fn generate() {
         ),
         ("bad-spliced.ovl", spliced),
         ("bad-wrong-base.ovl", wrong_base),
+        ("bad-downgrade.ovl", downgrade),
     ];
     for (name, bytes) in &files {
         std::fs::write(d.join(name), bytes).unwrap();
@@ -283,6 +287,10 @@ fn generate() {
         "base\tbad-reordered.ovl\tkey.bin\t4\tdoes not authenticate".into(),
         "base\tbad-dropped.ovl\tkey.bin\t4\tdoes not authenticate".into(),
         "base\tbad-spliced.ovl\tkey.bin\t4\tdoes not authenticate".into(),
+        "base\tok-plain.ovl\tkey.bin\t4\tnot encrypted".into(),
+        "base\tok-plain.ovl\tpassphrase.txt\t4\tnot encrypted".into(),
+        "base\tbad-downgrade.ovl\tkey.bin\t4\tnot encrypted".into(),
+        "base\tbad-downgrade.ovl\t-\t3\theader checksum".into(),
     ];
     let mut tsv = String::from("# base\toverlays (chain order)\tsecret\texpected exit code\tresult identity (exit 0) or text the error contains\n");
     for r in rows {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use kimberley_cli::KeyArgs;
+use kimberley_cli::{KeyArgs, ReadArgs};
 
 /// Make VM overlays.
 ///
@@ -80,7 +80,9 @@ pub enum Command {
     ///
     /// Without a key, shows what the header says and walks the frames. With
     /// a key (or for an unencrypted overlay), authenticates and parses every
-    /// segment and shows the launch VM and chunk statistics.
+    /// segment and shows the launch VM and chunk statistics. An unencrypted
+    /// overlay is only checksummed, and with a key it is refused unless
+    /// --allow-unencrypted.
     Inspect(InspectArgs),
 }
 
@@ -122,9 +124,12 @@ pub struct DiffArgs {
     pub force: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Make a layered overlay on top of this parent overlay (repeat for a
     /// chain, in order). The new overlay is relative to base + parents, and
-    /// dekimberlize must be given the same chain before it.
+    /// dekimberlize must be given the same chain before it. Parents are read
+    /// with the key or passphrase given, like dekimberlize reads them.
     #[arg(long, value_name = "OVL")]
     pub parent: Vec<PathBuf>,
     /// Worker threads (default: all cores).
@@ -214,6 +219,8 @@ pub struct InspectArgs {
     pub overlay: PathBuf,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -57,7 +57,8 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         }
         // Read the last parent's header for its identity first.
         let (name, reader) = open_input(a.parent.last().expect("non-empty"))?;
-        let last = Opened::open(Input { name, reader }, secret.as_ref())?;
+        let policy = a.read.policy();
+        let last = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
         parent = Some(Parent {
             overlay_id: last.header.overlay_id,
             depth: last.header.depth,
@@ -67,6 +68,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         // Scratch: not worth an fsync.
         let opts = ApplyOptions {
             secret,
+            policy,
             threads,
             sync: false,
         };

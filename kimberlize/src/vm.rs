@@ -11,8 +11,8 @@ use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
 use kimberley_formats::fsutil::{copy_sparse, temp_sibling, ScratchDir};
 use kimberley_formats::progress::Progress;
-use kimberley_formats::vmdir::{VmDir, VmDirWriter};
-use kimberley_vmm::{vmdir, Vm, VmConfig};
+use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
+use kimberley_vmm::{vmdir, OpenedFile, Vm, VmConfig};
 use serde_json::json;
 
 use crate::cli::{BaseArgs, BuildArgs};
@@ -29,9 +29,10 @@ pub fn base(a: BaseArgs) -> Result<()> {
     let w = VmDirWriter::create(&a.output)?;
     let mut disks = Vec::new();
     if a.disk > 0 {
-        let f = w.create_file("disk0.raw")?;
+        let name = file_name(Kind::Disk, 0);
+        let f = w.create_file(&name)?;
         f.set_len(a.disk).context("creating the disk")?;
-        disks.push(w.path().join("disk0.raw"));
+        disks.push(w.path().join(name));
     }
     let cfg = VmConfig {
         memory_size: a.memory,
@@ -80,9 +81,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let w = VmDirWriter::create(&launch_path)?;
     // The launch VM's disks start as copies of the base's; its memory is
     // the base's file mapped copy-on-write, so the base is never modified.
+    // The VM uses the files opened here and by `VmDir::open`, never a
+    // path looked up again.
     let mut disks = Vec::new();
     for (k, i) in base.manifest.disk_indices().into_iter().enumerate() {
-        let name = format!("disk{k}.raw");
+        let name = file_name(Kind::Disk, k);
         let dst = w.create_file(&name)?;
         copy_sparse(
             &base.open_component(i)?,
@@ -90,15 +93,22 @@ pub fn build(a: BuildArgs) -> Result<()> {
             &dst,
             |_, _| Ok(()),
         )?;
-        disks.push(w.path().join(name));
+        disks.push(OpenedFile {
+            file: dst,
+            path: w.path().join(name),
+        });
     }
     let state_i = base
         .manifest
         .state_index()
         .ok_or_else(|| anyhow::anyhow!("{} has no state blob: build needs a suspended base VM (make one with `kimberlize base`)", a.base.display()))?;
-    let state = std::fs::read(base.component_path(state_i)).context("reading the base's state")?;
+    let state = base.read_component(state_i)?;
+    let memory = OpenedFile {
+        file: base.open_component(0)?,
+        path: base.component_path(0),
+    };
     let t_restore = Instant::now();
-    let mut vm = Vm::restore(&base.component_path(0), disks, &state).map_err(vm_error)?;
+    let mut vm = Vm::restore_opened(memory, disks, &state).map_err(vm_error)?;
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();

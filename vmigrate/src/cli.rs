@@ -63,8 +63,11 @@ pub struct RunArgs {
     /// The suspended VM directory to run.
     #[arg(value_name = "VMDIR")]
     pub vmdir: PathBuf,
-    /// Control socket (one JSON request per line). Default: a socket in
-    /// the temporary directory, printed on stderr.
+    /// Control socket (one JSON request per line; docs/VMM.md). Created
+    /// 0600, usable only by this uid and root; a live socket there is
+    /// refused, a stale one replaced. Default:
+    /// $XDG_RUNTIME_DIR/kimberley/vmigrate-PID.sock (/run/kimberley/ for
+    /// root), printed on stderr.
     #[arg(long, value_name = "SOCK")]
     pub control: Option<PathBuf>,
 }
@@ -80,13 +83,22 @@ pub struct RecvArgs {
     /// The VM directory to create (must not exist).
     #[arg(short, long, value_name = "VMDIR")]
     pub output: PathBuf,
-    /// Control socket of the received VM. Default: a socket in the
-    /// temporary directory, printed on stderr.
+    /// Control socket of the received VM, bound (and checked) before
+    /// waiting: like `vmigrate run --control`. Default:
+    /// $XDG_RUNTIME_DIR/kimberley/vmigrate-PID.sock (/run/kimberley/ for
+    /// root), printed on stderr.
     #[arg(long, value_name = "SOCK")]
     pub control: Option<PathBuf>,
     /// Write receiver statistics as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// Accept a sender's `--shared-disk` only for disk files beneath DIR
+    /// (storage both hosts see, at the same path). Without it, a sender
+    /// with shared disks is refused. The file must be a regular file of
+    /// the size the sender names, reached without symlinks, on the same
+    /// file system as OUT (it is hard-linked into OUT).
+    #[arg(long, value_name = "DIR")]
+    pub shared_disk_dir: Option<PathBuf>,
     /// No messages on stderr besides errors.
     #[arg(short, long)]
     pub quiet: bool,
@@ -123,7 +135,8 @@ pub struct SendArgs {
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
     /// The disks are on storage both hosts share (same path): do not copy
-    /// them. The receiver links them into its VM directory.
+    /// them. The receiver links them into its VM directory; it must be run
+    /// with `--shared-disk-dir` naming a directory that holds them.
     #[arg(long)]
     pub shared_disk: bool,
     /// No progress on stderr.

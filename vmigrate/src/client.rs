@@ -11,26 +11,27 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kimberley_cli::run::WithCode;
+use kimberley_formats::sys::poll;
 use serde_json::{json, Value};
 
 use crate::cli::SendArgs;
-use crate::send::Params;
+use crate::params::Params;
 
 /// Exit code of an authentication failure (as for overlays).
 const EXIT_AUTH: i32 = 4;
 
 pub fn send(a: SendArgs) -> Result<()> {
     // Refuse a bad key file here, before bothering the VM's process.
-    crate::wire::read_key(&a.key_file)?;
+    crate::channel::read_key(&a.key_file)?;
     let key_file = std::fs::canonicalize(&a.key_file)
         .with_context(|| format!("resolving {}", a.key_file.display()))?;
     let p = Params {
         to: a.to.clone(),
         key_file,
-        downtime: Duration::from_millis(a.downtime_ms),
+        downtime_ms: a.downtime_ms,
         max_bandwidth: a.max_bandwidth,
         max_rounds: a.max_rounds,
-        timeout: Duration::from_secs(a.timeout),
+        timeout_ms: a.timeout.saturating_mul(1000),
         shared_disk: a.shared_disk,
     };
     let stop = kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false)))
@@ -52,16 +53,11 @@ pub fn send(a: SendArgs) -> Result<()> {
             }
             let _ = s.write_all(b"cancel\n");
         }
-        if r.buffer().is_empty() {
-            let mut fd = libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut fd, 1, 100) } <= 0 {
-                continue;
-            }
+        if r.buffer().is_empty()
+            && !poll::readable_one(s.as_raw_fd(), Some(Duration::from_millis(100)))
+                .context("waiting on the control socket")?
+        {
+            continue;
         }
         line.clear();
         match r.read_line(&mut line) {
@@ -84,7 +80,12 @@ pub fn send(a: SendArgs) -> Result<()> {
             if let Some(p) = &a.stats_json {
                 kimberley_cli::output::write_json(p, res)?;
             }
-            if !a.quiet {
+            if !a.quiet && res.get("hand_over").is_some() {
+                eprintln!(
+                    "vmigrate: the guest runs on {}: the connection was lost after the hand-over, which the receiver then confirmed",
+                    a.to
+                );
+            } else if !a.quiet {
                 eprintln!(
                     "vmigrate: the guest runs on {}: {} rounds, {:.1} MiB on the wire, downtime {} ms, total {} ms{}",
                     a.to,
@@ -102,6 +103,9 @@ pub fn send(a: SendArgs) -> Result<()> {
             return Ok(());
         }
         let err = v["error"].as_str().unwrap_or("unknown error").to_string();
+        if v["in_doubt"] == true {
+            bail!("migration in doubt, the guest is suspended on the source (not resumed): {err}");
+        }
         let msg = format!("migration failed, the guest keeps running on the source: {err}");
         if err.contains("authentication failed") {
             return Err(anyhow::Error::new(WithCode(EXIT_AUTH, msg)));
@@ -161,6 +165,11 @@ fn show(p: &Value, tty: bool, quiet: bool, bar: &mut Option<ProgressBar>) {
         );
     } else if let Some(t) = p.get("throttle") {
         eprintln!("vmigrate: the guest dirties memory faster than the link carries it: throttling its vCPU to {t}%");
+    } else if let Some(r) = p.get("in_doubt") {
+        eprintln!(
+            "vmigrate: lost the receiver after the hand-over started ({}); asking it how it ended",
+            r.as_str().unwrap_or("")
+        );
     } else if let Some(r) = p.get("stop_and_copy") {
         eprintln!("vmigrate: stop and copy ({})", r.as_str().unwrap_or(""));
     }

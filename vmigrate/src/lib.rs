@@ -2,23 +2,26 @@
 //! docs/MIGRATION.md). `run` and `recv` run a VM behind a control socket;
 //! `send` asks that process (the `migrate` request) to move it.
 
+pub mod channel;
 pub mod chunks;
 pub mod cli;
 mod client;
-pub mod recv;
-pub mod send;
-pub mod wire;
+pub mod dest;
+pub mod params;
+pub mod policy;
+pub mod protocol;
+pub mod source;
+mod writer;
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kimberley_cli::vm::{serve_vmdir, vm_error, Served};
 use kimberley_formats::vmdir::VmDir;
-use kimberley_vmm::vmdir;
+use kimberley_vmm::{vmdir, ControlSocket};
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
@@ -30,23 +33,37 @@ pub fn main() -> Result<()> {
     }
 }
 
-fn default_sock(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(|| std::env::temp_dir().join(format!("vmigrate-{}.sock", std::process::id())))
+/// The control socket (`--control`, or a private default), bound and
+/// checked before anything else happens.
+fn bind(p: Option<&std::path::Path>) -> Result<ControlSocket> {
+    ControlSocket::bind(p, "vmigrate").map_err(vm_error)
 }
 
-fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool>) -> Result<()> {
+fn serve(
+    vm: kimberley_vmm::Vm,
+    dir: &VmDir,
+    sock: ControlSocket,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     eprintln!(
         "VM running; control socket {} (stop or Ctrl-C suspends it into {})",
-        sock.display(),
+        sock.path().display(),
         dir.path.display()
     );
-    match serve_vmdir(vm, dir, &sock, stop, Some(send::handler()))? {
+    match serve_vmdir(vm, dir, sock, stop, Some(source::handler()))? {
         Served::Suspended => eprintln!("VM suspended into {}", dir.path.display()),
         Served::Migrated(v) => eprintln!(
-            "VM migrated to {} (downtime {} ms); {} is stale now",
+            "VM migrated to {}{}; {} is stale now",
             v["to"].as_str().unwrap_or("?"),
-            v["downtime_ms"],
+            v["downtime_ms"]
+                .as_f64()
+                .map(|d| format!(" (downtime {d} ms)"))
+                .unwrap_or_default(),
             dir.path.display()
+        ),
+        Served::InDoubt(why) => bail!(
+            "{why}; the guest is suspended in {d}: if the receiver does not run it, resume it with `vmigrate run {d}`, otherwise delete {d}",
+            d = dir.path.display()
         ),
     }
     Ok(())
@@ -55,35 +72,73 @@ fn serve(vm: kimberley_vmm::Vm, dir: &VmDir, sock: PathBuf, stop: Arc<AtomicBool
 fn run(a: cli::RunArgs) -> Result<()> {
     kimberley_cli::run::threads(None);
     let dir = VmDir::open(&a.vmdir)?;
+    let sock = bind(a.control.as_deref())?;
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
-    let vm = vmdir::restore(&dir)
+    let mut vm = vmdir::restore(&dir)
         .map_err(vm_error)
         .context("resuming the VM")?;
-    vm.wait_first_exit(Duration::from_secs(10))
-        .map_err(vm_error)?;
-    serve(vm, &dir, default_sock(a.control), stop)
+    vm.set_interrupt(stop.clone());
+    match vm.wait_first_exit(Duration::from_secs(10)) {
+        // SIGINT/SIGTERM already: `serve` suspends the VM at once.
+        Ok(_) | Err(kimberley_vmm::Error::Interrupted) => {}
+        Err(e) => return Err(vm_error(e)),
+    }
+    serve(vm, &dir, sock, stop)
 }
 
 fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
     kimberley_cli::run::threads(None);
-    let key = wire::read_key(&a.key_file)?;
-    if a.output.exists() {
+    let key = channel::read_key(&a.key_file)?;
+    if kimberley_formats::fsutil::occupied(&a.output) {
         return Err(kimberley_formats::Error::Exists(a.output).into());
     }
-    let listener = recv::listen(&a.listen)?;
-    if !a.quiet {
-        eprintln!(
-            "vmigrate: waiting for a migration on {}",
-            listener.local_addr()?
-        );
-    }
-    let r = recv::receive(&listener, &key, &a.output, a.quiet)?;
-    drop(listener);
-    if let Some(p) = &a.stats_json {
-        kimberley_cli::output::write_json(p, &r.stats)?;
+    if let Some(d) = &a.shared_disk_dir {
+        if !d.is_dir() {
+            bail!("--shared-disk-dir {} is not a directory", d.display());
+        }
     }
     let stop =
         kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
-    serve(r.vm, &r.dir, default_sock(a.control), stop)
+    // The control socket is bound (and checked) before any migration is
+    // accepted: nothing that can fail this way is left for after the
+    // hand-over.
+    let sock = bind(a.control.as_deref())?;
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let listener = dest::Listener::start(listener, key, a.quiet)?;
+    if !a.quiet {
+        eprintln!(
+            "vmigrate: waiting for a migration on {}",
+            listener.local_addr()
+        );
+    }
+    let Some(session) = listener.next_session(&stop) else {
+        bail!("stopped before a migration arrived");
+    };
+    if !a.quiet {
+        eprintln!("vmigrate: migration from {}", session.peer);
+    }
+    let opts = dest::Options {
+        key,
+        out: a.output.clone(),
+        shared_disk_dir: a.shared_disk_dir.clone(),
+        quiet: a.quiet,
+    };
+    let r = dest::receive(&listener, session, &opts, &stop)?;
+    // A sender in doubt may still ask how the hand-over ended.
+    listener.close_after(dest::QUERY_WINDOW);
+    if let Some(why) = &r.in_doubt {
+        eprintln!(
+            "vmigrate: warning: the hand-over was not confirmed ({why}); the guest runs here, and the source, which had sent everything, keeps its copy suspended instead of resuming it"
+        );
+    }
+    // From here on the guest must not be lost: a failure to write the
+    // statistics is only reported.
+    if let Some(p) = &a.stats_json {
+        if let Err(e) = kimberley_cli::output::write_json(p, &r.stats) {
+            eprintln!("vmigrate: warning: writing {}: {e:#}", p.display());
+        }
+    }
+    serve(r.vm, &r.dir, sock, stop)
 }

@@ -53,6 +53,10 @@ pub enum Error {
     /// The guest did not answer in time.
     #[error("timed out after {0:?} waiting for the guest")]
     Timeout(Duration),
+    /// A wait ended early because the caller's interrupt flag was set
+    /// (see `Vm::set_interrupt`: SIGINT/SIGTERM while a script runs).
+    #[error("interrupted: the VM is being stopped")]
+    Interrupted,
     /// The operation needs a running VM.
     #[error("the VM is paused")]
     Paused,

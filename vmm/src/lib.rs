@@ -10,6 +10,7 @@ pub mod devices;
 mod error;
 mod loader;
 pub mod persist;
+pub mod probe;
 mod runner;
 mod signals;
 mod vm;
@@ -19,10 +20,10 @@ pub mod vstate;
 use std::path::PathBuf;
 
 pub use bitmap::Bitmap;
-pub use control::{Ending, Hooks, MigrateFn, MigrateIo, SnapshotFn};
+pub use control::{ControlSocket, Ending, Hooks, MigrateError, MigrateFn, MigrateIo, SnapshotFn};
 pub use error::{Error, Result};
 pub use signals::stop_on_signals;
-pub use vm::{validate_state, Vm, GUEST_ELF};
+pub use vm::{validate_state, OpenedFile, Vm, GUEST_ELF};
 
 /// For test suites that need KVM: true when `/dev/kvm` can be opened.
 /// When it cannot and `KIMBERLEY_REQUIRE_KVM=1` (CI sets it when

@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,8 @@ pub struct Inner {
     pub first_entry: Option<Instant>,
     pub first_exit: Option<Instant>,
     pub last_panic_line: Option<String>,
+    /// Set by the owner to end waits early ([`Shared::wait_for`]).
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl Inner {
@@ -103,6 +105,7 @@ impl Inner {
             first_entry: None,
             first_exit: None,
             last_panic_line: None,
+            interrupt: None,
         }
     }
 
@@ -150,11 +153,24 @@ pub struct Shared {
 pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// Highest throttle.
 pub const MAX_THROTTLE: u32 = 99;
+/// How often a wait looks at the interrupt flag.
+pub const INTERRUPT_POLL: Duration = Duration::from_millis(20);
+
+impl Inner {
+    /// True when the owner's interrupt flag is set.
+    pub fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+}
 
 impl Shared {
     /// Waits on the condition until `check` gives an answer, the guest
-    /// stopped (its error), or `timeout` passed. `check` runs with the lock
-    /// held, first right away and then after every notification.
+    /// stopped (its error), the interrupt flag is set
+    /// ([`Error::Interrupted`], noticed within [`INTERRUPT_POLL`]) or
+    /// `timeout` passed. `check` runs with the lock held, first right away
+    /// and then after every notification.
     pub fn wait_for<T>(
         &self,
         timeout: Duration,
@@ -169,13 +185,20 @@ impl Shared {
             if let Some(e) = &g.exit {
                 return Err(e.to_error());
             }
+            if g.interrupted() {
+                return Err(Error::Interrupted);
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout(timeout));
             }
+            let mut wait = deadline - now;
+            if g.interrupt.is_some() {
+                wait = wait.min(INTERRUPT_POLL);
+            }
             g = self
                 .cond
-                .wait_timeout(g, deadline - now)
+                .wait_timeout(g, wait)
                 .map(|r| r.0)
                 .unwrap_or_else(|e| e.into_inner().0);
         }

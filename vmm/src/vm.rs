@@ -2,7 +2,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,8 +28,32 @@ const MAX_PARTIAL_LINE: usize = 64 * 1024;
 /// Guest memory is a whole number of 2 MiB pages (docs/VMM.md).
 const MEMORY_ALIGN: u64 = 2 << 20;
 
+/// A file for [`Vm::restore_opened`]: opened by the caller, with the path
+/// that names it (in messages and [`Vm::disk_paths`]).
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// The open file: readable (memory) or readable and writable (a disk).
+    pub file: std::fs::File,
+    /// Where it was opened.
+    pub path: PathBuf,
+}
+
 /// The embedded test guest (built by build.rs).
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimberley-guest"));
+
+/// A line no script prints by accident: `kimberley-sync PID-NANOS-N`.
+fn sync_marker() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "kimberley-sync {}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// A running (or paused) microVM.
 pub struct Vm {
@@ -216,11 +240,37 @@ impl Vm {
     /// Restores a VM from a memory file (mapped MAP_PRIVATE: lazy,
     /// copy-on-write), its disks (in the order they were saved) and a state
     /// blob from [`Vm::save`]. The VM is running when this returns.
+    ///
+    /// Each path must name a regular file, not a symbolic link (opened with
+    /// `kimberley_formats::fsutil::open_regular`), and is opened once; see
+    /// [`Vm::restore_opened`] to pass files already opened and checked.
     pub fn restore(memory: &Path, disks: Vec<PathBuf>, state: &[u8]) -> Result<Vm> {
+        let open = |path: &Path, write: bool, what: &str| -> Result<OpenedFile> {
+            let file = kimberley_formats::fsutil::open_regular(path, write)
+                .map_err(|e| Error::io(format!("open {what} {}", path.display()), e))?;
+            Ok(OpenedFile {
+                file,
+                path: path.to_path_buf(),
+            })
+        };
+        let memory = open(memory, false, "memory file")?;
+        let disks = disks
+            .iter()
+            .map(|p| open(p, true, "disk"))
+            .collect::<Result<Vec<_>>>()?;
+        Self::restore_opened(memory, disks, state)
+    }
+
+    /// [`Vm::restore`] from files the caller opened and checked (e.g.
+    /// through `VmDir::open_component` for the memory and
+    /// `VmDir::open_component_rw` for the disks): the VM maps and writes
+    /// exactly these files and never opens a path. Sizes come from the
+    /// files; each must be a regular file.
+    pub fn restore_opened(memory: OpenedFile, disks: Vec<OpenedFile>, state: &[u8]) -> Result<Vm> {
         let snap = decode_snapshot(state)?;
         if disks.len() != snap.blocks.len() {
             return Err(Error::StateMismatch(
-                disks.first().cloned().unwrap_or_default(),
+                disks.first().map(|d| d.path.clone()).unwrap_or_default(),
                 format!(
                     "{} disks given, the state has {}",
                     disks.len(),
@@ -231,7 +281,7 @@ impl Vm {
         runner::install_kick_handler();
         let mut kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
-        let mem = Memory::private_file(memory, snap.memory_size)?;
+        let mem = Memory::private_file(memory.file, &memory.path, snap.memory_size)?;
         kvm.set_memory(&mem)?;
         let msrs = msr_list(&kvm)?;
         let mut vcpus = Vec::new();
@@ -245,8 +295,10 @@ impl Vm {
         kvm.restore_state(&snap.kvm)?;
         let serial = SerialDevice::restore((), &snap.serial)?;
         let mut blocks = Vec::new();
-        for (p, s) in disks.iter().zip(&snap.blocks) {
-            blocks.push(VirtioBlk::restore((p.clone(), mem.clone()), s)?);
+        let mut paths = Vec::new();
+        for (d, s) in disks.into_iter().zip(&snap.blocks) {
+            paths.push(d.path.clone());
+            blocks.push(VirtioBlk::restore((d.file, d.path, mem.clone()), s)?);
         }
         Ok(Self::start(
             kvm,
@@ -254,11 +306,22 @@ impl Vm {
             vcpus,
             serial,
             blocks,
-            disks,
+            paths,
             snap.tsc_khz,
             snap.ready,
             snap.partial_line,
         ))
+    }
+
+    /// Makes every wait of this VM ([`Vm::wait_ready`], [`Vm::run_script`],
+    /// [`Vm::wait_first_exit`]) end with [`Error::Interrupted`] within
+    /// about 20 ms of `flag` becoming true (e.g. the stop flag of
+    /// [`crate::stop_on_signals`]), so SIGINT/SIGTERM is not held up by a
+    /// long or hung script. A script cut short keeps running in the guest.
+    /// [`Vm::pause`] is not interrupted: it is how a stop takes effect.
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        lock(&self.shared.inner).interrupt = Some(flag);
+        self.shared.cond.notify_all();
     }
 
     /// Waits until the guest signalled it is ready for commands.
@@ -269,6 +332,13 @@ impl Vm {
     /// Sends `script` to the guest and collects its output until `done N`.
     /// `on_line` sees each output line as it arrives. A script error is
     /// reported in `ScriptOutcome::status`, not as `Err`.
+    ///
+    /// A script cut short earlier (timeout, interrupt, even before a
+    /// save and restore) still runs in the guest and ends with its own
+    /// `done`. So that its output is not taken for this script's, the
+    /// script is preceded by a one-line sync script, `print` of a marker
+    /// unique to this call: output up to the marker and the sync script's
+    /// own `done` is dropped.
     pub fn run_script(
         &mut self,
         script: &str,
@@ -280,6 +350,7 @@ impl Vm {
                 "contains byte 0x04 (the end-of-script marker)".into(),
             ));
         }
+        let marker = sync_marker();
         {
             let mut g = lock(&self.shared.inner);
             if let Some(e) = &g.exit {
@@ -288,9 +359,14 @@ impl Vm {
             if g.request != Request::Run {
                 return Err(Error::Paused);
             }
+            if g.interrupted() {
+                return Err(Error::Interrupted);
+            }
             g.lines.clear();
-            let mut bytes = script.as_bytes().to_vec();
-            if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+            let mut bytes = format!("print {marker}\n").into_bytes();
+            bytes.push(abi::SCRIPT_END);
+            bytes.extend_from_slice(script.as_bytes());
+            if !script.is_empty() && !script.ends_with('\n') {
                 bytes.push(b'\n');
             }
             bytes.push(abi::SCRIPT_END);
@@ -298,12 +374,22 @@ impl Vm {
         }
         self.shared.cond.notify_all();
         let mut lines = Vec::new();
+        // Before the marker: leftovers; right after it: the sync's `done`.
+        let (mut synced, mut sync_done) = (false, false);
         self.shared.wait_for(timeout, |g| {
             while let Some(l) = g.lines.pop_front() {
-                if let Some(status) = l
+                if !synced {
+                    synced = l == marker;
+                    continue;
+                }
+                let done = l
                     .strip_prefix("done ")
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
+                    .and_then(|s| s.trim().parse::<i32>().ok());
+                if !sync_done {
+                    sync_done = done.is_some();
+                    continue;
+                }
+                if let Some(status) = done {
                     return Some(Ok(ScriptOutcome {
                         status,
                         lines: std::mem::take(&mut lines),

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::crypto::keys::Secret;
+use crate::crypto::ReadPolicy;
 use crate::error::{Error, Result};
 use crate::fsutil::{temp_sibling, ScratchDir};
 use crate::overlay::segment::ChunkStats;
@@ -43,6 +44,8 @@ impl std::fmt::Debug for Input {
 pub struct ApplyOptions {
     /// The user's secret, if any.
     pub secret: Option<Secret>,
+    /// What the reader accepts (every overlay of the chain is read under it).
+    pub policy: ReadPolicy,
     /// Segment decoding threads.
     pub threads: usize,
     /// fsync the result before renaming it into place (default). Without,
@@ -104,7 +107,7 @@ pub fn apply_chain(
     }
     let mut opened = Vec::new();
     for inp in inputs {
-        opened.push(Opened::open(inp, opts.secret.as_ref())?);
+        opened.push(Opened::open(inp, opts.secret.as_ref(), &opts.policy)?);
     }
     check_chain(base, &opened)?;
     let mut stats = ApplyStats {

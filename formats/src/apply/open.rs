@@ -4,7 +4,7 @@ use std::io::Read;
 
 use super::Input;
 use crate::crypto::keys::{commit_id, OverlayKeys, Secret};
-use crate::crypto::{overlay_keys, sealer_for, Sealer};
+use crate::crypto::{reader_keys, sealer_for, ReadPolicy, Sealer};
 use crate::digest::hex;
 use crate::error::{Error, Result};
 use crate::overlay::frame::SegmentKind;
@@ -56,21 +56,24 @@ fn named(name: &str, e: Error) -> Error {
 }
 
 impl Opened {
-    /// Reads the header, derives keys, checks the MAC and reads the
-    /// manifest segment.
-    pub fn open(input: Input, secret: Option<&Secret>) -> Result<Opened> {
+    /// Reads the header, derives keys under `policy` (refusing, before any
+    /// key derivation, an unencrypted overlay when a secret is given and
+    /// Argon2id costs over the caps), checks the MAC and reads the manifest
+    /// segment.
+    pub fn open(input: Input, secret: Option<&Secret>, policy: &ReadPolicy) -> Result<Opened> {
         let name = input.name;
-        Self::open_inner(&name, input.reader, secret).map_err(|e| named(&name, e))
+        Self::open_inner(&name, input.reader, secret, policy).map_err(|e| named(&name, e))
     }
 
     fn open_inner(
         name: &str,
         reader: Box<dyn Read + Send>,
         secret: Option<&Secret>,
+        policy: &ReadPolicy,
     ) -> Result<Opened> {
         let mut reader = FrameReader::new(reader);
         let (header, _) = reader.header()?;
-        let keys = overlay_keys(&header, secret)?;
+        let keys = reader_keys(&header, secret, policy)?;
         header.verify_mac(keys.as_ref())?;
         let sealer = sealer_for(&header, keys.as_ref());
         let frame = reader

@@ -29,28 +29,85 @@ impl Argon2Params {
         t_cost: 3,
         p_cost: 1,
     };
-    /// Largest memory cost a reader accepts (1 GiB), so a crafted header
-    /// cannot make a reader allocate without bound.
-    pub const MAX_M_COST: u32 = 1024 * 1024;
-    /// Largest pass count a reader accepts.
-    pub const MAX_T_COST: u32 = 64;
-    /// Largest lane count a reader accepts.
+    /// Largest lane count a reader accepts (a structural limit of the
+    /// header; the memory and pass caps are the reader's [`KdfLimits`]).
     pub const MAX_P_COST: u32 = 16;
 
-    /// Checks the reader's caps and Argon2's own minimums.
+    /// Checks the lane cap and Argon2's own minimums (part of parsing a
+    /// header; the cost caps are checked by [`KdfLimits::check`]).
     pub fn check(&self) -> Result<()> {
-        if self.m_cost > Self::MAX_M_COST
-            || self.t_cost > Self::MAX_T_COST
-            || self.p_cost > Self::MAX_P_COST
-        {
-            return Err(Error::Corrupt(
-                "Argon2 parameters exceed the reader's limits".into(),
-            ));
+        if self.p_cost > Self::MAX_P_COST {
+            return Err(Error::Corrupt(format!(
+                "Argon2 lane count {} exceeds the limit of {}",
+                self.p_cost,
+                Self::MAX_P_COST
+            )));
         }
         if self.t_cost == 0 || self.p_cost == 0 || self.m_cost < 8 * self.p_cost {
             return Err(Error::Corrupt("Argon2 parameters are invalid".into()));
         }
         Ok(())
+    }
+}
+
+/// The most Argon2id work a reader does for a header it cannot yet
+/// authenticate: the header chooses the cost, so without a cap anyone could
+/// make a reader allocate and compute for minutes before the MAC fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfLimits {
+    /// Most memory, in KiB (Argon2's unit).
+    pub max_memory_kib: u32,
+    /// Most passes.
+    pub max_passes: u32,
+}
+
+impl KdfLimits {
+    /// A reader's caps unless the user raises them: 256 MiB and 10 passes
+    /// (4 and 3.3 times what `kimberlize` writes, [`Argon2Params::DEFAULT`]).
+    pub const DEFAULT: KdfLimits = KdfLimits {
+        max_memory_kib: 256 * 1024,
+        max_passes: 10,
+    };
+
+    /// Refuses parameters over these caps, naming the flag that raises
+    /// each one. Called before any Argon2 allocation or work.
+    pub fn check(&self, p: &Argon2Params) -> Result<()> {
+        let mut over = Vec::new();
+        if p.m_cost > self.max_memory_kib {
+            over.push(format!(
+                "{} of memory (limit {}; raise it with --max-kdf-memory)",
+                kib(p.m_cost),
+                kib(self.max_memory_kib)
+            ));
+        }
+        if p.t_cost > self.max_passes {
+            over.push(format!(
+                "{} passes (limit {}; raise it with --max-kdf-passes)",
+                p.t_cost, self.max_passes
+            ));
+        }
+        if over.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Corrupt(format!(
+            "the header asks Argon2id for {}, over this reader's limits; refused before deriving any key (raise a limit only for an overlay from a source you trust)",
+            over.join(" and ")
+        )))
+    }
+}
+
+impl Default for KdfLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// `n` KiB, in the largest binary unit that divides it.
+fn kib(n: u32) -> String {
+    match n {
+        _ if n >= 1 << 20 && n.is_multiple_of(1 << 20) => format!("{} GiB", n >> 20),
+        _ if n >= 1 << 10 && n.is_multiple_of(1 << 10) => format!("{} MiB", n >> 10),
+        _ => format!("{n} KiB"),
     }
 }
 
@@ -106,16 +163,13 @@ impl Secret {
     }
 }
 
-/// Writes a new random key file (mode 0600), atomically; refuses to
-/// overwrite.
+/// Writes a new random key file, atomically and private (mode 0600 from
+/// the creation of its temporary file); refuses to replace anything at
+/// `path`.
 pub fn keygen(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let mut key = [0u8; KEY_LEN];
     getrandom::fill(&mut key).map_err(|e| Error::Key(format!("no randomness: {e}")))?;
     let f = AtomicFile::create(path, false)?;
-    f.file()
-        .set_permissions(std::fs::Permissions::from_mode(0o600))
-        .ctx(|| format!("setting permissions of {}", path.display()))?;
     std::os::unix::fs::FileExt::write_all_at(f.file(), &key, 0)
         .ctx(|| format!("writing {}", path.display()))?;
     f.commit()

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use crate::crypto::keys::{commit_id, random, Argon2Params, KeyMaterial, Secret};
-use crate::crypto::{overlay_keys, sealer_for};
+use crate::crypto::{sealer_for, writer_keys};
 use crate::error::{Error, Result};
 use crate::overlay::header::Header;
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
@@ -145,7 +145,7 @@ pub fn diff<W: Write + Send>(
         depth: opts.parent.map(|p| p.depth + 1).unwrap_or(0),
         mac: [0; 32],
     };
-    let keys = overlay_keys(&header, secret.as_ref())?;
+    let keys = writer_keys(&header, secret.as_ref())?;
     header.base_id = commit_id(keys.as_ref(), &base.identity());
     header.result_id = commit_id(keys.as_ref(), &launch.identity());
     let header_bytes = header.seal(keys.as_ref());

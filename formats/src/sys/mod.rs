@@ -1,4 +1,9 @@
 //! Raw system calls the crates share, one small module per concern, each
 //! `unsafe` block next to its `// SAFETY:` argument.
 
+pub mod cred;
+pub mod file;
+pub mod openat;
 pub mod poll;
+pub mod punch;
+pub mod tempdir;

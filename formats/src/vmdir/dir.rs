@@ -1,70 +1,140 @@
 //! Opening and writing VM directories.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::manifest::{Component, Manifest};
 use crate::digest::SparseHasher;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{read_at_zero_padded, AtomicDir};
+use crate::fsutil::{create_private, open_regular, read_at_zero_padded, same_file, AtomicDir};
 use crate::sparse::data_extents;
 
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
 
-/// An opened, structurally valid VM directory.
+/// An opened, structurally valid VM directory. Its manifest and every
+/// component were opened once, without following symbolic links, and
+/// checked to be regular files of the manifest's sizes; the component
+/// files stay open, and everything read through [`VmDir::open_component`]
+/// and [`VmDir::read_component`] comes from those very files, whatever
+/// happens to the paths afterwards.
 #[derive(Debug, Clone)]
 pub struct VmDir {
     /// Where it is.
     pub path: PathBuf,
     /// Its manifest.
     pub manifest: Manifest,
+    files: Vec<Arc<File>>,
 }
 
 impl VmDir {
-    /// Reads and validates the manifest and checks every component file
-    /// exists with its logical size.
+    /// Reads and validates the manifest and opens every component
+    /// (FORMAT.md §5.3): each must be a regular file (not a symbolic link,
+    /// FIFO, device or directory) whose length is its manifest size.
     pub fn open(path: &Path) -> Result<VmDir> {
         let bad = |why: String| Error::VmDir {
             path: path.to_path_buf(),
             why,
         };
-        let mpath = path.join(MANIFEST);
-        let meta = fs::metadata(&mpath).map_err(|e| bad(format!("cannot read {MANIFEST}: {e}")))?;
-        if meta.len() > super::manifest::MAX_MANIFEST_BYTES as u64 {
+        let max = super::manifest::MAX_MANIFEST_BYTES as u64;
+        let mut mfile = open_regular(&path.join(MANIFEST), false)
+            .map_err(|e| bad(format!("cannot read {MANIFEST}: {e}")))?;
+        let len = mfile
+            .metadata()
+            .map_err(|e| bad(format!("cannot read {MANIFEST}: {e}")))?
+            .len();
+        if len > max {
             return Err(bad(format!("{MANIFEST} is too large")));
         }
-        let bytes = fs::read(&mpath).map_err(|e| bad(format!("cannot read {MANIFEST}: {e}")))?;
+        let mut bytes = Vec::with_capacity(len as usize);
+        (&mut mfile)
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("cannot read {MANIFEST}: {e}")))?;
         let manifest = Manifest::parse(&bytes).map_err(|e| bad(e.to_string()))?;
-        let dir = VmDir {
-            path: path.to_path_buf(),
-            manifest,
-        };
-        for i in 0..dir.manifest.components.len() {
-            let p = dir.component_path(i);
-            let len = fs::metadata(&p)
-                .map_err(|e| bad(format!("cannot read {}: {e}", dir.manifest.file_name(i))))?
-                .len();
-            if len != dir.manifest.components[i].size {
+        let mut files = Vec::with_capacity(manifest.components.len());
+        for (i, c) in manifest.components.iter().enumerate() {
+            let name = manifest.file_name(i);
+            let cannot = |e: std::io::Error| bad(format!("cannot read {name}: {e}"));
+            let f = open_regular(&path.join(&name), false).map_err(cannot)?;
+            let len = f.metadata().map_err(cannot)?.len();
+            if len != c.size {
                 return Err(bad(format!(
-                    "{} is {len} bytes, the manifest says {}",
-                    dir.manifest.file_name(i),
-                    dir.manifest.components[i].size
+                    "{name} is {len} bytes, the manifest says {}",
+                    c.size
                 )));
             }
+            files.push(Arc::new(f));
         }
-        Ok(dir)
+        Ok(VmDir {
+            path: path.to_path_buf(),
+            manifest,
+            files,
+        })
     }
 
-    /// Path of component `i`.
+    /// Path of component `i` (for messages; read through
+    /// [`VmDir::open_component`]).
     pub fn component_path(&self, i: usize) -> PathBuf {
         self.path.join(self.manifest.file_name(i))
     }
 
-    /// Opens component `i` read-only.
+    /// Component `i` read-only: a new descriptor of the file opened and
+    /// checked by [`VmDir::open`] (use positional reads: the file offset is
+    /// shared).
     pub fn open_component(&self, i: usize) -> Result<File> {
-        let p = self.component_path(i);
-        File::open(&p).ctx(|| format!("opening {}", p.display()))
+        self.files[i]
+            .try_clone()
+            .ctx(|| format!("duplicating {}", self.component_path(i).display()))
+    }
+
+    /// Component `i` opened read-write (a disk a VM runs on), refused
+    /// unless it is still the very file [`VmDir::open`] checked (same device
+    /// and inode, not a symbolic link, still a regular file of its size).
+    pub fn open_component_rw(&self, i: usize) -> Result<File> {
+        let name = self.manifest.file_name(i);
+        let bad = |why: String| Error::VmDir {
+            path: self.path.clone(),
+            why: format!("{name}: {why}"),
+        };
+        let f = open_regular(&self.path.join(&name), true)
+            .map_err(|e| bad(format!("cannot open read-write: {e}")))?;
+        let now = f.metadata().map_err(|e| bad(e.to_string()))?;
+        let then = self.files[i].metadata().map_err(|e| bad(e.to_string()))?;
+        if !same_file(&now, &then) {
+            return Err(bad("replaced since the directory was opened".into()));
+        }
+        if now.len() != self.manifest.components[i].size {
+            return Err(bad(format!(
+                "is {} bytes, the manifest says {}",
+                now.len(),
+                self.manifest.components[i].size
+            )));
+        }
+        Ok(f)
+    }
+
+    /// The whole of component `i` (the state blob, at most
+    /// `MAX_STATE_SIZE` bytes; any component small enough to hold in
+    /// memory), read from the opened file.
+    pub fn read_component(&self, i: usize) -> Result<Vec<u8>> {
+        let size = self.manifest.components[i].size;
+        let mut buf = vec![
+            0u8;
+            usize::try_from(size).map_err(|_| {
+                Error::Invalid(format!(
+                    "{} is too large to read whole",
+                    self.manifest.file_name(i)
+                ))
+            })?
+        ];
+        self.files[i]
+            .read_exact_at(&mut buf, 0)
+            .ctx(|| format!("reading {}", self.component_path(i).display()))?;
+        Ok(buf)
     }
 
     /// Recomputes every component digest and compares with the manifest.
@@ -144,15 +214,11 @@ impl VmDirWriter {
         self.dir.path()
     }
 
-    /// Creates the file for component `name` (e.g. `memory.raw`).
+    /// Creates the file for component `name` (from
+    /// [`super::file_name`]), private (0600) from its creation.
     pub fn create_file(&self, name: &str) -> Result<File> {
         let p = self.dir.path().join(name);
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .ctx(|| format!("creating {}", p.display()))
+        create_private(&p).ctx(|| format!("creating {}", p.display()))
     }
 
     /// Checks the files match `manifest`'s sizes, fsyncs them, writes the
@@ -163,10 +229,7 @@ impl VmDirWriter {
             .map_err(|e| Error::Invalid(e.to_string()))?;
         for (i, c) in manifest.components.iter().enumerate() {
             let p = self.dir.path().join(manifest.file_name(i));
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .ctx(|| format!("opening {}", p.display()))?;
+            let f = open_regular(&p, false).ctx(|| format!("opening {}", p.display()))?;
             let len = f.metadata().ctx(|| format!("stat {}", p.display()))?.len();
             if len != c.size {
                 return Err(Error::Invalid(format!(
@@ -179,8 +242,8 @@ impl VmDirWriter {
             }
         }
         let mp = self.dir.path().join(MANIFEST);
-        let mut f = File::create(&mp).ctx(|| format!("creating {}", mp.display()))?;
-        std::io::Write::write_all(&mut f, &manifest.encode())
+        let f = create_private(&mp).ctx(|| format!("creating {}", mp.display()))?;
+        f.write_all_at(&manifest.encode(), 0)
             .ctx(|| format!("writing {}", mp.display()))?;
         if self.sync {
             f.sync_all().ctx(|| format!("syncing {}", mp.display()))?;
@@ -197,5 +260,147 @@ pub fn component_of(kind: super::Kind, bytes: &[u8]) -> Component {
         kind,
         size: bytes.len() as u64,
         digest: crate::digest::digest_bytes(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsutil::tests::{in_child_with_umask_000, mode};
+    use crate::vmdir::Kind;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+
+    /// A VMDIR at `dir/name` (memory, a disk of `disk` bytes, state).
+    fn make(dir: &Path, name: &str, disk: usize) -> PathBuf {
+        let parts: [(Kind, &str, Vec<u8>); 3] = [
+            (Kind::Memory, "memory.raw", vec![7; 8192]),
+            (Kind::Disk, "disk0.raw", vec![9; disk]),
+            (Kind::State, "state.bin", b"state blob".to_vec()),
+        ];
+        let w = VmDirWriter::create(&dir.join(name)).unwrap();
+        let mut m = Manifest {
+            name: name.into(),
+            vcpus: 1,
+            components: Vec::new(),
+        };
+        for (kind, file, bytes) in parts {
+            let f = w.create_file(file).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).unwrap();
+            m.components.push(component_of(kind, &bytes));
+        }
+        w.commit(&m).unwrap()
+    }
+
+    /// `VmDir::open` on another thread: a FIFO must not block it.
+    fn open_within(p: &Path, t: Duration) -> Result<VmDir> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = p.to_path_buf();
+        std::thread::spawn(move || tx.send(VmDir::open(&p)));
+        rx.recv_timeout(t)
+            .unwrap_or_else(|_| panic!("VmDir::open blocked for {t:?}"))
+    }
+
+    #[test]
+    fn a_symlinked_component_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        for file in [MANIFEST, "memory.raw", "disk0.raw", "state.bin"] {
+            let vm = make(t.path(), &format!("vm-{file}"), 4096);
+            VmDir::open(&vm).unwrap();
+            // The host file holds the very bytes the manifest expects: only
+            // the link itself is wrong.
+            let host = t.path().join(format!("host-{file}"));
+            fs::rename(vm.join(file), &host).unwrap();
+            std::os::unix::fs::symlink(&host, vm.join(file)).unwrap();
+            let before = (
+                fs::read(&host).unwrap(),
+                fs::metadata(&host).unwrap().mtime_nsec(),
+            );
+            let e = VmDir::open(&vm).expect_err(file);
+            assert_eq!(e.exit_code(), 7, "{file}: {e}");
+            assert!(e.to_string().contains(file), "{e}");
+            let after = (
+                fs::read(&host).unwrap(),
+                fs::metadata(&host).unwrap().mtime_nsec(),
+            );
+            assert_eq!(before, after);
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_directory_component_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let limit = Duration::from_secs(5);
+        // An empty disk, so a FIFO has the manifest's size.
+        for file in [MANIFEST, "disk0.raw"] {
+            let vm = make(t.path(), &format!("fifo-{file}"), 0);
+            fs::remove_file(vm.join(file)).unwrap();
+            let ok = std::process::Command::new("mkfifo")
+                .arg(vm.join(file))
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            let e = open_within(&vm, limit).expect_err(file);
+            assert_eq!(e.exit_code(), 7, "{file}: {e}");
+        }
+        for file in [MANIFEST, "disk0.raw"] {
+            let vm = make(t.path(), &format!("dir-{file}"), 0);
+            fs::remove_file(vm.join(file)).unwrap();
+            fs::create_dir(vm.join(file)).unwrap();
+            let e = open_within(&vm, limit).expect_err(file);
+            assert_eq!(e.exit_code(), 7, "{file}: {e}");
+        }
+    }
+
+    #[test]
+    fn components_come_from_the_files_that_were_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = make(t.path(), "vm", 4096);
+        let dir = VmDir::open(&vm).unwrap();
+        fs::rename(vm.join("state.bin"), t.path().join("old-state")).unwrap();
+        fs::write(vm.join("state.bin"), b"other blob").unwrap();
+        assert_eq!(dir.read_component(2).unwrap(), b"state blob");
+        let mut buf = [0u8; 4];
+        dir.open_component(2)
+            .unwrap()
+            .read_exact_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf, b"stat");
+
+        let disk = vm.join("disk0.raw");
+        dir.open_component_rw(1)
+            .unwrap()
+            .write_all_at(&[9], 0)
+            .unwrap();
+        let host = t.path().join("host");
+        fs::rename(&disk, &host).unwrap();
+        std::os::unix::fs::symlink(&host, &disk).unwrap();
+        let e = dir.open_component_rw(1).unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        fs::remove_file(&disk).unwrap();
+        fs::copy(&host, &disk).unwrap();
+        let e = dir.open_component_rw(1).unwrap_err();
+        assert!(e.to_string().contains("replaced"), "{e}");
+    }
+
+    #[test]
+    fn a_new_vmdir_is_private_from_creation() {
+        if !in_child_with_umask_000("vmdir::dir::tests::a_new_vmdir_is_private_from_creation") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let w = VmDirWriter::create(&t.path().join("vm")).unwrap();
+        assert_eq!(mode(w.path()), 0o700);
+        let f = w.create_file("memory.raw").unwrap();
+        assert_eq!(mode(&w.path().join("memory.raw")), 0o600);
+        drop(f);
+        drop(w);
+        let vm = make(t.path(), "vm", 4096);
+        assert_eq!(mode(&vm), 0o700);
+        for file in [MANIFEST, "memory.raw", "disk0.raw", "state.bin"] {
+            assert_eq!(mode(&vm.join(file)), 0o600, "{file}");
+        }
     }
 }

@@ -205,8 +205,14 @@ impl Manifest {
         }
         // Check format and version before the exact shape, so a future
         // version gets a version error rather than a syntax error.
-        let loose: serde_json::Value =
+        // Parsed with duplicate member names refused: a plain `Value` keeps
+        // the last of two equal names, so two readers could disagree on
+        // what a manifest says.
+        let Unique(loose) =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        if !loose.is_object() {
+            return Err(ManifestError::Syntax("not a JSON object".into()));
+        }
         let format = loose
             .get("format")
             .and_then(|v| v.as_str())
@@ -217,6 +223,15 @@ impl Manifest {
                 format.to_string(),
                 version.min(u32::MAX as u64) as u32,
             ));
+        }
+        // Serde also reads a struct from an array of its fields; the format
+        // says objects.
+        if let Some(cs) = loose.get("components").and_then(|c| c.as_array()) {
+            if let Some(i) = cs.iter().position(|c| !c.is_object()) {
+                return Err(ManifestError::Syntax(format!(
+                    "component {i} is not a JSON object"
+                )));
+            }
         }
         let raw: RawManifest =
             serde_json::from_value(loose).map_err(|e| ManifestError::Syntax(e.to_string()))?;
@@ -282,17 +297,91 @@ impl Manifest {
     }
 }
 
+/// A JSON value, parsed like [`serde_json::Value`] except that an object
+/// repeating a member name is refused.
+struct Unique(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Unique(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(v.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut obj = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let Unique(v) = map.next_value()?;
+            if obj.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate member {k:?}")));
+            }
+            obj.insert(k, v);
+        }
+        Ok(obj.into())
+    }
+}
+
 fn file_name_for(components: &[Component], i: usize) -> String {
-    match components[i].kind {
+    let disk = components[..i]
+        .iter()
+        .filter(|c| c.kind == Kind::Disk)
+        .count();
+    file_name(components[i].kind, disk)
+}
+
+/// The canonical file name of a component of `kind` (FORMAT.md §5.1):
+/// `memory.raw`, `disk{disk}.raw` (`disk` is the ordinal among the disks,
+/// from 0; ignored for the other kinds) or `state.bin`. Every VMDIR file
+/// name comes from here or from [`Manifest::file_name`].
+pub fn file_name(kind: Kind, disk: usize) -> String {
+    match kind {
         Kind::Memory => "memory.raw".into(),
         Kind::State => "state.bin".into(),
-        Kind::Disk => {
-            let n = components[..i]
-                .iter()
-                .filter(|c| c.kind == Kind::Disk)
-                .count();
-            format!("disk{n}.raw")
-        }
+        Kind::Disk => format!("disk{disk}.raw"),
     }
 }
 
@@ -330,6 +419,9 @@ mod tests {
         let bytes = m.encode();
         assert_eq!(Manifest::parse(&bytes).unwrap(), m);
         assert_eq!(m.file_name(1), "disk0.raw");
+        assert_eq!(m.file_name(2), file_name(Kind::State, 0));
+        assert_eq!(file_name(Kind::Disk, 12), "disk12.raw");
+        assert_eq!(file_name(Kind::Memory, 3), "memory.raw");
     }
 
     #[test]
@@ -348,6 +440,63 @@ mod tests {
         }
         assert!(Manifest::parse(b"").is_err());
         assert!(Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn refuses_duplicate_members() {
+        let good = String::from_utf8(sample().encode()).unwrap();
+        assert!(Manifest::parse(good.as_bytes()).is_ok());
+        let mut accepted = Vec::new();
+        for (from, to) in [
+            // Top level: a second `name` after the first (the last would win).
+            (
+                "\"name\": \"demo\",",
+                "\"name\": \"demo\",\n  \"name\": \"other\",",
+            ),
+            // Top level: `vcpus` twice with the same value.
+            ("\"vcpus\": 1,", "\"vcpus\": 1,\n  \"vcpus\": 1,"),
+            // Inside a component: a second `size`.
+            ("\"size\": 4096,", "\"size\": 4096,\n      \"size\": 8192,"),
+            // Inside a component: a second `blake3`.
+            (
+                "\"file\": \"memory.raw\",",
+                "\"file\": \"memory.raw\",\n      \"blake3\": \"00\",",
+            ),
+        ] {
+            let bad = good.replacen(from, to, 1);
+            assert_ne!(bad, good);
+            match Manifest::parse(bad.as_bytes()) {
+                Err(ManifestError::Syntax(e)) if e.contains("duplicate") => {}
+                other => accepted.push(format!("{to:?}: {other:?}")),
+            }
+        }
+        assert!(
+            accepted.is_empty(),
+            "duplicated members not refused: {accepted:#?}"
+        );
+    }
+
+    #[test]
+    fn refuses_components_that_are_not_objects() {
+        let m = sample();
+        let hex = |i: usize| digest::hex(&m.components[i].digest);
+        let bad = format!(
+            r#"{{"format": "kimberley-vmdir", "version": 1, "name": "demo", "memory_size": 8192,
+                "vcpus": 1, "components": [["memory", "memory.raw", 8192, "{}"]]}}"#,
+            hex(0)
+        );
+        assert!(
+            Manifest::parse(bad.as_bytes()).is_err(),
+            "accepted an array as a component"
+        );
+        let bad = format!(
+            r#"["kimberley-vmdir", 1, "demo", 8192, 1, [["memory", "memory.raw", 8192, "{}"]]]"#,
+            hex(0)
+        );
+        assert!(
+            Manifest::parse(bad.as_bytes()).is_err(),
+            "accepted an array as a manifest"
+        );
     }
 
     #[test]

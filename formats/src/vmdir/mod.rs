@@ -7,5 +7,5 @@ pub mod dir;
 pub mod import;
 pub mod manifest;
 
-pub use dir::{VmDir, VmDirWriter};
-pub use manifest::{Component, Kind, Manifest};
+pub use dir::{VmDir, VmDirWriter, MANIFEST};
+pub use manifest::{file_name, Component, Kind, Manifest};

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kimberley_formats::apply::{apply_chain, ApplyOptions, ApplyStats, Input};
 use kimberley_formats::crypto::keys::Secret;
+use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::{diff, DiffOptions, DiffStats, Parent, Protection};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::sparse::{data_extents, ExtentMap};
@@ -37,6 +38,17 @@ pub fn apply(
     out: &Path,
     secret: Option<Secret>,
 ) -> Result<ApplyStats> {
+    apply_with(base, overlays, out, secret, ReadPolicy::default())
+}
+
+/// [`apply`] under a reader policy other than the default.
+pub fn apply_with(
+    base: &Path,
+    overlays: &[&[u8]],
+    out: &Path,
+    secret: Option<Secret>,
+    policy: ReadPolicy,
+) -> Result<ApplyStats> {
     let base = VmDir::open(base)?;
     let inputs = overlays
         .iter()
@@ -52,6 +64,7 @@ pub fn apply(
         out,
         &ApplyOptions {
             secret,
+            policy,
             threads: 2,
             sync: true,
         },

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kimberley_formats::apply::{self, Input, Opened};
-use kimberley_formats::crypto::keys::Secret;
+use kimberley_formats::crypto::keys::{KdfLimits, Secret};
+use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::{self, DiffOptions, Parent, Protection};
 use kimberley_formats::overlay::frame::{SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::HEADER_LEN;
@@ -37,6 +38,12 @@ use kimberley_vmm::{Vm, VmConfig};
 mod common;
 
 const CHUNK: usize = 4096;
+
+/// Seeds are unencrypted and keyed overlays, all read with the fuzz key.
+const ALLOW_UNENCRYPTED: ReadPolicy = ReadPolicy {
+    allow_unencrypted: true,
+    kdf: KdfLimits::DEFAULT,
+};
 
 /// Deterministic bytes.
 struct Rng(u64);
@@ -140,6 +147,7 @@ fn make_overlay(
             reader: Box::new(Cursor::new(out.clone())),
         },
         Some(&secret),
+        &ALLOW_UNENCRYPTED,
     )
     .unwrap();
     apply::verify(o, 1, &Progress::default()).unwrap();
@@ -183,6 +191,7 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
                 reader: Box::new(Cursor::new(rebuilt)),
             },
             Some(&Secret::Key(common::KEY)),
+            &ALLOW_UNENCRYPTED,
         )
         .expect("rebuilt structured seed opens");
         apply::verify(o, 1, &Progress::default()).expect("rebuilt structured seed verifies");
@@ -206,6 +215,7 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
             reader: Box::new(Cursor::new(ovl.to_vec())),
         },
         Some(&secret),
+        &ALLOW_UNENCRYPTED,
     )
     .unwrap();
     let geo = o.geometry();
@@ -316,6 +326,50 @@ fn state_seeds(s: &mut Seeds, tmp: &Path) {
     }
 }
 
+/// Seeds for migration_wire: one of each message, a hello, frame headers
+/// and CHUNKS bodies, as the harness frames them (mode byte first).
+fn migration_seeds(s: &mut Seeds) {
+    use vmigrate::protocol::*;
+    let t = "migration_wire";
+    let hello = Hello {
+        role: Role::Sender,
+        nonce: [3; 32],
+    };
+    s.put(t, "hello", &[&[0u8][..], &hello.encode()].concat());
+    let msgs = vec![
+        Message::Start(Start {
+            memory_size: 64 << 20,
+            vcpus: 1,
+            shared_disk: false,
+            disks: vec![DiskInfo { size: 1 << 20, path: String::new() }],
+        }),
+        Message::Start(Start {
+            memory_size: 64 << 20,
+            vcpus: 2,
+            shared_disk: true,
+            disks: vec![DiskInfo { size: 1 << 20, path: "/srv/vm/disk0.raw".into() }],
+        }),
+        Message::RoundEnd(3),
+        Message::RoundAck(RoundAck { round: 3, apply_us: 100, blocks_hashed: 2, hash_us: 900, fixed_us: 5000 }),
+        Message::Running(Running { apply_us: 1, blocks_hashed: 2, hash_us: 3, commit_us: 4, restore_us: 5, delay_us: 6 }),
+        Message::Error("no space left on device".into()),
+        Message::Commit,
+        Message::Done,
+    ];
+    for (i, m) in msgs.into_iter().enumerate() {
+        let ty = m.ty();
+        let body = m.encode();
+        let fh = FrameHeader::for_body(ty, body.len()).encode();
+        s.put(t, &format!("fh{i}"), &[&[1u8][..], &fh].concat());
+        s.put(t, &format!("msg{i}"), &[&[2u8, ty as u8][..], &body].concat());
+    }
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    let body = vmigrate::chunks::encode(0, &[(1, Some(&page[..])), (2, None)]);
+    s.put(t, "chunks", &[&[3u8][..], &body].concat());
+    let body = vmigrate::chunks::encode_shared(1, &[5, 6, 7]);
+    s.put(t, "chunks-shared", &[&[3u8][..], &body].concat());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let root = PathBuf::from(args.get(1).expect("usage: seedgen CORPUS_DIR [--tiny SEEDS_DIR]"));
@@ -331,6 +385,7 @@ fn main() {
         all: Vec::new(),
     };
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    migration_seeds(&mut s);
 
     // A: memory only, 64 KiB.
     let a_mem = image(&mut rng, 64 << 10);
@@ -394,6 +449,7 @@ fn main() {
                 reader: Box::new(Cursor::new(a.clone())),
             },
             Some(&Secret::Key(common::KEY)),
+            &ALLOW_UNENCRYPTED,
         )
         .unwrap();
         let parent = Parent {
@@ -448,6 +504,14 @@ fn main() {
             ("state_blob", "vm-v1.m0"),
             ("state_blob", "vm-v1.m1"),
             ("state_blob", "pattern-v1.m1"),
+            ("migration_wire", "hello"),
+            ("migration_wire", "fh0"),
+            ("migration_wire", "msg0"),
+            ("migration_wire", "msg1"),
+            ("migration_wire", "msg3"),
+            ("migration_wire", "msg4"),
+            ("migration_wire", "chunks"),
+            ("migration_wire", "chunks-shared"),
         ];
         for (t, name) in KEEP {
             let d = tiny.join(t);

@@ -2,7 +2,7 @@
 //! interrupts (the test guest polls the used ring). Requests are served
 //! synchronously when the guest writes QueueNotify.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -100,13 +100,21 @@ struct Desc {
 }
 
 impl VirtioBlk {
-    /// Opens `path` read-write as the backing disk.
+    /// Opens `path` read-write as the backing disk: a regular file, not
+    /// reached through a symbolic link (see
+    /// `kimberley_formats::fsutil::open_regular`).
     pub fn open(path: &Path, mem: Memory) -> Result<VirtioBlk> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+        let file = kimberley_formats::fsutil::open_regular(path, true)
             .map_err(|e| Error::io(format!("open disk {}", path.display()), e))?;
+        Self::from_file(file, path, mem)
+    }
+
+    /// Uses `file`, opened read-write by the caller, as the backing disk
+    /// (`path` names it in messages and [`VirtioBlk::path`]). Its size is
+    /// taken from the file itself.
+    pub fn from_file(file: File, path: &Path, mem: Memory) -> Result<VirtioBlk> {
+        kimberley_formats::fsutil::check_regular(&file)
+            .map_err(|e| Error::io(format!("disk {}", path.display()), e))?;
         let size = file
             .metadata()
             .map_err(|e| Error::io(format!("stat disk {}", path.display()), e))?
@@ -436,14 +444,15 @@ impl VirtioBlk {
 
 impl Persist for VirtioBlk {
     type State = BlockState;
-    type Args = (PathBuf, Memory);
+    /// The opened backing file, its path (for messages) and guest memory.
+    type Args = (File, PathBuf, Memory);
 
     fn save(&self) -> Result<BlockState> {
         Ok(self.s.clone())
     }
 
-    fn restore((path, mem): (PathBuf, Memory), s: &BlockState) -> Result<VirtioBlk> {
-        let mut dev = VirtioBlk::open(&path, mem)?;
+    fn restore((file, path, mem): (File, PathBuf, Memory), s: &BlockState) -> Result<VirtioBlk> {
+        let mut dev = VirtioBlk::from_file(file, &path, mem)?;
         if dev.s.disk_size != s.disk_size {
             return Err(Error::StateMismatch(
                 path,

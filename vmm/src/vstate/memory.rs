@@ -2,7 +2,6 @@
 //! (copy-on-write) mapping of a memory file, and the sparse memory writer.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -53,12 +52,15 @@ impl Memory {
         Self::from_region(region, size)
     }
 
-    /// Memory backed by `file` mapped MAP_PRIVATE: pages are read lazily on
-    /// first touch and guest writes never reach the file.
-    pub fn private_file(path: &Path, size: u64) -> Result<Memory> {
+    /// Memory backed by `file` (opened by the caller, e.g. with
+    /// `kimberley_formats::fsutil::open_regular`; `path` names it in
+    /// messages) mapped MAP_PRIVATE: pages are read lazily on first touch
+    /// and guest writes never reach the file. Its size is taken from the
+    /// file itself.
+    pub fn private_file(file: File, path: &Path, size: u64) -> Result<Memory> {
         let size = check_size(size)?;
-        let file =
-            File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        kimberley_formats::fsutil::check_regular(&file)
+            .map_err(|e| Error::io(format!("memory file {}", path.display()), e))?;
         let len = file
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
@@ -137,14 +139,27 @@ const MAX_RUN: usize = 16 << 20;
 
 /// Writes `mem` to `path` as a sparse file: all-zero 4 KiB pages become
 /// holes, runs of non-zero pages are written with large `pwrite`s. The file
-/// is written under a temporary name and renamed into place, so `path` may
-/// be the file the memory was restored from.
+/// is created private (0600) under a temporary name and renamed into place,
+/// so `path` may be the file the memory was restored from.
 pub fn write_sparse(mem: &[u8], path: &Path) -> Result<u64> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    use kimberley_formats::fsutil::{create_private, temp_sibling};
+    let tmp = temp_sibling(path);
+    let f = create_private(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+    let r = write_sparse_to(mem, &f, &tmp);
+    drop(f);
+    let r = r.and_then(|written| {
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
+        Ok(written)
+    });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn write_sparse_to(mem: &[u8], f: &File, tmp: &Path) -> Result<u64> {
     let ctx = |what: &str| format!("{what} {}", tmp.display());
-    let mut f = File::create(&tmp).map_err(|e| Error::io(ctx("create"), e))?;
     f.set_len(mem.len() as u64)
         .map_err(|e| Error::io(ctx("truncate"), e))?;
     let mut written = 0u64;
@@ -168,9 +183,5 @@ pub fn write_sparse(mem: &[u8], path: &Path) -> Result<u64> {
         }
         off += PAGE_SIZE;
     }
-    f.flush().map_err(|e| Error::io(ctx("flush"), e))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
     Ok(written)
 }

@@ -1,0 +1,48 @@
+//! File status flags (`fcntl(2)` `F_GETFL`/`F_SETFL`).
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+/// Sets or clears `O_NONBLOCK` on `fd`.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument and only reads the descriptor's
+    // flags; an invalid `fd` makes it fail with EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new == flags {
+        return Ok(());
+    }
+    // SAFETY: F_SETFL takes an int of status flags by value; nothing is
+    // borrowed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn sets_and_clears() {
+        let f = tempfile::tempfile().unwrap();
+        let get = || {
+            // SAFETY: as in `set_nonblocking`.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) }
+        };
+        set_nonblocking(f.as_raw_fd(), true).unwrap();
+        assert_ne!(get() & libc::O_NONBLOCK, 0);
+        set_nonblocking(f.as_raw_fd(), false).unwrap();
+        assert_eq!(get() & libc::O_NONBLOCK, 0);
+        assert!(set_nonblocking(-1, false).is_err());
+    }
+}
