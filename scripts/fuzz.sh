@@ -22,7 +22,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(overlay_stream overlay_parts vmdir_manifest migration_wire)
+    targets=(overlay_stream overlay_parts vmdir_manifest migration_wire state_blob)
 fi
 sanitizer=${FUZZ_SANITIZER:-address}
 export RUSTC_BOOTSTRAP=1
@@ -30,16 +30,21 @@ export RUSTC_BOOTSTRAP=1
 # verify() leaves detached decode threads finishing after each run; with
 # LeakSanitizer on, libFuzzer then scans the heap after almost every run
 # (10x slower) for what are not leaks.
+#
+# state_blob: any single allocation over 64 MiB is a crash. Its inputs are
+# at most 64 KiB, so only a length taken from the input without checking
+# it against its cap can ask for that much.
 extra_flags() {
     case $1 in
         overlay_stream) echo -detect_leaks=0 ;;
+        state_blob) echo -malloc_limit_mb=64 ;;
     esac
 }
 
 max_len() {
     case $1 in
         overlay_stream) echo 131072 ;;
-        overlay_parts) echo 65536 ;;
+        overlay_parts | state_blob) echo 65536 ;;
         *) echo 16384 ;;
     esac
 }
@@ -49,7 +54,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz
 fi
 
-if [ ! -d fuzz/corpus/overlay_stream ]; then
+if [ ! -d fuzz/corpus/overlay_stream ] || [ ! -d fuzz/corpus/state_blob ]; then
     echo "fuzz.sh: generating seed corpora (fuzz/seedgen)" >&2
     if ! cargo run -q --manifest-path fuzz/seedgen/Cargo.toml \
         --target-dir fuzz/target/seedgen -- fuzz/corpus; then

@@ -87,6 +87,15 @@ impl Error {
     }
 }
 
+/// The state blob is the only thing the VMM decodes with
+/// `kimberley_formats::le`, so a refusal there is a corrupt state blob
+/// (the message names the field or section and what was wrong).
+impl From<kimberley_formats::le::LeError> for Error {
+    fn from(e: kimberley_formats::le::LeError) -> Error {
+        Error::CorruptState(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +115,14 @@ mod tests {
         assert_eq!(
             v.to_string(),
             "state blob has version 9, this VMM reads version 1"
+        );
+        let t: Error = kimberley_formats::le::LeError::Truncated {
+            what: "vCPU section",
+        }
+        .into();
+        assert_eq!(
+            t.to_string(),
+            "corrupt state blob: vCPU section is truncated"
         );
     }
 }

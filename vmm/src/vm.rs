@@ -14,7 +14,7 @@ use crate::devices::virtio_blk::{BlockState, VirtioBlk};
 use crate::error::{Error, Result};
 use crate::persist::{self, Codec, Persist, Reader, Writer};
 use crate::runner::{self, lock, Inner, Request, RunState, Shared};
-use crate::vstate::memory::{self, Memory, PAGE_SIZE};
+use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
@@ -25,6 +25,8 @@ const TAG_SERIAL: u32 = 3;
 const TAG_BLOCK: u32 = 4;
 /// Largest partial output line kept in a state blob.
 const MAX_PARTIAL_LINE: usize = 64 * 1024;
+/// Guest memory is a whole number of 2 MiB pages (docs/VMM.md).
+const MEMORY_ALIGN: u64 = 2 << 20;
 
 /// A file for [`Vm::restore_opened`]: opened by the caller, with the path
 /// that names it (in messages and [`Vm::disk_paths`]).
@@ -705,8 +707,18 @@ fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     persist::seal(&w.into_inner())
 }
 
+fn section_name(tag: u32) -> &'static str {
+    match tag {
+        TAG_VM => "VM section",
+        TAG_VCPU => "vCPU section",
+        TAG_SERIAL => "serial section",
+        TAG_BLOCK => "block section",
+        _ => "unknown section",
+    }
+}
+
 fn expect_section<'a>(r: &mut Reader<'a>, tag: u32) -> Result<Reader<'a>> {
-    let (t, body) = r.section()?;
+    let (t, body) = r.section(section_name)?;
     if t != tag {
         return Err(Error::corrupt(format!(
             "section tag {t} where {tag} was expected"
@@ -720,7 +732,7 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
     let mut r = Reader::new(body, "state body");
     let mut vm = expect_section(&mut r, TAG_VM)?;
     let memory_size = vm.u64()?;
-    if memory_size % PAGE_SIZE as u64 != 0
+    if memory_size % MEMORY_ALIGN != 0
         || !(abi::MIN_MEMORY..=abi::MAX_MEMORY).contains(&memory_size)
     {
         return Err(Error::corrupt(format!("memory size {memory_size}")));
@@ -773,4 +785,172 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
 /// Checks a state blob without restoring it.
 pub fn validate_state(blob: &[u8]) -> Result<()> {
     decode_snapshot(blob).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio_blk::QueueState;
+    use vm_superio::serial::SerialState;
+
+    /// Committed golden blobs (docs/VMM.md, "State blob"; see
+    /// testdata/vectors/state/README.md).
+    fn vector(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/vectors/state")
+            .join(name)
+    }
+
+    /// `n` deterministic, position-dependent bytes.
+    fn pattern(seed: u32, n: usize) -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(131) ^ (i >> 8).wrapping_mul(7) ^ seed.wrapping_mul(17)) as u8)
+            .collect()
+    }
+
+    /// A KVM structure whose bytes are `pattern(seed, size)`.
+    fn fill<T: zerocopy::FromBytes>(seed: u32) -> T {
+        T::read_from_bytes(&pattern(seed, std::mem::size_of::<T>())).unwrap()
+    }
+
+    /// A state with every field set to distinct, non-zero bytes (the values
+    /// a reader checks — section order, vCPU indices, chip ids, queue size —
+    /// are valid).
+    fn pattern_snapshot() -> Snapshot {
+        let mut irqchips: [kvm_bindings::kvm_irqchip; 3] = [fill(20), fill(21), fill(22)];
+        for (i, c) in irqchips.iter_mut().enumerate() {
+            c.chip_id = i as u32;
+        }
+        let vcpu = |i: u8| {
+            let s = 100 * (u32::from(i) + 1);
+            VcpuState {
+                index: i,
+                cpuid: (0..3).map(|k| fill(s + k)).collect(),
+                regs: fill(s + 10),
+                sregs: fill(s + 11),
+                xsave: fill(s + 12),
+                xcrs: fill(s + 13),
+                debugregs: fill(s + 14),
+                events: fill(s + 15),
+                mp_state: fill(s + 16),
+                lapic: fill(s + 17),
+                msrs: (0..5u32)
+                    .map(|k| (0xc000_0080 + k, 0x0123_4567_89ab_cdef ^ u64::from(s + k)))
+                    .collect(),
+            }
+        };
+        let block = |k: u64| BlockState {
+            disk_size: (4 << 20) + k * 4096,
+            status: 0xf + k as u32,
+            dev_features_sel: 1,
+            drv_features_sel: 0,
+            drv_features: (1 << 32) | (1 << 9),
+            queue_sel: 0,
+            interrupt_status: 1,
+            config_generation: 7 + k as u32,
+            queue: QueueState {
+                size: 256,
+                ready: true,
+                desc: 0x10_0000 + k,
+                avail: 0x10_1000 + k,
+                used: 0x10_2000 + k,
+                next_avail: 0xfffe,
+                next_used: 0x1234 + k as u16,
+            },
+        };
+        Snapshot {
+            memory_size: 64 << 20,
+            tsc_khz: 2_500_000,
+            ready: true,
+            partial_line: b"partial \xffline".to_vec(),
+            kvm: VmKvmState {
+                clock: fill(10),
+                irqchips,
+            },
+            vcpus: vec![vcpu(0), vcpu(1)],
+            serial: SerialDeviceState {
+                uart: SerialState {
+                    baud_divisor_low: 1,
+                    baud_divisor_high: 2,
+                    interrupt_enable: 3,
+                    interrupt_identification: 4,
+                    line_control: 5,
+                    line_status: 6,
+                    modem_control: 7,
+                    modem_status: 8,
+                    scratch: 9,
+                    in_buffer: pattern(30, 10),
+                },
+                pending: pattern(31, 100),
+            },
+            blocks: vec![block(0), block(1)],
+        }
+    }
+
+    fn check_golden(name: &str, blob: &[u8]) {
+        let p = vector(name);
+        if std::env::var_os("UPDATE_STATE_VECTORS").is_some() {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, blob).unwrap();
+        }
+        let golden = std::fs::read(&p).unwrap();
+        assert!(golden == blob, "encoding differs from {}", p.display());
+    }
+
+    #[test]
+    fn pattern_state_encodes_to_the_golden_blob() {
+        let blob = encode_snapshot(&pattern_snapshot());
+        check_golden("pattern-v1.bin", &blob);
+        // And decoding the golden blob gives a state that encodes to it.
+        let again = encode_snapshot(&decode_snapshot(&blob).unwrap());
+        assert!(again == blob, "decode/encode round trip changed the blob");
+    }
+
+    #[test]
+    fn vm_state_vector_decodes_and_reencodes_unchanged() {
+        let golden = std::fs::read(vector("vm-v1.bin")).unwrap();
+        let s = decode_snapshot(&golden).unwrap();
+        assert_eq!(s.memory_size, 16 << 20);
+        assert_eq!((s.vcpus.len(), s.blocks.len()), (1, 1));
+        assert_eq!(s.blocks[0].disk_size, 1 << 20);
+        assert!(!s.vcpus[0].cpuid.is_empty() && !s.vcpus[0].msrs.is_empty());
+        let again = encode_snapshot(&s);
+        assert!(
+            again == golden,
+            "decode/encode round trip changed vm-v1.bin"
+        );
+    }
+
+    /// docs/VMM.md: chip ids 0, 1, 2, a queue size of 0 or a power of two
+    /// up to 256 and a memory size in 2 MiB units are checks of the blob itself, so `validate_state` (what
+    /// the migration receiver runs before it commits) must refuse them, not
+    /// only a later restore.
+    #[test]
+    fn validate_refuses_bad_chip_ids_queue_and_memory_sizes() {
+        validate_state(&encode_snapshot(&pattern_snapshot())).unwrap();
+        for (chip, id) in [(0, 1), (1, 0), (2, 3), (2, u32::MAX)] {
+            let mut s = pattern_snapshot();
+            s.kvm.irqchips[chip].chip_id = id;
+            let e = validate_state(&encode_snapshot(&s)).unwrap_err();
+            assert!(e.to_string().contains("irqchip id"), "{e}");
+        }
+        for size in [3u16, 257, 512, 0xffff] {
+            let mut s = pattern_snapshot();
+            s.blocks[1].queue.size = size;
+            let e = validate_state(&encode_snapshot(&s)).unwrap_err();
+            assert!(e.to_string().contains("virtio queue size"), "{e}");
+        }
+        // Memory sizes a restore could not map are refused by the decoder.
+        for size in [(16 << 20) + 4096, (3 << 30) + (2 << 20), 14 << 20, 0] {
+            let mut s = pattern_snapshot();
+            s.memory_size = size;
+            let e = validate_state(&encode_snapshot(&s)).unwrap_err();
+            assert!(e.to_string().contains("memory size"), "{e}");
+        }
+        for size in [0u16, 1, 2, 128, 256] {
+            let mut s = pattern_snapshot();
+            s.blocks[0].queue.size = size;
+            validate_state(&encode_snapshot(&s)).unwrap();
+        }
+    }
 }

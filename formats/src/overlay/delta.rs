@@ -1,6 +1,8 @@
 //! In-place chunk deltas: a list of (offset, length, bytes) patches against
 //! the base chunk at the same position.
 
+use crate::le::Reader;
+
 /// A gap shorter than this between two changed runs is absorbed into one
 /// patch (a new patch costs 4 bytes of header).
 const MERGE_GAP: usize = 8;
@@ -53,22 +55,23 @@ pub struct DeltaError(pub &'static str);
 /// Checks a delta against a chunk of `len` bytes; returns its encoded size.
 /// `bytes` may continue past the delta.
 pub fn validate(bytes: &[u8], len: usize) -> Result<usize, DeltaError> {
-    let mut c = super::Cursor::new(bytes);
-    let n = c.u16().ok_or(DeltaError("truncated"))?;
+    let truncated = |_| DeltaError("truncated");
+    let mut c = Reader::new(bytes, "delta");
+    let n = c.u16().map_err(truncated)?;
     if n == 0 {
         return Err(DeltaError("no patches"));
     }
     let mut prev_end = 0usize;
     for k in 0..n {
-        let off = usize::from(c.u16().ok_or(DeltaError("truncated"))?);
-        let l = usize::from(c.u16().ok_or(DeltaError("truncated"))?);
+        let off = usize::from(c.u16().map_err(truncated)?);
+        let l = usize::from(c.u16().map_err(truncated)?);
         if l == 0 || (k > 0 && off < prev_end) || off + l > len {
             return Err(DeltaError("patch out of order or out of range"));
         }
-        c.take(l).ok_or(DeltaError("truncated"))?;
+        c.take(l).map_err(truncated)?;
         prev_end = off + l;
     }
-    Ok(c.pos)
+    Ok(bytes.len() - c.remaining())
 }
 
 /// Applies a validated delta to `chunk` in place.

@@ -1,9 +1,9 @@
 //! The fixed 192-byte overlay header.
 
-use super::Cursor;
 use crate::crypto::keys::{Argon2Params, KeyMaterial, OverlayKeys};
 use crate::crypto::stream::constant_time_eq;
 use crate::error::{Error, Result};
+use crate::le::{LeError, Reader};
 
 /// First bytes of every overlay.
 pub const MAGIC: [u8; 8] = *b"KIMBOVL\0";
@@ -121,9 +121,12 @@ impl Header {
         if bytes.len() < 12 {
             return Err(Error::Truncated("inside the header".into()));
         }
-        let mut c = Cursor::new(bytes);
-        c.take(8);
-        let version = c.u16().expect("length checked");
+        // Every read below is within the lengths checked above; a failure
+        // would still be reported as a truncated header, never a panic.
+        let truncated = |_: LeError| Error::Truncated("inside the header".into());
+        let mut c = Reader::new(bytes, "overlay header");
+        c.take(MAGIC.len()).map_err(truncated)?;
+        let version = c.u16().map_err(truncated)?;
         if version != VERSION {
             return Err(Error::Version {
                 what: "overlay",
@@ -131,7 +134,7 @@ impl Header {
                 supported: VERSION.into(),
             });
         }
-        let len = c.u16().expect("length checked");
+        let len = c.u16().map_err(truncated)?;
         if usize::from(len) != HEADER_LEN {
             return Err(Error::Corrupt(format!(
                 "header length {len}, expected {HEADER_LEN}"
@@ -140,20 +143,20 @@ impl Header {
         if bytes.len() < HEADER_LEN {
             return Err(Error::Truncated("inside the header".into()));
         }
-        let prot = c.u8().expect("length checked");
-        let reserved = c.take(3).expect("length checked");
-        let overlay_id = c.array().expect("length checked");
-        let salt = c.array().expect("length checked");
-        let base_id = c.array().expect("length checked");
-        let result_id = c.array().expect("length checked");
-        let parent_id = c.array().expect("length checked");
+        let prot = c.u8().map_err(truncated)?;
+        let reserved = c.take(3).map_err(truncated)?;
+        let overlay_id = c.array().map_err(truncated)?;
+        let salt = c.array().map_err(truncated)?;
+        let base_id = c.array().map_err(truncated)?;
+        let result_id = c.array().map_err(truncated)?;
+        let parent_id = c.array().map_err(truncated)?;
         let argon = Argon2Params {
-            m_cost: c.u32().expect("length checked"),
-            t_cost: c.u32().expect("length checked"),
-            p_cost: c.u32().expect("length checked"),
+            m_cost: c.u32().map_err(truncated)?,
+            t_cost: c.u32().map_err(truncated)?,
+            p_cost: c.u32().map_err(truncated)?,
         };
-        let depth = c.u32().expect("length checked");
-        let mac = c.array().expect("length checked");
+        let depth = c.u32().map_err(truncated)?;
+        let mac = c.array().map_err(truncated)?;
         if reserved != [0, 0, 0] {
             return Err(Error::Corrupt("reserved header bytes are not zero".into()));
         }

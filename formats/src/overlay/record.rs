@@ -2,8 +2,9 @@
 
 use std::ops::Range;
 
-use super::{delta, Cursor, Pos};
+use super::{delta, Pos};
 use crate::chunk::{chunk_count, chunk_len};
+use crate::le::Reader;
 
 /// Record opcodes (0 is invalid).
 pub mod op {
@@ -94,15 +95,17 @@ pub struct RecordError {
 /// first record must not precede (the end of the previous segment's last
 /// record, or `(0, 0)`).
 pub fn parse(body: &[u8], geo: &Geometry, after: Pos) -> Result<Vec<Record>, RecordError> {
-    let mut c = Cursor::new(body);
+    let mut c = Reader::new(body, "record");
+    let pos = |c: &Reader<'_>| body.len() - c.remaining();
     let mut out = Vec::new();
     let mut prev_end = after;
     while c.remaining() > 0 {
-        let at = c.pos;
+        let at = pos(&c);
         let err = |why| RecordError { at, why };
-        let code = c.u8().ok_or(err("truncated"))?;
-        let comp = c.u8().ok_or(err("truncated"))?;
-        let start = c.u64().ok_or(err("truncated"))?;
+        let truncated = |_| err("truncated");
+        let code = c.u8().map_err(truncated)?;
+        let comp = c.u8().map_err(truncated)?;
+        let start = c.u64().map_err(truncated)?;
         let size = *geo
             .launch
             .get(usize::from(comp))
@@ -110,7 +113,7 @@ pub fn parse(body: &[u8], geo: &Geometry, after: Pos) -> Result<Vec<Record>, Rec
         let count = if code == op::DELTA {
             1
         } else {
-            c.u32().ok_or(err("truncated"))?
+            c.u32().map_err(truncated)?
         };
         if count == 0 || count > MAX_RUN {
             return Err(err("bad run length"));
@@ -128,13 +131,13 @@ pub fn parse(body: &[u8], geo: &Geometry, after: Pos) -> Result<Vec<Record>, Rec
             op::ZERO => Op::Zero,
             op::LITERAL => {
                 let len = run_bytes(size, start, end);
-                let from = c.pos;
-                c.take(len).ok_or(err("truncated literal"))?;
-                Op::Literal(from..c.pos)
+                let from = pos(&c);
+                c.take(len).map_err(|_| err("truncated literal"))?;
+                Op::Literal(from..pos(&c))
             }
             op::REF_BASE | op::REF_SELF => {
-                let src_comp = c.u8().ok_or(err("truncated"))?;
-                let src = c.u64().ok_or(err("truncated"))?;
+                let src_comp = c.u8().map_err(truncated)?;
+                let src = c.u64().map_err(truncated)?;
                 let sizes = if code == op::REF_BASE {
                     &geo.base
                 } else {
@@ -168,11 +171,10 @@ pub fn parse(body: &[u8], geo: &Geometry, after: Pos) -> Result<Vec<Record>, Rec
                 }
             }
             op::DELTA => {
-                let from = c.pos;
-                let n =
-                    delta::validate(&body[from..], chunk_len(size, start)).map_err(|e| err(e.0))?;
-                c.take(n);
-                Op::Delta(from..c.pos)
+                let from = pos(&c);
+                let n = delta::validate(c.rest(), chunk_len(size, start)).map_err(|e| err(e.0))?;
+                c.take(n).map_err(truncated)?;
+                Op::Delta(from..pos(&c))
             }
             _ => return Err(err("unknown record type")),
         };

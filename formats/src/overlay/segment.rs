@@ -1,8 +1,9 @@
 //! Segment bodies: the launch manifest (first) and the index (last). Data
 //! segment bodies are sequences of [`super::record`]s.
 
-use super::{Cursor, Pos};
+use super::Pos;
 use crate::error::{Error, Result};
+use crate::le::Reader;
 use crate::vmdir::{Component, Kind};
 
 /// Largest decompressed segment body a reader accepts.
@@ -36,8 +37,8 @@ fn put_components(b: &mut Vec<u8>, cs: &[Component]) {
     }
 }
 
-fn get_components(c: &mut Cursor<'_>) -> Result<Vec<Component>> {
-    let n = c.u16().ok_or_else(|| corrupt("manifest"))?;
+fn get_components(c: &mut Reader<'_>) -> Result<Vec<Component>> {
+    let n = c.u16().map_err(|_| corrupt("manifest"))?;
     if usize::from(n) > crate::vmdir::manifest::MAX_DISKS + 2 {
         return Err(corrupt("manifest"));
     }
@@ -45,10 +46,11 @@ fn get_components(c: &mut Cursor<'_>) -> Result<Vec<Component>> {
     for _ in 0..n {
         let kind = c
             .u8()
+            .ok()
             .and_then(Kind::from_code)
             .ok_or_else(|| corrupt("manifest"))?;
-        let size = c.u64().ok_or_else(|| corrupt("manifest"))?;
-        let digest = c.array().ok_or_else(|| corrupt("manifest"))?;
+        let size = c.u64().map_err(|_| corrupt("manifest"))?;
+        let digest = c.array().map_err(|_| corrupt("manifest"))?;
         out.push(Component { kind, size, digest });
     }
     Ok(out)
@@ -69,14 +71,15 @@ impl ManifestSegment {
     /// Decodes and validates the body (both component lists must form
     /// valid manifests).
     pub fn decode(body: &[u8]) -> Result<ManifestSegment> {
-        let mut c = Cursor::new(body);
-        let n = c.u16().ok_or_else(|| corrupt("manifest"))?;
+        let mut c = Reader::new(body, "manifest segment");
+        let n = c.u16().map_err(|_| corrupt("manifest"))?;
         let name = c
             .take(n.into())
+            .ok()
             .and_then(|s| std::str::from_utf8(s).ok())
             .ok_or_else(|| corrupt("manifest"))?
             .to_string();
-        let vcpus = c.u32().ok_or_else(|| corrupt("manifest"))?;
+        let vcpus = c.u32().map_err(|_| corrupt("manifest"))?;
         let launch = get_components(&mut c)?;
         let base = get_components(&mut c)?;
         if c.remaining() != 0 {
@@ -205,10 +208,10 @@ impl Index {
 
     /// Decodes and checks ordering.
     pub fn decode(body: &[u8]) -> Result<Index> {
-        let mut c = Cursor::new(body);
+        let mut c = Reader::new(body, "index segment");
         let mut f = [0u64; 6];
         for v in &mut f {
-            *v = c.u64().ok_or_else(|| corrupt("index"))?;
+            *v = c.u64().map_err(|_| corrupt("index"))?;
         }
         let stats = ChunkStats {
             unchanged: f[0],
@@ -218,14 +221,14 @@ impl Index {
             delta: f[4],
             literal: f[5],
         };
-        let n = c.u32().ok_or_else(|| corrupt("index"))? as usize;
+        let n = c.u32().map_err(|_| corrupt("index"))? as usize;
         if n.checked_mul(ENTRY_LEN) != Some(c.remaining()) {
             return Err(corrupt("index"));
         }
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
-            let mut get = || -> Option<IndexEntry> {
-                Some(IndexEntry {
+            let mut get = || -> Result<IndexEntry, crate::le::LeError> {
+                Ok(IndexEntry {
                     counter: c.u64()?,
                     offset: c.u64()?,
                     frame_len: c.u32()?,
@@ -235,7 +238,7 @@ impl Index {
                     records: c.u32()?,
                 })
             };
-            let e = get().ok_or_else(|| corrupt("index"))?;
+            let e = get().map_err(|_| corrupt("index"))?;
             if let Some(p) = entries.last() {
                 let p: &IndexEntry = p;
                 let next_offset = p.offset.checked_add(u64::from(p.frame_len));

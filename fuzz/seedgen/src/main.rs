@@ -7,7 +7,11 @@
 //! - `CORPUS_DIR/overlay_stream/`: each overlay in the modes of that target;
 //! - `CORPUS_DIR/overlay_parts/`: headers, frame headers, footers, segment
 //!   bodies, record bodies with their geometry, deltas, compressed bodies;
-//! - `CORPUS_DIR/vmdir_manifest/`: the VMs' `manifest.json` files.
+//! - `CORPUS_DIR/vmdir_manifest/`: the VMs' `manifest.json` files;
+//! - `CORPUS_DIR/state_blob/`: VM state blobs written by `Vm::save_state`
+//!   of a few small real VMs (skipped, with a note, without `/dev/kvm`)
+//!   and the golden blobs of `testdata/vectors/state/`, whole (mode 0) and
+//!   as bodies for the harness to seal (mode 1).
 //!
 //! With `--tiny`, the smallest few seeds of each target (a few KiB in all)
 //! are also copied to `SEEDS_DIR/<target>/`, the set kept in git.
@@ -15,6 +19,7 @@
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kimberley_formats::apply::{self, Input, Opened};
 use kimberley_formats::crypto::keys::{KdfLimits, Secret};
@@ -27,6 +32,7 @@ use kimberley_formats::overlay::record::{self, Op};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::import::{import, ImportSpec};
 use kimberley_formats::vmdir::VmDir;
+use kimberley_vmm::{Vm, VmConfig};
 
 #[path = "../../fuzz_targets/common.rs"]
 mod common;
@@ -272,6 +278,54 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
     let _ = FRAME_HEADER_LEN;
 }
 
+/// Seeds for state_blob: each blob whole (mode 0) and its body (mode 1).
+fn state_seeds(s: &mut Seeds, tmp: &Path) {
+    let mut put = |name: &str, blob: &[u8]| {
+        kimberley_vmm::validate_state(blob).expect("a state seed validates");
+        let body = &blob[kimberley_vmm::persist::HEADER_LEN..];
+        s.put("state_blob", &format!("{name}.m0"), &[&[0u8][..], blob].concat());
+        s.put("state_blob", &format!("{name}.m1"), &[&[1u8][..], body].concat());
+    };
+    let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vectors/state");
+    for name in ["vm-v1", "pattern-v1"] {
+        let p = vectors.join(format!("{name}.bin"));
+        put(name, &fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())));
+    }
+    // Real VMs: (name, MiB, vCPUs, disk sizes, script run before saving).
+    let vms: &[(&str, u64, u8, &[u64], &str)] = &[
+        ("vm-fresh", 16, 1, &[], ""),
+        ("vm-disks", 32, 2, &[1 << 20, 64 << 10], "disk-write 0 64K 3\ndisk-write 64K 4K 5\nprint ok"),
+        ("vm-counter", 16, 1, &[64 << 10], "counter start\nsleep 5\ncounter"),
+    ];
+    let t = Duration::from_secs(30);
+    for &(name, mib, vcpus, disk_sizes, script) in vms {
+        let mut disks = Vec::new();
+        for (i, &size) in disk_sizes.iter().enumerate() {
+            let p = tmp.join(format!("{name}-disk{i}.raw"));
+            fs::File::create(&p).unwrap().set_len(size).unwrap();
+            disks.push(p);
+        }
+        let cfg = VmConfig {
+            memory_size: mib << 20,
+            vcpus,
+            disks,
+        };
+        let mut vm = match Vm::boot(&cfg) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("seedgen: no state blobs from real VMs: {e}");
+                return;
+            }
+        };
+        vm.wait_ready(t).unwrap();
+        if !script.is_empty() {
+            let o = vm.run_script(script, &mut |_| {}, t).unwrap();
+            assert_eq!(o.status, 0, "{name}: {:?}", o.lines);
+        }
+        put(name, &vm.save_state().unwrap());
+    }
+}
+
 /// Seeds for migration_wire: one of each message, a hello, frame headers
 /// and CHUNKS bodies, as the harness frames them (mode byte first).
 fn migration_seeds(s: &mut Seeds) {
@@ -426,6 +480,8 @@ fn main() {
         s.put("vmdir_manifest", &format!("{vm}.json"), &m);
     }
 
+    state_seeds(&mut s, &tmp);
+
     if let Some(tiny) = tiny {
         // A handful of small seeds covering each mode, kept in git.
         const KEEP: &[(&str, &str)] = &[
@@ -445,6 +501,9 @@ fn main() {
             ("overlay_parts", "sealer"),
             ("vmdir_manifest", "a-base.json"),
             ("vmdir_manifest", "b-launch.json"),
+            ("state_blob", "vm-v1.m0"),
+            ("state_blob", "vm-v1.m1"),
+            ("state_blob", "pattern-v1.m1"),
             ("migration_wire", "hello"),
             ("migration_wire", "fh0"),
             ("migration_wire", "msg0"),

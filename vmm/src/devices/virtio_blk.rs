@@ -494,7 +494,7 @@ impl Codec for BlockState {
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<BlockState> {
-        Ok(BlockState {
+        let s = BlockState {
             disk_size: r.u64()?,
             status: r.u32()?,
             dev_features_sel: r.u32()?,
@@ -512,6 +512,11 @@ impl Codec for BlockState {
                 next_avail: r.u16()?,
                 next_used: r.u16()?,
             },
-        })
+        };
+        let size = s.queue.size;
+        if size > QUEUE_MAX || (size != 0 && !size.is_power_of_two()) {
+            return Err(Error::corrupt(format!("virtio queue size {size}")));
+        }
+        Ok(s)
     }
 }

@@ -1,231 +1,94 @@
-//! Little-endian writer/reader with capped lengths, and raw copies of KVM
-//! structures.
+//! KVM structures in the state blob: length-prefixed raw copies whose
+//! layout zerocopy checks at compile time.
+//!
+//! kvm-bindings (feature `serde`) derives zerocopy's `IntoBytes` and
+//! `FromBytes` for the KVM UAPI structures, so the compiler proves that they
+//! have no padding bytes (every byte of `as_bytes` is initialised) and that
+//! every bit pattern is a valid value; no `unsafe` is needed here.
+
+use kimberley_formats::le::{Reader, Writer};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::error::{Error, Result};
 
-/// Appends little-endian values to a buffer.
-#[derive(Default, Debug)]
-pub struct Writer {
-    buf: Vec<u8>,
+/// Writes KVM structures.
+pub trait WriteKvm {
+    /// Appends `v` as `bytes` (u32 length, then its in-memory bytes).
+    fn kvm_struct<T: IntoBytes + Immutable>(&mut self, v: &T);
 }
 
-impl Writer {
-    /// An empty writer.
-    pub fn new() -> Writer {
-        Writer::default()
-    }
-
-    /// The bytes written so far.
-    pub fn into_inner(self) -> Vec<u8> {
-        self.buf
-    }
-
-    /// Appends a byte.
-    pub fn u8(&mut self, v: u8) {
-        self.buf.push(v);
-    }
-
-    /// Appends a u16.
-    pub fn u16(&mut self, v: u16) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-
-    /// Appends a u32.
-    pub fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-
-    /// Appends a u64.
-    pub fn u64(&mut self, v: u64) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-
-    /// Appends a u32 length and the bytes.
-    pub fn bytes(&mut self, b: &[u8]) {
-        self.u32(b.len() as u32);
-        self.buf.extend_from_slice(b);
-    }
-
-    /// Appends a KVM structure as a length-prefixed byte copy.
-    pub fn pod<T: Pod>(&mut self, v: &T) {
-        self.bytes(pod_bytes(v));
-    }
-
-    /// Appends a section: tag, u32 length, then what `f` writes.
-    pub fn section(&mut self, tag: u32, f: impl FnOnce(&mut Writer)) {
-        self.u32(tag);
-        let at = self.buf.len();
-        self.u32(0);
-        f(self);
-        let len = (self.buf.len() - at - 4) as u32;
-        self.buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+impl WriteKvm for Writer {
+    fn kvm_struct<T: IntoBytes + Immutable>(&mut self, v: &T) {
+        self.bytes(v.as_bytes());
     }
 }
 
-/// Reads little-endian values, failing (never panicking) on truncation.
-#[derive(Debug)]
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
+/// Reads KVM structures.
+pub trait ReadKvm {
+    /// Reads a structure written by [`WriteKvm::kvm_struct`]; its length
+    /// must be exactly `size_of::<T>()`.
+    fn kvm_struct<T: FromBytes>(&mut self, what: &str) -> Result<T>;
 }
 
-impl<'a> Reader<'a> {
-    /// Reads `buf`; `what` names it in errors.
-    pub fn new(buf: &'a [u8], what: &'static str) -> Reader<'a> {
-        Reader { buf, what }
-    }
-
-    /// Bytes left.
-    pub fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Fails unless everything was consumed.
-    pub fn finish(&self) -> Result<()> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::corrupt(format!(
-                "{} trailing bytes in {}",
-                self.buf.len(),
-                self.what
-            )))
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if n > self.buf.len() {
-            return Err(Error::corrupt(format!("{} is truncated", self.what)));
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-
-    /// Reads a byte.
-    pub fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-
-    /// Reads a u16.
-    pub fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-
-    /// Reads a u32.
-    pub fn u32(&mut self) -> Result<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// Reads a u64.
-    pub fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    /// Reads a count and checks it against `cap`.
-    pub fn count(&mut self, cap: usize, what: &str) -> Result<usize> {
-        let n = self.u32()? as usize;
-        if n > cap {
-            return Err(Error::corrupt(format!(
-                "{what}: count {n} exceeds the cap of {cap}"
-            )));
-        }
-        Ok(n)
-    }
-
-    /// Reads length-prefixed bytes of at most `cap` bytes.
-    pub fn bytes(&mut self, cap: usize, what: &str) -> Result<&'a [u8]> {
-        let n = self.count(cap, what)?;
-        self.take(n)
-    }
-
-    /// Reads a KVM structure written by [`Writer::pod`]; its length must match.
-    pub fn pod<T: Pod>(&mut self, what: &str) -> Result<T> {
+impl ReadKvm for Reader<'_> {
+    fn kvm_struct<T: FromBytes>(&mut self, what: &str) -> Result<T> {
         let size = std::mem::size_of::<T>();
         let b = self.bytes(size, what)?;
-        if b.len() != size {
-            return Err(Error::corrupt(format!(
-                "{what}: {} bytes, expected {size}",
-                b.len()
-            )));
-        }
-        Ok(pod_from_bytes(b))
-    }
-
-    /// Reads one section header: (tag, reader over its payload).
-    pub fn section(&mut self) -> Result<(u32, Reader<'a>)> {
-        let tag = self.u32()?;
-        let len = self.u32()? as usize;
-        let body = self.take(len)?;
-        Ok((
-            tag,
-            Reader {
-                buf: body,
-                what: section_name(tag),
-            },
-        ))
+        T::read_from_bytes(b)
+            .map_err(|_| Error::corrupt(format!("{what}: {} bytes, expected {size}", b.len())))
     }
 }
 
-fn section_name(tag: u32) -> &'static str {
-    match tag {
-        1 => "VM section",
-        2 => "vCPU section",
-        3 => "serial section",
-        4 => "block section",
-        _ => "unknown section",
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_irqchip, kvm_regs, kvm_xsave};
+
+    #[test]
+    fn structures_round_trip_and_sizes_are_checked() {
+        let regs = kvm_regs {
+            rax: 0x1122_3344_5566_7788,
+            rip: 0x40_1000,
+            rflags: 2,
+            ..Default::default()
+        };
+        let mut w = Writer::new();
+        w.kvm_struct(&regs);
+        let b = w.into_inner();
+        // docs/VMM.md: u32 length 144, then the raw structure, little-endian.
+        assert_eq!(b.len(), 4 + 144);
+        assert_eq!(&b[..4], &144u32.to_le_bytes());
+        assert_eq!(&b[4..12], &0x1122_3344_5566_7788u64.to_le_bytes());
+        let mut r = Reader::new(&b, "t");
+        let back: kvm_regs = r.kvm_struct("regs").unwrap();
+        assert_eq!(back, regs);
+        r.finish().unwrap();
+
+        // The sizes the format fixes.
+        assert_eq!(std::mem::size_of::<kvm_xsave>(), 4096);
+        assert_eq!(std::mem::size_of::<kvm_irqchip>(), 520);
+
+        // Too short: refused, naming the field.
+        let mut w = Writer::new();
+        w.bytes(&[0u8; 143]);
+        let b = w.into_inner();
+        let e = Reader::new(&b, "t")
+            .kvm_struct::<kvm_regs>("regs")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "corrupt state blob: regs: 143 bytes, expected 144"
+        );
+        // Too long: refused by the cap before anything is read.
+        let mut w = Writer::new();
+        w.bytes(&[0u8; 145]);
+        let b = w.into_inner();
+        let e = Reader::new(&b, "t")
+            .kvm_struct::<kvm_regs>("regs")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("regs: 145 exceeds the cap of 144"),
+            "{e}"
+        );
     }
-}
-
-/// Plain-old-data KVM structures: `repr(C)`, integer fields only, no
-/// implicit padding, every bit pattern valid.
-///
-/// # Safety
-/// Implement only for types with those properties.
-pub unsafe trait Pod: Default {}
-
-macro_rules! pod {
-    ($($t:ty),*) => {$(
-        // SAFETY: kernel UAPI structure made of integers with explicit padding
-        // fields only; kvm-bindings derives zerocopy's IntoBytes/FromBytes for
-        // it (serde feature), which proves there are no padding bytes and
-        // that every bit pattern is valid.
-        unsafe impl Pod for $t {}
-    )*};
-}
-
-pod!(
-    kvm_bindings::kvm_regs,
-    kvm_bindings::kvm_sregs,
-    kvm_bindings::kvm_xsave,
-    kvm_bindings::kvm_xcrs,
-    kvm_bindings::kvm_debugregs,
-    kvm_bindings::kvm_vcpu_events,
-    kvm_bindings::kvm_mp_state,
-    kvm_bindings::kvm_lapic_state,
-    kvm_bindings::kvm_clock_data,
-    kvm_bindings::kvm_irqchip,
-    kvm_bindings::kvm_cpuid_entry2,
-    kvm_bindings::kvm_pit_state2
-);
-
-/// The bytes of a `Pod` value.
-pub fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
-    // SAFETY: T is Pod (no padding, so every byte is initialised); the slice
-    // covers exactly the value and lives as long as the borrow.
-    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
-}
-
-/// A `Pod` value from exactly `size_of::<T>()` bytes (shorter input is zero-extended).
-pub fn pod_from_bytes<T: Pod>(b: &[u8]) -> T {
-    let mut v = T::default();
-    let n = b.len().min(std::mem::size_of::<T>());
-    // SAFETY: T is Pod, so any bytes form a valid value; we copy at most
-    // size_of::<T>() bytes into it from a slice of at least n bytes.
-    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, n) };
-    v
 }

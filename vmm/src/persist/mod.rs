@@ -1,9 +1,11 @@
-//! Saving and restoring state: the `Persist` trait, a small bounds-checked
-//! binary codec, and the state blob envelope (see docs/VMM.md, "State blob").
+//! Saving and restoring state: the `Persist` trait, the state blob codec
+//! (`kimberley_formats::le` plus checked KVM structure copies) and the
+//! state blob envelope (see docs/VMM.md, "State blob").
 
 mod codec;
 
-pub use codec::{Reader, Writer};
+pub use codec::{ReadKvm, WriteKvm};
+pub use kimberley_formats::le::{LeError, Reader, Writer};
 
 use crate::error::{Error, Result};
 
@@ -38,14 +40,14 @@ pub const MAX_BODY: u64 = 64 << 20;
 
 /// Wraps `body` in the envelope: magic, version, flags, length, checksum.
 pub fn seal(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(body).to_le_bytes());
-    out.extend_from_slice(body);
-    out
+    let mut w = Writer::with_capacity(HEADER_LEN + body.len());
+    w.raw(&MAGIC);
+    w.u32(VERSION);
+    w.u32(0);
+    w.u64(body.len() as u64);
+    w.u64(xxhash_rust::xxh3::xxh3_64(body));
+    w.raw(body);
+    w.into_inner()
 }
 
 /// Checks the envelope and returns the body.
@@ -56,39 +58,35 @@ pub fn open(blob: &[u8]) -> Result<&[u8]> {
             blob.len()
         )));
     }
-    if blob[0..8] != MAGIC {
+    let mut r = Reader::new(blob, "state blob header");
+    if r.array::<8>()? != MAGIC {
         return Err(Error::corrupt("bad magic (not a Kimberley VM state blob)"));
     }
-    let le32 = |o: usize| u32::from_le_bytes([blob[o], blob[o + 1], blob[o + 2], blob[o + 3]]);
-    let le64 = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&blob[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    let version = le32(8);
+    let version = r.u32()?;
     if version != VERSION {
         return Err(Error::StateVersion {
             found: version,
             expected: VERSION,
         });
     }
-    if le32(12) != 0 {
+    if r.u32()? != 0 {
         return Err(Error::corrupt("unknown header flags"));
     }
-    let len = le64(16);
+    let len = r.u64()?;
     if len > MAX_BODY {
         return Err(Error::corrupt(format!(
             "body length {len} exceeds the cap of {MAX_BODY}"
         )));
     }
-    if (blob.len() - HEADER_LEN) as u64 != len {
+    let sum = r.u64()?;
+    let body = r.rest();
+    if body.len() as u64 != len {
         return Err(Error::corrupt(format!(
             "body length {len} does not match the {} bytes present",
-            blob.len() - HEADER_LEN
+            body.len()
         )));
     }
-    let body = &blob[HEADER_LEN..];
-    if xxhash_rust::xxh3::xxh3_64(body) != le64(24) {
+    if xxhash_rust::xxh3::xxh3_64(body) != sum {
         return Err(Error::corrupt("checksum mismatch"));
     }
     Ok(body)

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use kimberley_formats::chunk::is_zero;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
@@ -131,16 +132,6 @@ impl Memory {
             .read_slice(bytes, GuestAddress(addr))
             .map_err(|e| Error::Memory(format!("read {} bytes at {addr:#x}: {e}", bytes.len())))
     }
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets.
-        unsafe { page.align_to::<u128>() }
-    };
-    pre.iter().all(|&b| b == 0)
-        && post.iter().all(|&b| b == 0)
-        && mid.iter().fold(0u128, |a, &w| a | w) == 0
 }
 
 /// Largest single write.

@@ -8,7 +8,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::abi;
 use crate::error::{Error, Result};
-use crate::persist::{Codec, Persist, Reader, Writer};
+use crate::persist::{Codec, Persist, ReadKvm, Reader, WriteKvm, Writer};
 
 /// Caps on vCPU state lengths.
 pub const MAX_CPUID_ENTRIES: usize = 256;
@@ -291,16 +291,16 @@ impl Codec for VcpuState {
         w.u8(self.index);
         w.u32(self.cpuid.len() as u32);
         for e in &self.cpuid {
-            w.pod(e);
+            w.kvm_struct(e);
         }
-        w.pod(&self.regs);
-        w.pod(&self.sregs);
-        w.pod(&self.xsave);
-        w.pod(&self.xcrs);
-        w.pod(&self.debugregs);
-        w.pod(&self.events);
-        w.pod(&self.mp_state);
-        w.pod(&self.lapic);
+        w.kvm_struct(&self.regs);
+        w.kvm_struct(&self.sregs);
+        w.kvm_struct(&self.xsave);
+        w.kvm_struct(&self.xcrs);
+        w.kvm_struct(&self.debugregs);
+        w.kvm_struct(&self.events);
+        w.kvm_struct(&self.mp_state);
+        w.kvm_struct(&self.lapic);
         w.u32(self.msrs.len() as u32);
         for &(i, v) in &self.msrs {
             w.u32(i);
@@ -313,16 +313,16 @@ impl Codec for VcpuState {
         let n = r.count(MAX_CPUID_ENTRIES, "CPUID entries")?;
         let mut cpuid = Vec::with_capacity(n);
         for _ in 0..n {
-            cpuid.push(r.pod("CPUID entry")?);
+            cpuid.push(r.kvm_struct("CPUID entry")?);
         }
-        let regs = r.pod("regs")?;
-        let sregs = r.pod("sregs")?;
-        let xsave = r.pod("xsave")?;
-        let xcrs = r.pod("xcrs")?;
-        let debugregs = r.pod("debugregs")?;
-        let events = r.pod("vcpu events")?;
-        let mp_state = r.pod("mp state")?;
-        let lapic = r.pod("lapic")?;
+        let regs = r.kvm_struct("regs")?;
+        let sregs = r.kvm_struct("sregs")?;
+        let xsave = r.kvm_struct("xsave")?;
+        let xcrs = r.kvm_struct("xcrs")?;
+        let debugregs = r.kvm_struct("debugregs")?;
+        let events = r.kvm_struct("vcpu events")?;
+        let mp_state = r.kvm_struct("mp state")?;
+        let lapic = r.kvm_struct("lapic")?;
         let n = r.count(MAX_MSRS, "MSRs")?;
         let mut msrs = Vec::with_capacity(n);
         for _ in 0..n {

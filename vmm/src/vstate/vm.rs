@@ -8,7 +8,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
-use crate::persist::{Codec, Reader, Writer};
+use crate::persist::{Codec, ReadKvm, Reader, WriteKvm, Writer};
 use crate::vstate::memory::{Memory, PAGE_SIZE};
 
 /// The single memory slot.
@@ -156,15 +156,27 @@ impl KvmVm {
 
 impl Codec for VmKvmState {
     fn encode(&self, w: &mut Writer) {
-        w.pod(&self.clock);
+        w.kvm_struct(&self.clock);
         for c in &self.irqchips {
-            w.pod(c);
+            w.kvm_struct(c);
         }
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<VmKvmState> {
-        let clock = r.pod("clock")?;
-        let irqchips = [r.pod("irqchip")?, r.pod("irqchip")?, r.pod("irqchip")?];
+        let clock = r.kvm_struct("clock")?;
+        let irqchips: [kvm_irqchip; 3] = [
+            r.kvm_struct("irqchip")?,
+            r.kvm_struct("irqchip")?,
+            r.kvm_struct("irqchip")?,
+        ];
+        for (chip, id) in irqchips.iter().zip(CHIPS) {
+            if chip.chip_id != id {
+                return Err(Error::corrupt(format!(
+                    "irqchip id {} where {id} was expected",
+                    chip.chip_id
+                )));
+            }
+        }
         Ok(VmKvmState { clock, irqchips })
     }
 }
