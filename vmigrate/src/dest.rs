@@ -380,13 +380,12 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
         Ok(p) if l.commit(id) => start(l, id, p, tx, rx),
         Ok(_) => {
             let e = anyhow!("the sender asked how the hand-over ended before COMMIT arrived, so it resumed its guest");
-            let _ = tx.send(Message::Error(format!("{e:#}")));
+            send_error(tx, rx, &e);
             Err(e.context("the migration failed; what was received is discarded"))
         }
         Err(e) => {
             l.set_phase(Phase::Aborted(id));
-            let _ = tx.send(Message::Error(format!("{e:#}")));
-            drop((tx, rx));
+            send_error(tx, rx, &e);
             // Unless the sender cancelled or this receiver is stopping, the
             // sender may have sent COMMIT and be in doubt: stay to tell it.
             if acked && e.downcast_ref::<SenderAborted>().is_none() && !stop.load(Ordering::SeqCst)
@@ -400,6 +399,29 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
                 l.linger(LINGER, stop);
             }
             Err(e.context("the migration failed; what was received is discarded"))
+        }
+    }
+}
+
+/// Sends ERROR, then closes the sending direction and reads until the
+/// sender closes too (at most 2 s): closing with unread data would reset
+/// the connection, and a reset can discard the ERROR before the sender
+/// reads it.
+fn send_error(mut tx: Tx, rx: Rx, e: &anyhow::Error) {
+    let _ = tx.send(Message::Error(format!("{e:#}")));
+    let _ = tx.stream().shutdown(std::net::Shutdown::Write);
+    let s = rx.stream();
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let t = Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    while t.elapsed() < Duration::from_secs(2) {
+        match std::io::Read::read(&mut &*s, &mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
         }
     }
 }
@@ -702,7 +724,7 @@ fn start(
         Ok(c) => c,
         Err(e) => {
             l.set_phase(Phase::Aborted(id));
-            let _ = tx.send(Message::Error(format!("{e:#}")));
+            send_error(tx, rx, &e);
             return Err(e.context("the migration failed; what was received is discarded"));
         }
     };
@@ -710,8 +732,8 @@ fn start(
         Ok(v) => v,
         Err(e) => {
             l.set_phase(Phase::Aborted(id));
-            let _ = tx.send(Message::Error(format!("{e:#}")));
             discard(&committed);
+            send_error(tx, rx, &e);
             return Err(e.context("the migration failed; what was received is discarded"));
         }
     };

@@ -846,11 +846,13 @@ fn stop_and_copy(
     let state_len = state.len();
     s.send_msg(Message::State(state))?;
     s.check()?;
-    // From the moment COMMIT may be on the wire, the receiver may run the
-    // guest: no cancel, no resume here unless it says ERROR.
-    *committed = true;
     s.send_msg(Message::Commit)?;
+    // The writer stops at its first failed write, so a failed flush means
+    // COMMIT never left whole: nothing was handed over yet.
     s.writer.flush()?;
+    // From here the receiver may run the guest: no cancel, no resume here
+    // unless it says ERROR or answers a QUERY with "aborted".
+    *committed = true;
     let state_send_ms = ms_since(t);
     let running: Running = match s
         .wait_msg(RUNNING_WAIT, false)

@@ -422,7 +422,7 @@ cells! {
     term_source_start: TermSource at START => SuspendedAtSource;
     term_source_round0: TermSource at ROUND0 => SuspendedAtSource;
     term_source_precopy: TermSource at PRECOPY => SuspendedAtSource;
-    term_source_stop_and_copy: TermSource at STOP_AND_COPY => Receiver;
+    term_source_stop_and_copy: TermSource at STOP_AND_COPY => Receiver | SuspendedAtSource;
     term_source_commit: TermSource at COMMIT => Receiver;
     term_source_running: TermSource at RUNNING => Receiver;
     term_source_done: TermSource at DONE => Receiver;
@@ -448,7 +448,9 @@ fn out_is_committed_before_the_guest_runs() {
     let before = look(&s.src_sock);
     let (_dst, addr, _) = s.recv_with(&s.key.clone(), "dst", &[]);
     let out = s.p("dst");
-    let seen = Arc::new(Mutex::new(None::<Result<kimberley_formats::vmdir::Manifest, String>>));
+    let seen = Arc::new(Mutex::new(
+        None::<Result<kimberley_formats::vmdir::Manifest, String>>,
+    ));
     let seen2 = seen.clone();
     let strike: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || {
         let r = kimberley_formats::vmdir::VmDir::open(&out)
@@ -472,7 +474,10 @@ fn out_is_committed_before_the_guest_runs() {
     let f = std::fs::File::open(s.p("vm").join("disk0.raw")).unwrap();
     let size = f.metadata().unwrap().len();
     let d = kimberley_formats::vmdir::dir::digest_file(&f, size).unwrap();
-    assert_eq!(m.components[1].digest, d, "OUT's disk digest is not the handed-over disk");
+    assert_eq!(
+        m.components[1].digest, d,
+        "OUT's disk digest is not the handed-over disk"
+    );
     wait_for(&s.p("dst.sock"));
     let g = look(&s.p("dst.sock"));
     assert_eq!(g.sums, before.sums);
@@ -480,7 +485,10 @@ fn out_is_committed_before_the_guest_runs() {
     let st = ctl_status(&s.p("dst.sock"));
     let disks = st["disks"].as_array().unwrap();
     assert!(
-        disks[0].as_str().unwrap().starts_with(s.p("dst").to_str().unwrap()),
+        disks[0]
+            .as_str()
+            .unwrap()
+            .starts_with(s.p("dst").to_str().unwrap()),
         "{st}"
     );
 }
