@@ -23,6 +23,8 @@ const TAG_VM: u32 = 1;
 const TAG_VCPU: u32 = 2;
 const TAG_SERIAL: u32 = 3;
 const TAG_BLOCK: u32 = 4;
+/// Most script output (bytes of lines) [`Vm::run_script`] keeps.
+pub const MAX_SCRIPT_OUTPUT: usize = 16 << 20;
 /// Largest partial output line kept in a state blob.
 const MAX_PARTIAL_LINE: usize = 64 * 1024;
 /// Guest memory is a whole number of 2 MiB pages (docs/VMM.md).
@@ -374,6 +376,7 @@ impl Vm {
         }
         self.shared.cond.notify_all();
         let mut lines = Vec::new();
+        let (mut kept, mut dropped) = (0usize, 0u64);
         // Before the marker: leftovers; right after it: the sync's `done`.
         let (mut synced, mut sync_done) = (false, false);
         self.shared.wait_for(timeout, |g| {
@@ -396,7 +399,19 @@ impl Vm {
                     }));
                 }
                 on_line(&l);
-                lines.push(l);
+                // A guest printing without end cannot make the host hold
+                // it all: past the cap, lines are counted, not kept.
+                if kept < MAX_SCRIPT_OUTPUT {
+                    kept += l.len() + 1;
+                    lines.push(l);
+                } else {
+                    dropped += 1;
+                    if dropped == 1 {
+                        lines.push(format!(
+                            "[output over {MAX_SCRIPT_OUTPUT} bytes: further lines dropped]"
+                        ));
+                    }
+                }
             }
             None
         })

@@ -102,7 +102,7 @@ pub fn apply_chain(
     if inputs.is_empty() {
         return Err(Error::Invalid("no overlay to apply".into()));
     }
-    if out.exists() {
+    if crate::fsutil::occupied(out) {
         return Err(Error::Exists(out.to_path_buf()));
     }
     let mut opened = Vec::new();
