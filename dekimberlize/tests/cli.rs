@@ -1,49 +1,18 @@
 //! The command-line tools end to end: pipes, files, exit codes, stats,
 //! nothing left behind on failure, a full disk.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
+use common::*;
 use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
-
-fn bin(name: &str) -> PathBuf {
-    // Both binaries are built into the same directory.
-    let me = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize"));
-    let p = me.with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --bins)",
-        p.display()
-    );
-    p
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-/// Runs a Kimberley binary with arguments (anything `AsRef<OsStr>`).
-macro_rules! tool {
-    ($name:expr $(, $arg:expr)* $(,)?) => {{
-        let mut c = Command::new(bin($name));
-        $( c.arg($arg); )*
-        run(&mut c)
-    }};
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited, not killed")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn setup(dir: &Path) -> (Pair, PathBuf) {
     let pair = make_pair(dir, &PairSpec::default()).unwrap();
     let key = dir.join("key");
-    let o = tool!("kimberlize", "keygen", "-o", &key);
-    assert!(o.status.success(), "{}", stderr(&o));
+    keygen(&key);
     (pair, key)
 }
 
@@ -340,19 +309,9 @@ fn a_full_disk_fails_cleanly() {
 fn layered_chain_from_the_command_line() {
     let t = tempfile::tempdir().unwrap();
     let (p, key) = setup(t.path());
-    let d2 = t.path().join("2");
-    std::fs::create_dir(&d2).unwrap();
-    let p2 = make_pair(
-        &d2,
-        &PairSpec {
-            seed: 7,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let p2 = second_pair(t.path());
     let l1 = t.path().join("l1.ovl");
     let l2 = t.path().join("l2.ovl");
-    let ok = |o: Output| assert!(o.status.success(), "{}", stderr(&o));
     ok(tool!(
         "kimberlize",
         "diff",

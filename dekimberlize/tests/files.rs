@@ -2,23 +2,16 @@
 //! even under umask 000, a symbolic link (or a FIFO) inside a VM directory
 //! is refused, and a dangling symbolic link at an output is never replaced.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::SystemTime;
 
+use common::{bin, code, keygen, make_base, ok, stderr as err};
 use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
-
-fn bin(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --bins)",
-        p.display()
-    );
-    p
-}
 
 /// Runs `name args` with umask 000 (when `open_umask`) or the inherited one.
 fn tool_with<S: AsRef<OsStr>>(open_umask: bool, name: &str, args: &[S]) -> Output {
@@ -37,50 +30,52 @@ fn tool<S: AsRef<OsStr>>(name: &str, args: &[S]) -> Output {
     tool_with(false, name, args)
 }
 
-fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        err(&o)
-    );
-    o
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited, not killed")
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+/// `lead`, then each option with its file, then `more`.
+fn argv<'a>(lead: &[&'a str], opts: &[(&'a str, &'a Path)], more: &[&'a OsStr]) -> Vec<&'a OsStr> {
+    let lead = lead.iter().map(|s| OsStr::new(*s));
+    let opts = opts
+        .iter()
+        .flat_map(|&(o, p)| [OsStr::new(o), p.as_os_str()]);
+    lead.chain(opts).chain(more.iter().copied()).collect()
+}
+
+/// `kimberlize diff -q --base BASE --launch LAUNCH -k KEY`, with `more`.
+fn diff_args<'a>(
+    base: &'a Path,
+    launch: &'a Path,
+    key: &'a Path,
+    more: &[&'a OsStr],
+) -> Vec<&'a OsStr> {
+    argv(
+        &["diff", "-q"],
+        &[("--base", base), ("--launch", launch), ("-k", key)],
+        more,
+    )
+}
+
+/// `dekimberlize -q --base BASE -i OVL -k KEY`, with `more`.
+fn apply_args<'a>(
+    base: &'a Path,
+    ovl: &'a Path,
+    key: &'a Path,
+    more: &[&'a OsStr],
+) -> Vec<&'a OsStr> {
+    argv(&["-q"], &[("--base", base), ("-i", ovl), ("-k", key)], more)
 }
 
 fn setup(dir: &Path) -> (Pair, PathBuf, PathBuf) {
     let pair = make_pair(dir, &PairSpec::default()).unwrap();
     let key = dir.join("key");
-    ok(tool(
-        "kimberlize",
-        &[OsStr::new("keygen"), OsStr::new("-o"), key.as_os_str()],
-    ));
+    keygen(&key);
     let ovl = dir.join("a.ovl");
+    let o: [&OsStr; 2] = ["-o".as_ref(), ovl.as_ref()];
     ok(tool(
         "kimberlize",
-        &[
-            "diff".as_ref(),
-            "-q".as_ref(),
-            "--base".as_ref(),
-            pair.base.as_os_str(),
-            "--launch".as_ref(),
-            pair.launch.as_os_str(),
-            "-k".as_ref(),
-            key.as_os_str(),
-            "-o".as_ref(),
-            ovl.as_os_str(),
-        ],
+        &diff_args(&pair.base, &pair.launch, &key, &o),
     ));
     (pair, key, ovl)
 }
@@ -120,61 +115,39 @@ fn every_output_is_private_under_umask_000() {
     assert_eq!(mode(&p("control")), 0o666);
 
     let (ovl, stats) = (p("a.ovl"), p("diff.json"));
+    let more: [&OsStr; 4] = [
+        "-o".as_ref(),
+        ovl.as_ref(),
+        "--stats-json".as_ref(),
+        stats.as_ref(),
+    ];
     u(
         "kimberlize",
-        &[
-            "diff".as_ref(),
-            "-q".as_ref(),
-            "--base".as_ref(),
-            pair.base.as_ref(),
-            "--launch".as_ref(),
-            pair.launch.as_ref(),
-            "-k".as_ref(),
-            key.as_ref(),
-            "-o".as_ref(),
-            ovl.as_ref(),
-            "--stats-json".as_ref(),
-            stats.as_ref(),
-        ],
+        &diff_args(&pair.base, &pair.launch, &key, &more),
     );
     assert_eq!(mode(&ovl), 0o600, "overlay");
     assert_eq!(mode(&stats), 0o600, "stats JSON");
 
     let (out, stats) = (p("out"), p("apply.json"));
-    u(
-        "dekimberlize",
-        &[
-            "-q".as_ref(),
-            "--base".as_ref(),
-            pair.base.as_ref(),
-            "-i".as_ref(),
-            ovl.as_ref(),
-            "-k".as_ref(),
-            key.as_ref(),
-            "-o".as_ref(),
-            out.as_ref(),
-            "--stats-json".as_ref(),
-            stats.as_ref(),
-        ],
-    );
+    let more: [&OsStr; 4] = [
+        "-o".as_ref(),
+        out.as_ref(),
+        "--stats-json".as_ref(),
+        stats.as_ref(),
+    ];
+    u("dekimberlize", &apply_args(&pair.base, &ovl, &key, &more));
     assert_private_vmdir(&out);
     assert_eq!(mode(&stats), 0o600, "stats JSON");
 
     let imported = p("imported");
-    u(
-        "kimberlize",
-        &[
-            "import".as_ref(),
-            "-o".as_ref(),
-            imported.as_ref(),
-            "--memory".as_ref(),
-            p("raw-base-memory").as_ref(),
-            "--disk".as_ref(),
-            p("raw-base-disk0").as_ref(),
-            "--state".as_ref(),
-            p("raw-base-state").as_ref(),
-        ],
-    );
+    let raw = ["memory", "disk0", "state"].map(|c| p(&format!("raw-base-{c}")));
+    let import = [
+        ("-o", &*imported),
+        ("--memory", &raw[0]),
+        ("--disk", &raw[1]),
+        ("--state", &raw[2]),
+    ];
+    u("kimberlize", &argv(&["import"], &import, &[]));
     assert_private_vmdir(&imported);
     // Nothing unfinished was left behind.
     for e in std::fs::read_dir(t.path()).unwrap() {
@@ -220,80 +193,21 @@ fn a_symlink_inside_a_vm_directory_is_refused() {
         with_symlink(&pair.launch, &launch, file, &hl);
         let before = (snapshot(&hb), snapshot(&hl));
         let out = t.path().join(format!("out-{file}"));
-        let k = key.as_os_str();
+        let o: [&OsStr; 2] = ["-o".as_ref(), out.as_ref()];
+        let o_run: [&OsStr; 3] = ["-o".as_ref(), out.as_ref(), "--run".as_ref()];
         let runs: [(&str, Vec<&OsStr>); 5] = [
+            ("dekimberlize", apply_args(&base, &ovl, &key, &o)),
+            ("dekimberlize", apply_args(&base, &ovl, &key, &o_run)),
             (
                 "dekimberlize",
-                vec![
-                    "-q".as_ref(),
-                    "--base".as_ref(),
-                    base.as_ref(),
-                    "-i".as_ref(),
-                    ovl.as_ref(),
-                    "-k".as_ref(),
-                    k,
-                    "-o".as_ref(),
-                    out.as_ref(),
-                ],
+                [
+                    &["verify".as_ref()],
+                    &apply_args(&base, &ovl, &key, &[])[..],
+                ]
+                .concat(),
             ),
-            (
-                "dekimberlize",
-                vec![
-                    "-q".as_ref(),
-                    "--base".as_ref(),
-                    base.as_ref(),
-                    "-i".as_ref(),
-                    ovl.as_ref(),
-                    "-k".as_ref(),
-                    k,
-                    "-o".as_ref(),
-                    out.as_ref(),
-                    "--run".as_ref(),
-                ],
-            ),
-            (
-                "dekimberlize",
-                vec![
-                    "verify".as_ref(),
-                    "-q".as_ref(),
-                    "--base".as_ref(),
-                    base.as_ref(),
-                    "-i".as_ref(),
-                    ovl.as_ref(),
-                    "-k".as_ref(),
-                    k,
-                ],
-            ),
-            (
-                "kimberlize",
-                vec![
-                    "diff".as_ref(),
-                    "-q".as_ref(),
-                    "--base".as_ref(),
-                    base.as_ref(),
-                    "--launch".as_ref(),
-                    pair.launch.as_ref(),
-                    "-k".as_ref(),
-                    k,
-                    "-o".as_ref(),
-                    out.as_ref(),
-                ],
-            ),
-            (
-                "kimberlize",
-                vec![
-                    "diff".as_ref(),
-                    "-q".as_ref(),
-                    "--base".as_ref(),
-                    pair.base.as_ref(),
-                    "--launch".as_ref(),
-                    launch.as_ref(),
-                    "-k".as_ref(),
-                    k,
-                    "-o".as_ref(),
-                    out.as_ref(),
-                ],
-            ),
+            ("kimberlize", diff_args(&base, &pair.launch, &key, &o)),
+            ("kimberlize", diff_args(&pair.base, &launch, &key, &o)),
         ];
         for (name, args) in runs {
             let o = tool(name, &args);
@@ -327,15 +241,9 @@ fn a_fifo_inside_a_vm_directory_is_refused_without_blocking() {
             .unwrap();
         assert!(ok.success());
         let out = t.path().join(format!("out-{file}"));
+        let o: [&OsStr; 2] = ["-o".as_ref(), out.as_ref()];
         let mut child = Command::new(bin("dekimberlize"))
-            .args(["-q", "--base"])
-            .arg(&base)
-            .arg("-i")
-            .arg(&ovl)
-            .arg("-k")
-            .arg(&key)
-            .arg("-o")
-            .arg(&out)
+            .args(apply_args(&base, &ovl, &key, &o))
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -362,38 +270,13 @@ fn a_dangling_symlink_at_an_output_is_never_replaced() {
     let t = tempfile::tempdir().unwrap();
     let (pair, key, ovl) = setup(t.path());
     let p = |n: &str| t.path().join(n);
-    let k = key.as_os_str();
     let mem = p("raw-base-memory");
+    let o: [&OsStr; 1] = ["-o".as_ref()];
     let runs: [(&str, Vec<&OsStr>); 5] = [
         ("kimberlize", vec!["keygen".as_ref(), "-o".as_ref()]),
         ("kimberlize", vec!["base".as_ref(), "-o".as_ref()]),
-        (
-            "kimberlize",
-            vec![
-                "diff".as_ref(),
-                "-q".as_ref(),
-                "--base".as_ref(),
-                pair.base.as_ref(),
-                "--launch".as_ref(),
-                pair.launch.as_ref(),
-                "-k".as_ref(),
-                k,
-                "-o".as_ref(),
-            ],
-        ),
-        (
-            "dekimberlize",
-            vec![
-                "-q".as_ref(),
-                "--base".as_ref(),
-                pair.base.as_ref(),
-                "-i".as_ref(),
-                ovl.as_ref(),
-                "-k".as_ref(),
-                k,
-                "-o".as_ref(),
-            ],
-        ),
+        ("kimberlize", diff_args(&pair.base, &pair.launch, &key, &o)),
+        ("dekimberlize", apply_args(&pair.base, &ovl, &key, &o)),
         (
             "kimberlize",
             vec![
@@ -433,47 +316,25 @@ fn kimberlize_build_refuses_a_symlink_in_its_base() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n);
     let base = p("base");
-    ok(tool(
-        "kimberlize",
-        &[
-            "base".as_ref(),
-            "--memory".as_ref(),
-            "32M".as_ref(),
-            "--disk".as_ref(),
-            "4M".as_ref(),
-            "-o".as_ref(),
-            base.as_os_str(),
-        ],
-    ));
+    make_base(&base, "32M", "4M");
     let key = p("key");
-    ok(tool(
-        "kimberlize",
-        &[OsStr::new("keygen"), OsStr::new("-o"), key.as_os_str()],
-    ));
-    std::fs::write(p("script"), "print hello\n").unwrap();
+    keygen(&key);
+    let script = p("script");
+    std::fs::write(&script, "print hello\n").unwrap();
     for file in ["manifest.json", "memory.raw", "disk0.raw", "state.bin"] {
         let linked = p(&format!("base-{file}"));
         let host = p(&format!("host-{file}"));
         with_symlink(&base, &linked, file, &host);
         let before = snapshot(&host);
         let out = p(&format!("out-{file}"));
-        let o = tool(
-            "kimberlize",
-            &[
-                "build".as_ref(),
-                "-q".as_ref(),
-                "--base".as_ref(),
-                linked.as_os_str(),
-                "--install".as_ref(),
-                p("script").as_os_str(),
-                "--resume".as_ref(),
-                p("script").as_os_str(),
-                "-k".as_ref(),
-                key.as_os_str(),
-                "-o".as_ref(),
-                out.as_os_str(),
-            ],
-        );
+        let build = [
+            ("--base", &*linked),
+            ("--install", &script),
+            ("--resume", &script),
+            ("-k", &key),
+            ("-o", &out),
+        ];
+        let o = tool("kimberlize", &argv(&["build", "-q"], &build, &[]));
         assert_eq!(code(&o), 7, "{file}: {}", err(&o));
         assert!(err(&o).contains(file), "{}", err(&o));
         assert!(!out.exists());

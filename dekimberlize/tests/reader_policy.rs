@@ -2,9 +2,13 @@
 //! 10): no silent downgrade to an unencrypted overlay, and no Argon2id cost
 //! beyond the reader's caps, in every command that reads overlays.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::*;
 
 use kimberley_formats::crypto::keys::{Argon2Params, KeyMaterial};
 use kimberley_formats::diff::{diff, DiffOptions, Protection};
@@ -12,39 +16,6 @@ use kimberley_formats::overlay::header::{Header, HEADER_LEN};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
 use kimberley_formats::vmdir::VmDir;
-
-fn bin(name: &str) -> PathBuf {
-    // Both binaries are built into the same directory.
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --bins)",
-        p.display()
-    );
-    p
-}
-
-/// Runs a Kimberley binary with arguments (anything `AsRef<OsStr>`).
-macro_rules! tool {
-    ($name:expr $(, $arg:expr)* $(,)?) => {{
-        let mut c = Command::new(bin($name));
-        $( c.arg($arg); )*
-        c.stdin(Stdio::null()).output().unwrap()
-    }};
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited, not killed")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", stderr(o));
-}
 
 /// Asserts a refusal with `exit` and a one-line message containing `needle`.
 #[track_caller]
@@ -68,7 +39,7 @@ fn setup() -> Setup {
     let t = tempfile::tempdir().unwrap();
     let pair = make_pair(t.path(), &PairSpec::default()).unwrap();
     let key = t.path().join("key");
-    ok(&tool!("kimberlize", "keygen", "-o", &key));
+    keygen(&key);
     let pass = t.path().join("pass");
     std::fs::write(&pass, "a passphrase\n").unwrap();
     let plain = t.path().join("plain.ovl");
@@ -83,7 +54,7 @@ fn setup() -> Setup {
         if prot == "-k" {
             c.arg(&key);
         }
-        ok(&c.arg("-o").arg(o).output().unwrap());
+        ok(c.arg("-o").arg(o).output().unwrap());
     }
     Setup {
         t,
@@ -119,7 +90,7 @@ fn an_unencrypted_overlay_is_refused_when_a_key_is_given() {
     }
     // Deliberately accepted.
     let out = s.t.path().join("allowed");
-    ok(&apply(
+    ok(apply(
         &s,
         &[&s.plain],
         &out,
@@ -128,9 +99,9 @@ fn an_unencrypted_overlay_is_refused_when_a_key_is_given() {
     VmDir::open(&out).unwrap().verify().unwrap();
     // Without any key: integrity only, as before.
     let out = s.t.path().join("nokey");
-    ok(&apply(&s, &[&s.plain], &out, &[]));
+    ok(apply(&s, &[&s.plain], &out, &[]));
     // The encrypted overlay still applies with the key.
-    ok(&apply(
+    ok(apply(
         &s,
         &[&s.sealed],
         &s.t.path().join("sealed"),
@@ -184,7 +155,7 @@ fn verify_and_inspect_say_what_they_checked() {
         &s.key,
         "--allow-unencrypted"
     );
-    ok(&o);
+    let o = ok(o);
     assert!(
         stderr(&o).contains("checksums OK (not authenticated)"),
         "{}",
@@ -192,10 +163,10 @@ fn verify_and_inspect_say_what_they_checked() {
     );
     assert!(!stderr(&o).contains("every segment authenticated"));
     let o = tool!("dekimberlize", "verify", "-i", &s.plain);
-    ok(&o);
+    let o = ok(o);
     assert!(stderr(&o).contains("checksums OK (not authenticated)"));
     let o = tool!("dekimberlize", "verify", "-i", &s.sealed, "-k", &s.key);
-    ok(&o);
+    let o = ok(o);
     assert!(stderr(&o).contains("every segment authenticated"));
 
     // inspect -k reads the overlay too.
@@ -209,15 +180,15 @@ fn verify_and_inspect_say_what_they_checked() {
         &s.key,
         "--allow-unencrypted"
     );
-    ok(&o);
+    let o = ok(o);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(text.contains("not authenticated"), "{text}");
     let o = tool!("kimberlize", "inspect", &s.plain, "--json");
-    ok(&o);
+    let o = ok(o);
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["authenticated"], false);
     let o = tool!("kimberlize", "inspect", &s.sealed, "-k", &s.key, "--json");
-    ok(&o);
+    let o = ok(o);
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["authenticated"], true);
 }
@@ -225,16 +196,7 @@ fn verify_and_inspect_say_what_they_checked() {
 #[test]
 fn a_chain_with_one_unencrypted_layer_is_refused_with_a_key() {
     let s = setup();
-    let d2 = s.t.path().join("2");
-    std::fs::create_dir(&d2).unwrap();
-    let p2 = make_pair(
-        &d2,
-        &PairSpec {
-            seed: 7,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let p2 = second_pair(s.t.path());
     let l2 = s.t.path().join("l2.ovl");
     let diff_on_plain = |extra: &[&str]| {
         let mut c = Command::new(bin("kimberlize"));
@@ -249,12 +211,12 @@ fn a_chain_with_one_unencrypted_layer_is_refused_with_a_key() {
             .arg("-o")
             .arg(&l2)
             .args(extra);
-        c.stdin(Stdio::null()).output().unwrap()
+        run(&mut c)
     };
     // kimberlize reads its parent overlays under the same rule.
     refused(&diff_on_plain(&[]), 4, "--allow-unencrypted");
     assert!(!l2.exists());
-    ok(&diff_on_plain(&["--allow-unencrypted"]));
+    ok(diff_on_plain(&["--allow-unencrypted"]));
     let k = s.key.to_str().unwrap();
     let out = s.t.path().join("out");
     let o = apply(&s, &[&s.plain, &l2], &out, &["-k", k]);
@@ -266,7 +228,7 @@ fn a_chain_with_one_unencrypted_layer_is_refused_with_a_key() {
         &out,
         &["-k", k, "--allow-unencrypted"],
     );
-    ok(&o);
+    ok(o);
     assert_eq!(
         VmDir::open(&out).unwrap().identity(),
         VmDir::open(&p2.launch).unwrap().identity()
@@ -318,22 +280,8 @@ fn within(mut c: Command, limit: Duration) -> Output {
 fn a_header_asking_for_an_expensive_kdf_is_refused_at_once() {
     let s = setup();
     // 192 bytes: a passphrase header asking for 1 GiB and 64 passes.
-    let mut h = Header {
-        protection: KeyMaterial::Passphrase(Argon2Params {
-            m_cost: 1 << 20,
-            t_cost: 64,
-            p_cost: 1,
-        }),
-        overlay_id: [1; 16],
-        salt: [2; 32],
-        base_id: [3; 32],
-        result_id: [4; 32],
-        parent_id: [0; 16],
-        depth: 0,
-        mac: [0; 32],
-    };
     let evil = s.t.path().join("evil.ovl");
-    std::fs::write(&evil, h.seal(None)).unwrap();
+    std::fs::write(&evil, crafted::expensive_kdf_header()).unwrap();
     let out = s.t.path().join("out");
     let mut c = Command::new(bin("dekimberlize"));
     c.arg("--base")
@@ -387,8 +335,8 @@ fn the_kdf_caps_can_be_raised_and_lowered() {
     assert!(!stderr(&o).contains("--max-kdf-memory"), "{}", stderr(&o));
     assert!(!out.exists());
     let raised = ["--passphrase-file", p, "--max-kdf-passes", "11"];
-    ok(&apply(&s, &[&ovl], &out, &raised));
-    ok(&tool!(
+    ok(apply(&s, &[&ovl], &out, &raised));
+    ok(tool!(
         "dekimberlize",
         "verify",
         "-i",
@@ -398,7 +346,7 @@ fn the_kdf_caps_can_be_raised_and_lowered() {
         "--max-kdf-passes",
         "20"
     ));
-    ok(&tool!(
+    ok(tool!(
         "kimberlize",
         "inspect",
         &ovl,
@@ -421,5 +369,5 @@ fn the_kdf_caps_can_be_raised_and_lowered() {
     let o = apply(&s, &[&ovl], &s.t.path().join("low"), &low);
     refused(&o, 3, "--max-kdf-memory");
     let enough = ["--passphrase-file", p, "--max-kdf-memory", "64K"];
-    ok(&apply(&s, &[&ovl], &s.t.path().join("enough"), &enough));
+    ok(apply(&s, &[&ovl], &s.t.path().join("enough"), &enough));
 }

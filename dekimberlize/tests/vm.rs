@@ -4,55 +4,19 @@
 //! KIMBERLEY_REQUIRE_KVM=1 (set by scripts/test.sh when /dev/kvm exists)
 //! they fail instead of skipping.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
+use common::*;
 use kimberley_formats::vmdir::VmDir;
-
-fn bin(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first",
-        p.display()
-    );
-    p
-}
-
-fn kvm() -> bool {
-    kimberley_vmm::kvm_for_tests()
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 fn lines(b: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(b)
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-/// The value printed for `what` (e.g. "checksum app").
-fn value(lines: &[String], what: &str) -> String {
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix(what).map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| panic!("no {what:?} in {lines:?}"))
 }
 
 const INSTALL: &str = "# an application install
@@ -138,40 +102,21 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the control socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Waits (60 s at most) for the control socket.
+        drop(Client::connect(&sock));
         Running { child, sock }
     }
 
-    fn request(&self, req: &str) -> serde_json::Value {
-        let mut s = UnixStream::connect(&self.sock).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    }
-
+    /// Runs a script that must succeed (the server's timeout).
     fn exec(&self, script: &str) -> Vec<String> {
-        let v = self.request(&serde_json::json!({"cmd": "exec", "script": script}).to_string());
-        assert_eq!(v["ok"], true, "{v}");
-        assert_eq!(v["status"], 0, "{v}");
-        v["output"]
-            .as_str()
-            .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        Client::open(&self.sock).exec_timeout(script, None)
     }
 
     fn stop(mut self) -> Output {
-        assert_eq!(self.request(r#"{"cmd":"stop"}"#)["ok"], true);
+        assert_eq!(
+            Client::open(&self.sock).call(r#"{"cmd":"stop"}"#)["ok"],
+            true
+        );
         let mut out = Vec::new();
         let mut err = Vec::new();
         use std::io::Read;

@@ -10,23 +10,8 @@ use kimberley_formats::crypto::keys::Secret;
 use kimberley_formats::diff::Protection;
 use kimberley_formats::overlay::frame::{FrameHeader, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::HEADER_LEN;
-use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
+use kimberley_formats::testkit::{make_pair, PairSpec};
 use kimberley_formats::Error;
-
-fn small_pair(t: &Path, seed: u64) -> Pair {
-    make_pair(
-        t,
-        &PairSpec {
-            seed,
-            memory: 256 << 10,
-            disks: vec![512 << 10],
-            launch_disks: vec![512 << 10],
-            change_percent: 20,
-            state: Some(100),
-        },
-    )
-    .unwrap()
-}
 
 /// Offsets of every frame header in an overlay.
 fn frames(ovl: &[u8]) -> Vec<(usize, usize)> {

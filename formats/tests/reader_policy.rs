@@ -14,26 +14,10 @@ use kimberley_formats::crypto::keys::{Argon2Params, KdfLimits, KeyMaterial, Secr
 use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::{Parent, Protection};
 use kimberley_formats::overlay::header::{Header, HEADER_LEN};
-use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
 use kimberley_formats::vmdir::VmDir;
 use kimberley_formats::Error;
 
 const PW: &[u8] = b"correct horse";
-
-fn pair(t: &Path, seed: u64) -> Pair {
-    make_pair(
-        t,
-        &PairSpec {
-            seed,
-            memory: 256 << 10,
-            disks: vec![512 << 10],
-            launch_disks: vec![512 << 10],
-            change_percent: 20,
-            state: Some(100),
-        },
-    )
-    .unwrap()
-}
 
 const ALLOW: ReadPolicy = ReadPolicy {
     allow_unencrypted: true,
@@ -61,7 +45,7 @@ fn auth_refused(r: kimberley_formats::Result<impl std::fmt::Debug>, out: &Path) 
 #[test]
 fn an_unencrypted_overlay_is_refused_when_a_secret_is_given() {
     let t = tempfile::tempdir().unwrap();
-    let p = pair(t.path(), 1);
+    let p = small_pair(t.path(), 1);
     let (plain, _) = diff_bytes(&p.base, &p.launch, Protection::None, None);
     for (k, s) in [Secret::Key(KEY), Secret::Passphrase(PW.to_vec())]
         .into_iter()
@@ -82,7 +66,7 @@ fn an_unencrypted_overlay_is_refused_when_a_secret_is_given() {
 #[test]
 fn a_flipped_protection_byte_does_not_downgrade() {
     let t = tempfile::tempdir().unwrap();
-    let p = pair(t.path(), 2);
+    let p = small_pair(t.path(), 2);
     let (sealed, _) = diff_bytes(&p.base, &p.launch, Protection::Key(KEY), None);
     let mut flipped = sealed.clone();
     flipped[12] = 0;
@@ -113,8 +97,8 @@ fn a_chain_with_one_unencrypted_layer_is_refused_with_a_key() {
     for d in ["1", "2"] {
         std::fs::create_dir(t.path().join(d)).unwrap();
     }
-    let p1 = pair(&t.path().join("1"), 3);
-    let p2 = pair(&t.path().join("2"), 4);
+    let p1 = small_pair(&t.path().join("1"), 3);
+    let p2 = small_pair(&t.path().join("2"), 4);
     let mid = VmDir::open(&p1.launch).unwrap().identity();
     // The unencrypted layer first, then on top; and the other way round.
     for (k, (prot1, prot2)) in [
@@ -161,21 +145,7 @@ fn open(
 fn a_crafted_header_asking_for_an_expensive_kdf_is_refused_at_once() {
     // 192 bytes: a passphrase header asking for 1 GiB and 64 passes
     // (minutes of Argon2id and 1 GiB of memory before the MAC can fail).
-    let mut h = Header {
-        protection: KeyMaterial::Passphrase(Argon2Params {
-            m_cost: 1 << 20,
-            t_cost: 64,
-            p_cost: 1,
-        }),
-        overlay_id: [1; 16],
-        salt: [2; 32],
-        base_id: [3; 32],
-        result_id: [4; 32],
-        parent_id: [0; 16],
-        depth: 0,
-        mac: [0; 32],
-    };
-    let bytes = h.seal(None).to_vec();
+    let bytes = crafted::expensive_kdf_header().to_vec();
     assert_eq!(bytes.len(), HEADER_LEN);
     // On a thread, so that a reader that starts Argon2 fails the test after
     // a second instead of holding it for minutes.
@@ -206,7 +176,7 @@ fn a_crafted_header_asking_for_an_expensive_kdf_is_refused_at_once() {
 #[test]
 fn a_raised_cap_accepts_a_header_within_it() {
     let t = tempfile::tempdir().unwrap();
-    let p = pair(t.path(), 5);
+    let p = small_pair(t.path(), 5);
     // 11 passes over 64 KiB: cheap, but over the default 10 passes.
     let params = Argon2Params {
         m_cost: 64,

@@ -5,183 +5,78 @@
 //! clients. With KIMBERLEY_REQUIRE_KVM=1 these fail instead of skipping
 //! when /dev/kvm is missing.
 
-#[path = "../../vmm/tests/common/ctl.rs"]
-mod ctl;
+mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ctl::{value, Client, Foreign};
+use common::ctl::{self, Foreign};
+use common::tools::{check_snapshot_resumes, dir_with_mode, STATE};
+use common::*;
 use kimberley_formats::vmdir::VmDir;
 use serde_json::json;
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vmigrate")).with_file_name(name)
-}
-
-fn kvm() -> bool {
-    kimberley_vmm::kvm_for_tests()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-/// A child process whose stderr is collected (and echoed); killed on drop.
-struct Proc {
-    child: Child,
-    err: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, tag: &str) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        let (e, tag) = (err.clone(), tag.to_string());
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{tag}] {l}");
-                e.lock().unwrap().push(l.clone());
-                let _ = tx.send(l);
-            }
-        });
-        Proc { child, err, lines }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().join("\n")
-    }
-
-    /// The first stderr line starting with `prefix`, waiting up to 60 s.
-    fn line_starting(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(l) = self
-                .err
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no line {prefix:?} in {}", self.stderr());
-            let _ = self
-                .lines
-                .recv_timeout(left.min(Duration::from_millis(100)));
-        }
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                t.elapsed() < within,
-                "the process did not exit within {within:?}: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let l = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        l.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A fresh suspended VM directory (32 MiB, a 4 MiB disk).
 fn base(t: &Path, name: &str) -> PathBuf {
     let p = t.join(name);
-    ok(Command::new(bin("kimberlize"))
-        .args(["base", "--memory", "32M", "--disk", "4M", "-o"])
-        .arg(&p)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap());
+    make_base(&p, "32M", "4M");
     p
 }
 
-fn run_cmd(vmdir: &Path, sock: Option<&Path>) -> Command {
-    let mut c = Command::new(bin("vmigrate"));
-    c.arg("run").arg(vmdir);
-    if let Some(s) = sock {
-        c.arg("--control").arg(s);
-    }
-    c
+/// A fresh VM `vm` in a new directory, run on the socket `vm.sock`.
+struct Running {
+    // Declared first: the process ends before its directory goes.
+    p: Logged,
+    vm: PathBuf,
+    sock: PathBuf,
+    t: tempfile::TempDir,
 }
 
-fn run_vm(vmdir: &Path, sock: &Path) -> Proc {
-    let p = Proc::spawn(&mut run_cmd(vmdir, Some(sock)), "run");
-    drop(Client::connect(sock));
-    p
+fn running() -> Running {
+    let t = tempfile::tempdir().unwrap();
+    let vm = base(t.path(), "vm");
+    let sock = t.path().join("vm.sock");
+    let p = run_vm(&vm, &sock);
+    Running { p, vm, sock, t }
 }
 
-/// Stops the VM through its socket; the process exits 0 and removes it.
-fn stop(p: &mut Proc, sock: &Path) {
-    let r = Client::connect(sock).call(r#"{"cmd":"stop"}"#);
-    assert_eq!(r, json!({"ok": true, "status": "stopped"}));
-    let st = p.wait_exit(Duration::from_secs(60));
-    assert!(st.success(), "{st}: {}", p.stderr());
-    assert!(!sock.exists(), "the socket file was left behind");
+/// Memory, disk and a running counter that [`STATE`] looks at.
+const PREPARE: &str = "fill app 4M 1 random\ndisk-write 0 64K 3\ncounter start\n";
+
+/// Runs [`PREPARE`] in the VM on `sock`; returns the [`STATE`] after it.
+fn prepare(sock: &Path) -> Vec<String> {
+    let mut c = Client::connect(sock);
+    c.exec_ok(PREPARE);
+    c.exec_ok(STATE)
 }
 
-const STATE: &str = "sleep 20\ncounter\nchecksum app\ndisk-checksum 0 64K\n";
+/// A key and a fresh VM run as the source of a migration, in `t`.
+struct Source {
+    p: Logged,
+    key: PathBuf,
+    vm: PathBuf,
+    sock: PathBuf,
+}
 
-fn check_snapshot_resumes(t: &Path, snap: &Path, at_snapshot: &[String]) {
-    VmDir::open(snap).unwrap().verify().unwrap();
-    let sock = t.join("snap.sock");
-    let mut p = run_vm(snap, &sock);
-    let now = Client::connect(&sock).exec_ok(STATE);
-    for w in ["checksum app", "disk-checksum 0 64K"] {
-        assert_eq!(value(&now, w), value(at_snapshot, w), "{w}");
-    }
-    let c0: u64 = value(at_snapshot, "counter").parse().unwrap();
-    let c1: u64 = value(&now, "counter").parse().unwrap();
-    assert!(c1 > c0, "the counter went from {c0} to {c1}");
-    stop(&mut p, &sock);
+fn source(t: &Path) -> Source {
+    let key = t.join("key");
+    keygen(&key);
+    let vm = base(t, "vm");
+    let sock = t.join("src.sock");
+    let p = run_vm(&vm, &sock);
+    Source { p, key, vm, sock }
+}
+
+/// A receiver for `key` writing `dst` in `t`; returns it and its address.
+fn dst_receiver(t: &Path, key: &Path) -> (Logged, String) {
+    receiver(key, &t.join("dst"), &[], Duration::from_secs(60))
 }
 
 /// Every request through `vmigrate run`'s socket; the snapshot resumes.
@@ -190,21 +85,15 @@ fn every_request_through_vmigrate_run() {
     if !kvm() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let vm = base(t.path(), "vm");
-    let sock = t.path().join("vm.sock");
-    let mut p = run_vm(&vm, &sock);
-    let mut c = Client::connect(&sock);
-    c.exec_ok("fill app 4M 1 random\ndisk-write 0 64K 3\ncounter start\n");
-    let before = c.exec_ok(STATE);
-    let snap = t.path().join("snap");
-    ctl::check_every_request(&sock, &snap, true);
+    let mut r = running();
+    let before = prepare(&r.sock);
+    let snap = r.t.path().join("snap");
+    ctl::check_every_request(&r.sock, &snap, true);
     // Change the guest after the snapshot: the snapshot must not see it.
-    c.exec_ok("fill app 4M 9 random\ndisk-write 0 64K 8\n");
-    drop(c);
-    stop(&mut p, &sock);
-    VmDir::open(&vm).unwrap().verify().unwrap();
-    check_snapshot_resumes(t.path(), &snap, &before);
+    Client::connect(&r.sock).exec_ok("fill app 4M 9 random\ndisk-write 0 64K 8\n");
+    stop(&mut r.p, &r.sock);
+    VmDir::open(&r.vm).unwrap().verify().unwrap();
+    check_snapshot_resumes(r.t.path(), &snap, &before);
 }
 
 /// Every request through `vmigrate recv`'s socket after a real migration.
@@ -215,47 +104,12 @@ fn every_request_through_vmigrate_recv() {
     }
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n);
-    ok(Command::new(bin("kimberlize"))
-        .args(["keygen", "-o"])
-        .arg(p("key"))
-        .output()
-        .unwrap());
-    let vm = base(t.path(), "vm");
-    let src_sock = p("src.sock");
-    let mut src = run_vm(&vm, &src_sock);
-    let mut c = Client::connect(&src_sock);
-    c.exec_ok("fill app 4M 1 random\ndisk-write 0 64K 3\ncounter start\n");
-    let before = c.exec_ok(STATE);
-    drop(c);
+    let mut src = source(t.path());
+    let before = prepare(&src.sock);
     let dst_sock = p("dst.sock");
-    let dst = Proc::spawn(
-        Command::new(bin("vmigrate"))
-            .args(["recv", "--listen", "127.0.0.1:0", "-k"])
-            .arg(p("key"))
-            .arg("-o")
-            .arg(p("dst"))
-            .arg("--control")
-            .arg(&dst_sock),
-        "recv",
-    );
-    let addr = dst
-        .line_starting("vmigrate: waiting for a migration on ")
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_string();
-    let o = Command::new(bin("vmigrate"))
-        .arg("send")
-        .arg("--control")
-        .arg(&src_sock)
-        .args(["--to", &addr, "-k"])
-        .arg(p("key"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    ok(o);
-    assert!(src.wait_exit(Duration::from_secs(30)).success());
-    let mut dst = dst;
+    let (mut dst, addr) = dst_receiver(t.path(), &src.key);
+    ok(send_cmd(&src.sock, &addr, &src.key).output().unwrap());
+    assert!(src.p.wait_exit(Duration::from_secs(30)).success());
     let after = Client::connect(&dst_sock).exec_ok(STATE);
     assert_eq!(
         value(&after, "checksum app"),
@@ -273,10 +127,8 @@ fn every_request_through_vmigrate_recv() {
 /// process exits 0. With `resume`, the VM is run again and answers a new
 /// script correctly (once the cut-short one, still running, has ended).
 fn interrupted(script: &str, sig: libc::c_int, resume: bool) {
-    let t = tempfile::tempdir().unwrap();
-    let vm = base(t.path(), "vm");
-    let sock = t.path().join("vm.sock");
-    let mut p = run_vm(&vm, &sock);
+    let mut r = running();
+    let (p, vm, sock) = (&mut r.p, r.vm.clone(), r.sock.clone());
     Client::connect(&sock).exec_ok("counter start\n");
     let (s2, script) = (sock.clone(), script.to_string());
     let client = std::thread::spawn(move || {
@@ -359,10 +211,8 @@ fn given_socket_is_private_under_umask_000() {
     }
     let t = tempfile::tempdir().unwrap();
     let vm = base(t.path(), "vm");
-    let d = t.path().join("d");
-    std::fs::create_dir(&d).unwrap();
     std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = dir_with_mode(t.path(), "d", 0o777);
     let sock = d.join("ctl.sock");
     // Watch for the socket: the first mode seen is the one that matters.
     let done = Arc::new(AtomicBool::new(false));
@@ -376,7 +226,7 @@ fn given_socket_is_private_under_umask_000() {
         }
         None
     });
-    let mut p = Proc::spawn(umask0(&mut run_cmd(&vm, Some(&sock))), "run");
+    let mut p = Logged::spawn(umask0(&mut run_cmd(&vm, Some(&sock))), "run");
     drop(Client::connect(&sock));
     done.store(true, Ordering::SeqCst);
     assert_eq!(watcher.join().unwrap(), Some(0o140600));
@@ -402,12 +252,10 @@ fn default_socket_is_private_and_not_in_tmp() {
     }
     let t = tempfile::tempdir().unwrap();
     let vm = base(t.path(), "vm");
-    let xdg = t.path().join("xdg");
-    std::fs::create_dir(&xdg).unwrap();
-    std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let xdg = dir_with_mode(t.path(), "xdg", 0o700);
     let mut cmd = run_cmd(&vm, None);
     cmd.env("XDG_RUNTIME_DIR", &xdg);
-    let mut p = Proc::spawn(umask0(&mut cmd), "run");
+    let mut p = Logged::spawn(umask0(&mut cmd), "run");
     let sock = socket_of(&p);
     assert_eq!(
         sock,
@@ -428,7 +276,7 @@ fn default_socket_is_private_and_not_in_tmp() {
     if unsafe { libc::geteuid() } == 0 {
         let mut cmd = run_cmd(&vm, None);
         cmd.env_remove("XDG_RUNTIME_DIR");
-        let mut p = Proc::spawn(umask0(&mut cmd), "run");
+        let mut p = Logged::spawn(umask0(&mut cmd), "run");
         let sock = socket_of(&p);
         assert_eq!(
             sock,
@@ -441,8 +289,8 @@ fn default_socket_is_private_and_not_in_tmp() {
 }
 
 /// The socket path printed on stderr.
-fn socket_of(p: &Proc) -> PathBuf {
-    let l = p.line_starting("VM running; control socket ");
+fn socket_of(p: &Logged) -> PathBuf {
+    let l = p.line_starting("VM running; control socket ", Duration::from_secs(60));
     let rest = l.strip_prefix("VM running; control socket ").unwrap();
     let path = PathBuf::from(rest.split(" (").next().unwrap());
     drop(Client::connect(&path));
@@ -461,7 +309,7 @@ fn binding_over_a_live_socket_is_refused() {
     let sock = t.path().join("vm.sock");
     let mut a = run_vm(&vm1, &sock);
     let ino = std::fs::metadata(&sock).unwrap().ino();
-    let mut b = Proc::spawn(&mut run_cmd(&vm2, Some(&sock)), "second");
+    let mut b = Logged::spawn(&mut run_cmd(&vm2, Some(&sock)), "second");
     let st = b.wait_exit(Duration::from_secs(30));
     assert!(!st.success());
     assert!(
@@ -483,10 +331,8 @@ fn control_clients_are_bounded() {
     if !kvm() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let vm = base(t.path(), "vm");
-    let sock = t.path().join("vm.sock");
-    let mut p = run_vm(&vm, &sock);
+    let mut r = running();
+    let (p, sock) = (&mut r.p, r.sock.clone());
     Client::connect(&sock).exec_ok("print warm\n");
     let status_ms = || {
         let t0 = Instant::now();
@@ -549,7 +395,7 @@ fn control_clients_are_bounded() {
         "RSS grew from {rss0} KiB to {rss} KiB"
     );
     assert!(worst < Duration::from_millis(300), "status took {worst:?}");
-    stop(&mut p, &sock);
+    stop(p, &sock);
 }
 
 /// A request line longer than the limit is refused with one error line.
@@ -558,10 +404,8 @@ fn overlong_request_is_refused() {
     if !kvm() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let vm = base(t.path(), "vm");
-    let sock = t.path().join("vm.sock");
-    let mut p = run_vm(&vm, &sock);
+    let mut r = running();
+    let (p, sock) = (&mut r.p, r.sock.clone());
     let mut s = UnixStream::connect(&sock).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let big = vec![b' '; 4 << 20];
@@ -570,7 +414,7 @@ fn overlong_request_is_refused() {
     let r = c.answer();
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
-    stop(&mut p, &sock);
+    stop(p, &sock);
 }
 
 /// SIGTERM to the source's process during a migration cancels it: the
@@ -581,44 +425,17 @@ fn sigterm_during_a_migration_cancels_it() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let p = |n: &str| t.path().join(n);
-    ok(Command::new(bin("kimberlize"))
-        .args(["keygen", "-o"])
-        .arg(p("key"))
-        .output()
-        .unwrap());
-    let vm = base(t.path(), "vm");
-    let src_sock = p("src.sock");
-    let mut src = run_vm(&vm, &src_sock);
+    let Source {
+        p: mut src,
+        key,
+        vm,
+        sock: src_sock,
+    } = source(t.path());
     let sum = Client::connect(&src_sock).exec_ok("fill big 12M 1 random\nchecksum big\n");
-    let mut dst = Proc::spawn(
-        Command::new(bin("vmigrate"))
-            .args(["recv", "--listen", "127.0.0.1:0", "-k"])
-            .arg(p("key"))
-            .arg("-o")
-            .arg(p("dst"))
-            .arg("--control")
-            .arg(p("dst.sock")),
-        "recv",
-    );
-    let addr = dst
-        .line_starting("vmigrate: waiting for a migration on ")
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_string();
-    let (s2, key) = (src_sock.clone(), p("key"));
-    let send = std::thread::spawn(move || {
-        Command::new(bin("vmigrate"))
-            .arg("send")
-            .arg("--control")
-            .arg(&s2)
-            .args(["--to", &addr, "--max-bandwidth", "2M", "-k"])
-            .arg(key)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    });
+    let (mut dst, addr) = dst_receiver(t.path(), &key);
+    let mut send = send_cmd(&src_sock, &addr, &key);
+    send.args(["--max-bandwidth", "2M"]);
+    let send = std::thread::spawn(move || send.output().unwrap());
     std::thread::sleep(Duration::from_millis(1500));
     let t0 = Instant::now();
     src.signal(libc::SIGTERM);
@@ -636,7 +453,7 @@ fn sigterm_during_a_migration_cancels_it() {
     let o = send.join().unwrap();
     assert!(!o.status.success(), "the migration went through");
     assert!(!dst.wait_exit(Duration::from_secs(30)).success());
-    assert!(!p("dst").exists());
+    assert!(!t.path().join("dst").exists());
     VmDir::open(&vm).unwrap().verify().unwrap();
     let mut again = run_vm(&vm, &src_sock);
     let now = Client::connect(&src_sock).exec_ok("checksum big\n");

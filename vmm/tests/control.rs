@@ -38,16 +38,36 @@ fn serve(vm: Vm, sock: &Path, stop: &Arc<AtomicBool>) -> Server {
     std::thread::spawn(move || control::serve(vm, s, snapshot, stop, Box::new(|_| {})))
 }
 
+/// A fresh 32 MiB VM served on `ctl.sock` in a directory.
+struct Served {
+    sock: PathBuf,
+    stop: Arc<AtomicBool>,
+    server: Server,
+}
+
+impl Served {
+    fn start(dir: &Path) -> Served {
+        let sock = dir.join("ctl.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = serve(boot(32, &[]), &sock, &stop);
+        Served { sock, stop, server }
+    }
+
+    /// Sets the stop flag; returns the VM the server gives back.
+    fn finish(self) -> Vm {
+        self.stop.store(true, Ordering::SeqCst);
+        self.server.join().unwrap().unwrap()
+    }
+}
+
 #[test]
 fn control_round_trip() {
     if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let vm = boot(32, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(vm, &sock, &stop);
+    let served = Served::start(dir.path());
+    let sock = served.sock.clone();
 
     let mut c = Client::connect(&sock);
     let st = c.call(r#"{"cmd":"status"}"#);
@@ -90,7 +110,7 @@ fn control_round_trip() {
 
     let r = c.call(r#"{"cmd":"stop"}"#);
     assert_eq!(r, json!({"ok": true, "status": "stopped"}));
-    let mut vm = server.join().unwrap().unwrap();
+    let mut vm = served.server.join().unwrap().unwrap();
     assert!(vm.is_paused());
     assert!(!sock.exists());
     vm.resume().unwrap();
@@ -127,14 +147,11 @@ fn strict_requests() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(boot(32, &[]), &sock, &stop);
-    let mut c = Client::connect(&sock);
+    let s = Served::start(dir.path());
+    let mut c = Client::connect(&s.sock);
     ctl::check_strict_parsing(&mut c);
     assert!(!dir.path().join("nonexistent").exists());
-    stop.store(true, Ordering::SeqCst);
-    server.join().unwrap().unwrap();
+    s.finish();
 }
 
 /// `snapshot` does not create the directory (the hook writes it), and
@@ -145,10 +162,8 @@ fn snapshot_semantics() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(boot(32, &[]), &sock, &stop);
-    let mut c = Client::connect(&sock);
+    let s = Served::start(dir.path());
+    let mut c = Client::connect(&s.sock);
     let snap = dir.path().join("snap");
     let r = c.call_json(json!({"cmd": "snapshot", "dir": snap}));
     assert_eq!(r, json!({"ok": true, "dir": snap}));
@@ -170,8 +185,7 @@ fn snapshot_semantics() {
     let r = c.call_json(json!({"cmd": "snapshot", "dir": link}));
     assert_eq!(r["ok"], false, "{r}");
     assert!(!dir.path().join("nowhere").exists());
-    stop.store(true, Ordering::SeqCst);
-    server.join().unwrap().unwrap();
+    s.finish();
 }
 
 /// The stop flag cuts a running `exec` short (a long sleep, a hung guest):
@@ -183,17 +197,14 @@ fn stop_flag_interrupts_exec() {
     }
     for script in ["sleep 15000", "debug-hang"] {
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("ctl.sock");
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = serve(boot(32, &[]), &sock, &stop);
-        let s2 = sock.clone();
+        let s = Served::start(dir.path());
+        let s2 = s.sock.clone();
         let client = std::thread::spawn(move || {
             Client::connect(&s2).call_json(json!({"cmd": "exec", "script": script}))
         });
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
-        stop.store(true, Ordering::SeqCst);
-        let vm = server.join().unwrap().unwrap();
+        let vm = s.finish();
         let took = t0.elapsed();
         assert!(took < Duration::from_secs(1), "{script}: took {took:?}");
         assert!(vm.is_paused());
@@ -244,9 +255,8 @@ fn other_uids_are_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(boot(32, &[]), &sock, &stop);
+    let s = Served::start(dir.path());
+    let sock = s.sock.clone();
     drop(Client::connect(&sock));
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -265,8 +275,7 @@ fn other_uids_are_refused() {
     } else {
         eprintln!("not root: cannot connect as another uid");
     }
-    stop.store(true, Ordering::SeqCst);
-    server.join().unwrap().unwrap();
+    s.finish();
 }
 
 /// Binding where a VM serves is refused and that VM keeps its socket; a
@@ -277,9 +286,8 @@ fn binding_probes_what_is_there() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(boot(32, &[]), &sock, &stop);
+    let s = Served::start(dir.path());
+    let sock = s.sock.clone();
     drop(Client::connect(&sock));
     let e = ControlSocket::bind(Some(&sock), "test").unwrap_err();
     assert!(e.to_string().contains("another process serves"), "{e}");
@@ -287,8 +295,7 @@ fn binding_probes_what_is_there() {
         Client::connect(&sock).call(r#"{"cmd":"status"}"#)["ok"],
         true
     );
-    stop.store(true, Ordering::SeqCst);
-    server.join().unwrap().unwrap();
+    s.finish();
 
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let s = ControlSocket::bind(Some(&sock), "test").unwrap();
@@ -316,9 +323,8 @@ fn client_and_request_limits() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = serve(boot(32, &[]), &sock, &stop);
+    let served = Served::start(dir.path());
+    let sock = served.sock.clone();
     let mut first = Client::connect(&sock);
     assert_eq!(first.call(r#"{"cmd":"status"}"#)["ok"], true);
     let mut others: Vec<Client> = (1..MAX_CLIENTS).map(|_| Client::connect(&sock)).collect();
@@ -358,8 +364,7 @@ fn client_and_request_limits() {
     assert_eq!(newest.call(r#"{"cmd":"resume"}"#)["ok"], true);
     assert_eq!(newest.exec_ok(&line.repeat(3)).len(), 3);
 
-    stop.store(true, Ordering::SeqCst);
-    server.join().unwrap().unwrap();
+    served.finish();
 }
 
 /// The default socket of a process is in a private directory, never in

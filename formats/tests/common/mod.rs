@@ -10,8 +10,11 @@ use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::{diff, DiffOptions, DiffStats, Parent, Protection};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::sparse::{data_extents, ExtentMap};
+use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
 use kimberley_formats::vmdir::VmDir;
 use kimberley_formats::Result;
+
+pub mod crafted;
 
 pub const KEY: [u8; 32] = [0x4b; 32];
 
@@ -100,4 +103,21 @@ pub fn listing(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// A small base and launch VM (256 KiB of memory, a 512 KiB disk) from
+/// `seed`, in `t`.
+pub fn small_pair(t: &Path, seed: u64) -> Pair {
+    make_pair(
+        t,
+        &PairSpec {
+            seed,
+            memory: 256 << 10,
+            disks: vec![512 << 10],
+            launch_disks: vec![512 << 10],
+            change_percent: 20,
+            state: Some(100),
+        },
+    )
+    .unwrap()
 }

@@ -3,12 +3,24 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../vmm/tests/common/ctl.rs"]
+pub mod ctl;
+#[path = "../../../vmm/tests/common/tools.rs"]
+pub mod tools;
+
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+// What every suite may use; not every suite does.
+#[allow(unused_imports)]
+pub use ctl::{value, Client};
+#[allow(unused_imports)]
+pub use tools::{keygen, make_base, ok, stop, Logged, Proc};
 
 pub fn bin(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmigrate")).with_file_name(name)
@@ -16,16 +28,6 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub fn kvm() -> bool {
     kimberley_vmm::kvm_for_tests()
-}
-
-pub fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
 }
 
 pub const INSTALL: &str = "fill app 12M 1 text
@@ -36,29 +38,10 @@ disk-write 0 1M 5
 counter start
 ";
 
-/// Runs a script on a control socket; returns its output lines.
+/// Runs a script that must succeed on a control socket that is there
+/// already (30 s at most); returns its output lines.
 pub fn exec(sock: &Path, script: &str) -> Vec<String> {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
-    let req = serde_json::json!({"cmd": "exec", "script": script, "timeout_ms": 30000});
-    writeln!(s, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(v["status"], 0, "{v}");
-    v["output"]
-        .as_str()
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-pub fn value(lines: &[String], what: &str) -> String {
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix(what).map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| panic!("no {what:?} in {lines:?}"))
+    Client::open(sock).exec_timeout(script, Some(30000))
 }
 
 pub const CHECK: &str =
@@ -99,52 +82,70 @@ pub fn wait_for(p: &Path) {
     }
 }
 
-pub struct Proc(pub Child);
-
 /// Builds (once per test binary) a key and a launch VM with INSTALL run in
 /// it, under a directory that lives as long as the process.
 fn template() -> &'static Path {
     static T: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     T.get_or_init(|| {
         let t = tempfile::tempdir().unwrap();
-        let p = |n: &str| t.path().join(n);
-        ok(Command::new(bin("kimberlize"))
-            .args(["keygen", "-o"])
-            .arg(p("key"))
-            .output()
-            .unwrap());
-        ok(Command::new(bin("kimberlize"))
-            .args(["base", "--memory", "64M", "--disk", "16M", "-o"])
-            .arg(p("base"))
-            .output()
-            .unwrap());
-        std::fs::write(p("install"), INSTALL).unwrap();
-        std::fs::write(p("resume"), "sleep 10\n").unwrap();
-        ok(Command::new(bin("kimberlize"))
-            .args(["build", "-q", "--base"])
-            .arg(p("base"))
-            .arg("--install")
-            .arg(p("install"))
-            .arg("--resume")
-            .arg(p("resume"))
-            .arg("-k")
-            .arg(p("key"))
-            .arg("-o")
-            .arg(p("app.ovl"))
-            .arg("--launch-out")
-            .arg(p("vm"))
-            .output()
-            .unwrap());
+        let vm = t.path().join("vm");
+        let launch_out = [OsStr::new("--launch-out"), vm.as_os_str()];
+        tools::build_app(t.path(), "64M", "16M", INSTALL, &launch_out);
         t
     })
     .path()
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `vmigrate run VMDIR`, on the control socket `sock` if given.
+pub fn run_cmd(vmdir: &Path, sock: Option<&Path>) -> Command {
+    let mut c = Command::new(bin("vmigrate"));
+    c.arg("run").arg(vmdir);
+    if let Some(s) = sock {
+        c.arg("--control").arg(s);
     }
+    c
+}
+
+/// `vmigrate run` of `vmdir` on `sock`, once the socket answers.
+pub fn run_vm(vmdir: &Path, sock: &Path) -> Logged {
+    let p = Logged::spawn(&mut run_cmd(vmdir, Some(sock)), "run");
+    drop(Client::connect(sock));
+    p
+}
+
+/// `vmigrate send` of the VM on `src_sock` to `to`.
+pub fn send_cmd(src_sock: &Path, to: &str, key: &Path) -> Command {
+    let mut c = Command::new(bin("vmigrate"));
+    c.arg("send")
+        .arg("--control")
+        .arg(src_sock)
+        .args(["--to", to, "-k"])
+        .arg(key)
+        .stdin(Stdio::null());
+    c
+}
+
+const WAITING: &str = "vmigrate: waiting for a migration on ";
+
+/// Starts `vmigrate recv` on loopback writing `out`, with its control
+/// socket at `OUT.sock` and `extra` arguments; returns it and its address
+/// (printed within `within`).
+pub fn receiver(key: &Path, out: &Path, extra: &[&OsStr], within: Duration) -> (Logged, String) {
+    let mut sock = OsString::from(out);
+    sock.push(".sock");
+    let r = Logged::spawn(
+        Command::new(bin("vmigrate"))
+            .args(["recv", "--listen", "127.0.0.1:0", "-k"])
+            .arg(key)
+            .arg("-o")
+            .arg(out)
+            .arg("--control")
+            .arg(sock)
+            .args(extra),
+        "recv",
+    );
+    let addr = r.line_starting(WAITING, within)[WAITING.len()..].to_string();
+    (r, addr)
 }
 
 pub struct Setup {
@@ -171,11 +172,7 @@ impl Setup {
             .unwrap());
         let src_sock = p("src.sock");
         let src = Proc(
-            Command::new(bin("vmigrate"))
-                .arg("run")
-                .arg(p("vm"))
-                .arg("--control")
-                .arg(&src_sock)
+            run_cmd(&p("vm"), Some(&src_sock))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -212,52 +209,16 @@ impl Setup {
         out: &str,
         extra: &[&std::ffi::OsStr],
     ) -> (Proc, String, Arc<Mutex<Vec<String>>>) {
-        let mut c = Command::new(bin("vmigrate"))
-            .args(["recv", "--listen", "127.0.0.1:0", "-k"])
-            .arg(key)
-            .arg("-o")
-            .arg(self.p(out))
-            .arg("--control")
-            .arg(self.p(&format!("{out}.sock")))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = c.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Some(a) = l.strip_prefix("vmigrate: waiting for a migration on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(a.to_string());
-                    }
-                }
-                eprintln!("[recv] {l}");
-                log2.lock().unwrap().push(l);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("receiver address");
-        (Proc(c), addr, log)
+        let (r, addr) = receiver(key, &self.p(out), extra, Duration::from_secs(10));
+        let (p, log) = r.into_parts();
+        (p, addr, log)
     }
 
     pub fn send(&self, to: &str, extra: &[&str]) -> Output {
-        let o = Command::new(bin("vmigrate"))
-            .arg("send")
-            .arg("--control")
-            .arg(&self.src_sock)
-            .args(["--to", to, "-k"])
-            .arg(&self.key)
+        let o = send_cmd(&self.src_sock, to, &self.key)
             .arg("--stats-json")
             .arg(self.p("stats.json"))
             .args(extra)
-            .stdin(Stdio::null())
             .output()
             .unwrap();
         eprintln!("[send] {}", String::from_utf8_lossy(&o.stderr));

@@ -1,7 +1,7 @@
 //! A control-socket client for tests, shared by the vmm, dekimberlize and
-//! vmigrate suites (included with `#[path]`): requests, the check of every
-//! request through a serving process's real socket, and a connection
-//! attempt from another uid.
+//! vmigrate suites (included with `#[path]`; the one home of these
+//! helpers): requests, the check of every request through a serving
+//! process's real socket, and a connection attempt from another uid.
 
 #![allow(dead_code)]
 
@@ -35,6 +35,11 @@ impl Client {
         }
     }
 
+    /// Connects to a socket that must be there already.
+    pub fn open(p: &Path) -> Client {
+        Client::from(UnixStream::connect(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+    }
+
     pub fn from(s: UnixStream) -> Client {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         Client {
@@ -63,7 +68,16 @@ impl Client {
 
     /// Runs a script that must succeed; returns its output lines.
     pub fn exec_ok(&mut self, script: &str) -> Vec<String> {
-        let v = self.call_json(json!({"cmd": "exec", "script": script, "timeout_ms": 60000}));
+        self.exec_timeout(script, Some(60000))
+    }
+
+    /// [`Client::exec_ok`] with another timeout (`None`: the server's).
+    pub fn exec_timeout(&mut self, script: &str, timeout_ms: Option<u64>) -> Vec<String> {
+        let mut req = json!({"cmd": "exec", "script": script});
+        if let Some(ms) = timeout_ms {
+            req["timeout_ms"] = ms.into();
+        }
+        let v = self.call_json(req);
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["status"], 0, "{v}");
         v["output"]
@@ -81,6 +95,14 @@ pub fn value(lines: &[String], what: &str) -> String {
         .iter()
         .find_map(|l| l.strip_prefix(what).map(|v| v.trim().to_string()))
         .unwrap_or_else(|| panic!("no {what:?} in {lines:?}"))
+}
+
+/// Sends `cmd` (pause, resume), which answers with `status` and makes it
+/// the status.
+fn switch(c: &mut Client, cmd: &str, status: &str) {
+    let r = c.call_json(json!({ "cmd": cmd }));
+    assert_eq!(r, json!({"ok": true, "status": status}));
+    assert_eq!(c.call(r#"{"cmd":"status"}"#)["status"], status);
 }
 
 fn refused(r: &Value, what: &str) {
@@ -109,18 +131,10 @@ pub fn check_every_request(sock: &Path, snap: &Path, can_migrate: bool) {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["status"], 1, "{r}");
 
-    assert_eq!(
-        c.call(r#"{"cmd":"pause"}"#),
-        json!({"ok": true, "status": "paused"})
-    );
-    assert_eq!(c.call(r#"{"cmd":"status"}"#)["status"], "paused");
+    switch(&mut c, "pause", "paused");
     let r = c.call_json(json!({"cmd": "exec", "script": "print x"}));
     refused(&r, "exec while paused");
-    assert_eq!(
-        c.call(r#"{"cmd":"resume"}"#),
-        json!({"ok": true, "status": "running"})
-    );
-    assert_eq!(c.call(r#"{"cmd":"status"}"#)["status"], "running");
+    switch(&mut c, "resume", "running");
 
     // Snapshots: absolute paths that do not exist only.
     let r = c.call_json(json!({"cmd": "snapshot", "dir": "relative/snap"}));

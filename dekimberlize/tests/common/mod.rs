@@ -1,0 +1,78 @@
+//! Shared by the dekimberlize test suites: the tools' paths and runs, and
+//! (one home with the vmm, vmigrate and formats suites) the control-socket
+//! client, the tools as processes, and crafted overlay bytes.
+
+#![allow(dead_code)]
+
+#[path = "../../../formats/tests/common/crafted.rs"]
+pub mod crafted;
+#[path = "../../../vmm/tests/common/ctl.rs"]
+pub mod ctl;
+#[path = "../../../vmm/tests/common/tools.rs"]
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
+
+// What every suite may use; not every suite does.
+#[allow(unused_imports)]
+pub use ctl::{value, Client};
+#[allow(unused_imports)]
+pub use tools::{keygen, make_base, ok, stop, Logged};
+
+/// A workspace binary: both tools are built into the same directory.
+pub fn bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_dekimberlize")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --bins)",
+        p.display()
+    );
+    p
+}
+
+/// True if KVM tests can run; panics if they must (KIMBERLEY_REQUIRE_KVM=1).
+pub fn kvm() -> bool {
+    kimberley_vmm::kvm_for_tests()
+}
+
+/// Runs `cmd` with no stdin; returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+/// Runs a Kimberley binary with arguments (anything `AsRef<OsStr>`).
+#[allow(unused_macros)]
+macro_rules! tool {
+    ($name:expr $(, $arg:expr)* $(,)?) => {{
+        let mut c = std::process::Command::new($crate::common::bin($name));
+        $( c.arg($arg); )*
+        $crate::common::run(&mut c)
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use tool;
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A second base and launch VM, from another seed, in `dir/2`.
+pub fn second_pair(dir: &Path) -> Pair {
+    let d2 = dir.join("2");
+    std::fs::create_dir(&d2).unwrap();
+    make_pair(
+        &d2,
+        &PairSpec {
+            seed: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
