@@ -74,7 +74,7 @@ for pair in $PAIRS; do
     [[ $c == basic ]] || exec_sock src.sock $'fill hot 64M 3 random\ndirty hot 20M' >/dev/null
     "$B/vmigrate" recv --listen 127.0.0.1:0 -k key -o dst --control dst.sock >/dev/null 2>dst.log &
     dst=$!
-    while ! grep -q "waiting for a migration on" dst.log; do sleep 0.05; done
+    while ! grep -q "waiting for a migration on" dst.log 2>/dev/null; do sleep 0.05; done
     addr=$(sed -n 's/.*waiting for a migration on //p' dst.log)
     bw=(); [[ $r == unlimited ]] || bw=(--max-bandwidth "$r")
     hogs=()

@@ -87,6 +87,9 @@ pub struct Inner {
     pub last_panic_line: Option<String>,
     /// Set by the owner to end waits early ([`Shared::wait_for`]).
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// A script was cut short (timeout, interruption) and may still run
+    /// in the guest: the next script resynchronises first.
+    pub needs_sync: bool,
 }
 
 impl Inner {
@@ -106,6 +109,7 @@ impl Inner {
             first_exit: None,
             last_panic_line: None,
             interrupt: None,
+            needs_sync: false,
         }
     }
 

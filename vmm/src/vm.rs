@@ -85,6 +85,7 @@ struct Snapshot {
     memory_size: u64,
     tsc_khz: u32,
     ready: bool,
+    needs_sync: bool,
     partial_line: Vec<u8>,
     kvm: VmKvmState,
     vcpus: Vec<VcpuState>,
@@ -188,7 +189,7 @@ impl Vm {
             blocks,
             cfg.disks.clone(),
             tsc_khz,
-            false,
+            (false, false),
             Vec::new(),
         ))
     }
@@ -202,11 +203,12 @@ impl Vm {
         blocks: Vec<VirtioBlk>,
         disks: Vec<PathBuf>,
         tsc_khz: u32,
-        ready: bool,
+        (ready, needs_sync): (bool, bool),
         partial_line: Vec<u8>,
     ) -> Vm {
         let mut inner = Inner::new(serial, ready);
         inner.out_line = partial_line;
+        inner.needs_sync = needs_sync;
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             cond: Condvar::new(),
@@ -310,7 +312,7 @@ impl Vm {
             blocks,
             paths,
             snap.tsc_khz,
-            snap.ready,
+            (snap.ready, snap.needs_sync),
             snap.partial_line,
         ))
     }
@@ -353,6 +355,7 @@ impl Vm {
             ));
         }
         let marker = sync_marker();
+        let sync;
         {
             let mut g = lock(&self.shared.inner);
             if let Some(e) = &g.exit {
@@ -365,8 +368,15 @@ impl Vm {
                 return Err(Error::Interrupted);
             }
             g.lines.clear();
-            let mut bytes = format!("print {marker}\n").into_bytes();
-            bytes.push(abi::SCRIPT_END);
+            // After a script that was cut short (it may still print in the
+            // guest), a marker script first: what comes before its line is
+            // the old script's.
+            sync = g.needs_sync;
+            let mut bytes = Vec::new();
+            if sync {
+                bytes.extend_from_slice(format!("print {marker}\n").as_bytes());
+                bytes.push(abi::SCRIPT_END);
+            }
             bytes.extend_from_slice(script.as_bytes());
             if !script.is_empty() && !script.ends_with('\n') {
                 bytes.push(b'\n');
@@ -378,8 +388,8 @@ impl Vm {
         let mut lines = Vec::new();
         let (mut kept, mut dropped) = (0usize, 0u64);
         // Before the marker: leftovers; right after it: the sync's `done`.
-        let (mut synced, mut sync_done) = (false, false);
-        self.shared.wait_for(timeout, |g| {
+        let (mut synced, mut sync_done) = (!sync, !sync);
+        let r = self.shared.wait_for(timeout, |g| {
             while let Some(l) = g.lines.pop_front() {
                 if !synced {
                     synced = l == marker;
@@ -393,6 +403,7 @@ impl Vm {
                     continue;
                 }
                 if let Some(status) = done {
+                    g.needs_sync = false;
                     return Some(Ok(ScriptOutcome {
                         status,
                         lines: std::mem::take(&mut lines),
@@ -414,7 +425,12 @@ impl Vm {
                 }
             }
             None
-        })
+        });
+        if r.is_err() {
+            // Cut short: the script may go on in the guest.
+            lock(&self.shared.inner).needs_sync = true;
+        }
+        r
     }
 
     /// Output lines the guest printed outside of scripts (drained).
@@ -653,14 +669,15 @@ impl Vm {
             vcpus.push(lock(v).save()?);
         }
         let kvm = self.kvm.save_state()?;
-        let (serial, ready, partial_line) = {
+        let (serial, ready, needs_sync, partial_line) = {
             let g = lock(&self.shared.inner);
-            (g.serial.save()?, g.ready, g.out_line.clone())
+            (g.serial.save()?, g.ready, g.needs_sync, g.out_line.clone())
         };
         let snap = Snapshot {
             memory_size: self.memory.size() as u64,
             tsc_khz: self.tsc_khz,
             ready,
+            needs_sync,
             partial_line,
             kvm,
             vcpus,
@@ -708,7 +725,8 @@ fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
         w.u32(s.vcpus.len() as u32);
         w.u32(s.blocks.len() as u32);
         w.u32(s.tsc_khz);
-        w.u8(s.ready as u8);
+        // Bit 0: the guest is ready; bit 1: a script was cut short.
+        w.u8(u8::from(s.ready) | u8::from(s.needs_sync) << 1);
         w.bytes(&s.partial_line);
         s.kvm.encode(w);
     });
@@ -758,7 +776,11 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
     }
     let nblocks = vm.count(abi::MAX_DISKS, "disks")?;
     let tsc_khz = vm.u32()?;
-    let ready = vm.u8()? != 0;
+    let flags = vm.u8()?;
+    if flags > 3 {
+        return Err(Error::corrupt(format!("guest flags {flags:#x}: reserved bits set")));
+    }
+    let (ready, needs_sync) = (flags & 1 != 0, flags & 2 != 0);
     let partial_line = vm.bytes(MAX_PARTIAL_LINE, "partial output line")?.to_vec();
     let kvm = VmKvmState::decode(&mut vm)?;
     vm.finish()?;
@@ -789,6 +811,7 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
         memory_size,
         tsc_khz,
         ready,
+        needs_sync,
         partial_line,
         kvm,
         vcpus,
@@ -877,6 +900,7 @@ mod tests {
             memory_size: 64 << 20,
             tsc_khz: 2_500_000,
             ready: true,
+            needs_sync: false,
             partial_line: b"partial \xffline".to_vec(),
             kvm: VmKvmState {
                 clock: fill(10),
