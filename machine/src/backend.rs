@@ -74,6 +74,9 @@ pub struct RestoreOptions<'a> {
     pub memory: MemorySource,
     /// Guest ports to reach from the host.
     pub forwards: Vec<PortForward>,
+    /// Let the guest reach the outside network (a machine with a network
+    /// card; without this its network is cut off from the host's).
+    pub network: bool,
 }
 
 impl<'a> RestoreOptions<'a> {
@@ -83,6 +86,7 @@ impl<'a> RestoreOptions<'a> {
             placement: Placement::InPlace,
             memory: MemorySource::default(),
             forwards: Vec::new(),
+            network: false,
         }
     }
 
@@ -92,6 +96,7 @@ impl<'a> RestoreOptions<'a> {
             placement: Placement::CopyInto(w),
             memory: MemorySource::default(),
             forwards: Vec::new(),
+            network: false,
         }
     }
 }

@@ -68,9 +68,10 @@ impl Backend for MicroVmBackend {
 
     fn restore(&self, dir: &VmDir, opts: RestoreOptions<'_>) -> MResult<Box<dyn Machine>> {
         self.check(dir)?;
-        if !opts.forwards.is_empty() {
+        if !opts.forwards.is_empty() || opts.network {
             return Err(kimberley_machine::Error::Unsupported(
-                "the microVM has no network: ports cannot be forwarded".into(),
+                "the microVM has no network: it cannot reach one, nor can ports be forwarded"
+                    .into(),
             ));
         }
         let vm = match opts.placement {

@@ -39,7 +39,7 @@ fn put_components(b: &mut Vec<u8>, cs: &[Component]) {
 
 fn get_components(c: &mut Reader<'_>) -> Result<Vec<Component>> {
     let n = c.u16().map_err(|_| corrupt("manifest"))?;
-    if usize::from(n) > crate::vmdir::manifest::MAX_DISKS + 2 {
+    if usize::from(n) > crate::vmdir::manifest::MAX_COMPONENTS {
         return Err(corrupt("manifest"));
     }
     let mut out = Vec::with_capacity(n.into());

@@ -16,6 +16,9 @@ pub const VERSION_MACHINE: u32 = 2;
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// Most disks a VMDIR may have.
 pub const MAX_DISKS: usize = 64;
+/// Most components a VMDIR may have: memory, the disks, kernel, initrd
+/// and state.
+pub const MAX_COMPONENTS: usize = MAX_DISKS + 4;
 /// Largest component (1 TiB).
 pub const MAX_COMPONENT_SIZE: u64 = 1 << 40;
 /// Largest state blob (64 MiB).
@@ -301,7 +304,7 @@ impl Manifest {
         }
         let raw: RawManifest =
             serde_json::from_value(loose).map_err(|e| ManifestError::Syntax(e.to_string()))?;
-        let mut components = Vec::with_capacity(raw.components.len().min(MAX_DISKS + 2));
+        let mut components = Vec::with_capacity(raw.components.len().min(MAX_COMPONENTS));
         for rc in &raw.components {
             let digest = digest::from_hex(&rc.blake3)
                 .ok_or_else(|| ManifestError::Rule(format!("bad blake3 digest {:?}", rc.blake3)))?;
@@ -310,7 +313,7 @@ impl Manifest {
                 size: rc.size,
                 digest,
             });
-            if components.len() > MAX_DISKS + 2 {
+            if components.len() > MAX_COMPONENTS {
                 return Err(ManifestError::Rule("too many components".into()));
             }
         }
