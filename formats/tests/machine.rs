@@ -11,7 +11,7 @@ use kimberley_formats::crypto::keys::Secret;
 use kimberley_formats::diff::{diff, DiffOptions, Protection};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::dir::digest_file;
-use kimberley_formats::vmdir::{Component, Kind, Manifest, MachineSpec, VmDir};
+use kimberley_formats::vmdir::{Component, Kind, MachineSpec, VmDir};
 
 fn spec(accel: &str) -> MachineSpec {
     MachineSpec {
@@ -85,9 +85,10 @@ fn vms_of_different_machines_are_not_diffed() {
         let base = VmDir::open(base).unwrap();
         let launch = VmDir::open(launch).unwrap();
         let opts = DiffOptions::new(Protection::Key(KEY));
-        diff(&base, &launch, &opts, Vec::new(), &Progress::default())
-            .err()
-            .expect("diff must refuse")
+        let Err(e) = diff(&base, &launch, &opts, Vec::new(), &Progress::default()) else {
+            panic!("diff must refuse");
+        };
+        e
     };
     let e = err(&pair.base, &pair.launch);
     assert_eq!(e.exit_code(), 7, "{e}");
@@ -108,10 +109,12 @@ fn a_version_1_directory_with_a_kernel_is_refused() {
     let text = std::fs::read_to_string(pair.base.join("manifest.json")).unwrap();
     let start = text.find(",\n  \"machine\"").unwrap();
     let end = text.rfind('}').unwrap();
-    let v1 = format!("{}\n{}", &text[..start], &text[end..])
-        .replace("\"version\": 2", "\"version\": 1");
+    let v1 =
+        format!("{}\n{}", &text[..start], &text[end..]).replace("\"version\": 2", "\"version\": 1");
     std::fs::write(pair.base.join("manifest.json"), v1).unwrap();
-    let e = VmDir::open(&pair.base).err().expect("refused");
+    let Err(e) = VmDir::open(&pair.base) else {
+        panic!("a version-1 manifest with a kernel must be refused");
+    };
     assert_eq!(e.exit_code(), 7, "{e}");
     assert!(e.to_string().contains("machine description"), "{e}");
 }
