@@ -778,7 +778,9 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
     let tsc_khz = vm.u32()?;
     let flags = vm.u8()?;
     if flags > 3 {
-        return Err(Error::corrupt(format!("guest flags {flags:#x}: reserved bits set")));
+        return Err(Error::corrupt(format!(
+            "guest flags {flags:#x}: reserved bits set"
+        )));
     }
     let (ready, needs_sync) = (flags & 1 != 0, flags & 2 != 0);
     let partial_line = vm.bytes(MAX_PARTIAL_LINE, "partial output line")?.to_vec();
