@@ -3,6 +3,7 @@
 //! man page rendering.
 
 pub mod keys;
+pub mod machines;
 pub mod man;
 pub mod output;
 pub mod progress;

@@ -1,14 +1,14 @@
 //! Front-end helpers for commands that run a VM.
 
-use kimberley_vmm::Error as VmError;
+use kimberley_machine::Error as MachineError;
 
 use crate::run::{WithCode, EXIT_VM};
 
 /// Turns a VMM error into an error with the documented exit code: a VM
 /// directory problem keeps its own code, everything else is a VM failure.
-pub fn vm_error(e: VmError) -> anyhow::Error {
-    match e {
-        VmError::VmDir(f) => f.into(),
+pub fn vm_error(e: impl Into<MachineError>) -> anyhow::Error {
+    match e.into() {
+        MachineError::VmDir(f) => f.into(),
         other => anyhow::Error::new(WithCode(EXIT_VM, other.to_string())),
     }
 }
@@ -33,28 +33,28 @@ pub enum Served {
 
 /// Runs `vm`, which was resumed from `dir`, behind the control socket
 /// `sock` (guest console to stdout) until it is stopped through the socket
-/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_vmm::stop_on_signals`];
+/// or by SIGINT/SIGTERM (`stop`, from [`kimberley_machine::stop_on_signals`];
 /// it also interrupts a running `exec`), then suspends it back into `dir`.
 /// `snapshot` requests write VM directories (atomically, at absolute paths
 /// that do not exist); `migrate` requests go to `migrate` when given. The
 /// socket file is gone when this returns.
 pub fn serve_vmdir(
-    vm: kimberley_vmm::Vm,
+    vm: Box<dyn kimberley_machine::Machine>,
     dir: &kimberley_formats::vmdir::VmDir,
-    sock: kimberley_vmm::ControlSocket,
+    sock: kimberley_machine::ControlSocket,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    migrate: Option<kimberley_vmm::MigrateFn>,
+    migrate: Option<kimberley_machine::MigrateFn>,
 ) -> anyhow::Result<Served> {
     use std::io::Write;
 
     use anyhow::Context;
     use kimberley_formats::vmdir::VmDirWriter;
-    use kimberley_vmm::{control, vmdir};
+    use kimberley_machine::control;
 
     let name = dir.manifest.name.clone();
     let snapshot: control::SnapshotFn = Box::new(move |vm, to| {
         let w = VmDirWriter::create(to).map_err(|e| e.to_string())?;
-        vmdir::save_into(vm, w, &name)
+        vm.suspend_into(w, &name)
             .map(|_| ())
             .map_err(|e| e.to_string())
     });
@@ -68,13 +68,13 @@ pub fn serve_vmdir(
     match ending {
         control::Ending::Migrated(v) => Ok(Served::Migrated(v)),
         control::Ending::InDoubt(why) => {
-            vmdir::save_in_place(&mut vm, dir)
+            vm.suspend_in_place(dir)
                 .map_err(vm_error)
                 .context("suspending the VM whose hand-over is in doubt")?;
             Ok(Served::InDoubt(why))
         }
         control::Ending::Stopped => {
-            vmdir::save_in_place(&mut vm, dir)
+            vm.suspend_in_place(dir)
                 .map_err(vm_error)
                 .context("suspending the VM")?;
             Ok(Served::Suspended)

@@ -68,11 +68,17 @@ pub struct ApplyArgs {
     /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
-    /// After synthesis, resume the launch VM in the KVM microVM: its console
-    /// goes to stdout; it runs until stopped through the control socket or
-    /// by SIGINT/SIGTERM, then suspends cleanly back into the VMDIR.
+    /// After synthesis, resume the launch VM with the backend it was made
+    /// for (the KVM microVM, or QEMU for Linux guests): its console goes to
+    /// stdout; it runs until stopped through the control socket or by
+    /// SIGINT/SIGTERM, then suspends cleanly back into the VMDIR.
     #[arg(long)]
     pub run: bool,
+    /// With --run, forward a host TCP port to a guest port:
+    /// `[ADDR:]HOSTPORT:GUESTPORT` (ADDR defaults to 127.0.0.1; repeat for
+    /// more). Linux guests (QEMU backend) only.
+    #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT", requires = "run")]
+    pub forward: Vec<kimberley_machine::PortForward>,
     /// Control socket for --run (one JSON request per line: status, pause,
     /// resume, snapshot, stop, exec; docs/VMM.md), bound before the
     /// overlay is read. Created 0600, usable only by this uid and root; a

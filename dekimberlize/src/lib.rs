@@ -64,7 +64,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     // that another VM serves is refused before the overlay is read.
     let control = if a.run {
         Some(
-            kimberley_vmm::ControlSocket::bind(a.control.as_deref(), "dekimberlize")
+            kimberley_machine::ControlSocket::bind(a.control.as_deref(), "dekimberlize")
                 .map_err(kimberley_cli::vm::vm_error)?,
         )
     } else {
@@ -99,7 +99,14 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     }
     let json = serde_json::to_value(&stats)?;
     if let Some(sock) = control {
-        return run::run(&out, sock, t0, json, a.stats_json.as_deref());
+        return run::run(
+            &out,
+            sock,
+            a.forward.clone(),
+            t0,
+            json,
+            a.stats_json.as_deref(),
+        );
     }
     if let Some(p) = &a.stats_json {
         write_json(p, &json)?;

@@ -1,6 +1,5 @@
 //! `--run`: resume the synthesised launch VM and keep it running.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -10,55 +9,48 @@ use anyhow::{Context, Result};
 use kimberley_cli::output::write_json;
 use kimberley_cli::vm::vm_error;
 use kimberley_formats::vmdir::VmDir;
-use kimberley_vmm::{vmdir, ControlSocket, Error as VmError};
+use kimberley_machine::{
+    ControlSocket, Error as MachineError, Machine, PortForward, RestoreOptions,
+};
 
 fn ms(from: Instant, to: Instant) -> u64 {
     to.saturating_duration_since(from).as_millis() as u64
 }
 
-/// Resumes the VM in `out`, serves the control socket `sock` until
-/// stopped, then suspends it back into `out`.
+/// Resumes the VM in `out` (guest ports `forwards` reachable from the
+/// host), serves the control socket `sock` until stopped, then suspends it
+/// back into `out`.
 pub fn run(
     out: &Path,
     sock: ControlSocket,
+    forwards: Vec<PortForward>,
     t0: Instant,
     mut stats: serde_json::Value,
     stats_json: Option<&Path>,
 ) -> Result<()> {
     let dir = VmDir::open(out)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let stop = kimberley_vmm::stop_on_signals(stop).map_err(vm_error)?;
+    let stop = kimberley_machine::stop_on_signals(stop).map_err(vm_error)?;
     let t_restore = Instant::now();
-    let mut vm = vmdir::restore(&dir)
-        .map_err(vm_error)
-        .context("resuming the launch VM")?;
+    let opts = RestoreOptions {
+        forwards,
+        ..RestoreOptions::in_place()
+    };
+    let mut vm = kimberley_cli::machines::restore(&dir, opts).context("resuming the launch VM")?;
     vm.set_interrupt(stop.clone());
-    let first_exit = match vm.wait_first_exit(Duration::from_secs(10)) {
-        Err(VmError::Interrupted) => return suspend(vm, &dir, sock, stop, out),
+    let first_run = vm.first_run().unwrap_or_else(Instant::now);
+    // The guest's first answer: the end of the timeline.
+    match vm.agent().ping(Duration::from_secs(30)) {
+        Err(MachineError::Interrupted) => return suspend(vm, &dir, sock, stop, out),
         r => r.map_err(vm_error)?,
-    };
-    let first_entry = vm.first_entry().unwrap_or(first_exit);
-    // The first command the guest answers: the end of the timeline.
-    let mut stdout = std::io::stdout();
-    let o = match vm.run_script(
-        "print kimberley: launch VM resumed",
-        &mut |l| {
-            let _ = writeln!(stdout, "{l}");
-        },
-        Duration::from_secs(30),
-    ) {
-        Err(VmError::Interrupted) => return suspend(vm, &dir, sock, stop, out),
-        r => r.map_err(vm_error)?,
-    };
-    let answered = Instant::now();
-    if o.status != 0 {
-        anyhow::bail!("the launch VM did not answer its first command");
     }
+    let answered = Instant::now();
+    println!("kimberley: launch VM resumed");
     let t = &mut stats["times"];
     t["restore_start_ms"] = ms(t0, t_restore).into();
-    t["resume_ms"] = ms(t0, first_entry).into();
+    t["resume_ms"] = ms(t0, first_run).into();
     t["first_answer_ms"] = ms(t0, answered).into();
-    t["restore_to_first_instruction_ms"] = ms(t_restore, first_entry).into();
+    t["restore_to_first_instruction_ms"] = ms(t_restore, first_run).into();
     if let Some(p) = stats_json {
         write_json(p, &stats)?;
     }
@@ -69,7 +61,7 @@ pub fn run(
 /// Serves the control socket until a stop (at once if SIGINT/SIGTERM came
 /// already), then suspends the VM into `out`.
 fn suspend(
-    vm: kimberley_vmm::Vm,
+    vm: Box<dyn Machine>,
     dir: &VmDir,
     sock: ControlSocket,
     stop: Arc<AtomicBool>,

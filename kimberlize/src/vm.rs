@@ -9,10 +9,11 @@ use kimberley_cli::output::{write_json, OverlayOut};
 use kimberley_cli::progress::Bar;
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
-use kimberley_formats::fsutil::{copy_sparse, temp_sibling, ScratchDir};
+use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
-use kimberley_vmm::{vmdir, OpenedFile, Vm, VmConfig};
+use kimberley_machine::{Machine, RestoreOptions};
+use kimberley_vmm::{Vm, VmConfig};
 use serde_json::json;
 
 use crate::cli::{BaseArgs, BuildArgs};
@@ -43,7 +44,7 @@ pub fn base(a: BaseArgs) -> Result<()> {
     vm.wait_ready(Duration::from_secs(a.timeout))
         .map_err(vm_error)?;
     let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
-    vmdir::save_into(&mut vm, w, &name).map_err(vm_error)?;
+    vm.suspend_into(w, &name).map_err(vm_error)?;
     drop(vm);
     if std::io::stderr().is_terminal() {
         eprintln!(
@@ -79,42 +80,18 @@ pub fn build(a: BuildArgs) -> Result<()> {
         }
     };
     let w = VmDirWriter::create(&launch_path)?;
-    // The launch VM's disks start as copies of the base's; its memory is
-    // the base's file mapped copy-on-write, so the base is never modified.
-    // The VM uses the files opened here and by `VmDir::open`, never a
-    // path looked up again.
-    let mut disks = Vec::new();
-    for (k, i) in base.manifest.disk_indices().into_iter().enumerate() {
-        let name = file_name(Kind::Disk, k);
-        let dst = w.create_file(&name)?;
-        copy_sparse(
-            &base.open_component(i)?,
-            base.manifest.components[i].size,
-            &dst,
-            |_, _| Ok(()),
-        )?;
-        disks.push(OpenedFile {
-            file: dst,
-            path: w.path().join(name),
-        });
-    }
-    let state_i = base
-        .manifest
-        .state_index()
-        .ok_or_else(|| anyhow::anyhow!("{} has no state blob: build needs a suspended base VM (make one with `kimberlize base`)", a.base.display()))?;
-    let state = base.read_component(state_i)?;
-    let memory = OpenedFile {
-        file: base.open_component(0)?,
-        path: base.component_path(0),
-    };
+    // The launch VM runs on copies in `w` (the base is only read) and is
+    // suspended into `w`.
     let t_restore = Instant::now();
-    let mut vm = Vm::restore_opened(memory, disks, &state).map_err(vm_error)?;
+    let mut vm = kimberley_cli::machines::restore(&base, RestoreOptions::copy_into(&w))
+        .context("resuming the base VM")?;
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();
     for (what, script) in [("install", &install), ("resume", &resume)] {
         let t = Instant::now();
         let o = vm
+            .agent()
             .run_script(script, &mut |line| eprintln!("{line}"), timeout)
             .map_err(vm_error)
             .with_context(|| format!("running the {what} script"))?;
@@ -128,7 +105,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     }
     let t_save = Instant::now();
     let launch_name = format!("{}-launch", base.manifest.name);
-    vmdir::save_into(&mut vm, w, &launch_name).map_err(vm_error)?;
+    vm.suspend_into(w, &launch_name).map_err(vm_error)?;
     drop(vm);
     let suspend_ms = t_save.elapsed().as_millis() as u64;
     let launch = VmDir::open(&launch_path)?;

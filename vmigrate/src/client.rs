@@ -34,7 +34,7 @@ pub fn send(a: SendArgs) -> Result<()> {
         timeout_ms: a.timeout.saturating_mul(1000),
         shared_disk: a.shared_disk,
     };
-    let stop = kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false)))
+    let stop = kimberley_machine::stop_on_signals(Arc::new(AtomicBool::new(false)))
         .map_err(|e| anyhow!("{e}"))?;
     let mut s = UnixStream::connect(&a.control)
         .with_context(|| format!("connecting to the control socket {}", a.control.display()))?;

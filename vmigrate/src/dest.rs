@@ -20,7 +20,10 @@ use kimberley_formats::digest::{digest_bytes, BlockDigests};
 use kimberley_formats::fsutil::{parent_of, sync_dir};
 use kimberley_formats::sys::{openat, poll};
 use kimberley_formats::vmdir::{Component, Kind, Manifest, VmDir, VmDirWriter};
-use kimberley_vmm::Vm;
+use kimberley_machine::{Machine, RestoreOptions};
+
+/// A running guest.
+type Vm = Box<dyn Machine>;
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -543,6 +546,7 @@ fn prepare(
         name,
         vcpus: start.vcpus,
         components,
+        machine: None,
     };
     let mut w = VmDirWriter::create(&opts.out)?;
     // Committed without fsync before the guest runs (the pause window);
@@ -737,7 +741,7 @@ fn start(
             return Err(e.context("the migration failed; what was received is discarded"));
         }
     };
-    let first = vm.first_entry().unwrap_or_else(Instant::now);
+    let first = vm.first_run().unwrap_or_else(Instant::now);
     r.delay_us = first.elapsed().as_micros() as u64;
     if let Err(e) = tx.send(Message::Running(r)) {
         // The source may or may not hear RUNNING; having sent COMMIT, it
@@ -845,10 +849,9 @@ fn commit(p: Prepared, r: &mut Running) -> Result<PathBuf> {
 fn resume(dir: &Path, r: &mut Running) -> Result<(Vm, VmDir)> {
     let t = Instant::now();
     let d = VmDir::open(dir)?;
-    let vm = kimberley_vmm::vmdir::restore(&d).map_err(|e| anyhow!("resuming the guest: {e}"))?;
-    vm.wait_first_exit(Duration::from_secs(10))
-        .map_err(|e| anyhow!("the guest did not start: {e}"))?;
-    let first = vm.first_entry().unwrap_or_else(Instant::now);
+    let vm = kimberley_cli::machines::restore(&d, RestoreOptions::in_place())
+        .context("resuming the guest")?;
+    let first = vm.first_run().unwrap_or_else(Instant::now);
     r.restore_us = first.saturating_duration_since(t).as_micros() as u64;
     Ok((vm, d))
 }

@@ -15,13 +15,12 @@ mod writer;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kimberley_cli::vm::{serve_vmdir, vm_error, Served};
 use kimberley_formats::vmdir::VmDir;
-use kimberley_vmm::{vmdir, ControlSocket};
+use kimberley_machine::{ControlSocket, Machine, RestoreOptions};
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
@@ -40,7 +39,7 @@ fn bind(p: Option<&std::path::Path>) -> Result<ControlSocket> {
 }
 
 fn serve(
-    vm: kimberley_vmm::Vm,
+    vm: Box<dyn Machine>,
     dir: &VmDir,
     sock: ControlSocket,
     stop: Arc<AtomicBool>,
@@ -74,16 +73,10 @@ fn run(a: cli::RunArgs) -> Result<()> {
     let dir = VmDir::open(&a.vmdir)?;
     let sock = bind(a.control.as_deref())?;
     let stop =
-        kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
-    let mut vm = vmdir::restore(&dir)
-        .map_err(vm_error)
+        kimberley_machine::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
+    // (SIGINT/SIGTERM meanwhile: `serve` suspends the VM at once.)
+    let vm = kimberley_cli::machines::restore(&dir, RestoreOptions::in_place())
         .context("resuming the VM")?;
-    vm.set_interrupt(stop.clone());
-    match vm.wait_first_exit(Duration::from_secs(10)) {
-        // SIGINT/SIGTERM already: `serve` suspends the VM at once.
-        Ok(_) | Err(kimberley_vmm::Error::Interrupted) => {}
-        Err(e) => return Err(vm_error(e)),
-    }
     serve(vm, &dir, sock, stop)
 }
 
@@ -99,7 +92,7 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
         }
     }
     let stop =
-        kimberley_vmm::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
+        kimberley_machine::stop_on_signals(Arc::new(AtomicBool::new(false))).map_err(vm_error)?;
     // The control socket is bound (and checked) before any migration is
     // accepted: nothing that can fail this way is left for after the
     // hand-over.

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kimberley_formats::chunk::is_zero;
 use kimberley_formats::sparse::data_extents;
 use kimberley_formats::sys::poll;
-use kimberley_vmm::{Bitmap, MigrateError, MigrateIo, Vm};
+use kimberley_machine::{Bitmap, Machine, Migratable, MigrateError, MigrateIo};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
@@ -90,7 +90,7 @@ fn ms_since(t: Instant) -> f64 {
 
 /// Where chunks come from.
 enum Source<'a> {
-    Memory(&'a kimberley_vmm::vstate::memory::Memory),
+    Memory(&'a dyn Migratable),
     Disk(&'a File),
 }
 
@@ -98,7 +98,7 @@ impl Source<'_> {
     fn read(&self, idx: u64, buf: &mut [u8]) -> Result<()> {
         match self {
             Source::Memory(m) => m
-                .read(idx * CHUNK as u64, buf)
+                .read_memory(idx * CHUNK as u64, buf)
                 .map_err(|e| anyhow!("reading guest memory: {e}")),
             Source::Disk(f) => {
                 buf.fill(0);
@@ -280,7 +280,7 @@ fn disk_chunks(f: &File, size: u64) -> Vec<u64> {
 }
 
 /// Dirty pages and per-disk dirty blocks since the last fetch.
-fn fetch_dirty(vm: &mut Vm, ndisks: usize) -> Result<(Vec<u64>, Vec<Vec<u64>>)> {
+fn fetch_dirty(vm: &mut dyn Migratable, ndisks: usize) -> Result<(Vec<u64>, Vec<Vec<u64>>)> {
     let bm: Bitmap = vm.dirty_pages().map_err(|e| anyhow!("{e}"))?;
     let pages = bm.iter_set().map(|i| i as u64).collect();
     let mut blocks = Vec::new();
@@ -363,7 +363,11 @@ impl Meter {
 
 /// Migrates `vm`. On [`Failure::Kept`] the guest runs here as it did;
 /// on [`Failure::InDoubt`] it is paused and must be suspended, not resumed.
-pub fn migrate(vm: &mut Vm, p: &Params, io: &mut MigrateIo<'_>) -> Result<Value, Failure> {
+pub fn migrate(
+    vm: &mut dyn Migratable,
+    p: &Params,
+    io: &mut MigrateIo<'_>,
+) -> Result<Value, Failure> {
     let t0 = Instant::now();
     let was_running = !vm.is_paused();
     let mut s = connect(p, io).map_err(Failure::Kept)?;
@@ -513,7 +517,7 @@ fn connect<'a, 'b>(p: &Params, io: &'a mut MigrateIo<'b>) -> Result<Session<'a, 
 
 #[allow(clippy::too_many_arguments)]
 fn send_round(
-    vm: &Vm,
+    vm: &dyn Migratable,
     s: &mut Session<'_, '_>,
     disks: &[File],
     shared: bool,
@@ -536,7 +540,7 @@ fn send_round(
             io.progress(json!({"round": n, "done": done, "total": total}));
         }
     };
-    let mem = Source::Memory(vm.memory());
+    let mem = Source::Memory(vm);
     let m = s.send_chunks(&mem, 0, pages, skip_zero, &mut progress)?;
     let (mut blk, mut data) = (0, m.data);
     for (i, b) in blocks.iter().enumerate() {
@@ -587,7 +591,7 @@ fn send_round(
 /// Pauses the guest, saves its state and resumes it (when it ran), three
 /// times 5 ms apart: the median cost of the pause window's first parts on
 /// this host now (pause, state with disks flushed) and the state's size.
-fn probe(vm: &mut Vm, was_running: bool) -> Result<(f64, f64, u64)> {
+fn probe(vm: &mut dyn Migratable, was_running: bool) -> Result<(f64, f64, u64)> {
     let (mut pauses, mut states, mut size) = (Vec::new(), Vec::new(), 0);
     for i in 0..3 {
         if i > 0 {
@@ -615,7 +619,7 @@ fn probe(vm: &mut Vm, was_running: bool) -> Result<(f64, f64, u64)> {
 }
 
 fn precopy_and_switch(
-    vm: &mut Vm,
+    vm: &mut dyn Migratable,
     p: &Params,
     s: &mut Session<'_, '_>,
     t0: Instant,
@@ -650,7 +654,7 @@ fn precopy_and_switch(
     }
     s.send_msg(Message::Start(Start {
         memory_size: vm.memory_size(),
-        vcpus: u32::from(vm.vcpus()),
+        vcpus: vm.vcpus(),
         shared_disk: p.shared_disk,
         disks: infos,
     }))?;
@@ -787,7 +791,7 @@ fn precopy_and_switch(
 
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy(
-    vm: &mut Vm,
+    vm: &mut dyn Migratable,
     p: &Params,
     s: &mut Session<'_, '_>,
     disks: &[File],
@@ -921,14 +925,23 @@ fn stop_and_copy(
 }
 
 /// The control socket's `migrate` hook.
-pub fn handler() -> kimberley_vmm::MigrateFn {
-    Box::new(|vm: &mut Vm, params: &Value, io: &mut MigrateIo<'_>| {
-        let p = Params::from_json(params).map_err(|e| MigrateError::Failed(format!("{e:#}")))?;
-        migrate(vm, &p, io).map_err(|f| match f {
-            Failure::Kept(e) => MigrateError::Failed(format!("{e:#}")),
-            Failure::InDoubt(e) => MigrateError::InDoubt(format!("{e:#}")),
-        })
-    })
+pub fn handler() -> kimberley_machine::MigrateFn {
+    Box::new(
+        |m: &mut dyn Machine, params: &Value, io: &mut MigrateIo<'_>| {
+            let backend = m.info().backend;
+            let vm = m.migratable().ok_or_else(|| {
+                MigrateError::Failed(format!(
+                    "live migration of {backend} VMs is not supported yet"
+                ))
+            })?;
+            let p =
+                Params::from_json(params).map_err(|e| MigrateError::Failed(format!("{e:#}")))?;
+            migrate(vm, &p, io).map_err(|f| match f {
+                Failure::Kept(e) => MigrateError::Failed(format!("{e:#}")),
+                Failure::InDoubt(e) => MigrateError::InDoubt(format!("{e:#}")),
+            })
+        },
+    )
 }
 
 #[cfg(test)]

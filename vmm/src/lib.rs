@@ -4,25 +4,22 @@
 
 pub mod abi;
 mod arch;
-pub mod bitmap;
-pub mod control;
 pub mod devices;
 mod error;
 mod loader;
+pub mod machine;
 pub mod persist;
 pub mod probe;
 mod runner;
-mod signals;
 mod vm;
 pub mod vmdir;
 pub mod vstate;
 
 use std::path::PathBuf;
 
-pub use bitmap::Bitmap;
-pub use control::{ControlSocket, Ending, Hooks, MigrateError, MigrateFn, MigrateIo, SnapshotFn};
 pub use error::{Error, Result};
-pub use signals::stop_on_signals;
+pub use kimberley_machine::ScriptOutcome;
+pub use machine::{MicroVmBackend, BACKEND};
 pub use vm::{validate_state, OpenedFile, Vm, GUEST_ELF};
 
 /// For test suites that need KVM: true when `/dev/kvm` can be opened.
@@ -53,13 +50,4 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Raw disk images, opened read-write, attached as virtio-blk in order.
     pub disks: Vec<PathBuf>,
-}
-
-/// The result of a script.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScriptOutcome {
-    /// The `N` of `done N`: 0 on success.
-    pub status: i32,
-    /// Output lines, without the final `done N`.
-    pub lines: Vec<String>,
 }

@@ -8,7 +8,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::abi::{self, BootInfo};
-use crate::bitmap::Bitmap;
 use crate::devices::serial::{SerialDevice, SerialDeviceState};
 use crate::devices::virtio_blk::{BlockState, VirtioBlk};
 use crate::error::{Error, Result};
@@ -18,6 +17,7 @@ use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
+use kimberley_machine::Bitmap;
 
 const TAG_VM: u32 = 1;
 const TAG_VCPU: u32 = 2;

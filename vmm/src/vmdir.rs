@@ -96,6 +96,7 @@ pub fn save_into(vm: &mut Vm, w: VmDirWriter, name: &str) -> Result<PathBuf> {
         name: name.to_string(),
         vcpus: u32::from(vm.vcpus()),
         components,
+        machine: None,
     };
     for i in 0..manifest.components.len() {
         let p = dir.join(manifest.file_name(i));

@@ -18,22 +18,27 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ctl::{Client, Foreign};
-use kimberley_vmm::control::{self, ControlSocket, MAX_CLIENTS, MAX_REQUEST};
+use kimberley_formats::vmdir::VmDirWriter;
+use kimberley_machine::control::{self, ControlSocket, MAX_CLIENTS, MAX_REQUEST};
+use kimberley_machine::Machine;
 use kimberley_vmm::{Error, Vm};
 use serde_json::{json, Value};
 
-type Server = JoinHandle<kimberley_vmm::Result<Vm>>;
+/// A machine the control server serves.
+type Boxed = Box<dyn Machine>;
+type Server = JoinHandle<kimberley_machine::Result<Boxed>>;
 
-/// Serves `vm` on `sock` with a snapshot hook that writes memory and
-/// state into the directory it creates.
-fn serve(vm: Vm, sock: &Path, stop: &Arc<AtomicBool>) -> Server {
+/// Serves `vm` on `sock` with a snapshot hook that suspends it into a new
+/// VM directory there.
+fn serve(vm: Boxed, sock: &Path, stop: &Arc<AtomicBool>) -> Server {
     let s = ControlSocket::bind(Some(sock), "test").unwrap();
     let stop = stop.clone();
     let snapshot: control::SnapshotFn = Box::new(move |vm, d| {
         assert!(!d.exists(), "the server created {}", d.display());
-        std::fs::create_dir(d).map_err(|e| e.to_string())?;
-        let state = vm.save(&d.join("memory.raw")).map_err(|e| e.to_string())?;
-        std::fs::write(d.join("state.bin"), state).map_err(|e| e.to_string())
+        let w = VmDirWriter::create(d).map_err(|e| e.to_string())?;
+        vm.suspend_into(w, "snap")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     });
     std::thread::spawn(move || control::serve(vm, s, snapshot, stop, Box::new(|_| {})))
 }
@@ -49,12 +54,12 @@ impl Served {
     fn start(dir: &Path) -> Served {
         let sock = dir.join("ctl.sock");
         let stop = Arc::new(AtomicBool::new(false));
-        let server = serve(boot(32, &[]), &sock, &stop);
+        let server = serve(Box::new(boot(32, &[])), &sock, &stop);
         Served { sock, stop, server }
     }
 
     /// Sets the stop flag; returns the VM the server gives back.
-    fn finish(self) -> Vm {
+    fn finish(self) -> Boxed {
         self.stop.store(true, Ordering::SeqCst);
         self.server.join().unwrap().unwrap()
     }
@@ -114,8 +119,9 @@ fn control_round_trip() {
     assert!(vm.is_paused());
     assert!(!sock.exists());
     vm.resume().unwrap();
-    let l = run_ok(&mut vm, "counter");
-    assert!(l[0].starts_with("counter "));
+    let o = vm.agent().run_script("counter", &mut |_| {}, T).unwrap();
+    assert_eq!(o.status, 0);
+    assert!(o.lines[0].starts_with("counter "));
 
     // The stop flag ends the server too; a failing hook's error is passed on.
     let stop = Arc::new(AtomicBool::new(false));

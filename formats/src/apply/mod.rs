@@ -153,7 +153,9 @@ fn apply_one(
     t0: Instant,
 ) -> Result<ApplyStats> {
     let mut stats = ApplyStats::default();
-    let launch = o.manifest.launch_manifest();
+    let mut launch = o.manifest.launch_manifest();
+    // A launch VM runs on the machine its base was made for.
+    launch.machine = base.manifest.machine.clone();
     let mut w = VmDirWriter::create(out)?;
     w.set_sync(opts.sync);
     let mut files = Vec::new();

@@ -119,6 +119,16 @@ pub fn diff<W: Write + Send>(
 ) -> Result<(W, DiffStats)> {
     let t0 = Instant::now();
     let mut stats = DiffStats::default();
+    // An overlay does not carry the machine: the launch VM gets its base's.
+    if launch.manifest.machine != base.manifest.machine {
+        return Err(Error::VmDir {
+            path: launch.path.clone(),
+            why: format!(
+                "made for another machine than its base {} (backend, version, machine type, accelerator, CPU, devices or kernel command line differ): an overlay can only relate VMs of one machine",
+                base.path.display()
+            ),
+        });
+    }
     if let Some(p) = &opts.parent {
         if p.result_id != base.identity() {
             return Err(Error::Chain(

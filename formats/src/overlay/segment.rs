@@ -39,7 +39,7 @@ fn put_components(b: &mut Vec<u8>, cs: &[Component]) {
 
 fn get_components(c: &mut Reader<'_>) -> Result<Vec<Component>> {
     let n = c.u16().map_err(|_| corrupt("manifest"))?;
-    if usize::from(n) > crate::vmdir::manifest::MAX_DISKS + 2 {
+    if usize::from(n) > crate::vmdir::manifest::MAX_COMPONENTS {
         return Err(corrupt("manifest"));
     }
     let mut out = Vec::with_capacity(n.into());
@@ -92,21 +92,23 @@ impl ManifestSegment {
             base,
         };
         seg.launch_manifest()
-            .validate()
+            .validate_detached()
             .map_err(|e| Error::Corrupt(format!("launch manifest: {e}")))?;
         let mut b = seg.launch_manifest();
         b.components = seg.base.clone();
-        b.validate()
+        b.validate_detached()
             .map_err(|e| Error::Corrupt(format!("base manifest: {e}")))?;
         Ok(seg)
     }
 
-    /// The launch VMDIR manifest.
+    /// The launch VMDIR manifest (without a machine description: a launch
+    /// VM has its base's, see `apply`).
     pub fn launch_manifest(&self) -> crate::vmdir::Manifest {
         crate::vmdir::Manifest {
             name: self.name.clone(),
             vcpus: self.vcpus,
             components: self.launch.clone(),
+            machine: None,
         }
     }
 }

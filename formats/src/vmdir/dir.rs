@@ -284,6 +284,7 @@ mod tests {
             name: name.into(),
             vcpus: 1,
             components: Vec::new(),
+            machine: None,
         };
         for (kind, file, bytes) in parts {
             let f = w.create_file(file).unwrap();

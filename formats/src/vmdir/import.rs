@@ -37,6 +37,7 @@ pub fn import(out: &Path, spec: &ImportSpec) -> Result<Manifest> {
         name: spec.name.clone(),
         vcpus: spec.vcpus,
         components: Vec::new(),
+        machine: None,
     };
     for (kind, src) in sources {
         let f = File::open(src).ctx(|| format!("opening {}", src.display()))?;

@@ -2,16 +2,23 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::machine::MachineSpec;
 use crate::digest::{self, Digest};
 
 /// The `format` value every manifest carries.
 pub const FORMAT: &str = "kimberley-vmdir";
-/// The manifest version this build writes and reads.
+/// The manifest version of VM directories without a machine description
+/// (the microVM's).
 pub const VERSION: u32 = 1;
+/// The manifest version of VM directories with one (`machine`).
+pub const VERSION_MACHINE: u32 = 2;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// Most disks a VMDIR may have.
 pub const MAX_DISKS: usize = 64;
+/// Most components a VMDIR may have: memory, the disks, kernel, initrd
+/// and state.
+pub const MAX_COMPONENTS: usize = MAX_DISKS + 4;
 /// Largest component (1 TiB).
 pub const MAX_COMPONENT_SIZE: u64 = 1 << 40;
 /// Largest state blob (64 MiB).
@@ -29,6 +36,12 @@ pub enum Kind {
     Disk,
     /// The opaque vCPU + device state (at most one, last).
     State,
+    /// The kernel a machine booted (at most one, after the disks; version
+    /// 2 only).
+    Kernel,
+    /// Its initial RAM disk (at most one, after the kernel; version 2
+    /// only).
+    Initrd,
 }
 
 impl Kind {
@@ -38,6 +51,8 @@ impl Kind {
             Kind::Memory => 1,
             Kind::Disk => 2,
             Kind::State => 3,
+            Kind::Kernel => 4,
+            Kind::Initrd => 5,
         }
     }
 
@@ -47,6 +62,8 @@ impl Kind {
             1 => Some(Kind::Memory),
             2 => Some(Kind::Disk),
             3 => Some(Kind::State),
+            4 => Some(Kind::Kernel),
+            5 => Some(Kind::Initrd),
             _ => None,
         }
     }
@@ -70,8 +87,11 @@ pub struct Manifest {
     pub name: String,
     /// vCPU count.
     pub vcpus: u32,
-    /// Components in canonical order: memory, disks, state.
+    /// Components in canonical order: memory, disks, kernel, initrd,
+    /// state.
     pub components: Vec<Component>,
+    /// What runs it, for backends other than the microVM (version 2).
+    pub machine: Option<Box<MachineSpec>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,6 +103,8 @@ struct RawManifest {
     memory_size: u64,
     vcpus: u32,
     components: Vec<RawComponent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    machine: Option<MachineSpec>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,7 +126,7 @@ pub enum ManifestError {
     #[error("manifest is not valid: {0}")]
     Syntax(String),
     /// Another format or version.
-    #[error("not a {FORMAT} version {VERSION} manifest (format {0:?}, version {1})")]
+    #[error("not a {FORMAT} version {VERSION} or {VERSION_MACHINE} manifest (format {0:?}, version {1})")]
     Version(String, u32),
     /// A rule of FORMAT.md is broken.
     #[error("manifest: {0}")]
@@ -148,6 +170,29 @@ impl Manifest {
         *h.finalize().as_bytes()
     }
 
+    /// Checks the structural rules of FORMAT.md, for a component list
+    /// that travels without its machine description (an overlay's
+    /// manifest segment: the machine comes from the base VM directory).
+    pub fn validate_detached(&self) -> Result<(), ManifestError> {
+        let mut m = self.clone();
+        if m.machine.is_none()
+            && m.components
+                .iter()
+                .any(|c| matches!(c.kind, Kind::Kernel | Kind::Initrd))
+        {
+            m.machine = Some(Box::new(MachineSpec {
+                backend: "any".into(),
+                version: "any".into(),
+                machine_type: "any".into(),
+                accel: "any".into(),
+                cpu: "any".into(),
+                cmdline: String::new(),
+                devices: Vec::new(),
+            }));
+        }
+        m.validate()
+    }
+
     /// Checks the structural rules of FORMAT.md.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let rule = |s: String| Err(ManifestError::Rule(s));
@@ -169,23 +214,45 @@ impl Manifest {
         if self.components[0].size == 0 || !self.components[0].size.is_multiple_of(4096) {
             return rule("the memory size must be a non-zero multiple of 4096".into());
         }
+        // Canonical order: memory, disks, kernel, initrd, state; each
+        // later kind only after every earlier one.
+        let rank = |k: Kind| match k {
+            Kind::Memory => 0,
+            Kind::Disk => 1,
+            Kind::Kernel => 2,
+            Kind::Initrd => 3,
+            Kind::State => 4,
+        };
         let mut disks = 0;
         for (i, c) in self.components.iter().enumerate().skip(1) {
+            let prev = self.components[i - 1].kind;
             match c.kind {
                 Kind::Memory => return rule("more than one memory component".into()),
-                Kind::Disk => {
-                    if self.components[..i].iter().any(|p| p.kind == Kind::State) {
-                        return rule("the state component must come last".into());
-                    }
-                    disks += 1;
+                Kind::Disk => disks += 1,
+                Kind::State if c.size > MAX_STATE_SIZE => {
+                    return rule(format!("state blob larger than {MAX_STATE_SIZE} bytes"));
                 }
-                Kind::State => {
-                    if i != n - 1 {
-                        return rule("the state component must come last".into());
-                    }
-                    if c.size > MAX_STATE_SIZE {
-                        return rule(format!("state blob larger than {MAX_STATE_SIZE} bytes"));
-                    }
+                _ => {}
+            }
+            if rank(c.kind) < rank(prev) || (rank(c.kind) == rank(prev) && c.kind != Kind::Disk) {
+                return rule(
+                    "components must be in the order memory, disks, kernel, initrd, state, with at most one of each but disks"
+                        .into(),
+                );
+            }
+        }
+        match &self.machine {
+            Some(m) => m.validate().map_err(ManifestError::Rule)?,
+            None => {
+                if let Some(c) = self
+                    .components
+                    .iter()
+                    .find(|c| matches!(c.kind, Kind::Kernel | Kind::Initrd))
+                {
+                    return rule(format!(
+                        "a {:?} component needs a machine description (version {VERSION_MACHINE})",
+                        c.kind
+                    ));
                 }
             }
         }
@@ -218,7 +285,9 @@ impl Manifest {
             .and_then(|v| v.as_str())
             .unwrap_or_default();
         let version = loose.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if format != FORMAT || version != u64::from(VERSION) {
+        if format != FORMAT
+            || (version != u64::from(VERSION) && version != u64::from(VERSION_MACHINE))
+        {
             return Err(ManifestError::Version(
                 format.to_string(),
                 version.min(u32::MAX as u64) as u32,
@@ -235,7 +304,7 @@ impl Manifest {
         }
         let raw: RawManifest =
             serde_json::from_value(loose).map_err(|e| ManifestError::Syntax(e.to_string()))?;
-        let mut components = Vec::with_capacity(raw.components.len().min(MAX_DISKS + 2));
+        let mut components = Vec::with_capacity(raw.components.len().min(MAX_COMPONENTS));
         for rc in &raw.components {
             let digest = digest::from_hex(&rc.blake3)
                 .ok_or_else(|| ManifestError::Rule(format!("bad blake3 digest {:?}", rc.blake3)))?;
@@ -244,14 +313,21 @@ impl Manifest {
                 size: rc.size,
                 digest,
             });
-            if components.len() > MAX_DISKS + 2 {
+            if components.len() > MAX_COMPONENTS {
                 return Err(ManifestError::Rule("too many components".into()));
             }
+        }
+        // Version 2 exactly when a machine is described.
+        if raw.machine.is_some() != (raw.version == VERSION_MACHINE) {
+            return Err(ManifestError::Rule(format!(
+                "a version {VERSION_MACHINE} manifest has a machine description, a version {VERSION} one has none"
+            )));
         }
         let m = Manifest {
             name: raw.name,
             vcpus: raw.vcpus,
             components,
+            machine: raw.machine.map(Box::new),
         };
         m.validate()?;
         for (i, rc) in raw.components.iter().enumerate() {
@@ -275,7 +351,12 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let raw = RawManifest {
             format: FORMAT.into(),
-            version: VERSION,
+            version: if self.machine.is_some() {
+                VERSION_MACHINE
+            } else {
+                VERSION
+            },
+            machine: self.machine.as_deref().cloned(),
             name: self.name.clone(),
             memory_size: self.memory_size(),
             vcpus: self.vcpus,
@@ -375,13 +456,16 @@ fn file_name_for(components: &[Component], i: usize) -> String {
 
 /// The canonical file name of a component of `kind` (FORMAT.md §5.1):
 /// `memory.raw`, `disk{disk}.raw` (`disk` is the ordinal among the disks,
-/// from 0; ignored for the other kinds) or `state.bin`. Every VMDIR file
-/// name comes from here or from [`Manifest::file_name`].
+/// from 0; ignored for the other kinds), `kernel`, `initrd` or
+/// `state.bin`. Every VMDIR file name comes from here or from
+/// [`Manifest::file_name`].
 pub fn file_name(kind: Kind, disk: usize) -> String {
     match kind {
         Kind::Memory => "memory.raw".into(),
         Kind::State => "state.bin".into(),
         Kind::Disk => format!("disk{disk}.raw"),
+        Kind::Kernel => "kernel".into(),
+        Kind::Initrd => "initrd".into(),
     }
 }
 
@@ -410,7 +494,99 @@ mod tests {
                     digest: [3; 32],
                 },
             ],
+            machine: None,
         }
+    }
+
+    fn qemu_sample() -> Manifest {
+        let mut m = sample();
+        let state = m.components.pop().unwrap();
+        for (kind, d) in [(Kind::Kernel, 4u8), (Kind::Initrd, 5)] {
+            m.components.push(Component {
+                kind,
+                size: 100,
+                digest: [d; 32],
+            });
+        }
+        m.components.push(state);
+        m.machine = Some(Box::new(MachineSpec {
+            backend: "qemu".into(),
+            version: "7.2.19".into(),
+            machine_type: "pc-i440fx-7.2".into(),
+            accel: "tcg".into(),
+            cpu: "qemu64".into(),
+            cmdline: "console=ttyS0".into(),
+            devices: vec!["virtio-blk-pci".into(), "virtio-serial-pci".into()],
+        }));
+        m
+    }
+
+    #[test]
+    fn version_2_carries_the_machine_and_boot_files() {
+        let m = qemu_sample();
+        m.validate().unwrap();
+        let enc = m.encode();
+        let text = String::from_utf8(enc.clone()).unwrap();
+        assert!(text.contains("\"version\": 2"), "{text}");
+        assert!(text.contains("\"file\": \"kernel\"") && text.contains("\"file\": \"initrd\""));
+        let back = Manifest::parse(&enc).unwrap();
+        assert_eq!(back, m);
+        // The machine is not part of the identity (a launch VM inherits it).
+        let mut other = m.clone();
+        other.machine.as_mut().unwrap().accel = "kvm".into();
+        assert_eq!(other.identity(), m.identity());
+        // A microVM manifest stays version 1, byte for byte.
+        assert!(String::from_utf8(sample().encode())
+            .unwrap()
+            .contains("\"version\": 1"));
+    }
+
+    #[test]
+    fn version_and_machine_go_together() {
+        let v2 = String::from_utf8(qemu_sample().encode()).unwrap();
+        // Version 1 with a machine, version 2 without one: refused.
+        let v1_with = v2.replace("\"version\": 2", "\"version\": 1");
+        assert!(matches!(
+            Manifest::parse(v1_with.as_bytes()),
+            Err(ManifestError::Rule(_))
+        ));
+        let mut m = sample();
+        m.machine = None;
+        let v2_without = String::from_utf8(m.encode())
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 2");
+        assert!(Manifest::parse(v2_without.as_bytes()).is_err());
+        // Version 3 is a version error.
+        let v3 = v2.replace("\"version\": 2", "\"version\": 3");
+        assert!(matches!(
+            Manifest::parse(v3.as_bytes()),
+            Err(ManifestError::Version(_, 3))
+        ));
+        // An unknown machine member is refused.
+        let extra = v2.replace("\"cpu\":", "\"gpu\": \"x\", \"cpu\":");
+        assert!(Manifest::parse(extra.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn boot_files_need_a_machine_and_their_place() {
+        let mut m = qemu_sample();
+        m.machine = None;
+        assert!(m.validate().is_err(), "a kernel without a machine");
+        assert!(m.validate_detached().is_ok(), "an overlay's own list");
+        let mut m = qemu_sample();
+        m.components.swap(2, 3); // initrd before kernel
+        assert!(m.validate().is_err());
+        let mut m = qemu_sample();
+        let k = m.components[2].clone();
+        m.components.insert(2, k); // two kernels
+        assert!(m.validate().is_err());
+        let mut m = qemu_sample();
+        let d = m.components.remove(1);
+        m.components.insert(3, d); // a disk after the kernel
+        assert!(m.validate().is_err());
+        let mut m = qemu_sample();
+        m.machine.as_mut().unwrap().backend = String::new();
+        assert!(m.validate().is_err());
     }
 
     #[test]

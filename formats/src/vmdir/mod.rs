@@ -1,11 +1,14 @@
 //! The VM directory (VMDIR): `manifest.json` plus raw component files.
 //!
-//! [`manifest`] parses and encodes the manifest (pure); [`dir`] opens and
-//! writes directories; [`import`] wraps existing raw images.
+//! [`manifest`] parses and encodes the manifest (pure), with the
+//! [`machine`] description of version 2; [`dir`] opens and writes
+//! directories; [`import`] wraps existing raw images.
 
 pub mod dir;
 pub mod import;
+pub mod machine;
 pub mod manifest;
 
 pub use dir::{VmDir, VmDirWriter, MANIFEST};
+pub use machine::MachineSpec;
 pub use manifest::{file_name, Component, Kind, Manifest};

@@ -6,10 +6,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 use crate::persist::{Codec, Persist, Reader, Writer};
 use crate::vstate::memory::{Memory, PAGE_SIZE};
+use kimberley_machine::Bitmap;
 
 const MAGIC: u32 = 0x7472_6976;
 const VENDOR: u32 = 0x4b49_4d42; // "KIMB"

@@ -6,10 +6,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 use crate::persist::{Codec, ReadKvm, Reader, WriteKvm, Writer};
 use crate::vstate::memory::{Memory, PAGE_SIZE};
+use kimberley_machine::Bitmap;
 
 /// The single memory slot.
 const SLOT: u32 = 0;

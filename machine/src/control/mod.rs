@@ -16,17 +16,21 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::Result;
-use crate::vm::Vm;
+use crate::Machine;
+
+/// The machine a control socket serves.
+pub type Vm = Box<dyn Machine>;
 
 pub use socket::ControlSocket;
 
 /// Called for `{"cmd":"snapshot","dir":DIR}` with DIR absolute and not
 /// existing (the server checked both and does not create it): writes a VM
 /// directory there (its manifest format belongs to the caller), typically
-/// via [`Vm::save`], atomically (built under a temporary name, renamed
+/// via [`Machine::suspend_into`], atomically (built under a temporary name, renamed
 /// into place without replacing anything). The server resumes the VM
 /// afterwards if it was running before.
-pub type SnapshotFn = Box<dyn FnMut(&mut Vm, &Path) -> std::result::Result<(), String> + Send>;
+pub type SnapshotFn =
+    Box<dyn FnMut(&mut dyn Machine, &Path) -> std::result::Result<(), String> + Send>;
 
 /// Called for `{"cmd":"migrate","params":P}`: moves the VM elsewhere
 /// (live migration; the caller's protocol). It may stream progress objects
@@ -39,7 +43,11 @@ pub type SnapshotFn = Box<dyn FnMut(&mut Vm, &Path) -> std::result::Result<(), S
 /// left paused, is never resumed, and `serve` returns [`Ending::InDoubt`]
 /// so the caller suspends it.
 pub type MigrateFn = Box<
-    dyn FnMut(&mut Vm, &Value, &mut MigrateIo<'_>) -> std::result::Result<Value, MigrateError>
+    dyn FnMut(
+            &mut dyn Machine,
+            &Value,
+            &mut MigrateIo<'_>,
+        ) -> std::result::Result<Value, MigrateError>
         + Send,
 >;
 
@@ -237,9 +245,9 @@ fn write_blocking(stream: &mut UnixStream, line: &str) -> bool {
     ok
 }
 
-fn status(vm: &Vm) -> Value {
-    let err = vm.exit_error();
-    let status = if err.is_some() {
+fn status(vm: &dyn Machine) -> Value {
+    let info = vm.info();
+    let status = if info.exited.is_some() {
         "crashed"
     } else if vm.is_paused() {
         "paused"
@@ -249,19 +257,20 @@ fn status(vm: &Vm) -> Value {
     let mut v = json!({
         "ok": true,
         "status": status,
-        "ready": vm.is_ready(),
-        "uptime_ms": vm.uptime().as_millis() as u64,
-        "memory_size": vm.memory_size(),
-        "vcpus": vm.vcpus(),
-        "disks": vm.disk_paths(),
+        "backend": info.backend,
+        "ready": info.ready,
+        "uptime_ms": info.uptime.as_millis() as u64,
+        "memory_size": info.memory_size,
+        "vcpus": info.vcpus,
+        "disks": info.disks,
     });
-    if let Some(e) = err {
-        v["guest_error"] = Value::String(e.to_string());
+    if let Some(e) = info.exited {
+        v["guest_error"] = Value::String(e);
     }
     v
 }
 
-fn snapshot(vm: &mut Vm, hooks: &mut Hooks, dir: &Path) -> Value {
+fn snapshot(vm: &mut dyn Machine, hooks: &mut Hooks, dir: &Path) -> Value {
     if !dir.is_absolute() {
         return fail(format!(
             "snapshot directory {} must be an absolute path",
@@ -286,7 +295,7 @@ fn snapshot(vm: &mut Vm, hooks: &mut Hooks, dir: &Path) -> Value {
 
 /// Answers one request line; `Some` when the server should end.
 fn handle(
-    vm: &mut Vm,
+    vm: &mut dyn Machine,
     hooks: &mut Hooks,
     stop: &AtomicBool,
     stream: &mut UnixStream,
@@ -314,7 +323,7 @@ fn handle(
             let t = timeout_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_EXEC_TIMEOUT);
-            match vm.run_script(&script, &mut |_| {}, t) {
+            match vm.agent().run_script(&script, &mut |_| {}, t) {
                 Ok(o) => json!({"ok": true, "status": o.status, "output": o.lines.join("\n")}),
                 Err(e) => fail(e),
             }
@@ -384,7 +393,7 @@ pub fn serve(
 
 /// [`serve`] with all hooks: also answers `migrate` when `hooks.migrate` is
 /// set, and says why it returned. `stop` also interrupts a running `exec`
-/// (the VM's waits watch it, see [`Vm::set_interrupt`]) and cancels a
+/// (the VM's waits watch it, see [`Machine::set_interrupt`]) and cancels a
 /// migration.
 pub fn serve_with(
     mut vm: Vm,
@@ -398,7 +407,7 @@ pub fn serve_with(
     let mut ending = None;
     while !stop.load(Ordering::SeqCst) {
         for c in clients.iter_mut() {
-            ending = serve_client(&mut vm, &mut hooks, &stop, c);
+            ending = serve_client(vm.as_mut(), &mut hooks, &stop, c);
             if ending.is_some() {
                 break;
             }
@@ -448,7 +457,7 @@ fn admit(clients: &mut Vec<Client>, stream: UnixStream) {
 /// time: the next only once the answer is sent) and reads at most
 /// [`READ_CHUNK`] bytes, never holding more than [`MAX_REQUEST`].
 fn serve_client(
-    vm: &mut Vm,
+    vm: &mut dyn Machine,
     hooks: &mut Hooks,
     stop: &AtomicBool,
     c: &mut Client,

@@ -1,0 +1,244 @@
+//! The microVM behind the machine seam: [`MicroVmBackend`] restores VM
+//! directories of the test guest, and [`Vm`] is a [`Machine`], its own
+//! [`GuestAgent`] (the serial script protocol) and [`Migratable`].
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kimberley_formats::fsutil::copy_sparse;
+use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
+use kimberley_machine::{
+    Backend, Bitmap, GuestAgent, Machine, MachineInfo, Migratable, Placement, RestoreOptions,
+    ScriptOutcome,
+};
+
+use crate::error::Error;
+use crate::vm::{OpenedFile, Vm};
+use crate::vmdir;
+
+/// The name VM directories of this backend record.
+pub const BACKEND: &str = "microvm";
+
+/// How long a restored guest may take to reach its first instruction.
+const FIRST_RUN: Duration = Duration::from_secs(10);
+
+impl From<Error> for kimberley_machine::Error {
+    fn from(e: Error) -> Self {
+        use kimberley_machine::Error as M;
+        match e {
+            Error::VmDir(f) => M::VmDir(f),
+            Error::Timeout(t) => M::Timeout(t),
+            Error::Interrupted => M::Interrupted,
+            Error::Paused => M::Paused,
+            Error::Script(s) => M::Script(s),
+            e @ (Error::TripleFault | Error::GuestPanic(_) | Error::VcpuStopped(_)) => {
+                M::GuestStopped(e.to_string())
+            }
+            other => M::Backend {
+                backend: BACKEND,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+type MResult<T> = kimberley_machine::Result<T>;
+
+/// Restores microVM directories (the project's KVM test guest).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MicroVmBackend;
+
+impl Backend for MicroVmBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn check(&self, dir: &VmDir) -> MResult<()> {
+        if dir.manifest.state_index().is_none() {
+            return Err(Error::Config(format!(
+                "{} has no state blob: it is a powered-off VM, not a suspended one",
+                dir.path.display()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    fn restore(&self, dir: &VmDir, opts: RestoreOptions<'_>) -> MResult<Box<dyn Machine>> {
+        self.check(dir)?;
+        if !opts.forwards.is_empty() || opts.network {
+            return Err(kimberley_machine::Error::Unsupported(
+                "the microVM has no network: it cannot reach one, nor can ports be forwarded"
+                    .into(),
+            ));
+        }
+        let vm = match opts.placement {
+            Placement::InPlace => vmdir::restore(dir)?,
+            Placement::CopyInto(w) => restore_copy(dir, w)?,
+        };
+        vm.wait_first_exit(FIRST_RUN)?;
+        Ok(Box::new(vm))
+    }
+}
+
+/// Restores `dir` to run on copies of its disks in `w` (its memory is
+/// mapped copy-on-write, so `dir` is never modified). The VM uses the files
+/// opened here and by `VmDir::open`, never a path looked up again.
+fn restore_copy(dir: &VmDir, w: &VmDirWriter) -> crate::Result<Vm> {
+    let mut disks = Vec::new();
+    for (k, i) in dir.manifest.disk_indices().into_iter().enumerate() {
+        let name = file_name(Kind::Disk, k);
+        let dst = w.create_file(&name)?;
+        copy_sparse(
+            &dir.open_component(i)?,
+            dir.manifest.components[i].size,
+            &dst,
+            |_, _| Ok(()),
+        )?;
+        disks.push(OpenedFile {
+            file: dst,
+            path: w.path().join(name),
+        });
+    }
+    let state_i = dir
+        .manifest
+        .state_index()
+        .ok_or_else(|| Error::Config(format!("{} has no state blob", dir.path.display())))?;
+    let state = dir.read_component(state_i)?;
+    let memory = OpenedFile {
+        file: dir.open_component(0)?,
+        path: dir.component_path(0),
+    };
+    Vm::restore_opened(memory, disks, &state)
+}
+
+impl GuestAgent for Vm {
+    fn ping(&mut self, timeout: Duration) -> MResult<()> {
+        let o = Vm::run_script(self, "print ready", &mut |_| {}, timeout)?;
+        if o.status != 0 {
+            return Err(kimberley_machine::Error::GuestStopped(
+                "the guest did not answer".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run_script(
+        &mut self,
+        script: &str,
+        on_line: &mut dyn FnMut(&str),
+        timeout: Duration,
+    ) -> MResult<ScriptOutcome> {
+        Ok(Vm::run_script(self, script, on_line, timeout)?)
+    }
+}
+
+impl Machine for Vm {
+    fn info(&self) -> MachineInfo {
+        MachineInfo {
+            backend: BACKEND,
+            memory_size: Vm::memory_size(self),
+            vcpus: u32::from(Vm::vcpus(self)),
+            disks: Vm::disk_paths(self).to_vec(),
+            uptime: self.uptime(),
+            ready: self.is_ready(),
+            exited: self.exit_error().map(|e| e.to_string()),
+        }
+    }
+
+    fn pause(&mut self) -> MResult<()> {
+        Ok(Vm::pause(self)?)
+    }
+
+    fn resume(&mut self) -> MResult<()> {
+        Ok(Vm::resume(self)?)
+    }
+
+    fn is_paused(&self) -> bool {
+        Vm::is_paused(self)
+    }
+
+    fn agent(&mut self) -> &mut dyn GuestAgent {
+        self
+    }
+
+    fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        Vm::set_interrupt(self, flag)
+    }
+
+    fn take_console_lines(&mut self) -> Vec<String> {
+        Vm::take_console_lines(self)
+    }
+
+    fn first_run(&self) -> Option<Instant> {
+        self.first_entry()
+    }
+
+    fn suspend_into(&mut self, w: VmDirWriter, name: &str) -> MResult<PathBuf> {
+        Ok(vmdir::save_into(self, w, name)?)
+    }
+
+    fn suspend_in_place(&mut self, dir: &VmDir) -> MResult<PathBuf> {
+        Ok(vmdir::save_in_place(self, dir)?)
+    }
+
+    fn migratable(&mut self) -> Option<&mut dyn Migratable> {
+        Some(self)
+    }
+}
+
+impl Migratable for Vm {
+    fn memory_size(&self) -> u64 {
+        Vm::memory_size(self)
+    }
+
+    fn vcpus(&self) -> u32 {
+        u32::from(Vm::vcpus(self))
+    }
+
+    fn disk_paths(&self) -> Vec<PathBuf> {
+        Vm::disk_paths(self).to_vec()
+    }
+
+    fn read_memory(&self, offset: u64, buf: &mut [u8]) -> MResult<()> {
+        Ok(self.memory().read(offset, buf)?)
+    }
+
+    fn set_dirty_logging(&mut self, on: bool) -> MResult<()> {
+        Ok(Vm::set_dirty_logging(self, on)?)
+    }
+
+    fn dirty_pages(&mut self) -> MResult<Bitmap> {
+        Ok(Vm::dirty_pages(self)?)
+    }
+
+    fn dirty_disk_blocks(&mut self, disk: usize) -> MResult<Bitmap> {
+        Ok(Vm::dirty_disk_blocks(self, disk)?)
+    }
+
+    fn set_throttle(&mut self, pct: u32) {
+        Vm::set_throttle(self, pct)
+    }
+
+    fn throttle(&self) -> u32 {
+        Vm::throttle(self)
+    }
+
+    fn save_state(&mut self) -> MResult<Vec<u8>> {
+        Ok(Vm::save_state(self)?)
+    }
+
+    fn pause(&mut self) -> MResult<()> {
+        Ok(Vm::pause(self)?)
+    }
+
+    fn resume(&mut self) -> MResult<()> {
+        Ok(Vm::resume(self)?)
+    }
+
+    fn is_paused(&self) -> bool {
+        Vm::is_paused(self)
+    }
+}
