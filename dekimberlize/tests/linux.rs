@@ -16,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::tools::Proc;
 use common::*;
 use kimberley_formats::vmdir::VmDir;
 
@@ -60,55 +61,45 @@ fn artifacts() -> (PathBuf, PathBuf) {
     .clone()
 }
 
-/// One Linux base VM (256 MiB, a 64 MiB empty disk, user networking) and
-/// a key, shared by the tests of this binary (read only).
+/// A Linux base VM (256 MiB, a 64 MiB empty disk, user networking) and a
+/// key, in a directory of the test's own.
 struct Linux {
-    _t: tempfile::TempDir,
-    dir: PathBuf,
+    t: tempfile::TempDir,
     key: PathBuf,
     base: PathBuf,
 }
 
-fn linux() -> &'static Linux {
-    static L: OnceLock<Linux> = OnceLock::new();
-    L.get_or_init(|| {
-        let (kernel, initrd) = artifacts();
-        let t = tempfile::tempdir().unwrap();
-        let dir = t.path().to_path_buf();
-        let key = dir.join("key");
-        ok(run(Command::new(bin("kimberlize"))
-            .args(["keygen", "-o"])
-            .arg(&key)));
-        let disk = dir.join("disk.raw");
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let base = dir.join("base");
-        let o = ok(run(Command::new(bin("kimberlize"))
-            .args(["base", "--qemu", "--memory", "256M", "--net", "user"])
-            .arg("--kernel")
-            .arg(&kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--disk")
-            .arg(&disk)
-            .arg("-o")
-            .arg(&base)));
-        eprintln!("{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::remove_file(&disk).unwrap();
-        Linux {
-            _t: t,
-            dir,
-            key,
-            base,
-        }
-    })
+fn linux() -> Linux {
+    let (kernel, initrd) = artifacts();
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("key");
+    ok(run(Command::new(bin("kimberlize"))
+        .args(["keygen", "-o"])
+        .arg(&key)));
+    let disk = t.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let base = t.path().join("base");
+    let o = ok(run(Command::new(bin("kimberlize"))
+        .args(["base", "--qemu", "--memory", "256M", "--net", "user"])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--disk")
+        .arg(&disk)
+        .arg("-o")
+        .arg(&base)));
+    eprintln!("{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&disk).unwrap();
+    Linux { t, key, base }
 }
 
-/// A scratch directory of one test.
-fn scratch() -> tempfile::TempDir {
-    tempfile::tempdir_in(&linux().dir).unwrap()
+/// A scratch directory of one test, beside its base.
+fn scratch(l: &Linux) -> tempfile::TempDir {
+    tempfile::tempdir_in(l.t.path()).unwrap()
 }
 
 /// Formats the disk, writes a file on it, fills a tmpfs with random data,
@@ -161,7 +152,12 @@ impl Running {
         while !sock.exists() {
             if let Some(st) = proc.0.try_wait().unwrap() {
                 let mut e = String::new();
-                proc.0.stderr.take().unwrap().read_to_string(&mut e).unwrap();
+                proc.0
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut e)
+                    .unwrap();
                 panic!("dekimberlize --run exited with {st}: {e}");
             }
             assert!(t.elapsed() < Duration::from_secs(120), "no control socket");
@@ -232,8 +228,8 @@ fn build_pipe_run_and_the_app_is_where_it_was() {
     if !qemu() {
         return;
     }
-    let l = linux();
-    let t = scratch();
+    let l = &linux();
+    let t = scratch(l);
     let launch = t.path().join("launch");
     let ovl = t.path().join("app.ovl");
     // build | tee app.ovl | dekimberlize --run: the overlay streams through
@@ -296,7 +292,10 @@ fn build_pipe_run_and_the_app_is_where_it_was() {
     assert_eq!(value(&got, "disk-sum"), value(&printed, "disk-sum"));
     assert_eq!(value(&got, "ram-sum"), value(&printed, "ram-sum"));
     let count1: u64 = value(&got, "count ").parse().unwrap();
-    assert!(count1 > count0, "the counter went from {count0} to {count1}");
+    assert!(
+        count1 > count0,
+        "the counter went from {count0} to {count1}"
+    );
     // The app answers through the forwarded port.
     let body = http_get(port);
     assert!(body.contains("kimberley-linux-app"), "{body}");
@@ -315,7 +314,11 @@ fn build_pipe_run_and_the_app_is_where_it_was() {
         .args(["build", "--base"])
         .arg(&launch)
         .arg("--install")
-        .arg(write(t.path(), "i2.sh", "echo layer2 > /mnt/app/layer2.txt\nsync\necho \"l2 $(cat /mnt/app/layer2.txt)\"\n"))
+        .arg(write(
+            t.path(),
+            "i2.sh",
+            "echo layer2 > /mnt/app/layer2.txt\nsync\necho \"l2 $(cat /mnt/app/layer2.txt)\"\n",
+        ))
         .arg("--resume")
         .arg(write(t.path(), "r2.sh", "true\n"))
         .arg("--no-encrypt")
@@ -372,8 +375,8 @@ fn failures_are_clear_and_leave_nothing() {
     if !qemu() {
         return;
     }
-    let l = linux();
-    let t = scratch();
+    let l = &linux();
+    let t = scratch(l);
     let before = listing(t.path());
     let o = t.path().join("x.ovl");
     let o = o.to_str().unwrap();
@@ -386,17 +389,35 @@ fn failures_are_clear_and_leave_nothing() {
         assert_eq!(now, before, "left something behind");
     };
     check(
-        build(l, &l.base, "echo about to fail\nexit 3\n", t.path(), &["-o", o]),
+        build(
+            l,
+            &l.base,
+            "echo about to fail\nexit 3\n",
+            t.path(),
+            &["-o", o],
+        ),
         9,
         "install script failed with status 3",
     );
     check(
-        build(l, &l.base, "sleep 600\n", t.path(), &["-o", o, "--timeout", "3"]),
+        build(
+            l,
+            &l.base,
+            "sleep 600\n",
+            t.path(),
+            &["-o", o, "--timeout", "3"],
+        ),
         9,
         "timed out",
     );
     check(
-        build(l, &l.base, "echo c > /proc/sysrq-trigger\n", t.path(), &["-o", o]),
+        build(
+            l,
+            &l.base,
+            "echo c > /proc/sysrq-trigger\n",
+            t.path(),
+            &["-o", o],
+        ),
         9,
         "stopped",
     );
@@ -441,12 +462,12 @@ fn failures_are_clear_and_leave_nothing() {
     let spec = VmDir::open(&l.base).unwrap().manifest.machine.unwrap();
     std::fs::write(
         other.join("manifest.json"),
-        m.replace(&spec.machine_type, "pc-q35-2.4"),
+        m.replace(&spec.machine_type, "pc-i440fx-99.9"),
     )
     .unwrap();
     let r = build(l, &other, "true\n", t.path(), &["-o", o]);
     let e = String::from_utf8_lossy(&r.stderr).into_owned();
-    assert!(!r.status.success() && e.contains("pc-q35-2.4"), "{e}");
+    assert!(!r.status.success() && e.contains("pc-i440fx-99.9"), "{e}");
     std::fs::remove_dir_all(&other).unwrap();
     VmDir::open(&l.base).unwrap().verify().unwrap();
 }

@@ -97,8 +97,8 @@ fn base_qemu(a: BaseArgs) -> Result<()> {
     cfg.net = a.net.is_some();
     let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
     let w = VmDirWriter::create(&a.output)?;
-    let booted = kimberley_qemu::boot(&cfg, w, &name, Duration::from_secs(a.timeout))
-        .map_err(vm_error)?;
+    let booted =
+        kimberley_qemu::boot(&cfg, w, &name, Duration::from_secs(a.timeout)).map_err(vm_error)?;
     eprintln!(
         "{}: Linux base VM ready and suspended ({}: {}); boot {:.1} s, suspend {} ms, total {:.1} s",
         a.output.display(),
@@ -142,8 +142,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         network: a.net.is_some(),
         ..RestoreOptions::copy_into(&w)
     };
-    let mut vm =
-        kimberley_cli::machines::restore(&base, opts).context("resuming the base VM")?;
+    let mut vm = kimberley_cli::machines::restore(&base, opts).context("resuming the base VM")?;
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();
