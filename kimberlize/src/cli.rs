@@ -185,7 +185,8 @@ pub struct BaseArgs {
     /// The VM directory to create (must not exist).
     #[arg(short, long, value_name = "VMDIR")]
     pub output: PathBuf,
-    /// Guest memory (a multiple of 2M, 16M to 3G).
+    /// Guest memory (the microVM: a multiple of 2M, 16M to 3G; QEMU: a
+    /// multiple of 1M, at least 64M).
     #[arg(long, default_value = "256M", value_parser = size)]
     pub memory: u64,
     /// The microVM: size of the empty disk to attach (default 1G; 0: no
@@ -203,7 +204,10 @@ pub struct BaseArgs {
     /// With --qemu: its initial RAM disk.
     #[arg(long, value_name = "FILE", requires = "qemu")]
     pub initrd: Option<PathBuf>,
-    /// With --qemu: the kernel command line (the serial console is added).
+    /// With --qemu: the kernel command line, instead of the default
+    /// `console=ttyS0 quiet panic=-1` (keep `console=ttyS0` to see the
+    /// guest's console in errors; `panic=-1` makes a panicking guest stop
+    /// at once).
     #[arg(long, value_name = "TEXT", requires = "qemu")]
     pub append: Option<String>,
     /// With --qemu: the accelerator. `auto` picks KVM only where it can run
