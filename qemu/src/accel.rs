@@ -128,7 +128,13 @@ mod tests {
         assert!(choose_with(AccelChoice::Kvm, &pvm).is_err());
         assert_eq!(choose_with(AccelChoice::Tcg, &hw).unwrap().0, Accel::Tcg);
         // kvm_pvm with vmx passed through still runs kernels emulated.
-        let pvm_vmx = HostFacts { kvm_pvm: true, ..hw };
-        assert_eq!(choose_with(AccelChoice::Auto, &pvm_vmx).unwrap().0, Accel::Tcg);
+        let pvm_vmx = HostFacts {
+            kvm_pvm: true,
+            ..hw
+        };
+        assert_eq!(
+            choose_with(AccelChoice::Auto, &pvm_vmx).unwrap().0,
+            Accel::Tcg
+        );
     }
 }

@@ -173,10 +173,13 @@ fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Resul
         .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("qemu-img"));
     let run = |args: &[&std::ffi::OsStr]| -> Result<Vec<u8>> {
-        let o = Command::new(&img).args(args).output().map_err(|source| Error::Spawn {
-            program: img.display().to_string(),
-            source,
-        })?;
+        let o = Command::new(&img)
+            .args(args)
+            .output()
+            .map_err(|source| Error::Spawn {
+                program: img.display().to_string(),
+                source,
+            })?;
         if !o.status.success() {
             return Err(Error::Config(format!(
                 "qemu-img on {}: {}",
@@ -186,11 +189,19 @@ fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Resul
         }
         Ok(o.stdout)
     };
-    let info = run(&["info".as_ref(), "--output=json".as_ref(), "-f".as_ref(), "qcow2".as_ref(), src.as_os_str()])?;
+    let info = run(&[
+        "info".as_ref(),
+        "--output=json".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        src.as_os_str(),
+    ])?;
     let size = serde_json::from_slice::<serde_json::Value>(&info)
         .ok()
         .and_then(|v| v["virtual-size"].as_u64())
-        .ok_or_else(|| Error::Config(format!("qemu-img info {}: no virtual size", src.display())))?;
+        .ok_or_else(|| {
+            Error::Config(format!("qemu-img info {}: no virtual size", src.display()))
+        })?;
     let dst = w.create_file(name)?;
     dst.set_len(size)
         .map_err(|e| Error::io(format!("sizing {name}"), e))?;
@@ -223,10 +234,13 @@ fn offer(program: &Path) -> Result<Offer> {
         return Ok(o.clone());
     }
     let run = |args: &[&str]| -> Result<String> {
-        let o = Command::new(program).args(args).output().map_err(|source| Error::Spawn {
-            program: program.display().to_string(),
-            source,
-        })?;
+        let o = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|source| Error::Spawn {
+                program: program.display().to_string(),
+                source,
+            })?;
         if !o.status.success() {
             return Err(Error::Config(format!(
                 "{} {}: {}",
@@ -308,11 +322,13 @@ impl QemuBackend {
             )));
         }
         if index_of(m, Kind::Kernel).is_none() {
-            return Err(Error::Unsupported(format!("{} has no kernel", dir.path.display())));
+            return Err(Error::Unsupported(format!(
+                "{} has no kernel",
+                dir.path.display()
+            )));
         }
-        let accel = Accel::parse(&spec.accel).ok_or_else(|| {
-            Error::Unsupported(format!("unknown accelerator {:?}", spec.accel))
-        })?;
+        let accel = Accel::parse(&spec.accel)
+            .ok_or_else(|| Error::Unsupported(format!("unknown accelerator {:?}", spec.accel)))?;
         // The description must be one this backend writes.
         MachineConfig::from_spec(
             spec,
@@ -320,11 +336,14 @@ impl QemuBackend {
             m.vcpus,
             PathBuf::from("kernel"),
             index_of(m, Kind::Initrd).map(|_| PathBuf::from("initrd")),
-            m.disk_indices().iter().map(|&i| dir.component_path(i)).collect(),
+            m.disk_indices()
+                .iter()
+                .map(|&i| dir.component_path(i))
+                .collect(),
             Vec::new(),
         )?;
         let offer = offer(&self.program)?;
-        if !offer.machine_types.iter().any(|t| *t == spec.machine_type) {
+        if !offer.machine_types.contains(&spec.machine_type) {
             return Err(Error::Unsupported(format!(
                 "{} needs QEMU machine type {}, which {} (QEMU {}.{}.{}) does not offer",
                 dir.path.display(),
@@ -367,7 +386,10 @@ impl QemuBackend {
                 (
                     Home::InPlace(dir.path.clone()),
                     dir.component_path(0),
-                    m.disk_indices().iter().map(|&i| dir.component_path(i)).collect(),
+                    m.disk_indices()
+                        .iter()
+                        .map(|&i| dir.component_path(i))
+                        .collect(),
                     dir.component_path(kernel_i),
                     initrd_i.map(|i| dir.component_path(i)),
                 )
@@ -377,7 +399,11 @@ impl QemuBackend {
                     copy_into(&dir.open_component(i)?, w, &m.file_name(i))
                 };
                 let memory = copy(0)?;
-                let disks = m.disk_indices().into_iter().map(copy).collect::<Result<Vec<_>>>()?;
+                let disks = m
+                    .disk_indices()
+                    .into_iter()
+                    .map(copy)
+                    .collect::<Result<Vec<_>>>()?;
                 let kernel = copy(kernel_i)?;
                 let initrd = initrd_i.map(copy).transpose()?;
                 (Home::Copy, memory, disks, kernel, initrd)
@@ -453,7 +479,8 @@ impl std::fmt::Debug for QemuMachine {
 }
 
 fn stat(f: &File, p: &Path) -> Result<std::fs::Metadata> {
-    f.metadata().map_err(|e| Error::io(format!("stat {}", p.display()), e))
+    f.metadata()
+        .map_err(|e| Error::io(format!("stat {}", p.display()), e))
 }
 
 fn open_checked(p: &Path) -> Result<File> {
@@ -498,7 +525,12 @@ impl QemuMachine {
         let cfg = self.vm.config().clone();
         let (mem, _) = self.vm.memory_file();
         let mut sources: Vec<(Kind, usize, PathBuf)> = vec![(Kind::Memory, 0, mem.to_path_buf())];
-        sources.extend(cfg.disks.iter().enumerate().map(|(i, d)| (Kind::Disk, i, d.clone())));
+        sources.extend(
+            cfg.disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (Kind::Disk, i, d.clone())),
+        );
         sources.push((Kind::Kernel, 0, cfg.kernel.clone()));
         if let Some(i) = &cfg.initrd {
             sources.push((Kind::Initrd, 0, i.clone()));
@@ -523,7 +555,11 @@ impl QemuMachine {
                 digest: [0; 32],
             });
         }
-        let state_len = stat(&open_checked(&dir.join(&state_name))?, &dir.join(&state_name))?.len();
+        let state_len = stat(
+            &open_checked(&dir.join(&state_name))?,
+            &dir.join(&state_name),
+        )?
+        .len();
         components.push(Component {
             kind: Kind::State,
             size: state_len,
@@ -692,7 +728,10 @@ mod tests {
             parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright"),
             Some((7, 2, 19))
         );
-        assert_eq!(parse_version("QEMU emulator version 10.0"), Some((10, 0, 0)));
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0"),
+            Some((10, 0, 0))
+        );
         assert_eq!(parse_version("version 7.2.19"), Some((7, 2, 19)));
         assert_eq!(parse_version("nothing"), None);
     }

@@ -122,9 +122,15 @@ impl MachineConfig {
             return bad(format!("{} vCPUs: 1 to 255", self.vcpus));
         }
         if self.cmdline.len() > 4096 || self.cmdline.chars().any(char::is_control) {
-            return bad("the kernel command line must be at most 4096 bytes without control characters".into());
+            return bad(
+                "the kernel command line must be at most 4096 bytes without control characters"
+                    .into(),
+            );
         }
-        for (what, s) in [("machine type", &self.machine_type), ("CPU model", &self.cpu)] {
+        for (what, s) in [
+            ("machine type", &self.machine_type),
+            ("CPU model", &self.cpu),
+        ] {
             if s.is_empty()
                 || !s
                     .bytes()
@@ -187,9 +193,8 @@ impl MachineConfig {
                 spec.backend
             )));
         }
-        let accel = Accel::parse(&spec.accel).ok_or_else(|| {
-            Error::Unsupported(format!("unknown accelerator {:?}", spec.accel))
-        })?;
+        let accel = Accel::parse(&spec.accel)
+            .ok_or_else(|| Error::Unsupported(format!("unknown accelerator {:?}", spec.accel)))?;
         let has_net = spec.devices.iter().any(|d| d == "virtio-net-pci:user");
         if !has_net && !forwards.is_empty() {
             return Err(Error::Unsupported(
@@ -224,7 +229,13 @@ impl MachineConfig {
         let mut a: Vec<OsString> = Vec::new();
         let mut arg = |s: OsString| a.push(s);
         let s = |x: &str| OsString::from(x);
-        for x in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
+        for x in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ] {
             arg(s(x));
         }
         arg(s("-machine"));
@@ -241,7 +252,10 @@ impl MachineConfig {
         arg(s(&format!("{}M", self.memory_size >> 20)));
         arg(s("-object"));
         arg(opt(
-            &format!("memory-backend-file,id=ram0,size={},mem-path=", self.memory_size),
+            &format!(
+                "memory-backend-file,id=ram0,size={},mem-path=",
+                self.memory_size
+            ),
             l.memory_file,
             if l.share { ",share=on" } else { ",share=off" },
         ));
@@ -283,7 +297,10 @@ impl MachineConfig {
                     std::net::IpAddr::V4(v4) => v4.to_string(),
                     std::net::IpAddr::V6(v6) => format!("[{v6}]"),
                 };
-                n.push_str(&format!(",hostfwd=tcp:{addr}:{}-:{}", f.host_port, f.guest_port));
+                n.push_str(&format!(
+                    ",hostfwd=tcp:{addr}:{}-:{}",
+                    f.host_port, f.guest_port
+                ));
             }
             arg(s("-netdev"));
             arg(s(&n));
@@ -338,7 +355,10 @@ mod tests {
             accel: Accel::Tcg,
             machine_type: DEFAULT_MACHINE_TYPE.into(),
             cpu: "qemu64".into(),
-            net: Some(vec!["8080:80".parse().unwrap(), "[::1]:2222:22".parse().unwrap()]),
+            net: Some(vec![
+                "8080:80".parse().unwrap(),
+                "[::1]:2222:22".parse().unwrap(),
+            ]),
         }
     }
 
@@ -392,7 +412,10 @@ mod tests {
         assert!(j.contains("accel=kvm"), "{j}");
         assert!(j.contains("mem-path=/v/memory.raw,share=off"), "{j}");
         assert!(j.ends_with("-S -incoming defer"), "{j}");
-        assert!(!j.contains("-initrd") && !j.contains("-netdev") && !j.contains("-drive"), "{j}");
+        assert!(
+            !j.contains("-initrd") && !j.contains("-netdev") && !j.contains("-drive"),
+            "{j}"
+        );
         // The command line is one argument however many spaces it has.
         assert!(a.iter().any(|x| x == DEFAULT_CMDLINE));
     }
@@ -417,11 +440,27 @@ mod tests {
         // Another device list, another backend, forwards without a NIC.
         let mut other = spec.clone();
         other.devices.push("virtio-rng-pci".into());
-        let e = MachineConfig::from_spec(&other, c.memory_size, 1, "/k".into(), None, c.disks.clone(), vec![]);
+        let e = MachineConfig::from_spec(
+            &other,
+            c.memory_size,
+            1,
+            "/k".into(),
+            None,
+            c.disks.clone(),
+            vec![],
+        );
         assert!(e.unwrap_err().to_string().contains("devices"));
         let mut other = spec.clone();
         other.backend = "microvm".into();
-        let e = MachineConfig::from_spec(&other, c.memory_size, 1, "/k".into(), None, c.disks.clone(), vec![]);
+        let e = MachineConfig::from_spec(
+            &other,
+            c.memory_size,
+            1,
+            "/k".into(),
+            None,
+            c.disks.clone(),
+            vec![],
+        );
         assert!(e.unwrap_err().to_string().contains("microvm"));
         let mut nonet = c.clone();
         nonet.net = None;

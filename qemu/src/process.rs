@@ -35,7 +35,12 @@ impl WorkDir {
         let prefix = std::env::temp_dir().join("kimberley-qemu-");
         kimberley_formats::sys::tempdir::create(&prefix)
             .map(WorkDir)
-            .map_err(|e| Error::io(format!("creating a directory under {}", prefix.display()), e))
+            .map_err(|e| {
+                Error::io(
+                    format!("creating a directory under {}", prefix.display()),
+                    e,
+                )
+            })
     }
 
     /// Where it is.
@@ -278,7 +283,10 @@ mod tests {
         )
         .unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("cannot start /nonexistent/qemu-system-x86_64"), "{s}");
+        assert!(
+            s.contains("cannot start /nonexistent/qemu-system-x86_64"),
+            "{s}"
+        );
         assert!(s.contains("apt-get install qemu-system-x86"), "{s}");
     }
 

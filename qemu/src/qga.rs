@@ -107,7 +107,8 @@ impl Qga {
             );
             req.push(b'\n');
             let round = (Instant::now() + SYNC_ROUND).min(deadline);
-            wire.send(&req, round).map_err(|e| io_err("resynchronising", e))?;
+            wire.send(&req, round)
+                .map_err(|e| io_err("resynchronising", e))?;
             let answered = loop {
                 let got = wire
                     .skip_past(0xFF, round, self.flag())
@@ -162,13 +163,14 @@ impl Qga {
             .map_err(|e| io_err(&format!("sending {command}"), e))?;
         loop {
             let mut o: Map<String, Value> =
-                wire.object(deadline, interrupt.as_deref()).map_err(|e| match e {
-                    WireError::Timeout => Error::Timeout {
-                        during: format!("guest agent command {command}"),
-                        timeout,
-                    },
-                    e => io_err(&format!("waiting for the answer to {command}"), e),
-                })?;
+                wire.object(deadline, interrupt.as_deref())
+                    .map_err(|e| match e {
+                        WireError::Timeout => Error::Timeout {
+                            during: format!("guest agent command {command}"),
+                            timeout,
+                        },
+                        e => io_err(&format!("waiting for the answer to {command}"), e),
+                    })?;
             if o.get("id").and_then(Value::as_u64) != Some(id) {
                 continue;
             }
@@ -208,7 +210,11 @@ impl Qga {
     }
 
     fn open(&mut self, path: &str, mode: &str) -> Result<i64> {
-        let h = self.execute("guest-file-open", json!({"path": path, "mode": mode}), COMMAND_TIMEOUT)?;
+        let h = self.execute(
+            "guest-file-open",
+            json!({"path": path, "mode": mode}),
+            COMMAND_TIMEOUT,
+        )?;
         h.as_i64().ok_or_else(|| Error::Protocol {
             during: "guest-file-open".into(),
             what: h.to_string(),
@@ -216,8 +222,12 @@ impl Qga {
     }
 
     fn close(&mut self, handle: i64) -> Result<()> {
-        self.execute("guest-file-close", json!({"handle": handle}), COMMAND_TIMEOUT)
-            .map(drop)
+        self.execute(
+            "guest-file-close",
+            json!({"handle": handle}),
+            COMMAND_TIMEOUT,
+        )
+        .map(drop)
     }
 
     /// Reads what `handle` has now (until a short read).
@@ -321,9 +331,7 @@ impl Qga {
             }
         };
         let status = loop {
-            if let Err(e) = self.drain(handle, &mut out) {
-                return Err(e);
-            }
+            self.drain(handle, &mut out)?;
             if let Some(s) = self.exit_status(pid)? {
                 break s;
             }

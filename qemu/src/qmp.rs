@@ -75,7 +75,12 @@ impl Qmp {
     }
 
     /// Runs `command` with `args` and returns its `return` value.
-    pub fn execute(&mut self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Value> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         self.execute_fd(command, args, None, timeout)
     }
 
@@ -153,7 +158,11 @@ impl Qmp {
         let v = self.execute("query-version", None, COMMAND_TIMEOUT)?;
         let n = |k: &str| v["qemu"][k].as_u64();
         match (n("major"), n("minor"), n("micro")) {
-            (Some(major), Some(minor), Some(micro)) => Ok(Version { major, minor, micro }),
+            (Some(major), Some(minor), Some(micro)) => Ok(Version {
+                major,
+                minor,
+                micro,
+            }),
             _ => Err(Error::Protocol {
                 during: "query-version".into(),
                 what: v.to_string(),
@@ -165,10 +174,13 @@ impl Qmp {
     /// `inmigrate`, `shutdown`, `internal-error`, `guest-panicked`...).
     pub fn status(&mut self) -> Result<String> {
         let v = self.execute("query-status", None, COMMAND_TIMEOUT)?;
-        v["status"].as_str().map(str::to_string).ok_or_else(|| Error::Protocol {
-            during: "query-status".into(),
-            what: v.to_string(),
-        })
+        v["status"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Protocol {
+                during: "query-status".into(),
+                what: v.to_string(),
+            })
     }
 
     /// `stop`: the vCPUs stop (in-flight I/O completed).
@@ -200,8 +212,12 @@ impl Qmp {
 
     /// `migrate-incoming` from `uri` (QEMU started with `-incoming defer`).
     pub fn migrate_incoming(&mut self, uri: &str) -> Result<()> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
-            .map(drop)
+        self.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": uri })),
+            COMMAND_TIMEOUT,
+        )
+        .map(drop)
     }
 
     /// Polls `query-migrate` until the migration completed (Ok), failed or

@@ -8,14 +8,24 @@ use std::io;
 pub(crate) fn die_with_parent() -> io::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
     // memory of ours; it is async-signal-safe, as pre_exec requires.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     // The parent may have died before the prctl: then we were reparented.
     // SAFETY: getppid has no arguments and cannot fail.
     if unsafe { libc::getppid() } == 1 {
-        return Err(io::Error::other("the parent died while QEMU was being started"));
+        return Err(io::Error::other(
+            "the parent died while QEMU was being started",
+        ));
     }
     Ok(())
 }

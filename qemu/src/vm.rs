@@ -172,9 +172,14 @@ impl Vm {
         vm.qmp.pass_fd("state", &state)?;
         drop(state);
         vm.qmp.migrate_incoming("fd:state")?;
-        let r = vm.qmp.wait_migration("restoring the device state", MIGRATION_TIMEOUT);
+        let r = vm
+            .qmp
+            .wait_migration("restoring the device state", MIGRATION_TIMEOUT);
         if let Err(e) = r {
-            return Err(vm.process.exit_error("restoring the device state").unwrap_or(e));
+            return Err(vm
+                .process
+                .exit_error("restoring the device state")
+                .unwrap_or(e));
         }
         vm.qmp.cont()?;
         vm.first_run = Some(Instant::now());

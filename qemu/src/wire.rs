@@ -223,16 +223,25 @@ mod tests {
     fn lines_objects_and_resync() {
         let (a, mut b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        let mut w = Wire { stream: a, buf: Vec::new() };
+        let mut w = Wire {
+            stream: a,
+            buf: Vec::new(),
+        };
         let t = || Instant::now() + Duration::from_secs(2);
-        b.write_all(b"junk\xff{\"x\":1}\r\nnot json\n{\"y\":2}\n").unwrap();
+        b.write_all(b"junk\xff{\"x\":1}\r\nnot json\n{\"y\":2}\n")
+            .unwrap();
         w.skip_past(0xff, t(), None).unwrap();
         assert_eq!(w.object(t(), None).unwrap()["x"], 1);
         assert_eq!(w.object(t(), None).unwrap()["y"], 2);
-        let e = w.line(Instant::now() + Duration::from_millis(50), None).unwrap_err();
+        let e = w
+            .line(Instant::now() + Duration::from_millis(50), None)
+            .unwrap_err();
         assert!(matches!(e, WireError::Timeout));
         let flag = AtomicBool::new(true);
-        assert!(matches!(w.line(t(), Some(&flag)).unwrap_err(), WireError::Interrupted));
+        assert!(matches!(
+            w.line(t(), Some(&flag)).unwrap_err(),
+            WireError::Interrupted
+        ));
         drop(b);
         assert!(matches!(w.line(t(), None).unwrap_err(), WireError::Closed));
     }
@@ -241,7 +250,10 @@ mod tests {
     fn an_endless_line_is_refused() {
         let (a, mut b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        let mut w = Wire { stream: a, buf: Vec::new() };
+        let mut w = Wire {
+            stream: a,
+            buf: Vec::new(),
+        };
         let h = std::thread::spawn(move || {
             let chunk = vec![b'a'; 1 << 20];
             for _ in 0..12 {
@@ -250,7 +262,9 @@ mod tests {
                 }
             }
         });
-        let e = w.line(Instant::now() + Duration::from_secs(10), None).unwrap_err();
+        let e = w
+            .line(Instant::now() + Duration::from_secs(10), None)
+            .unwrap_err();
         assert!(matches!(e, WireError::TooLong), "{e}");
         drop(w);
         h.join().unwrap();

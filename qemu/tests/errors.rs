@@ -52,9 +52,21 @@ fn a_missing_qemu_is_named() {
     )
     .unwrap_err();
     let s = e.to_string();
-    assert!(s.contains("cannot start /nonexistent/qemu-system-x86_64"), "{s}");
+    assert!(
+        s.contains("cannot start /nonexistent/qemu-system-x86_64"),
+        "{s}"
+    );
     let m = kimberley_machine::Error::from(e);
-    assert!(matches!(m, kimberley_machine::Error::Backend { backend: "qemu", .. }), "{m}");
+    assert!(
+        matches!(
+            m,
+            kimberley_machine::Error::Backend {
+                backend: "qemu",
+                ..
+            }
+        ),
+        "{m}"
+    );
 }
 
 #[test]

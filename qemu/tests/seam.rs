@@ -49,9 +49,18 @@ fn base_build_run_through_the_seam() {
     let mut cfg = BootConfig::new(&a.kernel, Some(a.initrd.clone()));
     cfg.accel = AccelChoice::Auto;
     let disk = t.path().join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     cfg.disks = vec![disk];
-    let booted = boot(&cfg, VmDirWriter::create(&t.path().join("base")).unwrap(), "base", Duration::from_secs(60)).unwrap();
+    let booted = boot(
+        &cfg,
+        VmDirWriter::create(&t.path().join("base")).unwrap(),
+        "base",
+        Duration::from_secs(60),
+    )
+    .unwrap();
     eprintln!(
         "base: {:?} ({}), booted in {:?}, suspended in {:?}",
         booted.accel, booted.accel_reason, booted.boot_time, booted.suspend_time
@@ -59,16 +68,33 @@ fn base_build_run_through_the_seam() {
     let base = VmDir::open(&booted.dir).unwrap();
     base.verify().unwrap();
     let spec = base.manifest.machine.as_deref().unwrap().clone();
-    assert_eq!((spec.backend.as_str(), spec.machine_type.as_str()), ("qemu", "pc-i440fx-7.2"));
-    assert!(spec.version.starts_with("7.") || spec.version.contains('.'), "{spec:?}");
+    assert_eq!(
+        (spec.backend.as_str(), spec.machine_type.as_str()),
+        ("qemu", "pc-i440fx-7.2")
+    );
+    assert!(
+        spec.version.starts_with("7.") || spec.version.contains('.'),
+        "{spec:?}"
+    );
     let kinds: Vec<Kind> = base.manifest.components.iter().map(|c| c.kind).collect();
-    assert_eq!(kinds, [Kind::Memory, Kind::Disk, Kind::Kernel, Kind::Initrd, Kind::State]);
+    assert_eq!(
+        kinds,
+        [
+            Kind::Memory,
+            Kind::Disk,
+            Kind::Kernel,
+            Kind::Initrd,
+            Kind::State
+        ]
+    );
     let backend = QemuBackend::default();
     backend.check(&base).unwrap();
 
     // build: run on copies in a new directory, suspend into it.
     let w = VmDirWriter::create(&t.path().join("launch")).unwrap();
-    let mut m = backend.restore(&base, RestoreOptions::copy_into(&w)).unwrap();
+    let mut m = backend
+        .restore(&base, RestoreOptions::copy_into(&w))
+        .unwrap();
     m.agent().ping(Duration::from_secs(30)).unwrap();
     let token = common::token();
     run(
@@ -94,11 +120,19 @@ fn base_build_run_through_the_seam() {
 
     // run: in place, then suspend in place.
     let t1 = Instant::now();
-    let mut m = backend.restore(&launch, RestoreOptions::in_place()).unwrap();
+    let mut m = backend
+        .restore(&launch, RestoreOptions::in_place())
+        .unwrap();
     m.agent().ping(Duration::from_secs(30)).unwrap();
-    eprintln!("in-place restore to the agent's first answer: {:?}", t1.elapsed());
-    assert_eq!(run(m.as_mut(), "cat /tmp/file"), [token.clone()]);
-    assert_eq!(run(m.as_mut(), "head -c 12 /dev/vda"), [token[..12].to_string()]);
+    eprintln!(
+        "in-place restore to the agent's first answer: {:?}",
+        t1.elapsed()
+    );
+    assert_eq!(run(m.as_mut(), "cat /tmp/file"), [token.as_str()]);
+    assert_eq!(
+        run(m.as_mut(), "head -c 12 /dev/vda"),
+        [token[..12].to_string()]
+    );
     let c2 = count(m.as_mut());
     assert!(c2 >= c1 && c2 < c1 + 50, "{c1} -> {c2}");
     run(m.as_mut(), "echo second > /tmp/file2");
@@ -109,7 +143,9 @@ fn base_build_run_through_the_seam() {
     launch.verify().unwrap();
 
     // A snapshot of a machine that keeps running elsewhere: copies.
-    let mut m = backend.restore(&launch, RestoreOptions::in_place()).unwrap();
+    let mut m = backend
+        .restore(&launch, RestoreOptions::in_place())
+        .unwrap();
     assert_eq!(run(m.as_mut(), "cat /tmp/file2"), ["second"]);
     let snap = m
         .suspend_into(VmDirWriter::create(&t.path().join("snap")).unwrap(), "snap")
@@ -122,10 +158,13 @@ fn base_build_run_through_the_seam() {
 
     // Forwards need a NIC.
     let e = backend
-        .restore(&VmDir::open(&snap).unwrap(), RestoreOptions {
-            forwards: vec!["18080:80".parse().unwrap()],
-            ..RestoreOptions::in_place()
-        })
+        .restore(
+            &VmDir::open(&snap).unwrap(),
+            RestoreOptions {
+                forwards: vec!["18080:80".parse().unwrap()],
+                ..RestoreOptions::in_place()
+            },
+        )
         .err()
         .unwrap();
     assert!(e.to_string().contains("no network card"), "{e}");
@@ -139,7 +178,10 @@ fn base_build_run_through_the_seam() {
         s.machine_type = "pc-i440fx-7.2".into();
         s.accel = "kvm".into();
     });
-    if kimberley_qemu::accel::HostFacts::probe().kvm_runs_linux().is_err() {
+    if kimberley_qemu::accel::HostFacts::probe()
+        .kvm_runs_linux()
+        .is_err()
+    {
         let e = backend.check(&VmDir::open(&snap).unwrap()).unwrap_err();
         assert!(e.to_string().contains("KVM"), "{e}");
     }

@@ -23,14 +23,23 @@ fn suspend_and_resume_times() {
         let mut cfg = BootConfig::new(&a.kernel, Some(a.initrd.clone()));
         cfg.memory_size = size;
         let dir = t.path().join(format!("vm-{size}"));
-        let b = boot(&cfg, VmDirWriter::create(&dir).unwrap(), "timing", Duration::from_secs(60)).unwrap();
+        let b = boot(
+            &cfg,
+            VmDirWriter::create(&dir).unwrap(),
+            "timing",
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let vm = VmDir::open(&b.dir).unwrap();
         let t0 = Instant::now();
         let mut m = backend.restore(&vm, RestoreOptions::in_place()).unwrap();
         let restored = t0.elapsed();
         m.agent().ping(Duration::from_secs(30)).unwrap();
         let resume = t0.elapsed();
-        let o = m.agent().run_script("echo x > /tmp/x", &mut |_| {}, Duration::from_secs(30)).unwrap();
+        let o = m
+            .agent()
+            .run_script("echo x > /tmp/x", &mut |_| {}, Duration::from_secs(30))
+            .unwrap();
         assert_eq!(o.status, 0);
         let t1 = Instant::now();
         m.pause().unwrap();

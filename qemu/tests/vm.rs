@@ -75,7 +75,10 @@ fn boot_run_suspend_and_restore_from_the_files() {
     assert_eq!(o.lines.len(), 3, "{:?}", o.lines);
     assert_eq!(o.lines[0], "hello");
     assert!(o.lines[1].contains("cloud-amd64"), "{:?}", o.lines);
-    assert_eq!(seen.iter().map(|s| s.1.clone()).collect::<Vec<_>>(), o.lines);
+    assert_eq!(
+        seen.iter().map(|s| s.1.clone()).collect::<Vec<_>>(),
+        o.lines
+    );
     assert!(
         end - seen[0].0 >= Duration::from_millis(700),
         "the first line came only at the end ({:?} after the start, script took {:?})",
@@ -110,7 +113,10 @@ fn boot_run_suspend_and_restore_from_the_files() {
     eprintln!("suspended (stop + device state) in {suspend:?}, state {state_len} bytes");
     assert!((50_000..16 << 20).contains(&state_len), "{state_len}");
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), 256 << 20);
-    assert!(common::file_contains(&mem, marker.as_bytes()), "the marker is not in memory.raw");
+    assert!(
+        common::file_contains(&mem, marker.as_bytes()),
+        "the marker is not in memory.raw"
+    );
 
     // Restore from the files, memory mapped privately: the file stays as it is.
     let before = std::fs::read(&mem).unwrap();
@@ -123,7 +129,10 @@ fn boot_run_suspend_and_restore_from_the_files() {
     assert_eq!((s, l), (0, vec!["kept".to_string(), marker.clone()]));
     let c2 = counter(&mut vm);
     assert!(c2 >= c1, "the counter went back: {c1} -> {c2}");
-    assert!(c2 < c1 + 50, "the counter restarted or jumped: {c1} -> {c2}");
+    assert!(
+        c2 < c1 + 50,
+        "the counter restarted or jumped: {c1} -> {c2}"
+    );
     std::thread::sleep(Duration::from_millis(800));
     let c3 = counter(&mut vm);
     assert!(c3 > c2, "the counter stopped: {c2} -> {c3}");
@@ -131,7 +140,10 @@ fn boot_run_suspend_and_restore_from_the_files() {
     let e = vm.save_state_to(&t.path().join("state2.bin")).unwrap_err();
     assert!(e.to_string().contains("privately"), "{e}");
     vm.quit().unwrap();
-    assert!(std::fs::read(&mem).unwrap() == before, "a private restore changed memory.raw");
+    assert!(
+        std::fs::read(&mem).unwrap() == before,
+        "a private restore changed memory.raw"
+    );
 }
 
 #[test]
@@ -142,7 +154,14 @@ fn failing_and_hanging_scripts() {
     let a = common::artifacts();
     let _slot = common::qemu_slot();
     let t = tempfile::tempdir().unwrap();
-    let mut vm = Vm::boot(Path::new(QEMU), &config(&a, 256 << 20), &t.path().join("m"), BOOT, None).unwrap();
+    let mut vm = Vm::boot(
+        Path::new(QEMU),
+        &config(&a, 256 << 20),
+        &t.path().join("m"),
+        BOOT,
+        None,
+    )
+    .unwrap();
     let o = vm
         .agent()
         .exec("echo out; echo err >&2; exit 3", &mut |_| {}, SCRIPT)
@@ -156,10 +175,18 @@ fn failing_and_hanging_scripts() {
     let start = Instant::now();
     let e = vm
         .agent()
-        .exec("echo started; sleep 1234 & sleep 4321", &mut |_| {}, Duration::from_secs(2))
+        .exec(
+            "echo started; sleep 1234 & sleep 4321",
+            &mut |_| {},
+            Duration::from_secs(2),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::ScriptTimeout(_)), "{e}");
-    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
     let (s, l) = run(&mut vm, "ps -o args | grep -c '^sleep [14]' || true");
     assert_eq!((s, l), (0, vec!["0".to_string()]));
     let m = kimberley_machine::Error::from(e);
