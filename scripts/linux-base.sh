@@ -55,13 +55,21 @@ build_artifacts() {
     busybox --list | grep -qx modprobe || die "$bb is not busybox-static (no modprobe applet)"
 
     # The versioned kernel package the meta package depends on (local apt
-    # cache: no network when the artifacts are current).
-    local kpkg
-    kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    [[ -n $kpkg ]] || die "linux-image-cloud-amd64 is unknown to apt (apt-get update?)"
-    local kver_pkg
-    kver_pkg=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
+    # cache: no network when the artifacts are current). Another apt run
+    # may be rebuilding the cache: try again, then keep what was built.
+    local kpkg= kver_pkg= try
+    for try in 1 2 3; do
+        kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+            awk '/Depends: linux-image-[0-9]/ {print $2; exit}') || true
+        [[ -n $kpkg ]] && kver_pkg=$(apt-cache policy "$kpkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        [[ -n $kver_pkg ]] && break
+        sleep 1
+    done
+    if [[ -z $kver_pkg && -f $dir/stamp ]]; then
+        read -r kpkg kver_pkg _ <"$dir/stamp"
+        echo "linux-base.sh: apt-cache did not answer; keeping $kpkg $kver_pkg" >&2
+    fi
+    [[ -n $kpkg && -n $kver_pkg ]] || die "linux-image-cloud-amd64 is unknown to apt (apt-get update?)"
 
     local stamp
     stamp="$kpkg $kver_pkg $(sha256sum "$bb" /usr/sbin/qemu-ga "$SELF" | cut -c1-16 | tr '\n' ' ')"

@@ -352,6 +352,11 @@ impl Vm {
         self.paused
     }
 
+    /// Why the guest stopped, as last seen (without looking again).
+    pub fn exited_as_seen(&self) -> Option<String> {
+        self.exited.clone()
+    }
+
     /// Why the guest stopped, if it did.
     pub fn exited(&mut self) -> Option<String> {
         if self.exited.is_none() {

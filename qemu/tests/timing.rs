@@ -31,6 +31,10 @@ fn suspend_and_resume_times() {
         )
         .unwrap();
         let vm = VmDir::open(&b.dir).unwrap();
+        // The first check asks QEMU what it offers (then cached).
+        let tc = Instant::now();
+        backend.check(&vm).unwrap();
+        let check = tc.elapsed();
         let t0 = Instant::now();
         let mut m = backend.restore(&vm, RestoreOptions::in_place()).unwrap();
         let restored = t0.elapsed();
@@ -48,8 +52,9 @@ fn suspend_and_resume_times() {
         drop(m);
         VmDir::open(&b.dir).unwrap().verify().unwrap();
         eprintln!(
-            "TIMING {label}: boot {:?}; suspend after boot {:?}; restore (cont) {restored:?}, \
-             to the agent's first answer {resume:?}; suspend in place (pause to committed) {suspend:?}",
+            "TIMING {label}: boot {:?}; suspend after boot {:?}; check {check:?}; restore (cont) \
+             {restored:?}, to the agent's first answer {resume:?}; suspend in place (pause to \
+             committed) {suspend:?}",
             b.boot_time, b.suspend_time
         );
     }
