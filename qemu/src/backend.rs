@@ -670,7 +670,12 @@ impl QemuMachine {
 
     fn guest_error(&mut self, e: Error) -> Error {
         match e {
-            e @ (Error::AgentIo { .. } | Error::Timeout { .. }) => match self.vm.exited() {
+            // The connection closed: QEMU may be on its way out.
+            e @ Error::AgentIo { .. } => match self.vm.exited_within(Duration::from_secs(3)) {
+                Some(why) => Error::GuestStopped(why),
+                None => e,
+            },
+            e @ Error::Timeout { .. } => match self.vm.exited() {
                 Some(why) => Error::GuestStopped(why),
                 None => e,
             },

@@ -307,6 +307,8 @@ impl Vm {
                             e => e,
                         });
                     }
+                    // A refused connection fails at once: do not spin.
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
@@ -355,6 +357,13 @@ impl Vm {
     /// Why the guest stopped, as last seen (without looking again).
     pub fn exited_as_seen(&self) -> Option<String> {
         self.exited.clone()
+    }
+
+    /// Why the guest stopped, if QEMU exits within `wait` (a closed agent
+    /// connection: QEMU may be ending).
+    pub fn exited_within(&mut self, wait: Duration) -> Option<String> {
+        self.process.wait_exit(wait);
+        self.exited()
     }
 
     /// Why the guest stopped, if it did.

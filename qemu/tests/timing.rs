@@ -40,10 +40,12 @@ fn suspend_and_resume_times() {
         let restored = t0.elapsed();
         m.agent().ping(Duration::from_secs(30)).unwrap();
         let resume = t0.elapsed();
+        let ts = Instant::now();
         let o = m
             .agent()
             .run_script("echo x > /tmp/x", &mut |_| {}, Duration::from_secs(30))
             .unwrap();
+        let script = ts.elapsed();
         assert_eq!(o.status, 0);
         let t1 = Instant::now();
         m.pause().unwrap();
@@ -53,8 +55,8 @@ fn suspend_and_resume_times() {
         VmDir::open(&b.dir).unwrap().verify().unwrap();
         eprintln!(
             "TIMING {label}: boot {:?}; suspend after boot {:?}; check {check:?}; restore (cont) \
-             {restored:?}, to the agent's first answer {resume:?}; suspend in place (pause to \
-             committed) {suspend:?}",
+             {restored:?}, to the agent's first answer {resume:?}; a one-line script {script:?}; suspend in place \
+             (pause to committed) {suspend:?}",
             b.boot_time, b.suspend_time
         );
     }
