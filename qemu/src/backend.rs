@@ -308,6 +308,10 @@ fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// Restores QEMU VM directories (manifest version 2, backend `qemu`).
+///
+/// QEMU is killed when the *thread* that started it ends
+/// (`PR_SET_PDEATHSIG`): restore on a thread that outlives the machine
+/// (the main thread, say), not on a short-lived worker.
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
     /// The QEMU program (default: `qemu-system-x86_64` from `PATH`).
