@@ -54,18 +54,36 @@ build_artifacts() {
     bb=$(command -v busybox)
     busybox --list | grep -qx modprobe || die "$bb is not busybox-static (no modprobe applet)"
 
-    # The versioned kernel package the meta package depends on (local apt
-    # cache: no network when the artifacts are current).
-    local kpkg
-    kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    [[ -n $kpkg ]] || die "linux-image-cloud-amd64 is unknown to apt (apt-get update?)"
-    local kver_pkg
-    kver_pkg=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
+    # Fast path: nothing changed since the last build, apt's package lists
+    # included (asking apt-cache takes seconds).
+    local files quick
+    files=$(sha256sum "$bb" /usr/sbin/qemu-ga "$SELF" | cut -c1-16 | tr '\n' ' ')
+    quick="$files $(ls -l --time-style=+%s /var/lib/apt/lists/ 2>/dev/null | sha256sum | cut -c1-16)"
+    if [[ -f $dir/vmlinuz && -f $dir/initrd.cpio.gz && -f $dir/stamp &&
+        "$(cat "$dir/quick-stamp" 2>/dev/null)" == "$quick" ]]; then
+        return 0
+    fi
 
-    local stamp
-    stamp="$kpkg $kver_pkg $(sha256sum "$bb" /usr/sbin/qemu-ga "$SELF" | cut -c1-16 | tr '\n' ' ')"
+    # The versioned kernel package the meta package depends on (local apt
+    # cache: no network when the artifacts are current). Another apt run
+    # may be rebuilding the cache: try again, then keep what was built.
+    local kpkg= kver_pkg= try
+    for try in 1 2 3; do
+        kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+            awk '/Depends: linux-image-[0-9]/ {print $2; exit}') || true
+        [[ -n $kpkg ]] && kver_pkg=$(apt-cache policy "$kpkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        [[ -n $kver_pkg ]] && break
+        sleep 1
+    done
+    if [[ -z $kver_pkg && -f $dir/stamp ]]; then
+        read -r kpkg kver_pkg _ <"$dir/stamp"
+        echo "linux-base.sh: apt-cache did not answer; keeping $kpkg $kver_pkg" >&2
+    fi
+    [[ -n $kpkg && -n $kver_pkg ]] || die "linux-image-cloud-amd64 is unknown to apt (apt-get update?)"
+
+    local stamp="$kpkg $kver_pkg $files"
     if [[ -f $dir/vmlinuz && -f $dir/initrd.cpio.gz && "$(cat "$dir/stamp" 2>/dev/null)" == "$stamp" ]]; then
+        echo "$quick" >"$dir/quick-stamp"
         return 0
     fi
     echo "linux-base.sh: building $dir ($kpkg $kver_pkg)" >&2
@@ -204,6 +222,7 @@ EOF
     mv -f "$work/initrd.cpio.gz" "$dir/initrd.cpio.gz"
     echo "$kver" >"$dir/kernel-release"
     echo "$stamp" >"$dir/stamp"
+    echo "$quick" >"$dir/quick-stamp"
     rm -rf "$work"
     trap - EXIT
 }

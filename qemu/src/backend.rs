@@ -22,7 +22,7 @@ use kimberley_machine::{
 use crate::accel::{self, AccelChoice};
 use crate::config::{Accel, MachineConfig, DEFAULT_CMDLINE, DEFAULT_MACHINE_TYPE, QEMU};
 use crate::error::{Error, Result};
-use crate::vm::Vm;
+use crate::vm::{Files, Vm};
 use crate::BACKEND;
 
 type MResult<T> = kimberley_machine::Result<T>;
@@ -101,17 +101,31 @@ pub fn boot(cfg: &BootConfig, w: VmDirWriter, name: &str, timeout: Duration) -> 
         .map(|p| open_src(p, "initrd"))
         .transpose()?;
     let mut disks = Vec::new();
+    let mut disk_files = Vec::new();
     for (i, src) in cfg.disks.iter().enumerate() {
         let name = file_name(Kind::Disk, i);
-        import_disk(&cfg.program, src, &w, &name)?;
+        disk_files.push(import_disk(&cfg.program, src, &w, &name)?);
         disks.push(dir.join(name));
     }
-    let kernel = copy_into(&kernel_src, &w, &file_name(Kind::Kernel, 0))?;
-    let initrd = initrd_src
-        .map(|f| copy_into(&f, &w, &file_name(Kind::Initrd, 0)))
-        .transpose()?;
+    let (kernel, kernel_file) = copy_into(&kernel_src, &w, &file_name(Kind::Kernel, 0))?;
+    let (initrd, initrd_file) = match initrd_src {
+        Some(f) => {
+            let (p, f) = copy_into(&f, &w, &file_name(Kind::Initrd, 0))?;
+            (Some(p), Some(f))
+        }
+        None => (None, None),
+    };
     let mem = dir.join(file_name(Kind::Memory, 0));
-    w.create_file(&file_name(Kind::Memory, 0))?;
+    let memory = w.create_file(&file_name(Kind::Memory, 0))?;
+    memory
+        .set_len(cfg.memory_size)
+        .map_err(|e| Error::io(format!("sizing {}", mem.display()), e))?;
+    let files = Files {
+        memory,
+        kernel: kernel_file,
+        initrd: initrd_file,
+        disks: disk_files,
+    };
     let mcfg = MachineConfig {
         kernel,
         initrd,
@@ -125,7 +139,8 @@ pub fn boot(cfg: &BootConfig, w: VmDirWriter, name: &str, timeout: Duration) -> 
         net: cfg.net.then(Vec::new),
     };
     let t0 = Instant::now();
-    let vm = Vm::boot(&cfg.program, &mcfg, &mem, timeout, None)?;
+    mcfg.validate()?;
+    let vm = Vm::boot_files(&cfg.program, &mcfg, files, &mem, timeout, None)?;
     let boot_time = t0.elapsed();
     let mut m = QemuMachine::new(vm, cfg.program.clone(), Home::Booted);
     let t1 = Instant::now();
@@ -141,30 +156,31 @@ pub fn boot(cfg: &BootConfig, w: VmDirWriter, name: &str, timeout: Duration) -> 
     })
 }
 
-/// Copies `src` (sparse) into `w` as `name`; returns its path.
-fn copy_into(src: &File, w: &VmDirWriter, name: &str) -> Result<PathBuf> {
+/// Copies `src` (sparse) into `w` as `name`; returns its path and the
+/// new file.
+fn copy_into(src: &File, w: &VmDirWriter, name: &str) -> Result<(PathBuf, File)> {
     let len = src
         .metadata()
         .map_err(|e| Error::io(format!("stat for {name}"), e))?
         .len();
     let dst = w.create_file(name)?;
     copy_sparse(src, len, &dst, |_, _| Ok(()))?;
-    Ok(w.path().join(name))
+    Ok((w.path().join(name), dst))
 }
 
 /// The qcow2 magic.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
-/// Copies a raw disk image into `w` as `name`, or converts a qcow2 one.
-fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Result<()> {
+/// Copies a raw disk image into `w` as `name`, or converts a qcow2 one;
+/// returns the new file.
+fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Result<File> {
     use std::os::unix::fs::FileExt;
     let f = open_regular(src, false)
         .map_err(|e| Error::Config(format!("disk {}: {e}", src.display())))?;
     let mut magic = [0u8; 4];
     let n = f.read_at(&mut magic, 0).unwrap_or(0);
     if n < 4 || &magic != QCOW2_MAGIC {
-        copy_into(&f, w, name)?;
-        return Ok(());
+        return Ok(copy_into(&f, w, name)?.1);
     }
     // qemu-img beside the QEMU program, or from PATH.
     let img = program
@@ -217,7 +233,7 @@ fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Resul
         src.as_os_str(),
         dpath.as_os_str(),
     ])?;
-    Ok(())
+    Ok(dst)
 }
 
 /// What one QEMU program offers, asked once per program.
@@ -233,14 +249,26 @@ fn offer(program: &Path) -> Result<Offer> {
     if let Some(o) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(program) {
         return Ok(o.clone());
     }
-    let run = |args: &[&str]| -> Result<String> {
-        let o = Command::new(program)
+    // Both questions at once: each is a QEMU start (about 50 ms).
+    let spawn = |args: &'static [&'static str]| {
+        Command::new(program)
             .args(args)
-            .output()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map(|c| (args, c))
             .map_err(|source| Error::Spawn {
                 program: program.display().to_string(),
                 source,
-            })?;
+            })
+    };
+    let version_child = spawn(&["--version"])?;
+    let machines_child = spawn(&["-machine", "help"])?;
+    let run = |(args, child): (&[&str], std::process::Child)| -> Result<String> {
+        let o = child
+            .wait_with_output()
+            .map_err(|e| Error::io(format!("waiting for {}", program.display()), e))?;
         if !o.status.success() {
             return Err(Error::Config(format!(
                 "{} {}: {}",
@@ -251,12 +279,12 @@ fn offer(program: &Path) -> Result<Offer> {
         }
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     };
-    let v = run(&["--version"])?;
+    let v = run(version_child)?;
     let version = parse_version(&v).ok_or_else(|| Error::Protocol {
         during: format!("{} --version", program.display()),
         what: v.lines().next().unwrap_or("").to_string(),
     })?;
-    let machine_types = run(&["-machine", "help"])?
+    let machine_types = run(machines_child)?
         .lines()
         .skip(1)
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
@@ -280,6 +308,10 @@ fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// Restores QEMU VM directories (manifest version 2, backend `qemu`).
+///
+/// QEMU is killed when the *thread* that started it ends
+/// (`PR_SET_PDEATHSIG`): restore on a thread that outlives the machine
+/// (the main thread, say), not on a short-lived worker.
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
     /// The QEMU program (default: `qemu-system-x86_64` from `PATH`).
@@ -343,7 +375,7 @@ impl QemuBackend {
             Vec::new(),
         )?;
         let offer = offer(&self.program)?;
-        if !offer.machine_types.iter().any(|t| *t == spec.machine_type) {
+        if !offer.machine_types.contains(&spec.machine_type) {
             return Err(Error::Unsupported(format!(
                 "{} needs QEMU machine type {}, which {} (QEMU {}.{}.{}) does not offer",
                 dir.path.display(),
@@ -377,12 +409,20 @@ impl QemuBackend {
         let state = dir.open_component(state_i)?;
         let kernel_i = index_of(m, Kind::Kernel).expect("checked");
         let initrd_i = index_of(m, Kind::Initrd);
-        let (home, memory, disks, kernel, initrd) = match opts.placement {
+        // QEMU runs on the files opened and checked here (and by
+        // `VmDir::open`), handed to it as descriptors.
+        let (home, memory, disks, kernel, initrd, files) = match opts.placement {
             Placement::InPlace => {
-                // Run the disks only if they are still the files checked.
-                for &i in &m.disk_indices() {
-                    dir.open_component_rw(i)?;
-                }
+                let files = Files {
+                    memory: dir.open_component_rw(0)?,
+                    kernel: dir.open_component(kernel_i)?,
+                    initrd: initrd_i.map(|i| dir.open_component(i)).transpose()?,
+                    disks: m
+                        .disk_indices()
+                        .iter()
+                        .map(|&i| dir.open_component_rw(i))
+                        .collect::<kimberley_formats::Result<Vec<_>>>()?,
+                };
                 (
                     Home::InPlace(dir.path.clone()),
                     dir.component_path(0),
@@ -392,21 +432,33 @@ impl QemuBackend {
                         .collect(),
                     dir.component_path(kernel_i),
                     initrd_i.map(|i| dir.component_path(i)),
+                    files,
                 )
             }
             Placement::CopyInto(w) => {
-                let copy = |i: usize| -> Result<PathBuf> {
+                let copy = |i: usize| -> Result<(PathBuf, File)> {
                     copy_into(&dir.open_component(i)?, w, &m.file_name(i))
                 };
-                let memory = copy(0)?;
-                let disks = m
+                let (memory, memory_file) = copy(0)?;
+                let (disks, disk_files): (Vec<_>, Vec<_>) = m
                     .disk_indices()
                     .into_iter()
                     .map(copy)
-                    .collect::<Result<Vec<_>>>()?;
-                let kernel = copy(kernel_i)?;
-                let initrd = initrd_i.map(copy).transpose()?;
-                (Home::Copy, memory, disks, kernel, initrd)
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .unzip();
+                let (kernel, kernel_file) = copy(kernel_i)?;
+                let (initrd, initrd_file) = match initrd_i.map(copy).transpose()? {
+                    Some((p, f)) => (Some(p), Some(f)),
+                    None => (None, None),
+                };
+                let files = Files {
+                    memory: memory_file,
+                    kernel: kernel_file,
+                    initrd: initrd_file,
+                    disks: disk_files,
+                };
+                (Home::Copy, memory, disks, kernel, initrd, files)
             }
         };
         let cfg = MachineConfig::from_spec(
@@ -418,7 +470,7 @@ impl QemuBackend {
             disks,
             opts.forwards,
         )?;
-        let vm = Vm::restore(&self.program, &cfg, &memory, true, &state, None)?;
+        let vm = Vm::restore_files(&self.program, &cfg, files, &memory, true, &state, None)?;
         Ok(QemuMachine::new(vm, self.program.clone(), home))
     }
 }
@@ -622,7 +674,12 @@ impl QemuMachine {
 
     fn guest_error(&mut self, e: Error) -> Error {
         match e {
-            e @ (Error::AgentIo { .. } | Error::Timeout { .. }) => match self.vm.exited() {
+            // The connection closed: QEMU may be on its way out.
+            e @ Error::AgentIo { .. } => match self.vm.exited_within(Duration::from_secs(3)) {
+                Some(why) => Error::GuestStopped(why),
+                None => e,
+            },
+            e @ Error::Timeout { .. } => match self.vm.exited() {
                 Some(why) => Error::GuestStopped(why),
                 None => e,
             },
@@ -671,7 +728,7 @@ impl Machine for QemuMachine {
             disks: cfg.disks.clone(),
             uptime: self.vm.uptime(),
             ready: self.vm.is_ready(),
-            exited: None,
+            exited: self.vm.exited_as_seen(),
         }
     }
 

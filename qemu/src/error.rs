@@ -33,8 +33,9 @@ pub enum Error {
         /// Its stderr and the serial console's last lines.
         log: String,
     },
-    /// The guest did not boot far enough for its agent to answer.
-    #[error("booting: the guest agent did not answer within {timeout:?}{}", tail(.log))]
+    /// The guest did not boot (or resume) far enough for its agent to
+    /// answer.
+    #[error("the guest agent did not answer within {timeout:?}{}", tail(.log))]
     Boot {
         /// The boot timeout.
         timeout: Duration,
@@ -144,7 +145,9 @@ impl From<Error> for kimberley_machine::Error {
         match e {
             Error::VmDir(f) => M::VmDir(f),
             Error::Interrupted => M::Interrupted,
-            Error::ScriptTimeout(t) | Error::Timeout { timeout: t, .. } => M::Timeout(t),
+            Error::ScriptTimeout(t)
+            | Error::Timeout { timeout: t, .. }
+            | Error::Boot { timeout: t, .. } => M::Timeout(t),
             e @ (Error::GuestStopped(_) | Error::Exited { .. }) => M::GuestStopped(e.to_string()),
             Error::Unsupported(s) => M::Unsupported(s),
             other => M::Backend {

@@ -22,6 +22,8 @@ const MAX_PENDING_LINES: usize = 10_000;
 const MAX_LINE: usize = 4096;
 /// Console lines kept for error messages.
 const TAIL_LINES: usize = 30;
+/// QEMU's stderr lines shown in error messages.
+const STDERR_LINES: usize = 8;
 /// QEMU's stderr kept for error messages.
 const MAX_STDERR: usize = 16 << 10;
 
@@ -111,18 +113,28 @@ impl QemuProcess {
     /// Starts `program` with `args` in `work` (stdin from /dev/null, the
     /// serial console on stdout), in its own process group, killed when
     /// the thread that started it dies.
-    pub fn spawn(program: &Path, args: &[OsString], work: WorkDir) -> Result<QemuProcess> {
+    /// The descriptors `keep` stay open in QEMU, at the same numbers.
+    pub fn spawn(
+        program: &Path,
+        args: &[OsString],
+        keep: &[std::os::unix::io::RawFd],
+        work: WorkDir,
+    ) -> Result<QemuProcess> {
         let mut cmd = Command::new(program);
         cmd.args(args)
             .current_dir(work.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let keep = keep.to_vec();
         // SAFETY: the closure only makes async-signal-safe syscalls
-        // (setpgid, prctl, getppid) and allocates nothing.
+        // (setpgid, prctl, getppid, fcntl) and allocates nothing.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 sys::own_process_group()?;
+                for &fd in &keep {
+                    sys::keep_across_exec(fd)?;
+                }
                 sys::die_with_parent()
             });
         }
@@ -216,10 +228,20 @@ impl QemuProcess {
         c.pending.drain(..).collect()
     }
 
-    /// QEMU's stderr and the console's last lines, for error messages.
+    /// QEMU's stderr (its first lines) and the console's last lines, for
+    /// error messages.
     pub fn log_tail(&self) -> String {
-        let mut s = String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner()))
+        let mut s = String::new();
+        let err = String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner()))
             .into_owned();
+        let n = err.lines().count();
+        for l in err.lines().take(STDERR_LINES) {
+            s.push_str(l);
+            s.push('\n');
+        }
+        if n > STDERR_LINES {
+            s.push_str(&format!("({} more lines from QEMU)\n", n - STDERR_LINES));
+        }
         let c = self.console.lock().unwrap_or_else(|p| p.into_inner());
         for l in c.tail.iter() {
             s.push_str(l);
@@ -279,6 +301,7 @@ mod tests {
         let e = QemuProcess::spawn(
             Path::new("/nonexistent/qemu-system-x86_64"),
             &[],
+            &[],
             WorkDir::new().unwrap(),
         )
         .unwrap_err();
@@ -295,6 +318,7 @@ mod tests {
         let p = QemuProcess::spawn(
             Path::new("/bin/sh"),
             &["-c".into(), "echo up; exec sleep 60".into()],
+            &[],
             WorkDir::new().unwrap(),
         )
         .unwrap();

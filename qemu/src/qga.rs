@@ -15,8 +15,13 @@ use crate::wire::{Wire, WireError};
 
 /// How long one agent command may take once the agent answers.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often a running script's output and status are polled.
+/// How often a running script's output and status are polled: soon at
+/// first (short scripts end quickly), then every 150 ms.
 const POLL: Duration = Duration::from_millis(150);
+/// The first poll interval (doubled up to [`POLL`]).
+const FIRST_POLL: Duration = Duration::from_millis(10);
+/// Longest script passed as an argument (longer ones go through a file).
+const INLINE_SCRIPT: usize = 64 << 10;
 /// Bytes asked for per `guest-file-read`.
 const READ_CHUNK: u64 = 1 << 20;
 /// Longest output line handed on (longer ones are split).
@@ -251,11 +256,12 @@ impl Qga {
         }
     }
 
-    /// Starts `/bin/sh -c wrapper` in the guest and returns its pid.
-    fn spawn(&mut self, wrapper: &str) -> Result<i64> {
+    /// Starts `/bin/sh -c wrapper sh arg` in the guest (`arg` is the
+    /// wrapper's `$1`) and returns its pid.
+    fn spawn(&mut self, wrapper: &str, arg: &str) -> Result<i64> {
         let r = self.execute(
             "guest-exec",
-            json!({"path": "/bin/sh", "arg": ["-c", wrapper]}),
+            json!({"path": "/bin/sh", "arg": ["-c", wrapper, "sh", arg]}),
             COMMAND_TIMEOUT,
         )?;
         r["pid"].as_i64().ok_or_else(|| Error::Protocol {
@@ -284,7 +290,7 @@ impl Qga {
              read -r p c st pp rest < $s 2>/dev/null || continue; \
              [ \"$pp\" = \"$1\" ] && k $p; done; kill -9 $1 2>/dev/null; }}; k {pid}"
         );
-        let k = self.spawn(&script)?;
+        let k = self.spawn(&script, "")?;
         let end = Instant::now() + COMMAND_TIMEOUT;
         while Instant::now() < end {
             if self.exit_status(k)?.is_some() {
@@ -313,28 +319,41 @@ impl Qga {
     ) -> Result<ExecOutcome> {
         let start = Instant::now();
         let id = format!("{:x}", random_id());
-        let sh = format!("/tmp/.kimberley-{id}.sh");
         let out_path = format!("/tmp/.kimberley-{id}.out");
-        self.write_file(&sh, script.as_bytes())?;
+        // A short script travels as an argument (one request); a long one
+        // (an argument is at most 128 KiB in Linux) as a file.
+        let (run, sh) = if script.len() <= INLINE_SCRIPT {
+            ("/bin/sh -c \"$1\"".to_string(), None)
+        } else {
+            let sh = format!("/tmp/.kimberley-{id}.sh");
+            self.write_file(&sh, script.as_bytes())?;
+            (format!("/bin/sh {sh}"), Some(sh))
+        };
+        let remove = match &sh {
+            Some(sh) => format!("{sh} {out_path}"),
+            None => out_path.clone(),
+        };
         // Our read handle is opened before the script runs, so the output
         // file can be unlinked by the wrapper at its end.
         let handle = self.open(&out_path, "w+")?;
-        let wrapper = format!(
-            "exec </dev/null >>{out_path} 2>&1; /bin/sh {sh}; s=$?; rm -f {sh} {out_path}; exit $s"
-        );
+        let wrapper =
+            format!("exec </dev/null >>{out_path} 2>&1; {run}; s=$?; rm -f {remove}; exit $s");
+        let inline = if sh.is_none() { script } else { "" };
         let mut out = Output::new(on_line);
-        let pid = match self.spawn(&wrapper) {
+        let pid = match self.spawn(&wrapper, inline) {
             Ok(p) => p,
             Err(e) => {
                 let _ = self.close(handle);
                 return Err(e);
             }
         };
+        let mut pause = FIRST_POLL;
         let status = loop {
-            if let Err(e) = self.drain(handle, &mut out) {
-                return Err(e);
-            }
-            if let Some(s) = self.exit_status(pid)? {
+            // The status first: once it has exited, what follows is all of
+            // its output.
+            let status = self.exit_status(pid)?;
+            self.drain(handle, &mut out)?;
+            if let Some(s) = status {
                 break s;
             }
             if start.elapsed() >= timeout {
@@ -344,7 +363,7 @@ impl Qga {
                 let _ = self.close(handle);
                 let _ = self.execute(
                     "guest-exec",
-                    json!({"path": "/bin/rm", "arg": ["-f", sh, out_path]}),
+                    json!({"path": "/bin/sh", "arg": ["-c", format!("rm -f {remove}")]}),
                     COMMAND_TIMEOUT,
                 );
                 return Err(Error::ScriptTimeout(timeout));
@@ -356,9 +375,9 @@ impl Qga {
             {
                 return Err(Error::Interrupted);
             }
-            std::thread::sleep(POLL.min(timeout.saturating_sub(start.elapsed())));
+            std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
+            pause = (pause * 2).min(POLL);
         };
-        self.drain(handle, &mut out)?;
         out.finish();
         self.close(handle)?;
         Ok(ExecOutcome {

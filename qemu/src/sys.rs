@@ -1,4 +1,5 @@
-//! The raw syscalls of this crate: the parent-death signal of a child.
+//! The raw syscalls of this crate: a QEMU child's process group, parent-death
+//! signal and inherited descriptors; a descriptor sent over a socket.
 
 use std::io;
 
@@ -76,4 +77,14 @@ pub(crate) fn send_with_fd(
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// In a child between fork and exec: `fd` stays open across the exec
+/// (its close-on-exec flag cleared; the parent's flag is its own).
+pub(crate) fn keep_across_exec(fd: std::os::unix::io::RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD on a descriptor of ours; fcntl is async-signal-safe.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

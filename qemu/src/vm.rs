@@ -4,10 +4,13 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use kimberley_formats::fsutil::open_regular;
 
 use crate::config::{Launch, MachineConfig};
 use crate::error::{Error, Result};
@@ -23,6 +26,7 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// A QEMU process running a [`MachineConfig`] (dropped: killed).
 pub struct Vm {
     cfg: MachineConfig,
+    files: Files,
     memory_file: PathBuf,
     share: bool,
     version: Version,
@@ -48,35 +52,105 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// The files a VM runs on, opened by us: QEMU gets them as inherited
+/// descriptors (`/proc/self/fd/N`), so it uses exactly these files,
+/// whatever happens to their paths.
+#[derive(Debug)]
+pub struct Files {
+    /// The memory file (read-write if shared).
+    pub memory: File,
+    /// The kernel.
+    pub kernel: File,
+    /// The initrd.
+    pub initrd: Option<File>,
+    /// The disks (read-write), in order.
+    pub disks: Vec<File>,
+}
+
+impl Files {
+    /// Opens `cfg`'s files and `memory_file` (never following a symbolic
+    /// link; regular files only).
+    pub fn open(cfg: &MachineConfig, memory_file: &Path, share: bool) -> Result<Files> {
+        let open = |p: &Path, write: bool, what: &str| {
+            open_regular(p, write)
+                .map_err(|e| Error::Config(format!("{what} {}: {e}", p.display())))
+        };
+        Ok(Files {
+            memory: open(memory_file, share, "memory file")?,
+            kernel: open(&cfg.kernel, false, "kernel")?,
+            initrd: cfg
+                .initrd
+                .as_deref()
+                .map(|p| open(p, false, "initrd"))
+                .transpose()?,
+            disks: cfg
+                .disks
+                .iter()
+                .map(|d| open(d, true, "disk"))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    }
+
+    fn all(&self) -> impl Iterator<Item = &File> {
+        std::iter::once(&self.memory)
+            .chain(std::iter::once(&self.kernel))
+            .chain(self.initrd.iter())
+            .chain(self.disks.iter())
+    }
+}
+
+/// The path under which QEMU opens our descriptor of `f`.
+fn fd_path(f: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
 impl Vm {
+    #[allow(clippy::too_many_arguments)]
     fn start(
         program: &Path,
         cfg: &MachineConfig,
+        files: Files,
         memory_file: &Path,
         share: bool,
         incoming: bool,
         interrupt: Option<Arc<AtomicBool>>,
     ) -> Result<Vm> {
         cfg.validate()?;
-        for (what, p) in std::iter::once(("kernel", &cfg.kernel))
-            .chain(cfg.initrd.iter().map(|i| ("initrd", i)))
-            .chain(cfg.disks.iter().map(|d| ("disk", d)))
-        {
-            std::fs::metadata(p)
-                .map_err(|e| Error::Config(format!("{what} {}: {e}", p.display())))?;
+        if files.disks.len() != cfg.disks.len() || files.initrd.is_some() != cfg.initrd.is_some() {
+            return Err(Error::Config(
+                "the opened files do not match the configuration".into(),
+            ));
         }
+        let size = files
+            .memory
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", memory_file.display()), e))?
+            .len();
+        if size != cfg.memory_size {
+            return Err(Error::Config(format!(
+                "{} is {size} bytes, the VM has {} bytes of RAM",
+                memory_file.display(),
+                cfg.memory_size
+            )));
+        }
+        // QEMU sees our descriptors, not the paths.
+        let mut seen = cfg.clone();
+        seen.kernel = fd_path(&files.kernel);
+        seen.initrd = files.initrd.as_ref().map(fd_path);
+        seen.disks = files.disks.iter().map(fd_path).collect();
         let work = WorkDir::new()?;
         let qmp_path = work.path().join("qmp.sock");
         let qga_path = work.path().join("qga.sock");
-        let args = cfg.argv(&Launch {
-            memory_file,
+        let args = seen.argv(&Launch {
+            memory_file: &fd_path(&files.memory),
             share,
             qmp: &qmp_path,
             qga: &qga_path,
             incoming,
         });
         let started = Instant::now();
-        let mut process = QemuProcess::spawn(program, &args, work)?;
+        let keep: Vec<_> = files.all().map(|f| f.as_raw_fd()).collect();
+        let mut process = QemuProcess::spawn(program, &args, &keep, work)?;
         let interrupt = interrupt.unwrap_or_default();
         // QEMU listens on the QMP socket once it has parsed its options.
         let mut qmp = loop {
@@ -107,6 +181,7 @@ impl Vm {
         qga.set_interrupt(interrupt.clone());
         Ok(Vm {
             cfg: cfg.clone(),
+            files,
             memory_file: memory_file.to_path_buf(),
             share,
             version,
@@ -133,8 +208,23 @@ impl Vm {
         timeout: Duration,
         interrupt: Option<Arc<AtomicBool>>,
     ) -> Result<Vm> {
+        cfg.validate()?;
         size_memory_file(memory_file, cfg.memory_size)?;
-        let mut vm = Vm::start(program, cfg, memory_file, true, false, interrupt)?;
+        let files = Files::open(cfg, memory_file, true)?;
+        Vm::boot_files(program, cfg, files, memory_file, timeout, interrupt)
+    }
+
+    /// [`Vm::boot`] on files already opened (`memory_file` names the
+    /// memory file in messages).
+    pub fn boot_files(
+        program: &Path,
+        cfg: &MachineConfig,
+        files: Files,
+        memory_file: &Path,
+        timeout: Duration,
+        interrupt: Option<Arc<AtomicBool>>,
+    ) -> Result<Vm> {
+        let mut vm = Vm::start(program, cfg, files, memory_file, true, false, interrupt)?;
         vm.first_run = Some(vm.started);
         vm.wait_agent(timeout)?;
         Ok(vm)
@@ -152,17 +242,21 @@ impl Vm {
         state: &File,
         interrupt: Option<Arc<AtomicBool>>,
     ) -> Result<Vm> {
-        let len = std::fs::metadata(memory_file)
-            .map_err(|e| Error::io(format!("stat {}", memory_file.display()), e))?
-            .len();
-        if len != cfg.memory_size {
-            return Err(Error::Config(format!(
-                "{} is {len} bytes, the VM has {} bytes of RAM",
-                memory_file.display(),
-                cfg.memory_size
-            )));
-        }
-        let mut vm = Vm::start(program, cfg, memory_file, share, true, interrupt)?;
+        let files = Files::open(cfg, memory_file, share)?;
+        Vm::restore_files(program, cfg, files, memory_file, share, state, interrupt)
+    }
+
+    /// [`Vm::restore`] on files already opened.
+    pub fn restore_files(
+        program: &Path,
+        cfg: &MachineConfig,
+        files: Files,
+        memory_file: &Path,
+        share: bool,
+        state: &File,
+        interrupt: Option<Arc<AtomicBool>>,
+    ) -> Result<Vm> {
+        let mut vm = Vm::start(program, cfg, files, memory_file, share, true, interrupt)?;
         let mut state = state
             .try_clone()
             .map_err(|e| Error::io("duplicating the state file", e))?;
@@ -213,6 +307,8 @@ impl Vm {
                             e => e,
                         });
                     }
+                    // A refused connection fails at once: do not spin.
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
@@ -226,6 +322,11 @@ impl Vm {
     /// What it runs.
     pub fn config(&self) -> &MachineConfig {
         &self.cfg
+    }
+
+    /// The files it runs on.
+    pub fn files(&self) -> &Files {
+        &self.files
     }
 
     /// The memory file, and whether it is shared (the RAM itself).
@@ -251,6 +352,18 @@ impl Vm {
     /// True if paused.
     pub fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// Why the guest stopped, as last seen (without looking again).
+    pub fn exited_as_seen(&self) -> Option<String> {
+        self.exited.clone()
+    }
+
+    /// Why the guest stopped, if QEMU exits within `wait` (a closed agent
+    /// connection: QEMU may be ending).
+    pub fn exited_within(&mut self, wait: Duration) -> Option<String> {
+        self.process.wait_exit(wait);
+        self.exited()
     }
 
     /// Why the guest stopped, if it did.
@@ -364,7 +477,7 @@ impl Vm {
 /// Creates `path` (0600, sparse) of `size` bytes, or checks it has them.
 fn size_memory_file(path: &Path, size: u64) -> Result<()> {
     let what = || format!("sizing {}", path.display());
-    let f = match kimberley_formats::fsutil::open_regular(path, true) {
+    let f = match open_regular(path, true) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             kimberley_formats::fsutil::create_private(path).map_err(|e| Error::io(what(), e))?

@@ -48,11 +48,23 @@ fn base_build_run_through_the_seam() {
     // base
     let mut cfg = BootConfig::new(&a.kernel, Some(a.initrd.clone()));
     cfg.accel = AccelChoice::Auto;
-    let disk = t.path().join("disk.img");
-    std::fs::File::create(&disk)
+    // A qcow2 disk (converted to raw into the VM directory) with a marker.
+    let raw = t.path().join("disk.raw");
+    std::fs::write(&raw, b"qcow2-marker").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&raw)
         .unwrap()
         .set_len(8 << 20)
         .unwrap();
+    let disk = t.path().join("disk.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(ok.success());
     cfg.disks = vec![disk];
     let booted = boot(
         &cfg,
@@ -76,6 +88,7 @@ fn base_build_run_through_the_seam() {
         spec.version.starts_with("7.") || spec.version.contains('.'),
         "{spec:?}"
     );
+    assert_eq!(base.manifest.components[1].size, 8 << 20);
     let kinds: Vec<Kind> = base.manifest.components.iter().map(|c| c.kind).collect();
     assert_eq!(
         kinds,
@@ -96,6 +109,7 @@ fn base_build_run_through_the_seam() {
         .restore(&base, RestoreOptions::copy_into(&w))
         .unwrap();
     m.agent().ping(Duration::from_secs(30)).unwrap();
+    assert_eq!(run(m.as_mut(), "head -c 12 /dev/vda"), ["qcow2-marker"]);
     let token = common::token();
     run(
         m.as_mut(),
@@ -128,7 +142,7 @@ fn base_build_run_through_the_seam() {
         "in-place restore to the agent's first answer: {:?}",
         t1.elapsed()
     );
-    assert_eq!(run(m.as_mut(), "cat /tmp/file"), [token.clone()]);
+    assert_eq!(run(m.as_mut(), "cat /tmp/file"), [token.as_str()]);
     assert_eq!(
         run(m.as_mut(), "head -c 12 /dev/vda"),
         [token[..12].to_string()]

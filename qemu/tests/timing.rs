@@ -31,15 +31,21 @@ fn suspend_and_resume_times() {
         )
         .unwrap();
         let vm = VmDir::open(&b.dir).unwrap();
+        // The first check asks QEMU what it offers (then cached).
+        let tc = Instant::now();
+        backend.check(&vm).unwrap();
+        let check = tc.elapsed();
         let t0 = Instant::now();
         let mut m = backend.restore(&vm, RestoreOptions::in_place()).unwrap();
         let restored = t0.elapsed();
         m.agent().ping(Duration::from_secs(30)).unwrap();
         let resume = t0.elapsed();
+        let ts = Instant::now();
         let o = m
             .agent()
             .run_script("echo x > /tmp/x", &mut |_| {}, Duration::from_secs(30))
             .unwrap();
+        let script = ts.elapsed();
         assert_eq!(o.status, 0);
         let t1 = Instant::now();
         m.pause().unwrap();
@@ -48,8 +54,9 @@ fn suspend_and_resume_times() {
         drop(m);
         VmDir::open(&b.dir).unwrap().verify().unwrap();
         eprintln!(
-            "TIMING {label}: boot {:?}; suspend after boot {:?}; restore (cont) {restored:?}, \
-             to the agent's first answer {resume:?}; suspend in place (pause to committed) {suspend:?}",
+            "TIMING {label}: boot {:?}; suspend after boot {:?}; check {check:?}; restore (cont) \
+             {restored:?}, to the agent's first answer {resume:?}; a one-line script {script:?}; suspend in place \
+             (pause to committed) {suspend:?}",
             b.boot_time, b.suspend_time
         );
     }

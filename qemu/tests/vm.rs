@@ -168,6 +168,15 @@ fn failing_and_hanging_scripts() {
         .unwrap();
     assert_eq!(o.status, 3);
     assert_eq!(o.lines, ["out", "err"]);
+    // A long script travels as a file.
+    let long = format!("# {}\necho long $0", "x".repeat(100 << 10));
+    let o = vm.agent().exec(&long, &mut |_| {}, SCRIPT).unwrap();
+    assert_eq!(
+        (o.status, o.lines[0].starts_with("long /tmp/.kimberley-")),
+        (0, true),
+        "{:?}",
+        o.lines
+    );
     let o = vm.agent().exec("kill -9 $$", &mut |_| {}, SCRIPT).unwrap();
     assert_eq!(o.status, 128 + 9);
 
