@@ -471,3 +471,44 @@ fn failures_are_clear_and_leave_nothing() {
     std::fs::remove_dir_all(&other).unwrap();
     VmDir::open(&l.base).unwrap().verify().unwrap();
 }
+
+/// The guest reaches the host (and the outside network) only when asked:
+/// `build --net user`; otherwise only forwarded ports connect it.
+#[test]
+fn the_network_is_cut_off_unless_asked() {
+    if !qemu() {
+        return;
+    }
+    let l = &linux();
+    let t = scratch(l);
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in host.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nthe-host-answers\n");
+        }
+    });
+    // QEMU user networking: the host is 10.0.2.2.
+    // (busybox nc: the static busybox's wget crashes in glibc's resolver.)
+    let fetch = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.0.2.2 {port} > /tmp/got\n\
+         cat /tmp/got\n\
+         grep -q the-host-answers /tmp/got\n"
+    );
+    let o = t.path().join("x.ovl");
+    let o = o.to_str().unwrap();
+    let open = ok(build(l, &l.base, &fetch, t.path(), &["-o", o, "--net", "user"]));
+    assert!(
+        lines(&open.stderr).iter().any(|s| s == "the-host-answers"),
+        "{}",
+        String::from_utf8_lossy(&open.stderr)
+    );
+    std::fs::remove_file(o).unwrap();
+    let closed = build(l, &l.base, &fetch, t.path(), &["-o", o]);
+    let e = String::from_utf8_lossy(&closed.stderr).into_owned();
+    assert_eq!(closed.status.code(), Some(9), "{e}");
+    assert!(!e.contains("the-host-answers") && e.contains("install script failed"), "{e}");
+}

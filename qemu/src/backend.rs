@@ -20,7 +20,7 @@ use kimberley_machine::{
 };
 
 use crate::accel::{self, AccelChoice};
-use crate::config::{Accel, MachineConfig, DEFAULT_CMDLINE, DEFAULT_MACHINE_TYPE, QEMU};
+use crate::config::{Accel, MachineConfig, UserNet, DEFAULT_CMDLINE, DEFAULT_MACHINE_TYPE, QEMU};
 use crate::error::{Error, Result};
 use crate::vm::{Files, Vm};
 use crate::BACKEND;
@@ -136,7 +136,10 @@ pub fn boot(cfg: &BootConfig, w: VmDirWriter, name: &str, timeout: Duration) -> 
         accel,
         machine_type: DEFAULT_MACHINE_TYPE.into(),
         cpu: accel.default_cpu().into(),
-        net: cfg.net.then(Vec::new),
+        net: cfg.net.then(|| UserNet {
+            forwards: Vec::new(),
+            outside: true,
+        }),
     };
     let t0 = Instant::now();
     mcfg.validate()?;
@@ -373,6 +376,7 @@ impl QemuBackend {
                 .map(|&i| dir.component_path(i))
                 .collect(),
             Vec::new(),
+            false,
         )?;
         let offer = offer(&self.program)?;
         if !offer.machine_types.contains(&spec.machine_type) {
@@ -469,6 +473,7 @@ impl QemuBackend {
             initrd,
             disks,
             opts.forwards,
+            opts.network,
         )?;
         let vm = Vm::restore_files(&self.program, &cfg, files, &memory, true, &state, None)?;
         Ok(QemuMachine::new(vm, self.program.clone(), home))

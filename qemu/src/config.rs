@@ -84,9 +84,18 @@ pub struct MachineConfig {
     pub machine_type: String,
     /// The CPU model.
     pub cpu: String,
-    /// User networking (a virtio-net NIC) with these host forwards; `None`:
-    /// no NIC.
-    pub net: Option<Vec<PortForward>>,
+    /// User networking (a virtio-net NIC); `None`: no NIC.
+    pub net: Option<UserNet>,
+}
+
+/// QEMU user networking of a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserNet {
+    /// Host ports forwarded into the guest.
+    pub forwards: Vec<PortForward>,
+    /// The guest reaches the host and the outside network; without it
+    /// (`restrict=on`) only the forwarded ports connect it to anything.
+    pub outside: bool,
 }
 
 /// How one QEMU process of a [`MachineConfig`] is started.
@@ -186,6 +195,7 @@ impl MachineConfig {
         initrd: Option<PathBuf>,
         disks: Vec<PathBuf>,
         forwards: Vec<PortForward>,
+        outside: bool,
     ) -> Result<MachineConfig> {
         if spec.backend != BACKEND {
             return Err(Error::Unsupported(format!(
@@ -211,7 +221,7 @@ impl MachineConfig {
             accel,
             machine_type: spec.machine_type.clone(),
             cpu: spec.cpu.clone(),
-            net: has_net.then_some(forwards),
+            net: has_net.then_some(UserNet { forwards, outside }),
         };
         if cfg.devices() != spec.devices {
             return Err(Error::Unsupported(format!(
@@ -290,9 +300,12 @@ impl MachineConfig {
             arg(s("-device"));
             arg(s(&format!("virtio-blk-pci,drive=disk{i},discard=on")));
         }
-        if let Some(fwds) = &self.net {
+        if let Some(net) = &self.net {
             let mut n = "user,id=net0".to_string();
-            for f in fwds {
+            if !net.outside {
+                n.push_str(",restrict=on");
+            }
+            for f in &net.forwards {
                 let addr = match f.host_addr {
                     std::net::IpAddr::V4(v4) => v4.to_string(),
                     std::net::IpAddr::V6(v6) => format!("[{v6}]"),
@@ -355,10 +368,10 @@ mod tests {
             accel: Accel::Tcg,
             machine_type: DEFAULT_MACHINE_TYPE.into(),
             cpu: "qemu64".into(),
-            net: Some(vec![
-                "8080:80".parse().unwrap(),
-                "[::1]:2222:22".parse().unwrap(),
-            ]),
+            net: Some(UserNet {
+                forwards: vec!["8080:80".parse().unwrap(), "[::1]:2222:22".parse().unwrap()],
+                outside: false,
+            }),
         }
     }
 
@@ -392,7 +405,7 @@ mod tests {
              -device virtio-blk-pci,drive=disk0,discard=on \
              -drive file=/d/a,,b.raw,format=raw,if=none,id=disk1,discard=unmap,cache=writeback \
              -device virtio-blk-pci,drive=disk1,discard=on \
-             -netdev user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:[::1]:2222-:22 \
+             -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:[::1]:2222-:22 \
              -device virtio-net-pci,netdev=net0,romfile= \
              -chardev socket,id=qmp0,path=/w/qmp.sock,server=on,wait=off \
              -mon chardev=qmp0,mode=control"
@@ -433,10 +446,25 @@ mod tests {
             c.kernel.clone(),
             c.initrd.clone(),
             c.disks.clone(),
-            c.net.clone().unwrap(),
+            c.net.clone().unwrap().forwards,
+            false,
         )
         .unwrap();
         assert_eq!(back, c);
+        // The outside network is the restorer's choice, not the VM's.
+        let open = MachineConfig::from_spec(
+            &spec,
+            c.memory_size,
+            c.vcpus,
+            c.kernel.clone(),
+            c.initrd.clone(),
+            c.disks.clone(),
+            vec![],
+            true,
+        )
+        .unwrap();
+        let j = argv(&open, false, true).join(" ");
+        assert!(j.contains("-netdev user,id=net0 "), "{j}");
         // Another device list, another backend, forwards without a NIC.
         let mut other = spec.clone();
         other.devices.push("virtio-rng-pci".into());
@@ -448,6 +476,7 @@ mod tests {
             None,
             c.disks.clone(),
             vec![],
+            false,
         );
         assert!(e.unwrap_err().to_string().contains("devices"));
         let mut other = spec.clone();
@@ -460,6 +489,7 @@ mod tests {
             None,
             c.disks.clone(),
             vec![],
+            false,
         );
         assert!(e.unwrap_err().to_string().contains("microvm"));
         let mut nonet = c.clone();
@@ -472,6 +502,7 @@ mod tests {
             None,
             c.disks.clone(),
             vec!["80:80".parse().unwrap()],
+            false,
         );
         assert!(e.unwrap_err().to_string().contains("no network card"));
     }

@@ -18,7 +18,7 @@ mod wire;
 
 pub use accel::AccelChoice;
 pub use backend::{boot, BootConfig, Booted, QemuBackend, QemuMachine};
-pub use config::{Accel, MachineConfig};
+pub use config::{Accel, MachineConfig, UserNet};
 pub use error::{Error, Result};
 pub use vm::Vm;
 
