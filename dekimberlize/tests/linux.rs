@@ -13,7 +13,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::tools::Proc;
@@ -31,46 +30,19 @@ fn qemu() -> bool {
     kimberley_qemu::qemu_for_tests()
 }
 
-/// The kernel and initramfs of `scripts/linux-base.sh --artifacts`, built
-/// once into the target directory (a lock serialises test binaries).
-fn artifacts() -> (PathBuf, PathBuf) {
-    static A: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    A.get_or_init(|| {
-        let target = bin("dekimberlize")
-            .parent()
-            .and_then(Path::parent)
-            .unwrap()
-            .to_path_buf();
-        let dir = target.join("kimberley-linux-artifacts");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/linux-base.sh");
-        let o = Command::new("flock")
-            .arg(target.join("kimberley-linux-artifacts.lock"))
-            .arg(&script)
-            .arg("--artifacts")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "linux-base.sh --artifacts: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (dir.join("vmlinuz"), dir.join("initrd.cpio.gz"))
-    })
-    .clone()
-}
-
 /// A Linux base VM (256 MiB, a 64 MiB empty disk, user networking) and a
 /// key, in a directory of the test's own.
 struct Linux {
+    _slot: common::linux_guest::QemuSlot,
     t: tempfile::TempDir,
     key: PathBuf,
     base: PathBuf,
 }
 
 fn linux() -> Linux {
-    let (kernel, initrd) = artifacts();
+    let slot = common::linux_guest::qemu_slot();
+    let a = common::linux_guest::artifacts();
+    let (kernel, initrd) = (a.kernel, a.initrd);
     let t = tempfile::tempdir().unwrap();
     let key = t.path().join("key");
     ok(run(Command::new(bin("kimberlize"))
@@ -94,7 +66,12 @@ fn linux() -> Linux {
         .arg(&base)));
     eprintln!("{}", String::from_utf8_lossy(&o.stderr));
     std::fs::remove_file(&disk).unwrap();
-    Linux { t, key, base }
+    Linux {
+        _slot: slot,
+        t,
+        key,
+        base,
+    }
 }
 
 /// A scratch directory of one test, beside its base.
@@ -439,7 +416,7 @@ fn failures_are_clear_and_leave_nothing() {
         "qemu-system-x86_64",
     );
     // A missing kernel.
-    let (_, initrd) = artifacts();
+    let initrd = common::linux_guest::artifacts().initrd;
     check(
         run(Command::new(bin("kimberlize"))
             .args(["base", "--qemu", "--kernel"])
