@@ -500,7 +500,13 @@ fn the_network_is_cut_off_unless_asked() {
     );
     let o = t.path().join("x.ovl");
     let o = o.to_str().unwrap();
-    let open = ok(build(l, &l.base, &fetch, t.path(), &["-o", o, "--net", "user"]));
+    let open = ok(build(
+        l,
+        &l.base,
+        &fetch,
+        t.path(),
+        &["-o", o, "--net", "user"],
+    ));
     assert!(
         lines(&open.stderr).iter().any(|s| s == "the-host-answers"),
         "{}",
@@ -510,5 +516,8 @@ fn the_network_is_cut_off_unless_asked() {
     let closed = build(l, &l.base, &fetch, t.path(), &["-o", o]);
     let e = String::from_utf8_lossy(&closed.stderr).into_owned();
     assert_eq!(closed.status.code(), Some(9), "{e}");
-    assert!(!e.contains("the-host-answers") && e.contains("install script failed"), "{e}");
+    assert!(
+        !e.contains("the-host-answers") && e.contains("install script failed"),
+        "{e}"
+    );
 }
