@@ -139,6 +139,15 @@ impl Error {
     }
 }
 
+impl From<crate::qga::reply::Refused> for Error {
+    fn from(r: crate::qga::reply::Refused) -> Self {
+        Error::Protocol {
+            during: r.command.to_string(),
+            what: r.why.to_string(),
+        }
+    }
+}
+
 impl From<Error> for kimberley_machine::Error {
     fn from(e: Error) -> Self {
         use kimberley_machine::Error as M;

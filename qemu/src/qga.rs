@@ -8,10 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64ct::{Base64, Encoding};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::wire::{Wire, WireError};
+
+pub mod reply;
+
+use reply::{Answer, Output};
 
 /// How long one agent command may take once the agent answers.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -23,7 +27,7 @@ const FIRST_POLL: Duration = Duration::from_millis(10);
 /// Longest script passed as an argument (longer ones go through a file).
 const INLINE_SCRIPT: usize = 64 << 10;
 /// Bytes asked for per `guest-file-read`.
-const READ_CHUNK: u64 = 1 << 20;
+const READ_CHUNK: usize = 1 << 20;
 /// Longest output line handed on (longer ones are split).
 pub const MAX_LINE: usize = 64 << 10;
 /// Output kept in [`ExecOutcome::lines`] (later lines are still streamed).
@@ -119,7 +123,7 @@ impl Qga {
                     .skip_past(0xFF, round, self.flag())
                     .and_then(|()| wire.object(round, self.flag()));
                 match got {
-                    Ok(o) if o.get("return").and_then(Value::as_u64) == Some(id) => break true,
+                    Ok(o) if reply::is_sync_answer(&o, id) => break true,
                     Ok(_) => continue,
                     Err(WireError::Timeout) => break false,
                     Err(e) => return Err(io_err("resynchronising", e)),
@@ -167,31 +171,25 @@ impl Qga {
         wire.send_json(&req, None, deadline)
             .map_err(|e| io_err(&format!("sending {command}"), e))?;
         loop {
-            let mut o: Map<String, Value> =
-                wire.object(deadline, interrupt.as_deref())
-                    .map_err(|e| match e {
-                        WireError::Timeout => Error::Timeout {
-                            during: format!("guest agent command {command}"),
-                            timeout,
-                        },
-                        e => io_err(&format!("waiting for the answer to {command}"), e),
-                    })?;
-            if o.get("id").and_then(Value::as_u64) != Some(id) {
-                continue;
+            let o = wire
+                .object(deadline, interrupt.as_deref())
+                .map_err(|e| match e {
+                    WireError::Timeout => Error::Timeout {
+                        during: format!("guest agent command {command}"),
+                        timeout,
+                    },
+                    e => io_err(&format!("waiting for the answer to {command}"), e),
+                })?;
+            match reply::answer(o, id) {
+                Answer::Other => continue,
+                Answer::Return(r) => return Ok(r),
+                Answer::Error(e) => {
+                    return Err(Error::Agent {
+                        command: command.to_string(),
+                        message: e.desc,
+                    })
+                }
             }
-            if let Some(r) = o.remove("return") {
-                return Ok(r);
-            }
-            let message = o
-                .get("error")
-                .and_then(|e| e.get("desc"))
-                .and_then(Value::as_str)
-                .unwrap_or("an error without a description")
-                .to_string();
-            return Err(Error::Agent {
-                command: command.to_string(),
-                message,
-            });
         }
     }
 
@@ -220,10 +218,7 @@ impl Qga {
             json!({"path": path, "mode": mode}),
             COMMAND_TIMEOUT,
         )?;
-        h.as_i64().ok_or_else(|| Error::Protocol {
-            during: "guest-file-open".into(),
-            what: h.to_string(),
-        })
+        Ok(reply::file_handle(&h)?)
     }
 
     fn close(&mut self, handle: i64) -> Result<()> {
@@ -243,14 +238,9 @@ impl Qga {
                 json!({"handle": handle, "count": READ_CHUNK}),
                 COMMAND_TIMEOUT,
             )?;
-            let count = r["count"].as_u64().unwrap_or(0);
-            let b64 = r["buf-b64"].as_str().unwrap_or("");
-            let bytes = Base64::decode_vec(b64).map_err(|e| Error::Protocol {
-                during: "guest-file-read".into(),
-                what: format!("bad base64: {e}"),
-            })?;
-            out.feed(&bytes);
-            if count < READ_CHUNK || bytes.is_empty() {
+            let read = reply::file_read(&r, READ_CHUNK)?;
+            out.feed(&read.data);
+            if read.data.len() < READ_CHUNK || read.data.is_empty() {
                 return Ok(());
             }
         }
@@ -264,22 +254,13 @@ impl Qga {
             json!({"path": "/bin/sh", "arg": ["-c", wrapper, "sh", arg]}),
             COMMAND_TIMEOUT,
         )?;
-        r["pid"].as_i64().ok_or_else(|| Error::Protocol {
-            during: "guest-exec".into(),
-            what: r.to_string(),
-        })
+        Ok(reply::exec_pid(&r)?)
     }
 
     /// The exit status of `pid`, once it exited.
     fn exit_status(&mut self, pid: i64) -> Result<Option<i32>> {
         let r = self.execute("guest-exec-status", json!({"pid": pid}), COMMAND_TIMEOUT)?;
-        if r["exited"].as_bool() != Some(true) {
-            return Ok(None);
-        }
-        if let Some(sig) = r["signal"].as_i64() {
-            return Ok(Some(128 + sig as i32));
-        }
-        Ok(Some(r["exitcode"].as_i64().unwrap_or(-1) as i32))
+        Ok(reply::exec_status(&r)?)
     }
 
     /// Kills `pid` and everything it started (stopped first, so nothing
@@ -339,7 +320,7 @@ impl Qga {
         let wrapper =
             format!("exec </dev/null >>{out_path} 2>&1; {run}; s=$?; rm -f {remove}; exit $s");
         let inline = if sh.is_none() { script } else { "" };
-        let mut out = Output::new(on_line);
+        let mut out = Output::new(on_line, MAX_LINE, MAX_OUTPUT);
         let pid = match self.spawn(&wrapper, inline) {
             Ok(p) => p,
             Err(e) => {
@@ -380,106 +361,11 @@ impl Qga {
         };
         out.finish();
         self.close(handle)?;
+        let (lines, truncated) = out.into_lines();
         Ok(ExecOutcome {
             status,
-            lines: out.lines,
-            truncated: out.truncated,
+            lines,
+            truncated,
         })
-    }
-}
-
-/// Script output cut into lines: each handed on as it completes, kept up
-/// to [`MAX_OUTPUT`] bytes.
-struct Output<'a> {
-    on_line: &'a mut dyn FnMut(&str),
-    partial: Vec<u8>,
-    lines: Vec<String>,
-    kept: usize,
-    truncated: bool,
-}
-
-impl<'a> Output<'a> {
-    fn new(on_line: &'a mut dyn FnMut(&str)) -> Self {
-        Output {
-            on_line,
-            partial: Vec::new(),
-            lines: Vec::new(),
-            kept: 0,
-            truncated: false,
-        }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.emit();
-            } else {
-                self.partial.push(b);
-                if self.partial.len() >= MAX_LINE {
-                    self.emit();
-                }
-            }
-        }
-    }
-
-    fn emit(&mut self) {
-        if self.partial.last() == Some(&b'\r') {
-            self.partial.pop();
-        }
-        let l = String::from_utf8_lossy(&self.partial).into_owned();
-        self.partial.clear();
-        (self.on_line)(&l);
-        if self.kept + l.len() <= MAX_OUTPUT {
-            self.kept += l.len() + 1;
-            self.lines.push(l);
-        } else {
-            self.truncated = true;
-        }
-    }
-
-    fn finish(&mut self) {
-        if !self.partial.is_empty() {
-            self.emit();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_is_cut_into_bounded_lines() {
-        let mut seen = Vec::new();
-        let mut on = |l: &str| seen.push(l.len());
-        let mut o = Output::new(&mut on);
-        o.feed(b"a\r\nbb\n");
-        o.feed(&vec![b'x'; MAX_LINE + 10]);
-        o.feed(b"\nlast");
-        o.finish();
-        let (lines, truncated) = (o.lines.clone(), o.truncated);
-        drop(o);
-        assert_eq!(seen, vec![1, 2, MAX_LINE, 10, 4]);
-        assert_eq!(lines[0], "a");
-        assert_eq!(lines[4], "last");
-        assert!(!truncated);
-    }
-
-    #[test]
-    fn kept_output_is_capped() {
-        let mut n = 0usize;
-        let mut on = |_: &str| n += 1;
-        let mut o = Output::new(&mut on);
-        let line = vec![b'y'; 1023];
-        for _ in 0..(MAX_OUTPUT / 1024 + 100) {
-            o.feed(&line);
-            o.feed(b"\n");
-        }
-        assert!(o.truncated);
-        assert!(o.kept <= MAX_OUTPUT);
-        let kept = o.lines.len();
-        drop(o);
-        assert_eq!(n, MAX_OUTPUT / 1024 + 100);
-        assert!(kept < n);
     }
 }

@@ -9,7 +9,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
+use crate::qga::reply::{answer, Answer};
 use crate::wire::{Wire, WireError};
+
+pub mod reply;
+
+use reply::Migration;
+pub use reply::Version;
 
 /// How long an ordinary command may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,23 +27,6 @@ pub struct Qmp {
     wire: Wire,
     next_id: u64,
     events: VecDeque<Map<String, Value>>,
-}
-
-/// QEMU's version, as `query-version` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Version {
-    /// Major.
-    pub major: u64,
-    /// Minor.
-    pub minor: u64,
-    /// Micro.
-    pub micro: u64,
-}
-
-impl std::fmt::Display for Version {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
-    }
 }
 
 fn io_err(during: &str, e: WireError) -> Error {
@@ -115,7 +104,7 @@ impl Qmp {
             .send_json(&req, fd, deadline)
             .map_err(|e| io_err(&format!("sending {command}"), e))?;
         loop {
-            let mut o = self.wire.object(deadline, None).map_err(|e| match e {
+            let o = self.wire.object(deadline, None).map_err(|e| match e {
                 WireError::Timeout => Error::Timeout {
                     during: format!("QMP command {command}"),
                     timeout,
@@ -129,22 +118,16 @@ impl Qmp {
                 self.events.push_back(o);
                 continue;
             }
-            if o.get("id").and_then(Value::as_u64) != Some(id) {
-                continue;
+            match answer(o, id) {
+                Answer::Other => continue,
+                Answer::Return(r) => return Ok(r),
+                Answer::Error(e) => {
+                    return Err(Error::Qmp {
+                        command: command.to_string(),
+                        message: e.desc,
+                    })
+                }
             }
-            if let Some(r) = o.remove("return") {
-                return Ok(r);
-            }
-            let message = o
-                .get("error")
-                .and_then(|e| e.get("desc"))
-                .and_then(Value::as_str)
-                .unwrap_or("an error without a description")
-                .to_string();
-            return Err(Error::Qmp {
-                command: command.to_string(),
-                message,
-            });
         }
     }
 
@@ -156,31 +139,14 @@ impl Qmp {
     /// `query-version`.
     pub fn version(&mut self) -> Result<Version> {
         let v = self.execute("query-version", None, COMMAND_TIMEOUT)?;
-        let n = |k: &str| v["qemu"][k].as_u64();
-        match (n("major"), n("minor"), n("micro")) {
-            (Some(major), Some(minor), Some(micro)) => Ok(Version {
-                major,
-                minor,
-                micro,
-            }),
-            _ => Err(Error::Protocol {
-                during: "query-version".into(),
-                what: v.to_string(),
-            }),
-        }
+        Ok(reply::version(&v)?)
     }
 
     /// `query-status`: the run state (`running`, `paused`, `postmigrate`,
     /// `inmigrate`, `shutdown`, `internal-error`, `guest-panicked`...).
     pub fn status(&mut self) -> Result<String> {
         let v = self.execute("query-status", None, COMMAND_TIMEOUT)?;
-        v["status"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| Error::Protocol {
-                during: "query-status".into(),
-                what: v.to_string(),
-            })
+        Ok(reply::status(&v)?)
     }
 
     /// `stop`: the vCPUs stop (in-flight I/O completed).
@@ -227,18 +193,17 @@ impl Qmp {
         let mut pause = Duration::from_millis(1);
         loop {
             let v = self.execute("query-migrate", None, COMMAND_TIMEOUT)?;
-            let status = v["status"].as_str().unwrap_or("none");
-            match status {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" | "cancelling" => {
+            let status = match reply::migration(&v)? {
+                Migration::Completed => return Ok(()),
+                Migration::Failed { status, detail } => {
                     return Err(Error::Migration {
                         during: during.to_string(),
-                        status: status.to_string(),
-                        detail: v["error-desc"].as_str().map(str::to_string),
+                        status,
+                        detail,
                     })
                 }
-                _ => {}
-            }
+                Migration::Running(status) => status,
+            };
             if Instant::now() >= end {
                 return Err(Error::Timeout {
                     during: format!("{during} (migration {status})"),
