@@ -28,6 +28,8 @@ const FIRST_POLL: Duration = Duration::from_millis(10);
 const INLINE_SCRIPT: usize = 64 << 10;
 /// Bytes asked for per `guest-file-read`.
 const READ_CHUNK: usize = 1 << 20;
+/// How long the output of a script killed at its timeout is still read.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
 /// Longest output line handed on (longer ones are split).
 pub const MAX_LINE: usize = 64 << 10;
 /// Output kept in [`ExecOutcome::lines`] (later lines are still streamed).
@@ -231,7 +233,12 @@ impl Qga {
     }
 
     /// Reads what `handle` has now (until a short read).
-    fn drain(&mut self, handle: i64, out: &mut Output<'_>) -> Result<()> {
+    /// Reads the script's output file to its current end, or until
+    /// `until` passes (or the interrupt flag is set) after a full chunk:
+    /// an agent that answers full chunks forever, or a script that writes
+    /// faster than the host reads, cannot hold the caller past its
+    /// deadline. True when the end was reached.
+    fn drain(&mut self, handle: i64, out: &mut Output<'_>, until: Instant) -> Result<bool> {
         loop {
             let r = self.execute(
                 "guest-file-read",
@@ -241,9 +248,18 @@ impl Qga {
             let read = reply::file_read(&r, READ_CHUNK)?;
             out.feed(&read.data);
             if read.data.len() < READ_CHUNK || read.data.is_empty() {
-                return Ok(());
+                return Ok(true);
+            }
+            if Instant::now() >= until || self.interrupted() {
+                return Ok(false);
             }
         }
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_deref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Starts `/bin/sh -c wrapper sh arg` in the guest (`arg` is the
@@ -333,13 +349,13 @@ impl Qga {
             // The status first: once it has exited, what follows is all of
             // its output.
             let status = self.exit_status(pid)?;
-            self.drain(handle, &mut out)?;
-            if let Some(s) = status {
+            let all = self.drain(handle, &mut out, start + timeout)?;
+            if let (Some(s), true) = (status, all) {
                 break s;
             }
             if start.elapsed() >= timeout {
                 self.kill_tree(pid)?;
-                let _ = self.drain(handle, &mut out);
+                let _ = self.drain(handle, &mut out, Instant::now() + DRAIN_AFTER_KILL);
                 out.finish();
                 let _ = self.close(handle);
                 let _ = self.execute(
@@ -349,12 +365,12 @@ impl Qga {
                 );
                 return Err(Error::ScriptTimeout(timeout));
             }
-            if self
-                .interrupt
-                .as_deref()
-                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
-            {
+            if self.interrupted() {
                 return Err(Error::Interrupted);
+            }
+            if !all {
+                // More output is waiting: read on at once.
+                continue;
             }
             std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
             pause = (pause * 2).min(POLL);

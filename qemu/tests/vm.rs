@@ -200,5 +200,25 @@ fn failing_and_hanging_scripts() {
     assert_eq!((s, l), (0, vec!["0".to_string()]));
     let m = kimberley_machine::Error::from(e);
     assert!(matches!(m, kimberley_machine::Error::Timeout(_)), "{m}");
+
+    // A script that writes faster than the host reads its output still
+    // ends at its timeout (the output is read in bounded rounds).
+    let start = Instant::now();
+    let e = vm
+        .agent()
+        .exec("yes kimberley-flood", &mut |_| {}, Duration::from_secs(3))
+        .unwrap_err();
+    assert!(matches!(e, Error::ScriptTimeout(_)), "{e}");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "a flooding script held the caller {:?} past a 3 s timeout",
+        start.elapsed()
+    );
+    // (The one file left is this script's own output.)
+    let (s, l) = run(
+        &mut vm,
+        "pgrep -x yes; ls /tmp/.kimberley-*; [ $(ls /tmp/.kimberley-* | wc -l) = 1 ] && ! pgrep -x yes",
+    );
+    assert_eq!(s, 0, "the flood was left behind: {l:?}");
     vm.quit().unwrap();
 }
