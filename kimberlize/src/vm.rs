@@ -151,8 +151,13 @@ pub fn build(a: BuildArgs) -> Result<()> {
         let o = vm
             .agent()
             .run_script(script, &mut |line| eprintln!("{line}"), timeout)
-            .map_err(vm_error)
-            .with_context(|| format!("running the {what} script"))?;
+            .map_err(|e| match e {
+                kimberley_machine::Error::Timeout(t) => vm_failure(format!(
+                    "the {what} script timed out after {} s (--timeout) and was stopped",
+                    t.as_secs()
+                )),
+                e => vm_error(e).context(format!("running the {what} script")),
+            })?;
         if o.status != 0 {
             return Err(vm_failure(format!(
                 "the {what} script failed with status {}",

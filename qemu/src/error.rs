@@ -124,12 +124,30 @@ pub enum Error {
     Io(String, #[source] std::io::Error),
 }
 
+/// Lines of QEMU's output shown in an error.
+const TAIL_LINES: usize = 12;
+
+/// The end of QEMU's output for an error: a kernel panic's first line (if
+/// any) and the last [`TAIL_LINES`] lines.
 fn tail(log: &str) -> String {
-    if log.trim().is_empty() {
-        String::new()
-    } else {
-        format!("; last output:\n{}", log.trim_end())
+    let lines: Vec<&str> = log.trim_end().lines().collect();
+    if lines.iter().all(|l| l.trim().is_empty()) {
+        return String::new();
     }
+    let last = &lines[lines.len().saturating_sub(TAIL_LINES)..];
+    let panic = lines
+        .iter()
+        .find(|l| l.contains("Kernel panic"))
+        .filter(|p| !last.contains(p));
+    let mut s = String::from("; last output:");
+    if let Some(p) = panic {
+        s.push_str(&format!("\n{p}\n..."));
+    }
+    for l in last {
+        s.push('\n');
+        s.push_str(l);
+    }
+    s
 }
 
 impl Error {
@@ -157,7 +175,8 @@ impl From<Error> for kimberley_machine::Error {
             Error::ScriptTimeout(t)
             | Error::Timeout { timeout: t, .. }
             | Error::Boot { timeout: t, .. } => M::Timeout(t),
-            e @ (Error::GuestStopped(_) | Error::Exited { .. }) => M::GuestStopped(e.to_string()),
+            Error::GuestStopped(why) => M::GuestStopped(why),
+            e @ Error::Exited { .. } => M::GuestStopped(e.to_string()),
             Error::Unsupported(s) => M::Unsupported(s),
             other => M::Backend {
                 backend: BACKEND,

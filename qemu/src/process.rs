@@ -21,7 +21,7 @@ const MAX_PENDING_LINES: usize = 10_000;
 /// Longest console line kept (longer ones are cut).
 const MAX_LINE: usize = 4096;
 /// Console lines kept for error messages.
-const TAIL_LINES: usize = 30;
+const TAIL_LINES: usize = 200;
 /// QEMU's stderr lines shown in error messages.
 const STDERR_LINES: usize = 8;
 /// QEMU's stderr kept for error messages.
