@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -24,6 +25,7 @@ use crate::config::{Accel, MachineConfig, UserNet, DEFAULT_CMDLINE, DEFAULT_MACH
 use crate::error::{Error, Result};
 use crate::vm::{Files, Vm};
 use crate::BACKEND;
+use rayon::prelude::*;
 
 type MResult<T> = kimberley_machine::Result<T>;
 
@@ -628,11 +630,27 @@ impl QemuMachine {
             components,
             machine: Some(Box::new(cfg.spec(&self.vm.version().to_string()))),
         };
-        for i in 0..manifest.components.len() {
-            let p = dir.join(manifest.file_name(i));
-            let f = open_checked(&p)?;
-            manifest.components[i].digest = digest_file(&f, manifest.components[i].size)
-                .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+        // Written pages start going to disk now, while they are digested
+        // (from the page cache): the commit's fsync then waits for less.
+        let files = (0..manifest.components.len())
+            .map(|i| {
+                let p = dir.join(manifest.file_name(i));
+                let f = open_checked(&p)?;
+                kimberley_formats::sys::file::start_writeback(f.as_raw_fd());
+                Ok((p, f))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Every component at once (each also hashes its blocks in
+        // parallel): a large memory file does not wait for the disks.
+        let digests = files
+            .par_iter()
+            .zip(manifest.components.par_iter())
+            .map(|((p, f), c)| {
+                digest_file(f, c.size).map_err(|e| Error::io(format!("reading {}", p.display()), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (c, d) in manifest.components.iter_mut().zip(digests) {
+            c.digest = d;
         }
         let path = w.commit(&manifest)?;
         if own_memory {
