@@ -340,7 +340,7 @@ SECTION=$BENCH_DIR/section-$STAMP.md
     echo "- Command: \`$BENCH_CMD\` (repo $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo ", with uncommitted changes"))"
     echo "- Versions: QEMU $ver_qemu (accelerator: ${accel_used:-$ACCEL}), guest kernel ${ver_kernel:-?} (linux-image-cloud-amd64), xdelta3 $(xdelta3 -V 2>&1 | head -n1 | grep -oE '[0-9]+\.[0-9.]+[a-z0-9]*' | head -n1), zstd $(zstd --version | grep -oE 'v[0-9.]+'), pv $(pv --version | head -n1 | grep -oE '[0-9.]+' | head -n1)"
     echo "- Load: $(load_summary)"
-    echo "- Method: medians and min – max over RUNS=$RUNS; raw rows: \`bench-out/linux/$(basename "$TSV")\`. Suspend is \`kimberlize base --qemu\`'s own measurement (QMP stop to the VMDIR committed: device state written, memory file and directory fsynced, renamed). Resume is \`dekimberlize --run --stats-json\`: restore start to the guest agent's first answer (\`first_answer_ms - restore_start_ms\`), and to QEMU's first guest instruction."
+    echo "- Method: medians and min – max over RUNS=$RUNS; raw rows: \`${TSV#"$ROOT"/}\`. Suspend is \`kimberlize base --qemu\`'s own measurement (QMP stop to the VMDIR committed: device state written, memory file and directory fsynced, renamed). Resume is \`dekimberlize --run --stats-json\`: restore start to the guest agent's first answer (\`first_answer_ms - restore_start_ms\`), and to QEMU's first guest instruction."
     echo
     if [[ " $PARTS " == *" a "* ]]; then
         echo "### a, b. Busybox guest (\`scripts/linux-base.sh --busybox\`): suspend and resume"

@@ -96,6 +96,9 @@ case $init in own|systemd) ;; *) echo "linux-base.sh: --init is own or systemd" 
 if [[ -n $out && -z $artifacts ]]; then
     artifacts=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/kimberley/linux
 fi
+# Absolute paths: QEMU does not run in our working directory.
+[[ -z $artifacts ]] || artifacts=$(realpath -m -- "$artifacts")
+[[ -z $out ]] || out=$(realpath -m -- "$out")
 
 die() { echo "linux-base.sh: $*" >&2; exit 1; }
 
@@ -368,7 +371,9 @@ EOF
     cat >"$root/usr/lib/kimberley/qemu-ga.run" <<'EOF'
 #!/bin/sh
 # kimberley: qemu-ga on the virtio-serial port org.qemu.guest_agent.0
-# (busybox init respawns this when it exits).
+# (busybox init respawns this when it exits). Scripts it runs inherit this
+# environment: a headless guest, so debconf asks nothing.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 for n in /sys/class/virtio-ports/*/name; do
     [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
     d=${n%/name}
