@@ -22,6 +22,8 @@
 #   BENCH_MD=FILE     Markdown file to update (default: <repo>/BENCHMARKS.md)
 #   NO_BUILD=1        use the existing target/release binaries
 #   ACCEL=auto        QEMU accelerator (auto|kvm|tcg)
+#   LINUX_ARTIFACTS=DIR  linux-base.sh --artifacts (default: its own cache,
+#                     ~/.cache/kimberley/linux)
 set -euo pipefail
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
@@ -32,7 +34,7 @@ fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cmd_env=""
-for v in RUNS PARTS APP RATE BENCH_DIR BENCH_MD NO_BUILD ACCEL; do
+for v in RUNS PARTS APP RATE BENCH_DIR BENCH_MD NO_BUILD ACCEL LINUX_ARTIFACTS; do
     if [[ -n ${!v+x} ]]; then cmd_env+="$v=${!v} "; fi
 done
 BENCH_CMD="${cmd_env}scripts/bench-linux.sh"
@@ -73,7 +75,9 @@ printf 'part\tsubject\tmetric\trun\tvalue\tunit\tload1\tnote\n' >"$TSV"
 ln -sfn "$(basename "$TSV")" "$BENCH_DIR/results.tsv"
 KEY=$BENCH_DIR/overlay.key
 [[ -s $KEY ]] || "$KIMB" keygen -o "$KEY" >/dev/null || die "kimberlize keygen failed"
-ART=$BENCH_DIR/artifacts
+# linux-base.sh's cache (kernel, initramfs, Debian root image), shared with
+# its other users.
+ART=${LINUX_ARTIFACTS:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/kimberley/linux}
 # Cleanup: the work dir holds GiBs of VM images.
 cleanup() { rm -rf "$W"; }
 trap cleanup EXIT
@@ -107,8 +111,10 @@ timed() {
     local name=$1
     shift
     printf '%q ' "$@" >"$LOGS/$name.cmd"
-    /usr/bin/time -o "$LOGS/$name.time" -f '%e %M' "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err"
-    read -r T_WALL T_RSS <"$LOGS/$name.time"
+    local rc=0
+    /usr/bin/time -o "$LOGS/$name.time" -f '%e %M' "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err" || rc=$?
+    read -r T_WALL T_RSS < <(tail -n 1 "$LOGS/$name.time")
+    return "$rc"
 }
 
 # run_resumed NAME BASE OVL OUT [pv]: dekimberlize --run to the agent's

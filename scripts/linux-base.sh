@@ -418,8 +418,9 @@ EOF
 
 # The Debian root image: debootstrap once per (suite, packages, mirror,
 # debootstrap version) into DIR/debian/root-KEY (kept: the slow part), then
-# customise a copy and mkfs.ext4 -d it into DIR/debian/disk-KEY2.raw (the
-# second key adds customise_root's text, busybox and the disk size).
+# customise a copy and mkfs.ext4 -d it into DIR/debian/disk-KEY-KEY2.raw
+# (KEY2 adds customise_root's text, busybox and the disk size; one image per
+# root is kept).
 # Prints the image's path.
 debian_image() {
     local dir=$1 size=$2 suite=bookworm mirror
@@ -452,8 +453,10 @@ debian_image() {
             sha256sum "$(command -v busybox)" | cut -c1-64
         } | sha256sum | cut -c1-16
     )
-    local img=$dir/debian/disk-$key2.raw
+    local img=$dir/debian/disk-$key1-$key2.raw
     if [[ ! -f $img ]]; then
+        # Older images of the same root (another customisation or size).
+        rm -f "$dir/debian/disk-$key1-"*.raw "$dir/debian/disk-"????????????????.raw
         echo "linux-base.sh: making the root image $img ($size)" >&2
         local work
         work=$(mktemp -d "$dir/debian/.work.XXXXXX")
@@ -492,6 +495,11 @@ find_kimberlize() {
 if [[ -n $out ]]; then
     [[ ! -e $out ]] || { echo "linux-base.sh: $out exists (the VM directory must be new)" >&2; exit 6; }
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+    if ((!busybox)); then
+        command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install debootstrap; or --busybox)"
+        command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 not found (apt-get install e2fsprogs)"
+        [[ $(id -u) == 0 ]] || die "debootstrap needs root (run as root, or use --busybox)"
+    fi
     kimb=$(find_kimberlize)
     echo "linux-base.sh: using $kimb" >&2
 fi
