@@ -61,7 +61,11 @@ fn usage_errors_exit_2() {
     ] {
         let o = run(Command::new(script()).args(args));
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).starts_with("linux-base.sh: "), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("linux-base.sh: "),
+            "{args:?}: {}",
+            stderr(&o)
+        );
     }
 }
 
@@ -70,7 +74,13 @@ fn help_teaches_and_exits_0() {
     let o = run(Command::new(script()).arg("--help"));
     assert_eq!(o.status.code(), Some(0));
     let h = String::from_utf8_lossy(&o.stdout);
-    for s in ["-o VMDIR", "--busybox", "--disk-size", "debootstrap", "Example:"] {
+    for s in [
+        "-o VMDIR",
+        "--busybox",
+        "--disk-size",
+        "debootstrap",
+        "Example:",
+    ] {
         assert!(h.contains(s), "--help lacks {s}: {h}");
     }
 }
@@ -88,7 +98,10 @@ fn an_existing_vmdir_is_refused_with_6() {
 fn bare_path(dir: &Path, extra: &[&str]) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir(&bin).unwrap();
-    for t in ["readlink", "realpath", "dirname", "id", "sed"].iter().chain(extra) {
+    for t in ["readlink", "realpath", "dirname", "id", "sed"]
+        .iter()
+        .chain(extra)
+    {
         let src = ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
             .iter()
             .map(|d| Path::new(d).join(t))
@@ -124,7 +137,11 @@ fn missing_tools_are_named() {
         .arg(t.0.join("vm"))
         .env("PATH", &bin));
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("debootstrap not found"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("debootstrap not found"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!t.0.join("vm").exists());
 }
 
@@ -163,7 +180,14 @@ fn busybox_base_boots_and_suspends() {
     let o = run(Command::new("flock")
         .arg(target.join("kimberley-linux-artifacts.lock"))
         .arg(script())
-        .args(["--busybox", "--memory", "128M", "--disk-size", "64M", "--artifacts"])
+        .args([
+            "--busybox",
+            "--memory",
+            "128M",
+            "--disk-size",
+            "64M",
+            "--artifacts",
+        ])
         .arg(target.join("kimberley-linux-artifacts"))
         .arg("-o")
         .arg(&vm)
@@ -171,7 +195,10 @@ fn busybox_base_boots_and_suspends() {
         .env("TMPDIR", &t.0));
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
-    assert!(e.contains(&format!("using {}", kimberlize.display())), "{e}");
+    assert!(
+        e.contains(&format!("using {}", kimberlize.display())),
+        "{e}"
+    );
     assert!(e.contains("Linux base VM ready and suspended"), "{e}");
     for (f, len) in [("memory.raw", 128 << 20), ("disk0.raw", 64 << 20)] {
         assert_eq!(std::fs::metadata(vm.join(f)).unwrap().len(), len, "{f}");
