@@ -22,6 +22,7 @@
 #   BENCH_MD=FILE     Markdown file to update (default: <repo>/BENCHMARKS.md)
 #   NO_BUILD=1        use the existing target/release binaries
 #   ACCEL=auto        QEMU accelerator (auto|kvm|tcg)
+#   REPORT_ONLY=TSV   measure nothing: rewrite the section from this raw file
 #   LINUX_ARTIFACTS=DIR  linux-base.sh --artifacts (default: its own cache,
 #                     ~/.cache/kimberley/linux)
 set -euo pipefail
@@ -34,7 +35,7 @@ fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cmd_env=""
-for v in RUNS PARTS APP RATE BENCH_DIR BENCH_MD NO_BUILD ACCEL LINUX_ARTIFACTS; do
+for v in RUNS PARTS APP RATE BENCH_DIR BENCH_MD NO_BUILD ACCEL LINUX_ARTIFACTS REPORT_ONLY; do
     if [[ -n ${!v+x} ]]; then cmd_env+="$v=${!v} "; fi
 done
 BENCH_CMD="${cmd_env}scripts/bench-linux.sh"
@@ -57,7 +58,7 @@ for t in qemu-system-x86_64 python3 pv xdelta3 zstd; do
     command -v "$t" >/dev/null || die "$t not found (apt-get install qemu-system-x86 python3 pv xdelta3 zstd)"
 done
 [[ -x /usr/bin/time ]] || die "/usr/bin/time not found (apt-get install time)"
-if [[ ${NO_BUILD:-0} != 1 ]]; then
+if [[ ${NO_BUILD:-0} != 1 && -z ${REPORT_ONLY:-} ]]; then
     log "building (release)"
     (cd "$ROOT" && cargo build --release -p kimberlize -p dekimberlize) || die "cargo build failed"
 fi
@@ -71,8 +72,12 @@ W=$BENCH_DIR/work-$STAMP
 LOGS=$BENCH_DIR/logs-$STAMP
 mkdir -p "$W" "$LOGS"
 TSV=$BENCH_DIR/results-$STAMP.tsv
-printf 'part\tsubject\tmetric\trun\tvalue\tunit\tload1\tnote\n' >"$TSV"
-ln -sfn "$(basename "$TSV")" "$BENCH_DIR/results.tsv"
+if [[ -n ${REPORT_ONLY:-} ]]; then
+    TSV=$(realpath "$REPORT_ONLY")
+else
+    printf 'part\tsubject\tmetric\trun\tvalue\tunit\tload1\tnote\n' >"$TSV"
+    ln -sfn "$(basename "$TSV")" "$BENCH_DIR/results.tsv"
+fi
 KEY=$BENCH_DIR/overlay.key
 [[ -s $KEY ]] || "$KIMB" keygen -o "$KEY" >/dev/null || die "kimberlize keygen failed"
 # linux-base.sh's cache (kernel, initramfs, Debian root image), shared with
@@ -113,7 +118,7 @@ timed() {
     printf '%q ' "$@" >"$LOGS/$name.cmd"
     local rc=0
     /usr/bin/time -o "$LOGS/$name.time" -f '%e %M' "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err" || rc=$?
-    read -r T_WALL T_RSS < <(tail -n 1 "$LOGS/$name.time")
+    read -r T_WALL _ < <(tail -n 1 "$LOGS/$name.time")
     return "$rc"
 }
 
@@ -228,6 +233,7 @@ EOF
     comps+=" ${disks[*]}"
     local ovl=$W/app.ovl
     for ((r = 1; r <= RUNS; r++)); do
+        rm -f "$ovl"
         timed "c-diff-$r" "$KIMB" diff --base "$base" --launch "$launch" -k "$KEY" -o "$ovl" -q
         rec c "$APP" kimberlize_diff_s "$r" "$T_WALL" s
         rec c "$APP" kimberlize_ovl_bytes "$r" "$(stat -c %s "$ovl")" B
@@ -246,8 +252,9 @@ EOF
                 rec c "$APP" "zstd_bytes:$f" "$r" "$(stat -c %s "$W/z.zst")" B
             else
                 zok=0
-                zn="$f: $(grep -v '^Command exited' "$LOGS/c-zstd-$f-$r.err" | tail -n 1 | cut -c1-160)"
-                rec c "$APP" "zstd_s:$f" "$r" NA s "refused: $zn"
+                zn="$f: $(grep -v -e '^Command exited' -e '^[[:space:]]*$' "$LOGS/c-zstd-$f-$r.err" | tail -n 1 | cut -c1-160)"
+                grep -qiE "larger than|can't handle|too large" "$LOGS/c-zstd-$f-$r.err" && zn="refused: $zn" || zn="failed: $zn"
+                rec c "$APP" "zstd_s:$f" "$r" NA s "$zn"
             fi
             rm -f "$W/x.xd3" "$W/z.zst"
         done
@@ -257,7 +264,7 @@ EOF
             rec c "$APP" zstd_total_bytes "$r" "$zs" B "sum over $comps"
             rec c "$APP" zstd_total_s "$r" "$zt" s "sum over $comps"
         else
-            rec c "$APP" zstd_total_bytes "$r" NA B "refused: $zn"
+            rec c "$APP" zstd_total_bytes "$r" NA B "$zn"
         fi
     done
     # Synthesis at 100 Mbit/s: the overlay through `pv -L RATE` into
@@ -293,8 +300,17 @@ except Exception:
     rm -rf "$out"
 }
 
-[[ " $PARTS " == *" a "* || " $PARTS " == *" b "* ]] && part_ab
-[[ " $PARTS " == *" c "* ]] && part_c
+if [[ -z ${REPORT_ONLY:-} ]]; then
+    if [[ " $PARTS " == *" a "* || " $PARTS " == *" b "* ]]; then part_ab; fi
+    if [[ " $PARTS " == *" c "* ]]; then part_c; fi
+    rec meta qemu accel 1 0 - "${accel_used:-$ACCEL}"
+    rec meta guest kernel 1 0 - "${ver_kernel:-?}"
+    [[ -z $C_NOTE ]] || rec meta "$APP" check 1 0 - "$C_NOTE"
+fi
+meta() { awk -F'\t' -v s="$1" -v m="$2" 'NR > 1 && $1 == "meta" && $2 == s && $3 == m { v = $8 } END { print v }' "$TSV"; }
+accel_used=$(meta qemu accel)
+ver_kernel=$(meta guest kernel)
+C_NOTE=$(meta "$APP" check)
 
 # ---------------------------------------------------------------------------
 # Report.
@@ -330,7 +346,7 @@ fmt() {
 }
 verdict() { awk -v c="$1" 'BEGIN { print (c ? "**PASS**" : "**MISS**") }'; }
 load_summary() {
-    awk -F'\t' -v n="$(nproc)" 'NR > 1 && $7 != "" { s += $7; k++; if ($7 > m) m = $7 }
+    awk -F'\t' -v n="$(nproc)" 'NR > 1 && $1 != "meta" && $7 != "" { s += $7; k++; if ($7 > m) m = $7 }
         END { if (k) printf "1-minute load average at each row: mean %.1f, max %.1f on %d CPUs%s", s / k, m, n, (m > n ? " (the machine was shared: wall times are inflated)" : "") }' "$TSV"
 }
 
@@ -373,6 +389,22 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         z=$(st med c "$APP" zstd_total_bytes)
         peer=$x
         [[ $z != NA ]] && peer=$(awk -v a="$x" -v b="$z" 'BEGIN { print (a < b ? a : b) }')
+        # The best peer per component (zstd where it works, else xdelta3),
+        # summed: the strictest comparison when zstd refuses a file.
+        comps=$(awk -F'\t' -v a="$APP" 'NR > 1 && $1 == "c" && $2 == a && $3 ~ /^xdelta3_bytes:/ { sub(/^xdelta3_bytes:/, "", $3); if (!seen[$3]++) print $3 }' "$TSV")
+        best=0
+        comp_rows=""
+        for f in $comps; do
+            xf=$(st med c "$APP" "xdelta3_bytes:$f")
+            zf=$(st med c "$APP" "zstd_bytes:$f")
+            bf=$xf
+            [[ $zf != NA ]] && bf=$(awk -v a="$xf" -v b="$zf" 'BEGIN { print (a < b ? a : b) }')
+            [[ $bf == NA ]] && best=NA
+            [[ $best != NA ]] && best=$(awk -v a="$best" -v b="$bf" 'BEGIN { printf "%.0f", a + b }')
+            zn=$(awk -F'\t' -v a="$APP" -v m="zstd_s:$f" 'NR > 1 && $1 == "c" && $2 == a && $3 == m && $5 == "NA" { print $8; exit }' "$TSV")
+            comp_rows+="| $f | $(cell c "$APP" "xdelta3_bytes:$f" B) | $(cell c "$APP" "xdelta3_s:$f" s) | $( [[ $zf == NA ]] && echo "${zn:-–}" || cell c "$APP" "zstd_bytes:$f" B) | $(cell c "$APP" "zstd_s:$f" s) |"$'\n'
+        done
+        [[ $best != NA && $best != 0 && $peer != NA ]] && peer=$(awk -v a="$peer" -v b="$best" 'BEGIN { print (a < b ? a : b) }')
         kd=$(st med c "$APP" kimberlize_diff_s)
         xd=$(st med c "$APP" xdelta3_total_s)
         zref=$(awk -F'\t' -v a="$APP" 'NR > 1 && $1 == "c" && $2 == a && $3 == "zstd_total_bytes" && $5 == "NA" { print $8; exit }' "$TSV")
@@ -387,12 +419,18 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         echo "| suspend of the 1 GiB launch VM (\`suspend_ms\`) | $(cell c "$APP" build_suspend_ms ms) | ≤ 200 ms | $(v=$(st med c "$APP" build_suspend_ms); [[ $v == NA ]] && echo – || verdict "$(awk -v a="$v" 'BEGIN { print (a <= 200) }')") |"
         echo "| Kimberley overlay (memory + disk + state, encrypted) | $(cell c "$APP" kimberlize_ovl_bytes B) | ≤ 0.9 × the smaller peer ($(fmt "$peer" B)) | $([[ $k == NA || $peer == NA ]] && echo – || echo "$(verdict "$(awk -v a="$k" -v b="$peer" 'BEGIN { print (a <= 0.9 * b) }')") ($(awk -v a="$k" -v b="$peer" 'BEGIN { printf "%.2f", a / b }')×)") |"
         echo "| xdelta3 -e (default settings), sum of components | $(cell c "$APP" xdelta3_total_bytes B) | — | — |"
-        echo "| zstd --patch-from --long=31 -T0, sum of components | $(cell c "$APP" zstd_total_bytes B) | — | ${zref:+refused: $zref} |"
+        echo "| zstd --patch-from --long=31 -T0, sum of components | $(cell c "$APP" zstd_total_bytes B) | — | ${zref:-} |"
         echo "| \`kimberlize diff\` time | $(cell c "$APP" kimberlize_diff_s s) | ≥ 10 × faster than xdelta3 | $([[ $kd == NA || $xd == NA ]] && echo – || echo "$(verdict "$(awk -v a="$kd" -v b="$xd" 'BEGIN { print (b >= 10 * a) }')") ($(awk -v a="$kd" -v b="$xd" 'BEGIN { printf "%.1f", b / a }')×)") |"
         echo "| xdelta3 encode time, sum of components | $(cell c "$APP" xdelta3_total_s s) | — | — |"
         echo "| zstd encode time, sum of components | $(cell c "$APP" zstd_total_s s) | — | — |"
         echo "| synthesis at 100 Mbit/s: \`pv -q -L $RATE app.ovl \| dekimberlize -i - --run\`, start to the agent's first answer | $(cell c "$APP" synth_to_answer_s s) | beside the prototype's 60 – 90 s | — |"
         echo "| of which: restore start to first answer | $(cell c "$APP" resume_to_answer_ms ms) | — | — |"
+        echo
+        echo "Peers per component (the smaller peer above is the smaller of: xdelta3's sum, zstd's sum, and the best peer per component summed$([[ $best != NA && $best != 0 ]] && echo ", here $(fmt "$best" B)")):"
+        echo
+        echo "| component | xdelta3 size | xdelta3 time | zstd size | zstd time |"
+        echo "|---|---|---|---|---|"
+        printf '%s' "$comp_rows"
         echo
         [[ -n $C_NOTE ]] && echo "Check: $C_NOTE" && echo
     fi
