@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 if [ -e /dev/kvm ]; then
     export KIMBERLEY_REQUIRE_KVM=1
 fi
+# Likewise a QEMU test when qemu-system-x86_64 is installed.
+if command -v qemu-system-x86_64 >/dev/null; then
+    export KIMBERLEY_REQUIRE_QEMU=1
+fi
 
 # Test scratch on tmpfs when we can: this machine's disk makes fsync and
 # unlink of test images slow, and the tests create many.

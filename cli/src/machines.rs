@@ -1,5 +1,5 @@
 //! Which backend runs a VM directory: the one its manifest names (the
-//! microVM when it names none).
+//! microVM when it names none, QEMU for `"qemu"`).
 
 use kimberley_formats::vmdir::VmDir;
 use kimberley_machine::{Backend, Machine, RestoreOptions};
@@ -8,7 +8,20 @@ use crate::vm::vm_error;
 
 /// The backend for `dir`, after it checked it can resume it here.
 pub fn backend_for(dir: &VmDir) -> anyhow::Result<Box<dyn Backend>> {
-    let b: Box<dyn Backend> = Box::new(kimberley_vmm::MicroVmBackend);
+    let b: Box<dyn Backend> = match dir.manifest.machine.as_deref() {
+        None => Box::new(kimberley_vmm::MicroVmBackend),
+        Some(m) if m.backend == kimberley_qemu::BACKEND => Box::new(kimberley_qemu::QemuBackend::default()),
+        Some(m) => {
+            return Err(kimberley_formats::Error::VmDir {
+                path: dir.path.clone(),
+                why: format!(
+                    "made for the {:?} backend, which this build does not have (it has \"microvm\" and \"qemu\")",
+                    m.backend
+                ),
+            }
+            .into())
+        }
+    };
     b.check(dir).map_err(vm_error)?;
     Ok(b)
 }

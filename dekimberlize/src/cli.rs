@@ -79,6 +79,11 @@ pub struct ApplyArgs {
     /// more). Linux guests (QEMU backend) only.
     #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT", requires = "run")]
     pub forward: Vec<kimberley_machine::PortForward>,
+    /// With --run, let the guest reach the network through QEMU's user
+    /// networking (Linux guests whose base has a network card). Without it
+    /// the guest's network reaches only the forwarded ports.
+    #[arg(long, value_enum, requires = "run")]
+    pub net: Option<NetArg>,
     /// Control socket for --run (one JSON request per line: status, pause,
     /// resume, snapshot, stop, exec; docs/VMM.md), bound before the
     /// overlay is read. Created 0600, usable only by this uid and root; a
@@ -115,4 +120,11 @@ pub struct VerifyArgs {
     /// No summary on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// `--net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetArg {
+    /// QEMU user networking (NAT, no privileges).
+    User,
 }

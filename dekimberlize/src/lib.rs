@@ -102,7 +102,10 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         return run::run(
             &out,
             sock,
-            a.forward.clone(),
+            run::Network {
+                forwards: a.forward.clone(),
+                outside: a.net.is_some(),
+            },
             t0,
             json,
             a.stats_json.as_deref(),

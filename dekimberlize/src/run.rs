@@ -17,13 +17,20 @@ fn ms(from: Instant, to: Instant) -> u64 {
     to.saturating_duration_since(from).as_millis() as u64
 }
 
-/// Resumes the VM in `out` (guest ports `forwards` reachable from the
-/// host), serves the control socket `sock` until stopped, then suspends it
-/// back into `out`.
+/// What of the network a resumed guest gets.
+pub struct Network {
+    /// Guest ports reachable from the host.
+    pub forwards: Vec<PortForward>,
+    /// The guest reaches the outside network.
+    pub outside: bool,
+}
+
+/// Resumes the VM in `out` (with `net`), serves the control socket `sock`
+/// until stopped, then suspends it back into `out`.
 pub fn run(
     out: &Path,
     sock: ControlSocket,
-    forwards: Vec<PortForward>,
+    net: Network,
     t0: Instant,
     mut stats: serde_json::Value,
     stats_json: Option<&Path>,
@@ -33,7 +40,8 @@ pub fn run(
     let stop = kimberley_machine::stop_on_signals(stop).map_err(vm_error)?;
     let t_restore = Instant::now();
     let opts = RestoreOptions {
-        forwards,
+        forwards: net.forwards,
+        network: net.outside,
         ..RestoreOptions::in_place()
     };
     let mut vm = kimberley_cli::machines::restore(&dir, opts).context("resuming the launch VM")?;

@@ -47,11 +47,22 @@ pub enum Command {
     /// memory snapshot), raw disks and an optional state blob into a new
     /// VMDIR, hashing them in the same pass. Holes stay holes.
     Import(ImportArgs),
-    /// Boot the test guest under KVM and suspend it: a base VM.
+    /// Boot a VM and suspend it once it is ready: a base VM.
     ///
-    /// Creates an empty sparse disk, boots the project's test guest in the
-    /// KVM microVM, waits until it is ready for commands and suspends it
-    /// into a new VMDIR (memory, disk, vCPU and device state).
+    /// Without --qemu: creates an empty sparse disk, boots the project's
+    /// test guest in the KVM microVM, waits until it is ready for commands
+    /// and suspends it into a new VMDIR (memory, disk, vCPU and device
+    /// state).
+    ///
+    /// With --qemu: boots a Linux kernel (and initrd) under QEMU with the
+    /// guest's RAM in the VMDIR's memory.raw, waits until qemu-guest-agent
+    /// in the guest answers, and suspends it (QEMU's device state goes to
+    /// state.bin; RAM stays in memory.raw). The kernel, initrd and disks
+    /// are copied into the VMDIR, which records the exact machine (QEMU
+    /// version, machine type, accelerator). scripts/linux-base.sh makes a
+    /// kernel and initramfs from Debian's packages:
+    ///
+    ///   kimberlize base --qemu -o linux-base --kernel vmlinuz --initrd initrd.cpio.gz --memory 1G --net user
     Base(BaseArgs),
     /// Customise a base VM with scripts and write the overlay.
     ///
@@ -151,17 +162,63 @@ fn size(s: &str) -> Result<u64, String> {
     kimberley_cli::run::parse_size(s)
 }
 
+/// `--accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// KVM where it can run Linux, else TCG.
+    Auto,
+    /// Hardware virtualisation (refused where it cannot run Linux).
+    Kvm,
+    /// QEMU's emulator (works everywhere, slower).
+    Tcg,
+}
+
+/// `--net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetArg {
+    /// QEMU user networking (NAT, no privileges).
+    User,
+}
+
 #[derive(Debug, Args)]
 pub struct BaseArgs {
     /// The VM directory to create (must not exist).
     #[arg(short, long, value_name = "VMDIR")]
     pub output: PathBuf,
-    /// Guest memory (a multiple of 2M, 16M to 3G).
+    /// Guest memory (the microVM: a multiple of 2M, 16M to 3G; QEMU: a
+    /// multiple of 1M, at least 64M).
     #[arg(long, default_value = "256M", value_parser = size)]
     pub memory: u64,
-    /// Size of the empty disk to attach (0: no disk).
-    #[arg(long, default_value = "1G", value_parser = size)]
-    pub disk: u64,
+    /// The microVM: size of the empty disk to attach (default 1G; 0: no
+    /// disk). With --qemu: a raw or qcow2 disk image to copy into the VM
+    /// (repeatable; qcow2 is converted to raw; `truncate -s 1G disk.raw`
+    /// makes an empty one).
+    #[arg(long, value_name = "SIZE|FILE")]
+    pub disk: Vec<String>,
+    /// Run Linux under QEMU instead of the test guest in the microVM.
+    #[arg(long)]
+    pub qemu: bool,
+    /// With --qemu: the Linux kernel (bzImage) to boot.
+    #[arg(long, value_name = "FILE", requires = "qemu")]
+    pub kernel: Option<PathBuf>,
+    /// With --qemu: its initial RAM disk.
+    #[arg(long, value_name = "FILE", requires = "qemu")]
+    pub initrd: Option<PathBuf>,
+    /// With --qemu: the kernel command line, instead of the default
+    /// `console=ttyS0 quiet panic=-1` (keep `console=ttyS0` to see the
+    /// guest's console in errors; `panic=-1` makes a panicking guest stop
+    /// at once).
+    #[arg(long, value_name = "TEXT", requires = "qemu")]
+    pub append: Option<String>,
+    /// With --qemu: the accelerator. `auto` picks KVM only where it can run
+    /// a Linux kernel (hardware virtualisation, not nested under PVM) and
+    /// says which it picked.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto, requires = "qemu")]
+    pub accel: AccelArg,
+    /// With --qemu: give the VM a network card on QEMU's user network
+    /// (needed for `build --net user` and `dekimberlize --run --forward`).
+    #[arg(long, value_enum, requires = "qemu")]
+    pub net: Option<NetArg>,
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
     pub vcpus: u8,
@@ -204,6 +261,11 @@ pub struct BuildArgs {
     /// Give up if a script runs longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Let the guest reach the network while the scripts run (QEMU bases
+    /// made with `base --net user`), e.g. for `apt-get install`. Without
+    /// it the guest's network stays cut off from the host's.
+    #[arg(long, value_enum)]
+    pub net: Option<NetArg>,
     /// Write statistics (script times, then the diff's) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,

@@ -1,4 +1,5 @@
-//! `base` and `build`: the commands that run the KVM microVM.
+//! `base` and `build`: the commands that run a VM (the KVM microVM, or
+//! Linux under QEMU).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use kimberley_machine::{Machine, RestoreOptions};
 use kimberley_vmm::{Vm, VmConfig};
 use serde_json::json;
 
-use crate::cli::{BaseArgs, BuildArgs};
+use crate::cli::{AccelArg, BaseArgs, BuildArgs};
 use crate::diff::{summary, write_overlay};
 
 fn name_of(p: &std::path::Path) -> String {
@@ -26,13 +27,25 @@ fn name_of(p: &std::path::Path) -> String {
 }
 
 pub fn base(a: BaseArgs) -> Result<()> {
+    if a.qemu {
+        return base_qemu(a);
+    }
     let t0 = Instant::now();
+    let disk = match a.disk.as_slice() {
+        [] => 1 << 30,
+        [one] => kimberley_cli::run::parse_size(one).map_err(|e| {
+            usage(format!(
+                "--disk {one:?}: the microVM takes one size ({e}); disk images need --qemu"
+            ))
+        })?,
+        _ => return Err(usage("the microVM takes one --disk SIZE".into())),
+    };
     let w = VmDirWriter::create(&a.output)?;
     let mut disks = Vec::new();
-    if a.disk > 0 {
+    if disk > 0 {
         let name = file_name(Kind::Disk, 0);
         let f = w.create_file(&name)?;
-        f.set_len(a.disk).context("creating the disk")?;
+        f.set_len(disk).context("creating the disk")?;
         disks.push(w.path().join(name));
     }
     let cfg = VmConfig {
@@ -53,6 +66,48 @@ pub fn base(a: BaseArgs) -> Result<()> {
             t0.elapsed().as_secs_f64() * 1000.0
         );
     }
+    Ok(())
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    anyhow::Error::new(kimberley_cli::run::WithCode(2, msg))
+}
+
+/// `base --qemu`: Linux under QEMU, suspended once its guest agent answers.
+fn base_qemu(a: BaseArgs) -> Result<()> {
+    use kimberley_qemu::{AccelChoice, BootConfig};
+
+    let t0 = Instant::now();
+    let kernel = a
+        .kernel
+        .clone()
+        .ok_or_else(|| usage("--qemu needs --kernel FILE".into()))?;
+    let mut cfg = BootConfig::new(kernel, a.initrd.clone());
+    if let Some(append) = &a.append {
+        cfg.append = append.clone();
+    }
+    cfg.memory_size = a.memory;
+    cfg.vcpus = a.vcpus.into();
+    cfg.disks = a.disk.iter().map(Into::into).collect();
+    cfg.accel = match a.accel {
+        AccelArg::Auto => AccelChoice::Auto,
+        AccelArg::Kvm => AccelChoice::Kvm,
+        AccelArg::Tcg => AccelChoice::Tcg,
+    };
+    cfg.net = a.net.is_some();
+    let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
+    let w = VmDirWriter::create(&a.output)?;
+    let booted =
+        kimberley_qemu::boot(&cfg, w, &name, Duration::from_secs(a.timeout)).map_err(vm_error)?;
+    eprintln!(
+        "{}: Linux base VM ready and suspended ({}: {}); boot {:.1} s, suspend {} ms, total {:.1} s",
+        a.output.display(),
+        booted.accel.as_str(),
+        booted.accel_reason,
+        booted.boot_time.as_secs_f64(),
+        booted.suspend_time.as_millis(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -83,8 +138,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
     // The launch VM runs on copies in `w` (the base is only read) and is
     // suspended into `w`.
     let t_restore = Instant::now();
-    let mut vm = kimberley_cli::machines::restore(&base, RestoreOptions::copy_into(&w))
-        .context("resuming the base VM")?;
+    let opts = RestoreOptions {
+        network: a.net.is_some(),
+        ..RestoreOptions::copy_into(&w)
+    };
+    let mut vm = kimberley_cli::machines::restore(&base, opts).context("resuming the base VM")?;
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();
@@ -93,8 +151,13 @@ pub fn build(a: BuildArgs) -> Result<()> {
         let o = vm
             .agent()
             .run_script(script, &mut |line| eprintln!("{line}"), timeout)
-            .map_err(vm_error)
-            .with_context(|| format!("running the {what} script"))?;
+            .map_err(|e| match e {
+                kimberley_machine::Error::Timeout(t) => vm_failure(format!(
+                    "the {what} script timed out after {} s (--timeout) and was stopped",
+                    t.as_secs()
+                )),
+                e => vm_error(e).context(format!("running the {what} script")),
+            })?;
         if o.status != 0 {
             return Err(vm_failure(format!(
                 "the {what} script failed with status {}",

@@ -8,6 +8,8 @@
 pub mod crafted;
 #[path = "../../../vmm/tests/common/ctl.rs"]
 pub mod ctl;
+#[path = "../../../qemu/tests/common/guest.rs"]
+pub mod linux_guest;
 #[path = "../../../vmm/tests/common/tools.rs"]
 pub mod tools;
 

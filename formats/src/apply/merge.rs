@@ -221,17 +221,7 @@ impl<'a> Merge<'a> {
         if self.writeback_every > 0 && self.unsynced >= self.writeback_every {
             self.unsynced = 0;
             use std::os::fd::AsRawFd;
-            // SAFETY: sync_file_range on an open descriptor we own; it only
-            // starts writeback (offset 0, length 0: the whole file). Failure
-            // is harmless: the final fsync reports real errors.
-            unsafe {
-                libc::sync_file_range(
-                    self.out[self.cur].as_raw_fd(),
-                    0,
-                    0,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
+            crate::sys::file::start_writeback(self.out[self.cur].as_raw_fd());
         }
         Ok(())
     }
