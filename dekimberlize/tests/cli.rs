@@ -241,24 +241,7 @@ fn a_full_disk_fails_cleanly() {
     assert!(o.status.success(), "{}", stderr(&o));
     // A 1 MiB tmpfs cannot hold the launch VM's data.
     let mnt = t.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let m = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        m.status.success(),
-        "this test needs root to mount a small tmpfs: {}",
-        String::from_utf8_lossy(&m.stderr)
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(mnt.clone());
+    let _u = common::tools::SmallTmpfs::mount(&mnt, "1m");
     let o = tool!(
         "dekimberlize",
         "--base",

@@ -18,10 +18,10 @@ use common::*;
 use vmigrate::channel;
 use vmigrate::protocol::{DiskInfo, Message, Start};
 
-/// A receiver process on loopback for `key`, writing `out`; returns it and
-/// its address.
-fn receiver(key: &Path, out: &Path, extra: &[&OsStr]) -> (Proc, String) {
-    let mut c = Command::new(bin("vmigrate"))
+/// `vmigrate recv` on a free loopback port for `key`, writing `out`, its
+/// stderr piped.
+fn spawn_recv(key: &Path, out: &Path, extra: &[&OsStr]) -> std::process::Child {
+    Command::new(bin("vmigrate"))
         .args(["recv", "--listen", "127.0.0.1:0", "-k"])
         .arg(key)
         .arg("-o")
@@ -31,7 +31,13 @@ fn receiver(key: &Path, out: &Path, extra: &[&OsStr]) -> (Proc, String) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// A receiver process on loopback for `key`, writing `out`; returns it and
+/// its address.
+fn receiver(key: &Path, out: &Path, extra: &[&OsStr]) -> (Proc, String) {
+    let mut c = spawn_recv(key, out, extra);
     let mut err = c.stderr.take().unwrap();
     let mut seen = Vec::new();
     let mut b = [0u8; 1];
@@ -265,17 +271,7 @@ fn silent_connections_do_not_block_a_migration() {
 /// Starts `vmigrate recv` with `extra` arguments and returns its output if
 /// it exits within 10 s (None: it is still running, i.e. listening).
 fn recv_exits(key: &Path, out: &Path, extra: &[&OsStr]) -> Option<std::process::Output> {
-    let mut c = Command::new(bin("vmigrate"))
-        .args(["recv", "--listen", "127.0.0.1:0", "-k"])
-        .arg(key)
-        .arg("-o")
-        .arg(out)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = spawn_recv(key, out, extra);
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
         if c.try_wait().unwrap().is_some() {
@@ -327,24 +323,7 @@ fn receiver_out_of_space_leaves_the_guest_on_the_source() {
     let before = look(&s.src_sock);
     // An 8 MiB tmpfs cannot hold the guest's 25 MiB of data.
     let mnt = s.p("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let m = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        m.status.success(),
-        "this test needs root to mount a small tmpfs: {}",
-        String::from_utf8_lossy(&m.stderr)
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(mnt.clone());
+    let _u = common::tools::SmallTmpfs::mount(&mnt, "8m");
     let (mut p, addr) = receiver(&s.key.clone(), &mnt.join("out"), &[]);
     let o = s.send(&addr, &[]);
     assert!(!o.status.success());

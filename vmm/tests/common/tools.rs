@@ -231,3 +231,30 @@ pub fn build_app(dir: &Path, memory: &str, disk: &str, install: &str, extra: &[&
         .output()
         .unwrap());
 }
+
+/// A tmpfs of `size` (e.g. "8m") mounted at the new directory `dir`,
+/// unmounted on drop: a file system that runs out of space. Needs root.
+pub struct SmallTmpfs(pub PathBuf);
+
+impl SmallTmpfs {
+    pub fn mount(dir: &Path, size: &str) -> SmallTmpfs {
+        std::fs::create_dir(dir).unwrap();
+        let m = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            m.status.success(),
+            "this test needs root to mount a small tmpfs: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
