@@ -318,14 +318,7 @@ C_NOTE=$(meta "$APP" check)
 # stat FN PART SUBJECT METRIC: FN in med|min|max over numeric values.
 st() {
     awk -F'\t' -v p="$2" -v s="$3" -v m="$4" 'NR > 1 && $1 == p && $2 == s && $3 == m && $5 ~ /^[0-9.]+$/ { print $5 }' "$TSV" |
-        sort -g | awk -v fn="$1" '{ a[NR] = $1 }
-            END {
-                if (NR == 0) { print "NA"; exit }
-                if (fn == "min") print a[1]
-                else if (fn == "max") print a[NR]
-                else if (NR % 2) print a[(NR + 1) / 2]
-                else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2
-            }'
+        sort -g | awk -v fn="$1" -f "$ROOT/scripts/bench/pick.awk"
 }
 n_of() { awk -F'\t' -v p="$1" -v s="$2" -v m="$3" 'NR > 1 && $1 == p && $2 == s && $3 == m && $5 ~ /^[0-9.]+$/' "$TSV" | wc -l; }
 cell() { # PART SUBJECT METRIC UNIT: "median (min–max, n runs)"

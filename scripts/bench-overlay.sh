@@ -381,14 +381,7 @@ done
 stat_of() {
     awk -F'\t' -v d="$2" -v t="$3" -v o="$4" -v c="$5" \
         'NR > 1 && $1 == d && $2 == t && $3 == o && $5 == "ok" && $c != "NA" { print $c }' "$TSV" |
-        sort -g | awk -v fn="$1" '{ a[NR] = $1 }
-            END {
-                if (NR == 0) { print "NA"; exit }
-                if (fn == "min") print a[1]
-                else if (fn == "max") print a[NR]
-                else if (NR % 2) print a[(NR + 1) / 2]
-                else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2
-            }'
+        sort -g | awk -v fn="$1" -f "$ROOT/scripts/bench/pick.awk"
 }
 # Status summary of a row group: "ok", or e.g. "refused" / "fail" with the first note.
 notes_of() {
