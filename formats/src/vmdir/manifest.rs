@@ -172,29 +172,19 @@ impl Manifest {
 
     /// Checks the structural rules of FORMAT.md, for a component list
     /// that travels without its machine description (an overlay's
-    /// manifest segment: the machine comes from the base VM directory).
+    /// manifest segment: the machine comes from the base VM directory), so
+    /// a kernel or initrd needs none here.
     pub fn validate_detached(&self) -> Result<(), ManifestError> {
-        let mut m = self.clone();
-        if m.machine.is_none()
-            && m.components
-                .iter()
-                .any(|c| matches!(c.kind, Kind::Kernel | Kind::Initrd))
-        {
-            m.machine = Some(Box::new(MachineSpec {
-                backend: "any".into(),
-                version: "any".into(),
-                machine_type: "any".into(),
-                accel: "any".into(),
-                cpu: "any".into(),
-                cmdline: String::new(),
-                devices: Vec::new(),
-            }));
-        }
-        m.validate()
+        self.check(true)
     }
 
     /// Checks the structural rules of FORMAT.md.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        self.check(false)
+    }
+
+    /// The rules; `detached`: the machine description travels apart.
+    fn check(&self, detached: bool) -> Result<(), ManifestError> {
         let rule = |s: String| Err(ManifestError::Rule(s));
         if self.name.is_empty()
             || self.name.len() > MAX_NAME
@@ -243,6 +233,7 @@ impl Manifest {
         }
         match &self.machine {
             Some(m) => m.validate().map_err(ManifestError::Rule)?,
+            None if detached => {}
             None => {
                 if let Some(c) = self
                     .components
