@@ -6,7 +6,8 @@ use kimberley_machine::{Backend, Machine, RestoreOptions};
 
 use crate::vm::vm_error;
 
-/// The backend for `dir`, after it checked it can resume it here.
+/// The backend that runs `dir` (its `restore` checks it can resume it
+/// here).
 pub fn backend_for(dir: &VmDir) -> anyhow::Result<Box<dyn Backend>> {
     let b: Box<dyn Backend> = match dir.manifest.machine.as_deref() {
         None => Box::new(kimberley_vmm::MicroVmBackend),
@@ -22,7 +23,6 @@ pub fn backend_for(dir: &VmDir) -> anyhow::Result<Box<dyn Backend>> {
             .into())
         }
     };
-    b.check(dir).map_err(vm_error)?;
     Ok(b)
 }
 

@@ -102,9 +102,10 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         return run::run(
             &out,
             sock,
-            run::Network {
+            kimberley_machine::RestoreOptions {
                 forwards: a.forward.clone(),
-                outside: a.net.is_some(),
+                network: a.net.is_some(),
+                ..kimberley_machine::RestoreOptions::in_place()
             },
             t0,
             json,

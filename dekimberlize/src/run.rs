@@ -9,28 +9,18 @@ use anyhow::{Context, Result};
 use kimberley_cli::output::write_json;
 use kimberley_cli::vm::vm_error;
 use kimberley_formats::vmdir::VmDir;
-use kimberley_machine::{
-    ControlSocket, Error as MachineError, Machine, PortForward, RestoreOptions,
-};
+use kimberley_machine::{ControlSocket, Error as MachineError, Machine, RestoreOptions};
 
 fn ms(from: Instant, to: Instant) -> u64 {
     to.saturating_duration_since(from).as_millis() as u64
 }
 
-/// What of the network a resumed guest gets.
-pub struct Network {
-    /// Guest ports reachable from the host.
-    pub forwards: Vec<PortForward>,
-    /// The guest reaches the outside network.
-    pub outside: bool,
-}
-
-/// Resumes the VM in `out` (with `net`), serves the control socket `sock`
-/// until stopped, then suspends it back into `out`.
+/// Resumes the VM in `out` in place (`opts`: its network), serves the
+/// control socket `sock` until stopped, then suspends it back into `out`.
 pub fn run(
     out: &Path,
     sock: ControlSocket,
-    net: Network,
+    opts: RestoreOptions<'static>,
     t0: Instant,
     mut stats: serde_json::Value,
     stats_json: Option<&Path>,
@@ -39,11 +29,6 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let stop = kimberley_machine::stop_on_signals(stop).map_err(vm_error)?;
     let t_restore = Instant::now();
-    let opts = RestoreOptions {
-        forwards: net.forwards,
-        network: net.outside,
-        ..RestoreOptions::in_place()
-    };
     let mut vm = kimberley_cli::machines::restore(&dir, opts).context("resuming the launch VM")?;
     vm.set_interrupt(stop.clone());
     let first_run = vm.first_run().unwrap_or_else(Instant::now);
