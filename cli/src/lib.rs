@@ -2,6 +2,7 @@
 //! options, progress bars, stats files, error reporting and exit codes,
 //! man page rendering.
 
+pub mod exit;
 pub mod keys;
 pub mod machines;
 pub mod man;

@@ -3,9 +3,9 @@
 use std::path::Path;
 
 /// Renders `cmd` and each subcommand into `(file name, roff)` pairs.
-pub fn render(cmd: clap::Command) -> Vec<(String, Vec<u8>)> {
+pub fn render(cmd: clap::Command, tool: crate::exit::Tool) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    let cmd = cmd.after_long_help(crate::run::EXIT_CODES);
+    let cmd = cmd.after_long_help(crate::exit::render(tool));
     render_into(&cmd, cmd.get_name().to_string(), &mut out);
     out
 }
@@ -27,10 +27,10 @@ fn render_into(cmd: &clap::Command, name: String, out: &mut Vec<(String, Vec<u8>
 
 /// Compares rendered pages with `dir`, or rewrites them when
 /// `UPDATE_MAN=1`. Returns the names of stale pages.
-pub fn check_or_update(cmd: clap::Command, dir: &Path) -> Vec<String> {
+pub fn check_or_update(cmd: clap::Command, tool: crate::exit::Tool, dir: &Path) -> Vec<String> {
     let update = std::env::var("UPDATE_MAN").is_ok_and(|v| v == "1");
     let mut stale = Vec::new();
-    for (name, roff) in render(cmd) {
+    for (name, roff) in render(cmd, tool) {
         let p = dir.join(&name);
         if update {
             std::fs::write(&p, &roff).expect("writing a man page");

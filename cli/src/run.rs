@@ -8,20 +8,6 @@ use kimberley_formats::Error as FormatError;
 /// `-q` handling.
 pub type Quiet = bool;
 
-/// Exit codes (also in every man page and docs/FORMAT.md).
-pub const EXIT_CODES: &str = "\
-EXIT STATUS:
-  0  success
-  1  error (I/O, resources, anything not listed below)
-  2  usage error (bad arguments)
-  3  the overlay is truncated, corrupt, of an unknown version, or not an overlay
-  4  authentication failed: wrong key or passphrase, or tampered data
-  5  wrong base VM, or overlays given out of chain order / with a missing link
-  6  the output already exists
-  7  a VM directory is missing, unreadable or inconsistent
-  8  the result does not match the digest the overlay promised
-  9  the VM failed (no usable /dev/kvm, guest crash, timeout, script error)";
-
 /// Runs `f`, prints `error: ...` with its causes on failure and maps the
 /// root cause to an exit code. A broken pipe on stdout exits quietly.
 pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
@@ -83,7 +69,7 @@ pub fn threads(n: Option<usize>) -> usize {
 }
 
 /// Exit code of VM failures.
-pub const EXIT_VM: i32 = 9;
+pub const EXIT_VM: i32 = crate::exit::VM as i32;
 
 /// Parses a size: a number with an optional K, M, G or T suffix (binary
 /// multiples), e.g. `256M`, `1G`, `4096`.

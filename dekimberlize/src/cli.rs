@@ -27,7 +27,7 @@ use kimberley_cli::{KeyArgs, ReadArgs};
 ///   dekimberlize --base base -i app.ovl -k overlay.key -o app-vm --run --control app.sock
 ///   dekimberlize verify -i app.ovl -k overlay.key
 #[derive(Debug, Parser)]
-#[command(name = "dekimberlize", version, about, long_about, after_long_help = kimberley_cli::run::EXIT_CODES)]
+#[command(name = "dekimberlize", version, about, long_about, after_long_help = kimberley_cli::exit::render(kimberley_cli::exit::Tool::Dekimberlize))]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]

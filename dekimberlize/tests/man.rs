@@ -6,7 +6,11 @@ use clap::CommandFactory;
 #[test]
 fn man_pages_are_current() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
-    let stale = kimberley_cli::man::check_or_update(dekimberlize::cli::Cli::command(), &dir);
+    let stale = kimberley_cli::man::check_or_update(
+        dekimberlize::cli::Cli::command(),
+        kimberley_cli::exit::Tool::Dekimberlize,
+        &dir,
+    );
     assert!(
         stale.is_empty(),
         "stale man pages {stale:?}: run UPDATE_MAN=1 cargo test -p dekimberlize --test man"

@@ -27,7 +27,7 @@ use kimberley_cli::{KeyArgs, ReadArgs};
 ///   kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
 ///   kimberlize diff --base base --launch launch -k overlay.key | ssh cloudlet dekimberlize --base base -k overlay.key -o app
 #[derive(Debug, Parser)]
-#[command(name = "kimberlize", version, about, long_about, after_long_help = kimberley_cli::run::EXIT_CODES)]
+#[command(name = "kimberlize", version, about, long_about, after_long_help = kimberley_cli::exit::render(kimberley_cli::exit::Tool::Kimberlize))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 ///   vmigrate recv --listen 0.0.0.0:7070 --key-file mig.key -o vm-here --control here.sock
 ///   vmigrate send --control vm.sock --to desthost:7070 --key-file mig.key --stats-json mig.json
 #[derive(Debug, Parser)]
-#[command(name = "vmigrate", version, about, long_about, after_long_help = kimberley_cli::run::EXIT_CODES)]
+#[command(name = "vmigrate", version, about, long_about, after_long_help = kimberley_cli::exit::render(kimberley_cli::exit::Tool::Vmigrate))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
