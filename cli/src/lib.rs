@@ -1,14 +1,16 @@
 //! Plumbing shared by `kimberlize`, `dekimberlize` and `vmigrate`: key
 //! options, progress bars, stats files, error reporting and exit codes,
-//! man page rendering.
+//! help, man pages, completions and `--version`.
 
 pub mod exit;
+pub mod help;
 pub mod keys;
 pub mod machines;
 pub mod man;
 pub mod output;
 pub mod progress;
 pub mod run;
+pub mod version;
 pub mod vm;
 
 pub use keys::{KeyArgs, ReadArgs};

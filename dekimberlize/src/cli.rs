@@ -18,16 +18,8 @@ use kimberley_cli::{KeyArgs, ReadArgs};
 /// that is not encrypted, since an unencrypted overlay authenticates nothing,
 /// unless --allow-unencrypted; and it refuses a passphrase overlay whose
 /// header asks Argon2id for more than --max-kdf-memory or --max-kdf-passes.
-///
-/// Examples:
-///
-///   dekimberlize --base base -i app.ovl -k overlay.key -o app-vm
-///   ssh laptop kimberlize diff --base base --launch app -k key | dekimberlize --base base -k key -o app-vm
-///   dekimberlize --base base -i os-layer.ovl -i app-layer.ovl -k key -o app-vm
-///   dekimberlize --base base -i app.ovl -k overlay.key -o app-vm --run --control app.sock
-///   dekimberlize verify -i app.ovl -k overlay.key
 #[derive(Debug, Parser)]
-#[command(name = "dekimberlize", version, about, long_about, after_long_help = kimberley_cli::exit::render(kimberley_cli::exit::Tool::Dekimberlize))]
+#[command(name = "dekimberlize", version, long_version = kimberley_cli::version::long(&[]), about, long_about)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -44,6 +36,49 @@ pub enum Command {
     /// "checksums OK (not authenticated)" for an unencrypted one (read without
     /// a key, or with --allow-unencrypted).
     Verify(VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
+    Completions(kimberley_cli::help::CompletionsArgs),
+}
+
+/// Example blocks of every command, shown verbatim by `--help` and in the
+/// man pages.
+pub const EXAMPLES: kimberley_cli::help::Examples = &[
+    (
+        "dekimberlize",
+        "dekimberlize --base base -i app.ovl -k overlay.key -o app-vm
+ssh laptop kimberlize diff --base base --launch app -k key \\
+    | dekimberlize --base base -k key -o app-vm
+dekimberlize --base base -i os-layer.ovl -i app-layer.ovl -k key -o app-vm
+dekimberlize --base base -i app.ovl -k overlay.key -o app-vm \\
+    --run --control app.sock
+dekimberlize verify -i app.ovl -k overlay.key",
+    ),
+    (
+        "dekimberlize verify",
+        "dekimberlize verify -i app.ovl -k overlay.key
+dekimberlize verify -i app.ovl -k overlay.key --base base
+ssh laptop cat app.ovl | dekimberlize verify -k overlay.key",
+    ),
+    (
+        "dekimberlize completions",
+        "source <(dekimberlize completions bash)            # in ~/.bashrc
+dekimberlize completions zsh > ~/.zfunc/_dekimberlize
+dekimberlize completions fish \\
+    > ~/.config/fish/completions/dekimberlize.fish",
+    ),
+];
+
+/// The command line with its examples and exit codes in the long help.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    kimberley_cli::help::decorate(Cli::command(), kimberley_cli::exit::Tool::Dekimberlize, EXAMPLES)
+}
+
+/// Parses the process's arguments (exits with usage or help text).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let m = command().get_matches();
+    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Debug, Args)]

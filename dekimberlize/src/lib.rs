@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
-use clap::Parser;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::Bar;
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
@@ -18,9 +17,13 @@ use kimberley_formats::vmdir::VmDir;
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
-    let args = cli::Cli::parse();
+    let args = cli::parse();
     match args.command {
         Some(cli::Command::Verify(v)) => verify(v),
+        Some(cli::Command::Completions(a)) => {
+            kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
+            Ok(())
+        }
         None => run_apply(args.apply),
     }
 }

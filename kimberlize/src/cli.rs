@@ -11,23 +11,11 @@ use kimberley_cli::{KeyArgs, ReadArgs};
 /// base after an install script and a resume script ran in it), chunked,
 /// deduplicated, compressed in parallel, encrypted and bound to its base.
 /// `dekimberlize` applies it to the same base to get the launch VM back.
-///
-/// With the project's KVM microVM and its test guest:
-///
-///   kimberlize keygen -o overlay.key
-///   kimberlize base -o base --memory 256M --disk 1G
-///   kimberlize build --base base --install install.txt --resume resume.txt -k overlay.key -o app.ovl
-///   dekimberlize --base base -i app.ovl -k overlay.key -o app --run
-///
-/// With images from elsewhere (a Firecracker memory file, raw disks):
-///
-///   kimberlize keygen -o overlay.key
-///   kimberlize import -o base --memory base-mem.raw --disk base-disk.raw
-///   kimberlize import -o launch --memory mem.raw --disk disk.raw
-///   kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
-///   kimberlize diff --base base --launch launch -k overlay.key | ssh cloudlet dekimberlize --base base -k overlay.key -o app
+/// The examples below use the project's KVM microVM and its test guest
+/// (scripts in examples/), then images from elsewhere (a Firecracker
+/// memory file, raw disks).
 #[derive(Debug, Parser)]
-#[command(name = "kimberlize", version, about, long_about, after_long_help = kimberley_cli::exit::render(kimberley_cli::exit::Tool::Kimberlize))]
+#[command(name = "kimberlize", version, long_version = kimberley_cli::version::long(&[]), about, long_about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -60,9 +48,7 @@ pub enum Command {
     /// state.bin; RAM stays in memory.raw). The kernel, initrd and disks
     /// are copied into the VMDIR, which records the exact machine (QEMU
     /// version, machine type, accelerator). scripts/linux-base.sh makes a
-    /// kernel and initramfs from Debian's packages:
-    ///
-    ///   kimberlize base --qemu -o linux-base --kernel vmlinuz --initrd initrd.cpio.gz --memory 1G --net user
+    /// kernel and initramfs from Debian's packages.
     Base(BaseArgs),
     /// Customise a base VM with scripts and write the overlay.
     ///
@@ -73,10 +59,13 @@ pub enum Command {
     /// What the guest prints goes to stderr line by line, since stdout may
     /// carry the overlay.
     ///
-    /// Scripts are text, one command a line, `#` comments: print TEXT,
-    /// fill NAME SIZE SEED random|text|zero, checksum NAME,
-    /// disk-write OFFSET SIZE SEED, disk-checksum OFFSET SIZE,
-    /// counter start|stop, counter, dirty NAME RATE, sleep MS.
+    /// Scripts for the microVM's test guest are text, one command a line,
+    /// `#` comments: print TEXT, fill NAME SIZE SEED random|text|zero,
+    /// checksum NAME, disk-write OFFSET SIZE SEED, disk-checksum OFFSET
+    /// SIZE, counter start|stop, counter, dirty NAME RATE, sleep MS.
+    /// Scripts for Linux guests (QEMU) are /bin/sh scripts. docs/SCRIPTS.md
+    /// documents both: every command, its arguments, units, output and
+    /// errors.
     Build(BuildArgs),
     /// Diff a launch VM against its base and write an overlay.
     ///
@@ -95,6 +84,85 @@ pub enum Command {
     /// overlay is only checksummed, and with a key it is refused unless
     /// --allow-unencrypted.
     Inspect(InspectArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
+    Completions(kimberley_cli::help::CompletionsArgs),
+}
+
+/// Example blocks of every command, shown verbatim by `--help` and in the
+/// man pages.
+pub const EXAMPLES: kimberley_cli::help::Examples = &[
+    (
+        "kimberlize",
+        "# the project's KVM microVM and its test guest (a 64 MiB base)
+kimberlize keygen -o overlay.key
+kimberlize base -o base --memory 64M --disk 256M
+kimberlize build --base base --install examples/install.txt \\
+    --resume examples/resume.txt -k overlay.key -o app.ovl
+dekimberlize --base base -i app.ovl -k overlay.key -o app-vm --run
+
+# images from elsewhere (a Firecracker memory file, raw disks)
+kimberlize import -o base --memory base-mem.raw --disk base-disk.raw
+kimberlize import -o launch --memory mem.raw --disk disk.raw
+kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
+kimberlize diff --base base --launch launch -k overlay.key \\
+    | ssh cloudlet dekimberlize --base base -k overlay.key -o app",
+    ),
+    ("kimberlize keygen", "kimberlize keygen -o overlay.key"),
+    (
+        "kimberlize import",
+        "kimberlize import -o vm --memory mem.raw --disk disk.raw
+kimberlize import -o vm --memory mem.raw --disk root.raw --disk data.raw \\
+    --state state.bin --vcpus 2",
+    ),
+    (
+        "kimberlize base",
+        "kimberlize base -o base --memory 64M --disk 256M
+scripts/linux-base.sh -o linux-base --memory 1G
+kimberlize base --qemu -o linux-base --kernel vmlinuz \\
+    --initrd initrd.cpio.gz --memory 1G --net user",
+    ),
+    (
+        "kimberlize build",
+        "kimberlize build --base base --install examples/install.txt \\
+    --resume examples/resume.txt -k overlay.key -o app.ovl
+kimberlize build --base base --install examples/install.txt \\
+    --resume examples/resume.txt -k overlay.key \\
+    | ssh cloudlet dekimberlize --base base -k overlay.key -o app-vm
+kimberlize build --base linux-base --install install.sh --resume resume.sh \\
+    --net user -k overlay.key -o abiword.ovl",
+    ),
+    (
+        "kimberlize diff",
+        "kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
+kimberlize diff --base base --parent os.ovl --launch app -k overlay.key \\
+    -o app-layer.ovl
+kimberlize diff --base base --launch launch --no-encrypt \\
+    --stats-json stats.json -o app.ovl",
+    ),
+    (
+        "kimberlize inspect",
+        "kimberlize inspect app.ovl
+kimberlize inspect app.ovl -k overlay.key --json",
+    ),
+    (
+        "kimberlize completions",
+        "source <(kimberlize completions bash)            # in ~/.bashrc
+kimberlize completions zsh > ~/.zfunc/_kimberlize
+kimberlize completions fish > ~/.config/fish/completions/kimberlize.fish",
+    ),
+];
+
+/// The command line with its examples and exit codes in the long help.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    kimberley_cli::help::decorate(Cli::command(), kimberley_cli::exit::Tool::Kimberlize, EXAMPLES)
+}
+
+/// Parses the process's arguments (exits with usage or help text).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let m = command().get_matches();
+    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Debug, Args)]

@@ -7,11 +7,10 @@ mod inspect;
 mod vm;
 
 use anyhow::Result;
-use clap::Parser;
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
-    let args = cli::Cli::parse();
+    let args = cli::parse();
     match args.command {
         cli::Command::Keygen { output } => {
             kimberley_formats::crypto::keys::keygen(&output)?;
@@ -22,5 +21,9 @@ pub fn main() -> Result<()> {
         cli::Command::Base(a) => vm::base(a),
         cli::Command::Build(a) => vm::build(a),
         cli::Command::Inspect(a) => inspect::inspect(a),
+        cli::Command::Completions(a) => {
+            kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }

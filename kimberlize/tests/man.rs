@@ -1,14 +1,25 @@
 //! The man pages in man/ are generated from the clap definitions and must
 //! be current: `UPDATE_MAN=1 cargo test -p kimberlize --test man` rewrites them.
+//! Also: the pages' sections, verbatim examples, completions, `--version`.
+
+#[path = "../../cli/tests/common/docs.rs"]
+mod docs;
 
 use clap::CommandFactory;
+use kimberley_cli::exit::Tool;
+use kimberlize::cli;
+
+fn bin() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_kimberlize").into()
+}
 
 #[test]
 fn man_pages_are_current() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
     let stale = kimberley_cli::man::check_or_update(
         kimberlize::cli::Cli::command(),
-        kimberley_cli::exit::Tool::Kimberlize,
+        Tool::Kimberlize,
+        cli::EXAMPLES,
         &dir,
     );
     assert!(
@@ -19,10 +30,38 @@ fn man_pages_are_current() {
 
 #[test]
 fn help_teaches() {
-    let help = kimberlize::cli::Cli::command()
+    let help = cli::command()
         .render_long_help()
         .to_string();
     for needle in ["EXIT STATUS", "keygen", "ssh cloudlet"] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
+}
+
+#[test]
+fn pages_have_every_section() {
+    docs::check_pages(cli::Cli::command(), Tool::Kimberlize, cli::EXAMPLES);
+}
+
+#[test]
+fn help_shows_examples_verbatim() {
+    docs::check_examples(cli::command(), cli::EXAMPLES);
+}
+
+#[test]
+fn completions_parse() {
+    docs::check_completions(&bin());
+}
+
+#[test]
+fn completions_complete() {
+    let subs = docs::bash_complete(&bin(), &["kimberlize", "b"]);
+    assert!(subs.contains(&"build".to_string()) && subs.contains(&"base".to_string()), "{subs:?}");
+    let opts = docs::bash_complete(&bin(), &["kimberlize", "build", "--ins"]);
+    assert_eq!(opts, ["--install"]);
+}
+
+#[test]
+fn version_names_commit_and_formats() {
+    docs::check_version(&bin(), &[]);
 }

@@ -16,15 +16,8 @@ use clap::{Args, Parser, Subcommand};
 /// Until the receiver confirms that the guest runs there, a failure (lost
 /// connection, dead receiver, wrong key, Ctrl-C) leaves the guest running
 /// on the source, unharmed; the receiver discards what it received.
-///
-/// Two terminals (or two hosts):
-///
-///   kimberlize keygen -o mig.key          # copy it to both hosts
-///   vmigrate run vm --control vm.sock
-///   vmigrate recv --listen 0.0.0.0:7070 --key-file mig.key -o vm-here --control here.sock
-///   vmigrate send --control vm.sock --to desthost:7070 --key-file mig.key --stats-json mig.json
 #[derive(Debug, Parser)]
-#[command(name = "vmigrate", version, about, long_about, after_long_help = kimberley_cli::exit::render(kimberley_cli::exit::Tool::Vmigrate))]
+#[command(name = "vmigrate", version, long_version = kimberley_cli::version::long(&[("migration protocol", crate::protocol::VERSION.to_string())]), about, long_about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -56,6 +49,60 @@ pub enum Command {
     /// terminal, a line per round otherwise. Ctrl-C cancels: the guest keeps
     /// running on the source.
     Send(SendArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
+    Completions(kimberley_cli::help::CompletionsArgs),
+}
+
+/// Example blocks of every command, shown verbatim by `--help` and in the
+/// man pages.
+pub const EXAMPLES: kimberley_cli::help::Examples = &[
+    (
+        "vmigrate",
+        "# two terminals (or two hosts)
+kimberlize keygen -o mig.key          # copy it to both hosts
+vmigrate run vm --control vm.sock
+vmigrate recv --listen 0.0.0.0:7070 --key-file mig.key -o vm-here \\
+    --control here.sock
+vmigrate send --control vm.sock --to desthost:7070 --key-file mig.key \\
+    --stats-json mig.json",
+    ),
+    (
+        "vmigrate run",
+        "vmigrate run app-vm --control app.sock",
+    ),
+    (
+        "vmigrate recv",
+        "vmigrate recv --listen 0.0.0.0:7070 -k mig.key -o vm-here \\
+    --control here.sock
+vmigrate recv --listen 0.0.0.0:7070 -k mig.key -o vm-here \\
+    --shared-disk-dir /srv/shared",
+    ),
+    (
+        "vmigrate send",
+        "vmigrate send --control vm.sock --to desthost:7070 -k mig.key
+vmigrate send --control vm.sock --to desthost:7070 -k mig.key \\
+    --max-bandwidth 100mbit --downtime-ms 100 --stats-json mig.json
+vmigrate send --control vm.sock --to desthost:7070 -k mig.key --shared-disk",
+    ),
+    (
+        "vmigrate completions",
+        "source <(vmigrate completions bash)            # in ~/.bashrc
+vmigrate completions zsh > ~/.zfunc/_vmigrate
+vmigrate completions fish > ~/.config/fish/completions/vmigrate.fish",
+    ),
+];
+
+/// The command line with its examples and exit codes in the long help.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    kimberley_cli::help::decorate(Cli::command(), kimberley_cli::exit::Tool::Vmigrate, EXAMPLES)
+}
+
+/// Parses the process's arguments (exits with usage or help text).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let m = command().get_matches();
+    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Debug, Args)]

@@ -17,18 +17,21 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 use kimberley_cli::vm::{serve_vmdir, vm_error, Served};
 use kimberley_formats::vmdir::VmDir;
 use kimberley_machine::{ControlSocket, Machine, RestoreOptions};
 
 /// Parses arguments and runs the command.
 pub fn main() -> Result<()> {
-    let args = cli::Cli::parse();
+    let args = cli::parse();
     match args.command {
         cli::Command::Run(a) => run(a),
         cli::Command::Recv(a) => recv_cmd(a),
         cli::Command::Send(a) => client::send(a),
+        cli::Command::Completions(a) => {
+            kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }
 

@@ -1,14 +1,25 @@
 //! The man pages in man/ are generated from the clap definitions and must
 //! be current: `UPDATE_MAN=1 cargo test -p vmigrate --test man` rewrites them.
+//! Also: the pages' sections, verbatim examples, completions, `--version`.
+
+#[path = "../../cli/tests/common/docs.rs"]
+mod docs;
 
 use clap::CommandFactory;
+use kimberley_cli::exit::Tool;
+use vmigrate::cli;
+
+fn bin() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_vmigrate").into()
+}
 
 #[test]
 fn man_pages_are_current() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
     let stale = kimberley_cli::man::check_or_update(
         vmigrate::cli::Cli::command(),
-        kimberley_cli::exit::Tool::Vmigrate,
+        Tool::Vmigrate,
+        cli::EXAMPLES,
         &dir,
     );
     assert!(
@@ -19,7 +30,7 @@ fn man_pages_are_current() {
 
 #[test]
 fn help_teaches() {
-    let help = vmigrate::cli::Cli::command().render_long_help().to_string();
+    let help = cli::command().render_long_help().to_string();
     for needle in ["EXIT STATUS", "vmigrate recv", "vmigrate send", "keygen"] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
@@ -32,4 +43,27 @@ fn rates() {
     assert_eq!(parse_rate("12M"), Ok(12 << 20));
     assert!(parse_rate("0").is_err());
     assert!(parse_rate("fast").is_err());
+}
+
+#[test]
+fn pages_have_every_section() {
+    docs::check_pages(cli::Cli::command(), Tool::Vmigrate, cli::EXAMPLES);
+}
+
+#[test]
+fn help_shows_examples_verbatim() {
+    docs::check_examples(cli::command(), cli::EXAMPLES);
+}
+
+#[test]
+fn completions_parse() {
+    docs::check_completions(&bin());
+}
+
+#[test]
+fn version_names_commit_and_formats() {
+    docs::check_version(
+        &bin(),
+        &[format!("migration protocol: {}", vmigrate::protocol::VERSION)],
+    );
 }
