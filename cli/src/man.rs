@@ -32,7 +32,13 @@ struct Page {
 
 /// The pages of `cmd`: itself and every visible subcommand, without the
 /// `help` subcommand (it has no page).
-fn pages(cmd: &clap::Command, name: String, path: String, parent: Option<String>, out: &mut Vec<Page>) {
+fn pages(
+    cmd: &clap::Command,
+    name: String,
+    path: String,
+    parent: Option<String>,
+    out: &mut Vec<Page>,
+) {
     let page_cmd = cmd.clone().name(name.clone()).disable_help_subcommand(true);
     out.push(Page {
         name: name.clone(),
@@ -79,14 +85,26 @@ fn see_also(p: &Page, all: &[Page], names: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
     match &p.parent {
         None => {
-            v.extend(all.iter().filter(|q| q.parent.as_ref() == Some(&p.name)).map(|q| q.name.clone()));
-            v.extend(TOOLS.iter().filter(|t| **t != p.name).map(|t| t.to_string()));
+            v.extend(
+                all.iter()
+                    .filter(|q| q.parent.as_ref() == Some(&p.name))
+                    .map(|q| q.name.clone()),
+            );
+            v.extend(
+                TOOLS
+                    .iter()
+                    .filter(|t| **t != p.name)
+                    .map(|t| t.to_string()),
+            );
         }
         Some(parent) => {
             v.push(parent.clone());
             v.extend(
                 all.iter()
-                    .filter(|q| q.parent.as_ref() == Some(&p.name) || (q.parent.as_ref() == Some(parent) && q.name != p.name))
+                    .filter(|q| {
+                        q.parent.as_ref() == Some(&p.name)
+                            || (q.parent.as_ref() == Some(parent) && q.name != p.name)
+                    })
                     .map(|q| q.name.clone()),
             );
         }
@@ -143,7 +161,11 @@ fn render_page(p: &Page, tool: Tool, examples: Option<&str>, see_also: &[String]
         .iter()
         .enumerate()
         .flat_map(|(i, n)| {
-            let sep = if i + 1 < see_also.len() { "(1), " } else { "(1)" };
+            let sep = if i + 1 < see_also.len() {
+                "(1), "
+            } else {
+                "(1)"
+            };
             [bold(n.clone()), roman(sep)]
         })
         .collect();
@@ -154,7 +176,12 @@ fn render_page(p: &Page, tool: Tool, examples: Option<&str>, see_also: &[String]
 
 /// Compares rendered pages with `dir`, or rewrites them when
 /// `UPDATE_MAN=1`. Returns the names of stale pages.
-pub fn check_or_update(cmd: clap::Command, tool: Tool, examples: Examples, dir: &Path) -> Vec<String> {
+pub fn check_or_update(
+    cmd: clap::Command,
+    tool: Tool,
+    examples: Examples,
+    dir: &Path,
+) -> Vec<String> {
     let update = std::env::var("UPDATE_MAN").is_ok_and(|v| v == "1");
     let mut stale = Vec::new();
     for (name, roff) in render(cmd, tool, examples) {

@@ -71,7 +71,11 @@ dekimberlize completions fish \\
 /// The command line with its examples and exit codes in the long help.
 pub fn command() -> clap::Command {
     use clap::CommandFactory;
-    kimberley_cli::help::decorate(Cli::command(), kimberley_cli::exit::Tool::Dekimberlize, EXAMPLES)
+    kimberley_cli::help::decorate(
+        Cli::command(),
+        kimberley_cli::exit::Tool::Dekimberlize,
+        EXAMPLES,
+    )
 }
 
 /// Parses the process's arguments (exits with usage or help text).

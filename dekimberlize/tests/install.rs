@@ -22,10 +22,20 @@ fn install_into_a_prefix() {
         .arg(&bin_dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for t in ["kimberlize", "dekimberlize", "vmigrate"] {
-        let v = Command::new(prefix.join("bin").join(t)).arg("--version").output().unwrap();
-        assert!(v.status.success() && String::from_utf8_lossy(&v.stdout).starts_with(t), "{t} --version");
+        let v = Command::new(prefix.join("bin").join(t))
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success() && String::from_utf8_lossy(&v.stdout).starts_with(t),
+            "{t} --version"
+        );
         for f in [
             format!("share/man/man1/{t}.1"),
             format!("share/bash-completion/completions/{t}"),
@@ -33,13 +43,19 @@ fn install_into_a_prefix() {
             format!("share/fish/vendor_completions.d/{t}.fish"),
         ] {
             let p = prefix.join(&f);
-            assert!(p.metadata().is_ok_and(|m| m.len() > 0), "{f} is not installed");
+            assert!(
+                p.metadata().is_ok_and(|m| m.len() > 0),
+                "{f} is not installed"
+            );
         }
     }
     // Every page in man/ is installed.
     for e in std::fs::read_dir(repo.join("man")).unwrap() {
         let name = e.unwrap().file_name();
-        assert!(prefix.join("share/man/man1").join(&name).exists(), "{name:?} is not installed");
+        assert!(
+            prefix.join("share/man/man1").join(&name).exists(),
+            "{name:?} is not installed"
+        );
     }
     // `man` finds the pages under the prefix, where man-db is installed.
     if let Ok(o) = Command::new("man")
@@ -47,11 +63,21 @@ fn install_into_a_prefix() {
         .env("MANPATH", prefix.join("share/man"))
         .output()
     {
-        assert!(o.status.success(), "man -w: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "man -w: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let found = String::from_utf8(o.stdout).unwrap();
-        assert_eq!(Path::new(found.trim()), prefix.join("share/man/man1/kimberlize-build.1"));
+        assert_eq!(
+            Path::new(found.trim()),
+            prefix.join("share/man/man1/kimberlize-build.1")
+        );
     }
     // A bad argument is a usage error.
-    let bad = Command::new(repo.join("scripts/install.sh")).arg("--frobnicate").output().unwrap();
+    let bad = Command::new(repo.join("scripts/install.sh"))
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }

@@ -6,8 +6,8 @@
 mod docs;
 
 use clap::CommandFactory;
-use kimberley_cli::exit::Tool;
 use dekimberlize::cli;
+use kimberley_cli::exit::Tool;
 
 fn bin() -> std::path::PathBuf {
     env!("CARGO_BIN_EXE_dekimberlize").into()
@@ -30,9 +30,7 @@ fn man_pages_are_current() {
 
 #[test]
 fn help_teaches() {
-    let help = cli::command()
-        .render_long_help()
-        .to_string();
+    let help = cli::command().render_long_help().to_string();
     for needle in ["EXIT STATUS", "--key-file", "Examples:"] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }

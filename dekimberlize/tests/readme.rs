@@ -11,7 +11,10 @@ use common::{stop, value, Client, Logged};
 
 /// The first indented block after `## Using it`, one command a line.
 fn using_it(readme: &str) -> Vec<String> {
-    let rest = readme.split("\n## Using it\n").nth(1).expect("README has no \"## Using it\"");
+    let rest = readme
+        .split("\n## Using it\n")
+        .nth(1)
+        .expect("README has no \"## Using it\"");
     rest.lines()
         .skip_while(|l| !l.starts_with("    "))
         .take_while(|l| l.starts_with("    "))
@@ -28,9 +31,17 @@ fn readme_using_it_runs_as_written() {
     let cmds = using_it(&std::fs::read_to_string(repo.join("README.md")).unwrap());
     assert_eq!(cmds.len(), 4, "{cmds:?}");
     let bin_dir = common::bin("kimberlize").parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let t = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(repo.join("examples").canonicalize().unwrap(), t.path().join("examples")).unwrap();
+    std::os::unix::fs::symlink(
+        repo.join("examples").canonicalize().unwrap(),
+        t.path().join("examples"),
+    )
+    .unwrap();
 
     let (last, first) = cmds.split_last().unwrap();
     let mut build_output = String::new();
@@ -41,7 +52,11 @@ fn readme_using_it_runs_as_written() {
             .env("PATH", &path)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{c}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{c}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         build_output.push_str(&String::from_utf8_lossy(&o.stderr));
     }
     let before: Vec<String> = build_output.lines().map(str::to_string).collect();
@@ -59,7 +74,12 @@ fn readme_using_it_runs_as_written() {
     let mut c = Client::connect(&sock);
     let check = std::fs::read_to_string(repo.join("examples/check.txt")).unwrap();
     let after = c.exec_ok(&check);
-    for what in ["checksum app-code", "checksum app-data", "disk-checksum 0 16M", "disk-checksum 128M 4M"] {
+    for what in [
+        "checksum app-code",
+        "checksum app-data",
+        "disk-checksum 0 16M",
+        "disk-checksum 128M 4M",
+    ] {
         assert_eq!(value(&after, what), value(&before, what), "{what}");
     }
     let c0: u64 = value(&before, "counter").parse().unwrap();
@@ -67,5 +87,9 @@ fn readme_using_it_runs_as_written() {
     assert!(c1 > c0, "the counter did not continue: {c0} -> {c1}");
     drop(c);
     stop(&mut run, &sock);
-    assert!(t.path().join("app-vm").join(kimberley_formats::vmdir::MANIFEST).exists());
+    assert!(t
+        .path()
+        .join("app-vm")
+        .join(kimberley_formats::vmdir::MANIFEST)
+        .exists());
 }

@@ -155,7 +155,11 @@ kimberlize completions fish > ~/.config/fish/completions/kimberlize.fish",
 /// The command line with its examples and exit codes in the long help.
 pub fn command() -> clap::Command {
     use clap::CommandFactory;
-    kimberley_cli::help::decorate(Cli::command(), kimberley_cli::exit::Tool::Kimberlize, EXAMPLES)
+    kimberley_cli::help::decorate(
+        Cli::command(),
+        kimberley_cli::exit::Tool::Kimberlize,
+        EXAMPLES,
+    )
 }
 
 /// Parses the process's arguments (exits with usage or help text).

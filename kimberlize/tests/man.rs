@@ -30,9 +30,7 @@ fn man_pages_are_current() {
 
 #[test]
 fn help_teaches() {
-    let help = cli::command()
-        .render_long_help()
-        .to_string();
+    let help = cli::command().render_long_help().to_string();
     for needle in ["EXIT STATUS", "keygen", "ssh cloudlet"] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
@@ -56,7 +54,10 @@ fn completions_parse() {
 #[test]
 fn completions_complete() {
     let subs = docs::bash_complete(&bin(), &["kimberlize", "b"]);
-    assert!(subs.contains(&"build".to_string()) && subs.contains(&"base".to_string()), "{subs:?}");
+    assert!(
+        subs.contains(&"build".to_string()) && subs.contains(&"base".to_string()),
+        "{subs:?}"
+    );
     let opts = docs::bash_complete(&bin(), &["kimberlize", "build", "--ins"]);
     assert_eq!(opts, ["--install"]);
 }

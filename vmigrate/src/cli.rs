@@ -66,10 +66,7 @@ vmigrate recv --listen 0.0.0.0:7070 --key-file mig.key -o vm-here \\
 vmigrate send --control vm.sock --to desthost:7070 --key-file mig.key \\
     --stats-json mig.json",
     ),
-    (
-        "vmigrate run",
-        "vmigrate run app-vm --control app.sock",
-    ),
+    ("vmigrate run", "vmigrate run app-vm --control app.sock"),
     (
         "vmigrate recv",
         "vmigrate recv --listen 0.0.0.0:7070 -k mig.key -o vm-here \\
@@ -95,7 +92,11 @@ vmigrate completions fish > ~/.config/fish/completions/vmigrate.fish",
 /// The command line with its examples and exit codes in the long help.
 pub fn command() -> clap::Command {
     use clap::CommandFactory;
-    kimberley_cli::help::decorate(Cli::command(), kimberley_cli::exit::Tool::Vmigrate, EXAMPLES)
+    kimberley_cli::help::decorate(
+        Cli::command(),
+        kimberley_cli::exit::Tool::Vmigrate,
+        EXAMPLES,
+    )
 }
 
 /// Parses the process's arguments (exits with usage or help text).

@@ -64,6 +64,9 @@ fn completions_parse() {
 fn version_names_commit_and_formats() {
     docs::check_version(
         &bin(),
-        &[format!("migration protocol: {}", vmigrate::protocol::VERSION)],
+        &[format!(
+            "migration protocol: {}",
+            vmigrate::protocol::VERSION
+        )],
     );
 }

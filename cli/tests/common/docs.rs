@@ -14,7 +14,10 @@ use kimberley_cli::help::Examples;
 /// without warnings where groff is installed.
 pub fn check_pages(cmd: clap::Command, tool: Tool, examples: Examples) {
     let pages = kimberley_cli::man::render(cmd, tool, examples);
-    let names: Vec<String> = pages.iter().map(|(n, _)| n.trim_end_matches(".1").to_string()).collect();
+    let names: Vec<String> = pages
+        .iter()
+        .map(|(n, _)| n.trim_end_matches(".1").to_string())
+        .collect();
     for (name, roff) in &pages {
         let text = String::from_utf8(roff.clone()).unwrap();
         let heads: Vec<&str> = text
@@ -23,19 +26,37 @@ pub fn check_pages(cmd: clap::Command, tool: Tool, examples: Examples) {
             .map(|h| h.trim_matches('"'))
             .collect();
         let wanted: Vec<&str> = kimberley_cli::man::REQUIRED_SECTIONS.to_vec();
-        let found: Vec<&str> = heads.iter().copied().filter(|h| wanted.contains(h)).collect();
+        let found: Vec<&str> = heads
+            .iter()
+            .copied()
+            .filter(|h| wanted.contains(h))
+            .collect();
         assert_eq!(found, wanted, "{name}: sections {heads:?}");
         assert!(!heads.contains(&"EXTRA"), "{name}: has an EXTRA section");
         assert!(!text.contains("help(1)"), "{name}: names a help page");
-        let ex = text.split(".SH EXAMPLES").nth(1).unwrap().split(".SH ").next().unwrap();
-        assert!(ex.contains(".nf") && ex.lines().count() > 4, "{name}: no examples");
+        let ex = text
+            .split(".SH EXAMPLES")
+            .nth(1)
+            .unwrap()
+            .split(".SH ")
+            .next()
+            .unwrap();
+        assert!(
+            ex.contains(".nf") && ex.lines().count() > 4,
+            "{name}: no examples"
+        );
         let see = text.split(".SH \"SEE ALSO\"").nth(1).unwrap();
-        let refs: Vec<&str> = see.split("\\fB").skip(1).map(|r| r.split("\\fR").next().unwrap()).collect();
+        let refs: Vec<&str> = see
+            .split("\\fB")
+            .skip(1)
+            .map(|r| r.split("\\fR").next().unwrap())
+            .collect();
         assert!(!refs.is_empty(), "{name}: SEE ALSO is empty");
         for r in refs {
             let r = r.replace("\\-", "-");
             assert!(
-                names.contains(&r) || ["kimberlize", "dekimberlize", "vmigrate"].contains(&r.as_str()),
+                names.contains(&r)
+                    || ["kimberlize", "dekimberlize", "vmigrate"].contains(&r.as_str()),
                 "{name}: SEE ALSO names {r}(1), which has no page"
             );
         }
@@ -59,7 +80,11 @@ fn groff_clean(name: &str, roff: &[u8]) {
     child.stdin.take().unwrap().write_all(roff).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{name}: groff failed");
-    assert!(out.stderr.is_empty(), "{name}: groff warns: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{name}: groff warns: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Every command of the tool has examples, each line short enough not to
@@ -74,15 +99,26 @@ pub fn check_examples(cmd: clap::Command, examples: Examples) {
             .map(|s| format!("{root} {}", s.get_name())),
     );
     for path in &paths {
-        let ex = kimberley_cli::help::examples_for(examples, path).unwrap_or_else(|| panic!("{path} has no examples"));
+        let ex = kimberley_cli::help::examples_for(examples, path)
+            .unwrap_or_else(|| panic!("{path} has no examples"));
         let mut argv: Vec<&str> = path.split(' ').collect();
         argv.push("--help");
-        let err = cmd.clone().term_width(80).try_get_matches_from(argv).unwrap_err();
+        let err = cmd
+            .clone()
+            .term_width(80)
+            .try_get_matches_from(argv)
+            .unwrap_err();
         let help = err.render().to_string();
         for line in ex.lines() {
-            assert!(line.len() <= 76, "{path}: example line longer than 76 columns: {line}");
+            assert!(
+                line.len() <= 76,
+                "{path}: example line longer than 76 columns: {line}"
+            );
             if !line.is_empty() {
-                assert!(help.contains(&format!("\n  {line}\n")), "{path} --help does not show {line:?} verbatim:\n{help}");
+                assert!(
+                    help.contains(&format!("\n  {line}\n")),
+                    "{path} --help does not show {line:?} verbatim:\n{help}"
+                );
             }
         }
     }
@@ -91,15 +127,30 @@ pub fn check_examples(cmd: clap::Command, examples: Examples) {
 /// `BIN completions SHELL` prints a script that the shell parses (bash
 /// always; zsh and fish where installed).
 pub fn check_completions(bin: &Path) {
-    for (shell, check) in [("bash", vec!["bash", "-n"]), ("zsh", vec!["zsh", "-n"]), ("fish", vec!["fish", "--no-execute"])] {
-        let out = Command::new(bin).args(["completions", shell]).output().unwrap();
-        assert!(out.status.success(), "completions {shell}: {}", String::from_utf8_lossy(&out.stderr));
+    for (shell, check) in [
+        ("bash", vec!["bash", "-n"]),
+        ("zsh", vec!["zsh", "-n"]),
+        ("fish", vec!["fish", "--no-execute"]),
+    ] {
+        let out = Command::new(bin)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "completions {shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(!out.stdout.is_empty(), "completions {shell}: empty");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("script");
         std::fs::write(&f, &out.stdout).unwrap();
         match Command::new(check[0]).args(&check[1..]).arg(&f).output() {
-            Ok(o) => assert!(o.status.success(), "{shell} does not parse the script: {}", String::from_utf8_lossy(&o.stderr)),
+            Ok(o) => assert!(
+                o.status.success(),
+                "{shell} does not parse the script: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
             Err(_) if shell != "bash" => {}
             Err(e) => panic!("bash: {e}"),
         }
@@ -110,7 +161,10 @@ pub fn check_completions(bin: &Path) {
 /// returns the candidates.
 pub fn bash_complete(bin: &Path, words: &[&str]) -> Vec<String> {
     let name = bin.file_name().unwrap().to_str().unwrap();
-    let out = Command::new(bin).args(["completions", "bash"]).output().unwrap();
+    let out = Command::new(bin)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
     let script = String::from_utf8(out.stdout).unwrap();
     let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
     let prog = format!(
@@ -123,8 +177,16 @@ pub fn bash_complete(bin: &Path, words: &[&str]) -> Vec<String> {
         if words.len() > 1 { words[words.len() - 2] } else { "" },
     );
     let o = Command::new("bash").arg("-c").arg(prog).output().unwrap();
-    assert!(o.status.success(), "bash: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap().lines().map(str::to_string).collect()
+    assert!(
+        o.status.success(),
+        "bash: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// `BIN --version` names the version, the commit it was built from and
@@ -135,7 +197,13 @@ pub fn check_version(bin: &Path, more: &[String]) {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
     let head = Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -143,7 +211,10 @@ pub fn check_version(bin: &Path, more: &[String]) {
         .unwrap_or_else(|| "unknown".into());
     assert!(text.contains(&format!("(commit {head})")), "{text}");
     let mut want = vec![
-        format!("overlay format: {}", kimberley_formats::overlay::header::VERSION),
+        format!(
+            "overlay format: {}",
+            kimberley_formats::overlay::header::VERSION
+        ),
         format!(
             "VM directory manifest: {} (microVM), {}",
             kimberley_formats::vmdir::manifest::VERSION,
