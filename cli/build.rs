@@ -26,10 +26,13 @@ fn main() {
     if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
         watch.push(r);
     }
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
     for w in watch {
-        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", &w]) {
-            if Path::new(&p).exists() {
-                println!("cargo:rerun-if-changed={p}");
+        // Relative to the crate's directory (git -C), or absolute.
+        if let Some(p) = git(&["rev-parse", "--git-path", &w]) {
+            let p = Path::new(&dir).join(p);
+            if p.exists() {
+                println!("cargo:rerun-if-changed={}", p.display());
             }
         }
     }
