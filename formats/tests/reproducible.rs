@@ -16,7 +16,7 @@ use kimberley_formats::crypto::keys::Secret;
 use kimberley_formats::diff::{diff, DiffOptions, Parent, Protection};
 use kimberley_formats::overlay::header::Header;
 use kimberley_formats::progress::Progress;
-use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
+use kimberley_formats::testkit::{copy_vmdir, make_pair, Pair, PairSpec};
 use kimberley_formats::vmdir::VmDir;
 
 /// Diffs with `threads` compression workers inside a rayon pool of `pool`
@@ -65,7 +65,7 @@ fn pair(t: &Path, spec: PairSpec) -> Pair {
 fn same_inputs_give_the_same_bytes_whatever_the_threads() {
     let t = tempfile::tempdir().unwrap();
     let p = pair(t.path(), PairSpec::default());
-    for prot in [Protection::Key(KEY), Protection::None] {
+    for (name, prot) in [("key", Protection::Key(KEY)), ("plain", Protection::None)] {
         let small = |o: &mut DiffOptions| o.segment_bytes = 4096;
         let one = encode(&p.base, &p.launch, prot.clone(), 1, 1, small);
         let h = header(&one);
@@ -73,26 +73,17 @@ fn same_inputs_give_the_same_bytes_whatever_the_threads() {
             let other = encode(&p.base, &p.launch, prot.clone(), threads, pool, small);
             assert!(
                 other == one,
-                "{prot:?}: {threads} workers in a pool of {pool} wrote other bytes (salt {:02x?} vs {:02x?})",
+                "{name}: {threads} workers in a pool of {pool} wrote other bytes (salt {:02x?} vs {:02x?})",
                 &header(&other).salt[..4],
                 &h.salt[..4]
             );
         }
         // Still a valid overlay of the launch VM.
-        let out = t.path().join(format!("out-{}", h.protection_code()));
+        let out = t.path().join(format!("out-{name}"));
         let secret = matches!(prot, Protection::Key(_)).then_some(Secret::Key(KEY));
         let n = segments(&p.base, &one, secret, &out);
         assert!(n >= 20, "the test needs many segments, not {n}");
         assert_same_vm(&out, &p.launch);
-    }
-}
-
-trait Code {
-    fn protection_code(&self) -> u8;
-}
-impl Code for Header {
-    fn protection_code(&self) -> u8 {
-        self.encode_unsigned()[12]
     }
 }
 
@@ -116,7 +107,7 @@ fn the_salt_commits_to_key_content_name_parent_and_options() {
     );
     // The launch VM under another name: same identity, other manifest.
     let renamed = t.path().join("renamed");
-    copy_vmdir(&p.launch, &renamed);
+    copy_vmdir(&p.launch, &renamed).unwrap();
     let m = renamed.join("manifest.json");
     let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
     j["name"] = "another name".into();
@@ -176,8 +167,8 @@ fn the_salt_commits_to_key_content_name_parent_and_options() {
     }
     // ...and nothing else does: a copy of both VMs, elsewhere.
     let (b2, l2) = (t.path().join("b2"), t.path().join("l2"));
-    copy_vmdir(&p.base, &b2);
-    copy_vmdir(&p.launch, &l2);
+    copy_vmdir(&p.base, &b2).unwrap();
+    copy_vmdir(&p.launch, &l2).unwrap();
     assert_eq!(salt(&b2, &l2, Protection::Key(KEY), &none), reference);
 }
 
@@ -225,7 +216,7 @@ fn a_rebuilt_parent_keeps_its_children_valid() {
     });
     // The parent rebuilt: its launch VM copied elsewhere, other threads.
     let mid = t.path().join("mid-again");
-    copy_vmdir(&p1.launch, &mid);
+    copy_vmdir(&p1.launch, &mid).unwrap();
     let l1_again = encode(&p1.base, &mid, Protection::Key(KEY), 4, 3, |_| {});
     assert!(l1_again == l1, "the rebuilt parent differs");
     let out = t.path().join("out");

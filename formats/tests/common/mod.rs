@@ -121,13 +121,3 @@ pub fn small_pair(t: &Path, seed: u64) -> Pair {
     )
     .unwrap()
 }
-
-/// Copies the VM directory `from` to the new directory `to` (new files,
-/// same bytes).
-pub fn copy_vmdir(from: &Path, to: &Path) {
-    std::fs::create_dir(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
