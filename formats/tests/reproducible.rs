@@ -36,14 +36,11 @@ fn encode(
         ..DiffOptions::new(prot)
     };
     tweak(&mut opts);
-    let base = VmDir::open(base).unwrap();
-    let launch = VmDir::open(launch).unwrap();
     rayon::ThreadPoolBuilder::new()
         .num_threads(pool)
         .build()
         .unwrap()
-        .install(|| diff(&base, &launch, &opts, Vec::new(), &Progress::default()))
-        .unwrap()
+        .install(|| diff_with(base, launch, &opts))
         .0
 }
 

@@ -291,3 +291,28 @@ pub fn derive(user_key: &[u8; 32], salt: &[u8; 32]) -> OverlayKeys {
         ident,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_salts_repeat_only_with_key_and_transcript() {
+        let (s, id) = derived_salt(Some(&[1; 32]), b"transcript");
+        assert_eq!(derived_salt(Some(&[1; 32]), b"transcript"), (s, id));
+        let others = [
+            derived_salt(Some(&[2; 32]), b"transcript"),
+            derived_salt(Some(&[1; 32]), b"transcripT"),
+            derived_salt(None, b"transcript"),
+            // No key is not the all-zero key.
+            derived_salt(Some(&[0; 32]), b"transcript"),
+        ];
+        for (i, (s2, id2)) in others.iter().enumerate() {
+            assert_ne!(*s2, s, "variant {i}");
+            assert_ne!(*id2, id, "variant {i}");
+        }
+        assert_ne!(derived_salt(None, b"t"), derived_salt(Some(&[0; 32]), b"t"));
+        // The id is not a piece of the salt.
+        assert!(!s.windows(16).any(|w| w == id));
+    }
+}
