@@ -73,7 +73,10 @@ fn a_parent_diffed_again_keeps_its_child_valid() {
     let l1b = t.path().join("l1-again.ovl");
     let mut again = k.to_vec();
     again.extend([OsStr::new("--threads"), OsStr::new("3")]);
-    assert!(diff(&p.base, &mid, &l1b, &again) == first, "the rebuilt parent differs");
+    assert!(
+        diff(&p.base, &mid, &l1b, &again) == first,
+        "the rebuilt parent differs"
+    );
     let out = t.path().join("out");
     ok(tool!(
         "dekimberlize",

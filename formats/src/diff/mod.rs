@@ -4,7 +4,10 @@
 //! indexes its chunks; [`classify`] reads launch and base side by side in
 //! large blocks and classifies chunks in parallel; [`encode`] turns chunk
 //! classes into records and segments; [`writer`] compresses and seals
-//! segments on worker threads and writes them in order.
+//! segments on worker threads and writes them in order. The bytes depend
+//! on the inputs and options only, never on threads or timing, and the
+//! salt and id are derived from them ([`salt_transcript`]), so the same
+//! diff gives the same overlay (FORMAT.md sections 7.7 and 12.4).
 
 pub mod base_index;
 pub mod classify;
