@@ -7,7 +7,8 @@
 //! segments on worker threads and writes them in order. The bytes depend
 //! on the inputs and options only, never on threads or timing, and the
 //! salt and id are derived from them ([`salt_transcript`]), so the same
-//! diff gives the same overlay (FORMAT.md sections 7.7 and 12.4).
+//! diff gives the same overlay, except with a passphrase (FORMAT.md
+//! sections 7.7 and 12.4).
 
 pub mod base_index;
 pub mod classify;
