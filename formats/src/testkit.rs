@@ -220,6 +220,18 @@ impl Default for PairSpec {
     }
 }
 
+/// Copies the VM directory `from` into the new directory `to`: the same
+/// bytes in new files (as a rebuild or a copy elsewhere would give).
+pub fn copy_vmdir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir(to).ctx(|| format!("creating {}", to.display()))?;
+    for e in std::fs::read_dir(from).ctx(|| format!("reading {}", from.display()))? {
+        let e = e.ctx(|| format!("reading {}", from.display()))?;
+        std::fs::copy(e.path(), to.join(e.file_name()))
+            .ctx(|| format!("copying {}", e.path().display()))?;
+    }
+    Ok(())
+}
+
 /// Writes raw images under `dir/raw-*` and imports `dir/base`, `dir/launch`.
 pub fn make_pair(dir: &Path, spec: &PairSpec) -> Result<Pair> {
     let mut rng = Rng(spec.seed);

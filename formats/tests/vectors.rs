@@ -17,7 +17,7 @@ use kimberley_formats::digest::hex;
 use kimberley_formats::overlay::frame::{FrameHeader, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::HEADER_LEN;
 use kimberley_formats::progress::Progress;
-use kimberley_formats::testkit::{make_pair, PairSpec};
+use kimberley_formats::testkit::{copy_vmdir, make_pair, PairSpec};
 use kimberley_formats::vmdir::VmDir;
 
 fn dir() -> PathBuf {
@@ -137,24 +137,28 @@ fn generate() {
         },
     )
     .unwrap();
-    // The stored base, as a VMDIR.
-    let copy_vm = |from: &Path, to: &Path| {
-        std::fs::create_dir(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    // The stored base, as a VMDIR (made again: the pairs are deterministic).
+    for v in ["base", "mid"] {
+        if d.join(v).exists() {
+            std::fs::remove_dir_all(d.join(v)).unwrap();
         }
-    };
-    copy_vm(&p1.base, &d.join("base"));
-    copy_vm(&p1.launch, &d.join("mid"));
+    }
+    copy_vmdir(&p1.base, &d.join("base")).unwrap();
+    copy_vmdir(&p1.launch, &d.join("mid")).unwrap();
     std::fs::write(d.join("key.bin"), KEY).unwrap();
     std::fs::write(d.join("wrong-key.bin"), WRONG_KEY).unwrap();
     std::fs::write(d.join("passphrase.txt"), [PASSPHRASE, b"\n"].concat()).unwrap();
-    let mk = |base: &Path, launch: &Path, prot: Protection, parent: Option<Parent>| -> Vec<u8> {
+    let mk_at = |base: &Path,
+                 launch: &Path,
+                 prot: Protection,
+                 parent: Option<Parent>,
+                 level: i32|
+     -> Vec<u8> {
         let opts = DiffOptions {
             parent,
             threads: 1,
             segment_bytes: 8 << 10,
+            level,
             ..DiffOptions::new(prot)
         };
         diff(
@@ -167,6 +171,9 @@ fn generate() {
         .unwrap()
         .0
     };
+    let mk = |base: &Path, launch: &Path, prot: Protection, parent: Option<Parent>| {
+        mk_at(base, launch, prot, parent, 3)
+    };
     let small = Argon2Params {
         m_cost: 64,
         t_cost: 1,
@@ -174,7 +181,11 @@ fn generate() {
     };
     let plain = mk(&p1.base, &p1.launch, Protection::None, None);
     let key = mk(&p1.base, &p1.launch, Protection::Key(KEY), None);
-    let key2 = mk(&p1.base, &p1.launch, Protection::Key(KEY), None);
+    // Another overlay under the same key: the same VMs at another zstd
+    // level (the same inputs and options would give `key` again, byte for
+    // byte: FORMAT.md section 7.7).
+    let key2 = mk_at(&p1.base, &p1.launch, Protection::Key(KEY), None, 1);
+    assert_ne!(key, key2);
     let pass = mk(
         &p1.base,
         &p1.launch,
@@ -214,10 +225,14 @@ fn generate() {
     let n = fk.len();
     let mut reorder: Vec<usize> = (0..n).collect();
     reorder.swap(1, 2);
-    let mut spliced = key.clone();
+    // Frame 2 replaced by frame 2 of `key2` (its length may differ).
     let fk2 = frames(&key2);
-    assert_eq!(fk[2].1, fk2[2].1);
-    spliced[fk[2].0..fk[2].0 + fk[2].1].copy_from_slice(&seg(&key2, fk2[2]));
+    let spliced = [
+        &key[..fk[2].0],
+        &seg(&key2, fk2[2])[..],
+        &key[fk[2].0 + fk[2].1..],
+    ]
+    .concat();
     let mut version = key.clone();
     version[8] = 2;
     let mut argon = pass.clone();

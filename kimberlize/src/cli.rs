@@ -75,6 +75,11 @@ pub enum Command {
     /// small delta, or literal bytes. Segments are compressed and sealed on
     /// --threads workers. Writes to stdout unless -o FILE is given; never to
     /// a terminal.
+    ///
+    /// Reproducible: the same base, launch VM, parents, key and options give
+    /// a byte-identical overlay whatever --threads (with --key-file or
+    /// --no-encrypt). With --passphrase-file the salt is random (Argon2id
+    /// needs it before any key exists), so every run writes other bytes.
     Diff(DiffArgs),
     /// Show an overlay's header, chain position and segments.
     ///

@@ -182,6 +182,34 @@ pub fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
+/// BLAKE3 context of the key that derives an overlay's salt and id from
+/// its content (FORMAT.md section 7.7).
+const SALT_CONTEXT: &str = "kimberley 2026 overlay salt v1";
+
+/// The `salt` and `overlay_id` a writer derives for a reproducible
+/// overlay: the first 48 bytes of BLAKE3-keyed(salt_key, transcript) where
+/// salt_key = BLAKE3-derive-key([`SALT_CONTEXT`], key file bytes), or over
+/// no key material for an unencrypted overlay (`user_key` None).
+///
+/// `transcript` must commit to everything that determines the overlay's
+/// bytes (see [`crate::diff::salt_transcript`]): then equal salts under
+/// one key mean equal segment plaintexts, and no (payload key, nonce) pair
+/// ever seals two different plaintexts. Not for passphrases: the salt is
+/// public and Argon2id needs it, so a salt keyed by a fast function of
+/// the passphrase would let anyone test guesses without running Argon2id.
+pub fn derived_salt(user_key: Option<&[u8; KEY_LEN]>, transcript: &[u8]) -> ([u8; 32], [u8; 16]) {
+    let salt_key = blake3::derive_key(SALT_CONTEXT, user_key.map_or(&[][..], |k| &k[..]));
+    let mut h = blake3::Hasher::new_keyed(&salt_key);
+    h.update(transcript);
+    let mut out = [0u8; 48];
+    h.finalize_xof().fill(&mut out);
+    let mut salt = [0u8; 32];
+    let mut id = [0u8; 16];
+    salt.copy_from_slice(&out[..32]);
+    id.copy_from_slice(&out[32..]);
+    (salt, id)
+}
+
 /// How an overlay is protected, as stored in its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyMaterial {
@@ -261,5 +289,30 @@ pub fn derive(user_key: &[u8; 32], salt: &[u8; 32]) -> OverlayKeys {
         header,
         payload,
         ident,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_salts_repeat_only_with_key_and_transcript() {
+        let (s, id) = derived_salt(Some(&[1; 32]), b"transcript");
+        assert_eq!(derived_salt(Some(&[1; 32]), b"transcript"), (s, id));
+        let others = [
+            derived_salt(Some(&[2; 32]), b"transcript"),
+            derived_salt(Some(&[1; 32]), b"transcripT"),
+            derived_salt(None, b"transcript"),
+            // No key is not the all-zero key.
+            derived_salt(Some(&[0; 32]), b"transcript"),
+        ];
+        for (i, (s2, id2)) in others.iter().enumerate() {
+            assert_ne!(*s2, s, "variant {i}");
+            assert_ne!(*id2, id, "variant {i}");
+        }
+        assert_ne!(derived_salt(None, b"t"), derived_salt(Some(&[0; 32]), b"t"));
+        // The id is not a piece of the salt.
+        assert!(!s.windows(16).any(|w| w == id));
     }
 }

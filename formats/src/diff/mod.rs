@@ -4,7 +4,11 @@
 //! indexes its chunks; [`classify`] reads launch and base side by side in
 //! large blocks and classifies chunks in parallel; [`encode`] turns chunk
 //! classes into records and segments; [`writer`] compresses and seals
-//! segments on worker threads and writes them in order.
+//! segments on worker threads and writes them in order. The bytes depend
+//! on the inputs and options only, never on threads or timing, and the
+//! salt and id are derived from them ([`salt_transcript`]), so the same
+//! diff gives the same overlay, except with a passphrase (FORMAT.md
+//! sections 7.7 and 12.4).
 
 pub mod base_index;
 pub mod classify;
@@ -14,9 +18,10 @@ pub mod writer;
 use std::io::Write;
 use std::time::Instant;
 
-use crate::crypto::keys::{commit_id, random, Argon2Params, KeyMaterial, Secret};
+use crate::crypto::keys::{commit_id, derived_salt, random, Argon2Params, KeyMaterial, Secret};
 use crate::crypto::{sealer_for, writer_keys};
 use crate::error::{Error, Result};
+use crate::le;
 use crate::overlay::header::Header;
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
 use crate::progress::Progress;
@@ -136,7 +141,6 @@ pub fn diff<W: Write + Send>(
             ));
         }
     }
-    let salt = random::<32>()?;
     let (material, secret) = match &opts.protection {
         Protection::None => (KeyMaterial::None, None),
         Protection::Key(k) => (KeyMaterial::KeyFile, Some(Secret::Key(*k))),
@@ -145,15 +149,51 @@ pub fn diff<W: Write + Send>(
             Some(Secret::Passphrase(p.clone())),
         ),
     };
+    let manifest = ManifestSegment {
+        name: launch.manifest.name.clone(),
+        vcpus: launch.manifest.vcpus,
+        launch: launch.manifest.components.clone(),
+        base: base.manifest.components.clone(),
+    }
+    .encode();
+    let segment_bytes = opts.segment_bytes.clamp(4096, MAX_BODY / 2);
     let mut header = Header {
         protection: material,
-        overlay_id: random::<16>()?,
-        salt,
+        overlay_id: [0; 16],
+        salt: [0; 32],
         base_id: [0; 32],
         result_id: [0; 32],
         parent_id: opts.parent.map(|p| p.overlay_id).unwrap_or([0; 16]),
         depth: opts.parent.map(|p| p.depth + 1).unwrap_or(0),
         mac: [0; 32],
+    };
+    // FORMAT.md section 7.7: the salt and id commit to everything the
+    // overlay's bytes depend on, so the same inputs give the same overlay.
+    let derive = |key: Option<&[u8; 32]>| {
+        let t = salt_transcript(
+            &header,
+            &base.identity(),
+            &launch.identity(),
+            &manifest,
+            opts.level,
+            segment_bytes,
+        );
+        derived_salt(key, &t)
+    };
+    (header.salt, header.overlay_id) = match &opts.protection {
+        Protection::None => derive(None),
+        Protection::Key(k) => {
+            // The salt commits to the launch content through the manifest's
+            // digests: content that no longer matches them (a VM run in
+            // place, a changed file) would be sealed under the salt of the
+            // declared content, reusing its nonces. Checked before any
+            // segment is sealed (the base is checked while it is indexed,
+            // also before).
+            launch.verify()?;
+            derive(Some(k))
+        }
+        // Argon2id needs the salt before any key exists (section 7.7).
+        Protection::Passphrase(..) => (random::<32>()?, random::<16>()?),
     };
     let keys = writer_keys(&header, secret.as_ref())?;
     header.base_id = commit_id(keys.as_ref(), &base.identity());
@@ -165,17 +205,10 @@ pub fn diff<W: Write + Send>(
     stats.base_read_bytes = index.read_bytes;
     stats.times.base_index_ms = t0.elapsed().as_millis() as u64;
 
-    let manifest = ManifestSegment {
-        name: launch.manifest.name.clone(),
-        vcpus: launch.manifest.vcpus,
-        launch: launch.manifest.components.clone(),
-        base: base.manifest.components.clone(),
-    };
     let t1 = Instant::now();
     let (out, wstats) = writer::run(out, &header_bytes, &sealer, opts, |sink| {
-        sink.send_manifest(manifest.encode())?;
-        let mut enc =
-            encode::SegmentBuilder::new(sink, opts.segment_bytes.clamp(4096, MAX_BODY / 2));
+        sink.send_manifest(manifest)?;
+        let mut enc = encode::SegmentBuilder::new(sink, segment_bytes);
         let cstats = classify::run(base, launch, &index, &mut enc, progress)?;
         stats.launch_read_bytes = cstats.launch_read_bytes;
         stats.chunks = enc.finish()?;
@@ -190,4 +223,48 @@ pub fn diff<W: Write + Send>(
         (t1.elapsed().as_millis() as u64).saturating_sub(stats.times.classify_ms);
     stats.times.total_ms = t0.elapsed().as_millis() as u64;
     Ok((out, stats))
+}
+
+/// Changes whenever the reference encoder may write different bytes for
+/// the same inputs and options (chunk decisions, runs, segment cuts,
+/// record encoding): part of every derived salt, so that an encoder change
+/// never seals new plaintexts under an old salt.
+pub const ENCODER_REVISION: u32 = 1;
+
+/// The canonical encoding a derived salt is computed over (FORMAT.md
+/// section 7.7): `header` with `overlay_id`, `salt`, `base_id` and
+/// `result_id` still zero (so: version, protection, Argon2 parameters,
+/// parent and depth), the base and launch identities, the manifest segment
+/// body, the zstd level, the segment size, and the encoder's identity
+/// (this crate's version, [`ENCODER_REVISION`], the zstd library version).
+/// Thread counts are not part of it: they do not change the output.
+pub fn salt_transcript(
+    header: &Header,
+    base_id: &[u8; 32],
+    launch_id: &[u8; 32],
+    manifest: &[u8],
+    level: i32,
+    segment_bytes: usize,
+) -> Vec<u8> {
+    let mut unsalted = header.clone();
+    unsalted.overlay_id = [0; 16];
+    unsalted.salt = [0; 32];
+    unsalted.base_id = [0; 32];
+    unsalted.result_id = [0; 32];
+    let mut w = le::Writer::with_capacity(manifest.len() + 512);
+    w.raw(&unsalted.encode_unsigned());
+    w.raw(base_id);
+    w.raw(launch_id);
+    w.bytes(manifest);
+    w.u32(level as u32);
+    w.u64(segment_bytes as u64);
+    w.bytes(
+        format!(
+            "kimberley-formats {} encoder {ENCODER_REVISION} zstd {}",
+            env!("CARGO_PKG_VERSION"),
+            zstd::zstd_safe::version_string()
+        )
+        .as_bytes(),
+    );
+    w.into_inner()
 }

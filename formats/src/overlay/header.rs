@@ -19,9 +19,11 @@ pub const MAC_OFFSET: usize = 160;
 pub struct Header {
     /// How segments are protected.
     pub protection: KeyMaterial,
-    /// Random, names this overlay (children name it as their parent).
+    /// Names this overlay (children name it as their parent): random, or
+    /// derived with the salt (FORMAT.md section 7.7).
     pub overlay_id: [u8; 16],
-    /// Random HKDF salt (and Argon2id salt).
+    /// HKDF salt (and Argon2id salt): random, or derived from everything
+    /// the overlay's bytes depend on (FORMAT.md section 7.7).
     pub salt: [u8; 32],
     /// Identity of the VM this overlay applies to.
     pub base_id: [u8; 32],

@@ -24,15 +24,19 @@ pub fn diff_bytes(
     protection: Protection,
     parent: Option<Parent>,
 ) -> (Vec<u8>, DiffStats) {
-    let base = VmDir::open(base).unwrap();
-    let launch = VmDir::open(launch).unwrap();
     let opts = DiffOptions {
         parent,
         threads: 2,
         ..DiffOptions::new(protection)
     };
-    let (out, stats) = diff(&base, &launch, &opts, Vec::new(), &Progress::default()).unwrap();
-    (out, stats)
+    diff_with(base, launch, &opts)
+}
+
+/// Diffs with any options.
+pub fn diff_with(base: &Path, launch: &Path, opts: &DiffOptions) -> (Vec<u8>, DiffStats) {
+    let base = VmDir::open(base).unwrap();
+    let launch = VmDir::open(launch).unwrap();
+    diff(&base, &launch, opts, Vec::new(), &Progress::default()).unwrap()
 }
 
 pub fn apply(
