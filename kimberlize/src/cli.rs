@@ -35,9 +35,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a new random 32-byte key file (mode 0600).
+    /// Write a new random key: one line, KIMBERLEY-KEY-1… (bech32m).
+    ///
+    /// The file is created with mode 0600 and must not exist. `-o -`
+    /// prints the key on stdout, even on a terminal (to paste it into a
+    /// secret store). Every tool also reads a key file of 32 raw bytes.
     Keygen {
-        /// Where to write the key (must not exist).
+        /// Where to write the key (must not exist; "-" for stdout).
         #[arg(short, long, value_name = "KEYFILE")]
         output: PathBuf,
     },

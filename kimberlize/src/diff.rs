@@ -49,7 +49,8 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let mut parent = None;
     let mut effective = base;
     if !a.parent.is_empty() {
-        let secret = a.keys.secret()?;
+        // The secret the new overlay is sealed with (not asked or read twice).
+        let secret = kimberley_cli::keys::secret_of(&protection);
         let mut inputs = Vec::new();
         for p in &a.parent {
             let (name, reader) = open_input(p)?;

@@ -14,8 +14,7 @@ pub fn main() -> Result<()> {
     let args = cli::Cli::parse();
     match args.command {
         cli::Command::Keygen { output } => {
-            kimberley_formats::crypto::keys::keygen(&output)?;
-            Ok(())
+            kimberley_cli::keys::keygen(&output)
         }
         cli::Command::Import(a) => diff::import(a),
         cli::Command::Diff(a) => diff::diff(a),
