@@ -172,14 +172,23 @@ pub fn read_passphrase_file(path: &Path, sealing: bool) -> Result<Vec<u8>> {
         }
     }
     if bytes.is_empty() {
-        return Err(usage(format!("passphrase file {name} holds an empty passphrase")));
+        return Err(usage(format!(
+            "passphrase file {name} holds an empty passphrase"
+        )));
     }
     Ok(bytes)
 }
 
 /// Asks for a passphrase on the controlling terminal without echo; when
-/// `sealing`, asks again and requires the same answer.
+/// `sealing`, asks again and requires the same answer. Only when stdin or
+/// stderr is a terminal (a user is there to answer): otherwise a usage
+/// error, never a wait for input nobody sees asked for.
 pub fn prompt_passphrase(sealing: bool) -> Result<Vec<u8>> {
+    if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
+        return Err(usage(
+            "cannot ask for a passphrase: neither stdin nor stderr is a terminal; use --passphrase-file FILE".into(),
+        ));
+    }
     let ask = |prompt: &str| -> Result<String> {
         rpassword::prompt_password(prompt).map_err(|e| {
             usage(format!(

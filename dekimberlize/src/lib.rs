@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
-use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::exit;
+use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::Bar;
 use kimberley_cli::run::WithCode;
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
@@ -138,7 +138,8 @@ fn verify(v: cli::VerifyArgs) -> Result<()> {
     if v.base.is_none() && v.input.len() > 1 {
         return Err(anyhow!(WithCode(
             exit::USAGE as i32,
-            "verifying a chain of overlays needs --base VMDIR (the chain is checked from it up)".into()
+            "verifying a chain of overlays needs --base VMDIR (the chain is checked from it up)"
+                .into()
         )));
     }
     check_stdin(&v.input, &v.keys)?;

@@ -28,39 +28,87 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Result<[u8; 32], &'static str>)> {
     let bech32_not_m = bech32::encode_upper::<bech32::Bech32>(hrp, &KEY).unwrap();
     let short = bech32::encode_upper::<bech32::Bech32m>(hrp, &KEY[..31]).unwrap();
     let long = bech32::encode_upper::<bech32::Bech32m>(hrp, &[0x4b; 33]).unwrap();
-    let age =
-        bech32::encode_upper::<bech32::Bech32>(bech32::Hrp::parse_unchecked("AGE-SECRET-KEY-"), &KEY)
-            .unwrap();
+    let age = bech32::encode_upper::<bech32::Bech32>(
+        bech32::Hrp::parse_unchecked("AGE-SECRET-KEY-"),
+        &KEY,
+    )
+    .unwrap();
     vec![
         ("ok-text.key", format!("{t}\n").into_bytes(), Ok(KEY)),
         ("ok-text-no-newline.key", t.clone().into_bytes(), Ok(KEY)),
         ("ok-text-crlf.key", format!("{t}\r\n").into_bytes(), Ok(KEY)),
-        ("ok-text-lower.key", format!("{}\n", t.to_lowercase()).into_bytes(), Ok(KEY)),
-        ("ok-text-sequence.key", format!("{}\n", keyfile::encode(&seq)).into_bytes(), Ok(seq)),
+        (
+            "ok-text-lower.key",
+            format!("{}\n", t.to_lowercase()).into_bytes(),
+            Ok(KEY),
+        ),
+        (
+            "ok-text-sequence.key",
+            format!("{}\n", keyfile::encode(&seq)).into_bytes(),
+            Ok(seq),
+        ),
         ("ok-raw.key", KEY.to_vec(), Ok(KEY)),
         ("ok-raw-newlines.key", vec![b'\n'; 32], Ok([b'\n'; 32])),
         ("bad-empty.key", vec![], Err("0 bytes, neither")),
-        ("bad-raw-31.key", KEY[..31].to_vec(), Err("31 bytes, neither")),
-        ("bad-raw-33.key", [KEY.as_slice(), b"\n"].concat(), Err("33 bytes, neither")),
+        (
+            "bad-raw-31.key",
+            KEY[..31].to_vec(),
+            Err("31 bytes, neither"),
+        ),
+        (
+            "bad-raw-33.key",
+            [KEY.as_slice(), b"\n"].concat(),
+            Err("33 bytes, neither"),
+        ),
         ("bad-typo.key", typo, Err("checksum mismatch")),
-        ("bad-bech32-not-m.key", bech32_not_m.into_bytes(), Err("checksum mismatch")),
-        ("bad-mixed-case.key", format!("{}{}\n", &t[..30], t[30..].to_lowercase()).into_bytes(), Err("mixed upper and lower case")),
-        ("bad-two-newlines.key", format!("{t}\n\n").into_bytes(), Err("invalid character '\\n'")),
-        ("bad-trailing-space.key", format!("{t} \n").into_bytes(), Err("invalid character ' '")),
-        ("bad-leading-space.key", format!(" {t}\n").into_bytes(), Err("neither")),
-        ("bad-short-payload.key", short.into_bytes(), Err("exactly 32 bytes")),
-        ("bad-long-payload.key", long.into_bytes(), Err("exactly 32 bytes")),
+        (
+            "bad-bech32-not-m.key",
+            bech32_not_m.into_bytes(),
+            Err("checksum mismatch"),
+        ),
+        (
+            "bad-mixed-case.key",
+            format!("{}{}\n", &t[..30], t[30..].to_lowercase()).into_bytes(),
+            Err("mixed upper and lower case"),
+        ),
+        (
+            "bad-two-newlines.key",
+            format!("{t}\n\n").into_bytes(),
+            Err("invalid character '\\n'"),
+        ),
+        (
+            "bad-trailing-space.key",
+            format!("{t} \n").into_bytes(),
+            Err("invalid character ' '"),
+        ),
+        (
+            "bad-leading-space.key",
+            format!(" {t}\n").into_bytes(),
+            Err("neither"),
+        ),
+        (
+            "bad-short-payload.key",
+            short.into_bytes(),
+            Err("exactly 32 bytes"),
+        ),
+        (
+            "bad-long-payload.key",
+            long.into_bytes(),
+            Err("exactly 32 bytes"),
+        ),
         ("bad-age-key.key", age.into_bytes(), Err("neither")),
-        ("bad-hex.key", format!("{}\n", hex(&KEY)).into_bytes(), Err("65 bytes, neither")),
+        (
+            "bad-hex.key",
+            format!("{}\n", hex(&KEY)).into_bytes(),
+            Err("65 bytes, neither"),
+        ),
     ]
 }
 
 fn generate() {
     let d = dir();
     std::fs::create_dir_all(&d).unwrap();
-    let mut tsv = String::from(
-        "# file\tkey (hex) or error\ttext the error message contains\n",
-    );
+    let mut tsv = String::from("# file\tkey (hex) or error\ttext the error message contains\n");
     for (name, bytes, want) in cases() {
         std::fs::write(d.join(name), &bytes).unwrap();
         match want {
@@ -79,7 +127,10 @@ fn key_file_vectors() {
     let d = dir();
     let expect = std::fs::read_to_string(d.join("expect.tsv")).expect("keys/expect.tsv");
     let (mut ok, mut bad) = (0, 0);
-    for line in expect.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in expect
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let f: Vec<&str> = line.split('\t').collect();
         assert_eq!(f.len(), 3, "bad row {line:?}");
         let bytes = std::fs::read(d.join(f[0])).unwrap();
@@ -90,7 +141,12 @@ fn key_file_vectors() {
                 ok += 1;
             }
             (Err(e), "error") => {
-                assert!(e.to_string().contains(f[2]), "{}: {e} lacks {:?}", f[0], f[2]);
+                assert!(
+                    e.to_string().contains(f[2]),
+                    "{}: {e} lacks {:?}",
+                    f[0],
+                    f[2]
+                );
                 bad += 1;
             }
             (Err(e), _) => panic!("{}: refused: {e}", f[0]),
@@ -99,7 +155,11 @@ fn key_file_vectors() {
     assert!(ok >= 5 && bad >= 10, "{ok} accepted, {bad} refused rows");
     // The generator's cases and the stored files agree: nothing stale.
     for (name, bytes, _) in cases() {
-        assert_eq!(std::fs::read(d.join(name)).unwrap(), bytes, "{name} is stale");
+        assert_eq!(
+            std::fs::read(d.join(name)).unwrap(),
+            bytes,
+            "{name} is stale"
+        );
     }
 }
 

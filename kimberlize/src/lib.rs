@@ -13,9 +13,7 @@ use clap::Parser;
 pub fn main() -> Result<()> {
     let args = cli::Cli::parse();
     match args.command {
-        cli::Command::Keygen { output } => {
-            kimberley_cli::keys::keygen(&output)
-        }
+        cli::Command::Keygen { output } => kimberley_cli::keys::keygen(&output),
         cli::Command::Import(a) => diff::import(a),
         cli::Command::Diff(a) => diff::diff(a),
         cli::Command::Base(a) => vm::base(a),

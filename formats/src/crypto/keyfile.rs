@@ -21,7 +21,9 @@ pub const TEXT_LEN: usize = TEXT_PREFIX.len() + 52 + 6;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyFileError {
     /// Neither 32 raw bytes nor a line starting with the text prefix.
-    #[error("not a key file: {len} bytes, neither a 32-byte raw key nor a {TEXT_PREFIX}… text key")]
+    #[error(
+        "not a key file: {len} bytes, neither a 32-byte raw key nor a {TEXT_PREFIX}… text key"
+    )]
     Unrecognised { len: usize },
     /// Starts like a text key but is not valid bech32m (a mistyped or
     /// truncated character, mixed case, a wrong checksum).
@@ -142,10 +144,10 @@ mod tests {
         flipped[i] = if flipped[i] == b'Q' { b'P' } else { b'Q' };
         let mixed = format!("{}{}", &t[..20], t[20..].to_lowercase());
         let short = bech32::encode_upper::<Bech32m>(Hrp::parse_unchecked(HRP), &key[..31]).unwrap();
-        let other = bech32::encode_upper::<Bech32m>(Hrp::parse_unchecked("age-secret-key-"), &key)
-            .unwrap();
-        let bech32_not_m = bech32::encode_upper::<bech32::Bech32>(Hrp::parse_unchecked(HRP), &key)
-            .unwrap();
+        let other =
+            bech32::encode_upper::<Bech32m>(Hrp::parse_unchecked("age-secret-key-"), &key).unwrap();
+        let bech32_not_m =
+            bech32::encode_upper::<bech32::Bech32>(Hrp::parse_unchecked(HRP), &key).unwrap();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![], "0 bytes"),
             (vec![0; 31], "31 bytes"),
@@ -182,7 +184,10 @@ mod tests {
             bech32::primitives::encode::Encoder::<_, Bech32m>::new(fes.into_iter(), &hrp)
                 .chars()
                 .collect();
-        assert!(CheckedHrpstring::new::<Bech32m>(&padded).is_ok(), "{padded}");
+        assert!(
+            CheckedHrpstring::new::<Bech32m>(&padded).is_ok(),
+            "{padded}"
+        );
         let e = parse(padded.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("exactly 32 bytes"), "{e}");
     }
