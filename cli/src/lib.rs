@@ -9,6 +9,7 @@ pub mod man;
 pub mod output;
 pub mod progress;
 pub mod run;
+pub mod schema;
 pub mod vm;
 
 pub use keys::{KeyArgs, ReadArgs};

@@ -14,6 +14,7 @@ use kimberley_cli::exit;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::Bar;
 use kimberley_cli::run::WithCode;
+use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::VmDir;
@@ -112,7 +113,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
             stats.launch_bytes as f64 / 1073741824.0 / secs.max(1e-9)
         );
     }
-    let json = serde_json::to_value(&stats)?;
+    let json = versioned(JsonOutput::ApplyStats, &stats)?;
     if let Some(sock) = control {
         return run::run(
             &out,

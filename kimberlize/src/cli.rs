@@ -91,13 +91,21 @@ pub enum Command {
     /// --threads workers. Writes to stdout unless -o FILE is given; never to
     /// a terminal.
     Diff(DiffArgs),
-    /// Show an overlay's header, chain position and segments.
+    /// Show an overlay (header, chain position, segments) or a VM directory.
     ///
-    /// Without a key, shows what the header says and walks the frames. With
-    /// a key (or for an unencrypted overlay), authenticates and parses every
-    /// segment and shows the launch VM and chunk statistics. An unencrypted
-    /// overlay is only checksummed, and with a key it is refused unless
-    /// --allow-unencrypted.
+    /// An overlay: without a key, shows what the header says and walks the
+    /// frames. With a key (or for an unencrypted overlay), authenticates
+    /// and parses every segment and shows the launch VM and chunk
+    /// statistics. An unencrypted overlay is only checksummed, and with a
+    /// key it is refused unless --allow-unencrypted.
+    ///
+    /// A VM directory: its identity (the string a wrong-base error names),
+    /// name, backend and machine, vCPUs, and each component's kind, file,
+    /// size, allocated size and BLAKE3 digest (as its manifest records
+    /// them; every file is checked to exist with its recorded size).
+    ///
+    ///   kimberlize inspect base
+    ///   kimberlize inspect app.ovl -k overlay.key --json
     Inspect(InspectArgs),
 }
 
@@ -280,8 +288,8 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The overlay file ("-" for stdin).
-    #[arg(value_name = "OVL")]
+    /// The overlay file ("-" for stdin), or a VM directory.
+    #[arg(value_name = "OVL|VMDIR")]
     pub overlay: PathBuf,
     #[command(flatten)]
     pub keys: KeyArgs,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use kimberley_cli::output::{open_input, write_json, OverlayOut};
 use kimberley_cli::progress::Bar;
+use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
 use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
@@ -89,7 +90,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let stats = write_overlay(&effective, &launch, out, &opts, &progress)?;
     drop(_bar);
     if let Some(p) = &a.stats_json {
-        write_json(p, &stats)?;
+        write_json(p, &versioned(JsonOutput::DiffStats, &stats)?)?;
     }
     if !a.quiet && std::io::stderr().is_terminal() {
         summary(&stats, a.output.as_deref());

@@ -84,7 +84,13 @@ pub fn send(a: SendArgs) -> Result<()> {
         if v["ok"] == true {
             let res = &v["result"];
             if let Some(p) = &a.stats_json {
-                kimberley_cli::output::write_json(p, res)?;
+                kimberley_cli::output::write_json(
+                    p,
+                    &kimberley_cli::schema::versioned(
+                        kimberley_cli::schema::JsonOutput::SendStats,
+                        res,
+                    )?,
+                )?;
             }
             if !a.quiet && res.get("hand_over").is_some() {
                 eprintln!(
