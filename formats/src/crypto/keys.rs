@@ -219,7 +219,7 @@ impl std::fmt::Debug for OverlayKeys {
     }
 }
 
-/// The user key: the key file's bytes, or Argon2id(passphrase, salt).
+/// The user key: the key file's key, or Argon2id(passphrase, salt).
 pub fn user_key(secret: &Secret, material: KeyMaterial, salt: &[u8; 32]) -> Result<[u8; 32]> {
     match (material, secret) {
         (KeyMaterial::KeyFile, Secret::Key(k)) => Ok(*k),
