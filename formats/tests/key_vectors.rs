@@ -18,8 +18,11 @@ fn dir() -> PathBuf {
 /// The key of `testdata/vectors/key.bin`.
 const KEY: [u8; 32] = [0x4b; 32];
 
-/// The files and what each must give: `Ok(key)` or `Err(text of the error)`.
-fn cases() -> Vec<(&'static str, Vec<u8>, Result<[u8; 32], &'static str>)> {
+/// A vector: its file name, its bytes, and what it must give: `Ok(key)` or
+/// `Err(text of the error)`.
+type Case = (&'static str, Vec<u8>, Result<[u8; 32], &'static str>);
+
+fn cases() -> Vec<Case> {
     let t = keyfile::encode(&KEY);
     let seq: [u8; 32] = std::array::from_fn(|i| i as u8);
     let mut typo = t.clone().into_bytes();
