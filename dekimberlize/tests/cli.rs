@@ -151,6 +151,12 @@ fn files_verify_inspect_and_exit_codes() {
     std::fs::write(&trunc, &wrong[..n / 3]).unwrap();
     let other_key = t.path().join("other.key");
     std::fs::write(&other_key, [9u8; 32]).unwrap();
+    // Private, as a key file should be (else a warning line comes first).
+    std::fs::set_permissions(
+        &other_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let empty = t.path().join("empty.ovl");
     std::fs::write(&empty, b"").unwrap();
     let before: Vec<_> = std::fs::read_dir(t.path())
