@@ -308,6 +308,10 @@ fn on_terminal(cmd: &str, answers: &[(&str, &str)]) -> (i32, String) {
             }
         }
         pos = seen.rfind(prompt).unwrap() + prompt.len();
+        // As a person does, read the prompt before typing: the prompt is
+        // written just before echo is turned off, so an answer typed
+        // within microseconds of it would be echoed (as by sudo or ssh).
+        std::thread::sleep(Duration::from_millis(500));
         stdin.write_all(format!("{answer}\r").as_bytes()).unwrap();
         stdin.flush().unwrap();
     }
