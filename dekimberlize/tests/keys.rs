@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -15,13 +15,6 @@ use common::*;
 use kimberley_cli::exit;
 use kimberley_formats::crypto::keyfile;
 use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
-
-fn setup(dir: &Path) -> (Pair, PathBuf) {
-    let pair = make_pair(dir, &PairSpec::default()).unwrap();
-    let key = dir.join("key");
-    keygen(&key);
-    (pair, key)
-}
 
 fn os(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
@@ -88,8 +81,7 @@ fn text_raw_and_stdin_keys_are_the_same_key() {
     let (p, key) = setup(t.path());
     let raw = t.path().join("raw");
     let k = keyfile::parse(&std::fs::read(&key).unwrap()).unwrap();
-    std::fs::write(&raw, k).unwrap();
-    std::fs::set_permissions(&raw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&raw, k);
     // Sealed with the key from stdin, opened with the raw file, and with
     // the text file (lower case, no newline) from stdin.
     let ovl = t.path().join("a.ovl");
@@ -125,18 +117,7 @@ fn malformed_key_files_are_usage_errors_in_every_tool() {
     let t = tempfile::tempdir().unwrap();
     let (p, key) = setup(t.path());
     let ovl = t.path().join("a.ovl");
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
-        &p.base,
-        "--launch",
-        &p.launch,
-        "-k",
-        &key,
-        "-o",
-        &ovl
-    ));
+    ok(diff(&p.base, &p.launch, &ovl, &[os("-k"), key.as_os_str()]));
     let good = std::fs::read_to_string(&key).unwrap();
     let mut typo = good.clone().into_bytes();
     typo[20] = if typo[20] == b'Q' { b'P' } else { b'Q' };
@@ -151,22 +132,10 @@ fn malformed_key_files_are_usage_errors_in_every_tool() {
     ];
     for (name, bytes, needle) in bad {
         let k = t.path().join(name);
-        std::fs::write(&k, bytes).unwrap();
-        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_private(&k, bytes);
         let out = t.path().join(format!("out-{name}"));
         let runs = [
-            tool!(
-                "kimberlize",
-                "diff",
-                "--base",
-                &p.base,
-                "--launch",
-                &p.launch,
-                "-k",
-                &k,
-                "-o",
-                &out
-            ),
+            diff(&p.base, &p.launch, &out, &[os("-k"), k.as_os_str()]),
             tool!("kimberlize", "inspect", &ovl, "-k", &k),
             tool!(
                 "dekimberlize",
@@ -221,19 +190,7 @@ fn secret_files_others_can_read_get_one_warning() {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
         }
         let _ = std::fs::remove_file(&ovl);
-        let o = tool!(
-            "kimberlize",
-            "diff",
-            "-q",
-            "--base",
-            &p.base,
-            "--launch",
-            &p.launch,
-            "-k",
-            &key,
-            "-o",
-            &ovl
-        );
+        let o = diff(&p.base, &p.launch, &ovl, &[os("-k"), key.as_os_str()]);
         let e = stderr(&o);
         assert!(o.status.success(), "{e}");
         let want = format!(
@@ -247,18 +204,11 @@ fn secret_files_others_can_read_get_one_warning() {
             assert_eq!(e, "", "mode {mode:o}");
         }
         let _ = std::fs::remove_file(&sealed);
-        let o = tool!(
-            "kimberlize",
-            "diff",
-            "-q",
-            "--base",
+        let o = diff(
             &p.base,
-            "--launch",
             &p.launch,
-            "--passphrase-file",
-            &pw,
-            "-o",
-            &sealed
+            &sealed,
+            &[os("--passphrase-file"), pw.as_os_str()],
         );
         let e = stderr(&o);
         assert!(o.status.success(), "{e}");
@@ -358,8 +308,7 @@ fn passphrases_are_asked_on_a_terminal_without_echo() {
     assert!(!seen.contains("secret one"), "echoed: {seen:?}");
     // Opening asks once, from the terminal even when stdin is not it.
     let pw = t.path().join("pw");
-    std::fs::write(&pw, "secret one\n").unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&pw, "secret one\n");
     ok(tool!(
         "dekimberlize",
         "verify",

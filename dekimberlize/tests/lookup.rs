@@ -4,18 +4,10 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use kimberley_cli::exit;
-use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
-
-fn setup(dir: &Path) -> (Pair, std::path::PathBuf) {
-    let pair = make_pair(dir, &PairSpec::default()).unwrap();
-    let key = dir.join("key");
-    keygen(&key);
-    (pair, key)
-}
 
 fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).unwrap()
@@ -33,17 +25,11 @@ fn inspect_vmdir_shows_the_identity_a_wrong_base_error_names() {
     let (p, key) = setup(t.path());
     let other = second_pair(t.path());
     let ovl = t.path().join("a.ovl");
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
+    ok(diff(
         &p.base,
-        "--launch",
         &p.launch,
-        "-k",
-        &key,
-        "-o",
-        &ovl
+        &ovl,
+        &["-k".as_ref(), key.as_os_str()],
     ));
     let o = tool!(
         "dekimberlize",
@@ -106,34 +92,7 @@ fn inspect_vmdir_shows_the_identity_a_wrong_base_error_names() {
 fn verify_checks_a_chain_against_its_base_without_writing() {
     let t = tempfile::tempdir().unwrap();
     let (p, key) = setup(t.path());
-    let p2 = second_pair(t.path());
-    let (l1, l2) = (t.path().join("l1.ovl"), t.path().join("l2.ovl"));
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
-        &p.base,
-        "--launch",
-        &p.launch,
-        "-k",
-        &key,
-        "-o",
-        &l1
-    ));
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
-        &p.base,
-        "--parent",
-        &l1,
-        "--launch",
-        &p2.launch,
-        "-k",
-        &key,
-        "-o",
-        &l2
-    ));
+    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
     let listing = || {
         let mut v: Vec<_> = std::fs::read_dir(t.path())
             .unwrap()
@@ -142,58 +101,31 @@ fn verify_checks_a_chain_against_its_base_without_writing() {
         v.sort();
         v
     };
+    // `dekimberlize verify --base BASE -i L... -k KEY`.
+    let verify = |base: &Path, chain: &[&PathBuf]| {
+        let mut c = std::process::Command::new(bin("dekimberlize"));
+        c.arg("verify").arg("--base").arg(base).arg("-k").arg(&key);
+        for l in chain {
+            c.arg("-i").arg(l);
+        }
+        common::run(&mut c)
+    };
     let before = listing();
-    let o = ok(tool!(
-        "dekimberlize",
-        "verify",
-        "--base",
-        &p.base,
-        "-i",
-        &l1,
-        "-i",
-        &l2,
-        "-k",
-        &key
-    ));
+    let o = ok(verify(&p.base, &[&l1, &l2]));
     let e = stderr(&o);
     assert_eq!(e.matches("every segment authenticated").count(), 2, "{e}");
     assert!(e.contains("the chain of 2 overlays applies"), "{e}");
     assert_eq!(listing(), before, "verify wrote something");
 
     // Out of order, and a layer without its parent: exit 5.
-    for chain in [vec![&l2, &l1], vec![&l2]] {
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "verify".as_ref(),
-            "--base".as_ref(),
-            p.base.as_os_str(),
-            "-k".as_ref(),
-            key.as_os_str(),
-        ];
-        for l in &chain {
-            args.extend(["-i".as_ref(), l.as_os_str()]);
-        }
-        let o = common::run(std::process::Command::new(bin("dekimberlize")).args(&args));
-        assert_eq!(
-            code(&o),
-            exit::WRONG_BASE as i32,
-            "{chain:?}: {}",
-            stderr(&o)
-        );
-        assert!(stderr(&o).contains("l2.ovl"), "{}", stderr(&o));
+    for chain in [&[&l2, &l1][..], &[&l2]] {
+        let o = verify(&p.base, chain);
+        let e = stderr(&o);
+        assert_eq!(code(&o), exit::WRONG_BASE as i32, "{chain:?}: {e}");
+        assert!(e.contains("l2.ovl"), "{e}");
     }
     // The right chain on another base: exit 5.
-    let o = tool!(
-        "dekimberlize",
-        "verify",
-        "--base",
-        &p2.base,
-        "-i",
-        &l1,
-        "-i",
-        &l2,
-        "-k",
-        &key
-    );
+    let o = verify(&p2.base, &[&l1, &l2]);
     assert_eq!(code(&o), exit::WRONG_BASE as i32, "{}", stderr(&o));
     assert!(stderr(&o).contains("wrong base"), "{}", stderr(&o));
     // A tampered second layer: exit 4, although its links are right.
@@ -202,18 +134,7 @@ fn verify_checks_a_chain_against_its_base_without_writing() {
     bytes[mid] ^= 1;
     let bad = t.path().join("l2-bad.ovl");
     std::fs::write(&bad, bytes).unwrap();
-    let o = tool!(
-        "dekimberlize",
-        "verify",
-        "--base",
-        &p.base,
-        "-i",
-        &l1,
-        "-i",
-        &bad,
-        "-k",
-        &key
-    );
+    let o = verify(&p.base, &[&l1, &bad]);
     assert_eq!(code(&o), exit::AUTH as i32, "{}", stderr(&o));
     // A chain needs --base; one overlay without it is checked alone.
     let o = tool!("dekimberlize", "verify", "-i", &l1, "-i", &l2, "-k", &key);
@@ -227,19 +148,16 @@ fn every_json_output_has_a_schema_version() {
     let (p, key) = setup(t.path());
     let ovl = t.path().join("a.ovl");
     let (ds, as_) = (t.path().join("diff.json"), t.path().join("apply.json"));
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
+    ok(diff(
         &p.base,
-        "--launch",
         &p.launch,
-        "-k",
-        &key,
-        "-o",
         &ovl,
-        "--stats-json",
-        &ds
+        &[
+            "-k".as_ref(),
+            key.as_os_str(),
+            "--stats-json".as_ref(),
+            ds.as_os_str(),
+        ],
     ));
     ok(tool!(
         "dekimberlize",
