@@ -53,6 +53,17 @@ impl KeyArgs {
         dash(&self.key_file) || (dash(&self.passphrase_file) && !std::io::stdin().is_terminal())
     }
 
+    /// Refuses (usage error) reading both the secret and an overlay from
+    /// stdin.
+    pub fn check_stdin(&self, overlay_from_stdin: bool) -> Result<()> {
+        if overlay_from_stdin && self.reads_stdin() {
+            return Err(usage(
+                "stdin cannot carry both the key or passphrase and the overlay: give the overlay with -i FILE".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn load(&self, sealing: bool) -> Result<Option<Secret>> {
         Ok(if let Some(k) = &self.key_file {
             Some(Secret::Key(read_key_file(k)?))

@@ -31,13 +31,7 @@ pub fn main() -> Result<()> {
 /// Checks that stdin is not asked to carry a secret (`-k -`) and an
 /// overlay (`-i -`, or no `-i`) at once.
 fn check_stdin(paths: &[PathBuf], keys: &kimberley_cli::KeyArgs) -> Result<()> {
-    if keys.reads_stdin() && (paths.is_empty() || paths.iter().any(|p| p.as_os_str() == "-")) {
-        return Err(anyhow!(WithCode(
-            exit::USAGE as i32,
-            "stdin cannot carry both the key or passphrase and the overlay: give the overlay with -i FILE".into()
-        )));
-    }
-    Ok(())
+    keys.check_stdin(paths.is_empty() || paths.iter().any(|p| p.as_os_str() == "-"))
 }
 
 fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {

@@ -110,6 +110,17 @@ fn text_raw_and_stdin_keys_are_the_same_key() {
         "{}",
         stderr(&o)
     );
+    let o = with_stdin(
+        "kimberlize",
+        &[os("inspect"), os("-"), os("-k"), os("-")],
+        lower.as_bytes(),
+    );
+    assert_eq!(code(&o), exit::USAGE as i32, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stdin cannot carry both"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -149,6 +160,16 @@ fn malformed_key_files_are_usage_errors_in_every_tool() {
                 &out
             ),
             tool!("dekimberlize", "verify", "-i", &ovl, "-k", &k),
+            tool!(
+                "vmigrate",
+                "send",
+                "--control",
+                t.path().join("no.sock"),
+                "--to",
+                "127.0.0.1:1",
+                "-k",
+                &k
+            ),
             tool!(
                 "vmigrate",
                 "recv",

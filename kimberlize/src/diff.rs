@@ -38,6 +38,8 @@ pub fn import(a: ImportArgs) -> Result<()> {
 
 pub fn diff(a: DiffArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(a.threads);
+    a.keys
+        .check_stdin(a.parent.iter().any(|p| p.as_os_str() == "-"))?;
     let protection = a.keys.protection()?;
     let base = VmDir::open(&a.base)?;
     let launch = VmDir::open(&a.launch)?;

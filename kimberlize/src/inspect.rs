@@ -21,6 +21,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     if a.overlay.is_dir() {
         return inspect_vmdir(&a);
     }
+    a.keys.check_stdin(a.overlay.as_os_str() == "-")?;
     let secret = a.keys.secret()?;
     let (name, mut reader) = open_input(&a.overlay)?;
     // Peek at the header to know whether a key is needed.
