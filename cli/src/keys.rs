@@ -1,6 +1,4 @@
-//! `--key-file`, `--passphrase-file`, `--passphrase`, `--no-encrypt`, reading
-//! secrets (files, stdin, the terminal), and what a reader accepts:
-//! `--allow-unencrypted`, `--max-kdf-memory`, `--max-kdf-passes`.
+//! Key options and reading secrets (files, stdin, the terminal); what a reader accepts (`--allow-unencrypted`, KDF caps).
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::PermissionsExt;
