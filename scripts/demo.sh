@@ -41,7 +41,7 @@ echo "== working in $work"
 step() { printf '\n== %s\n' "$*"; }
 ms() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 
-step "kimberlize keygen: a 32-byte key for the overlay"
+step "kimberlize keygen: a key for the overlay (one line, KIMBERLEY-KEY-1...)"
 "$K" keygen -o demo.key
 
 step "kimberlize base: boot the test guest under KVM and suspend it (64 MiB memory, 256 MiB disk)"

@@ -1,25 +1,36 @@
-//! `--key-file`, `--passphrase-file`, `--no-encrypt`, and what a reader
-//! accepts: `--allow-unencrypted`, `--max-kdf-memory`, `--max-kdf-passes`.
+//! Key options and reading secrets (files, stdin, the terminal); what a reader accepts (`--allow-unencrypted`, KDF caps).
 
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use kimberley_formats::crypto::keys::{Argon2Params, KdfLimits, Secret};
+use kimberley_formats::crypto::keyfile;
+use kimberley_formats::crypto::keys::{Argon2Params, KdfLimits, Secret, KEY_LEN};
 use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::Protection;
+
+use crate::run::WithCode;
 
 /// How an overlay is (to be) protected.
 #[derive(Debug, Clone, Args)]
 #[group(multiple = false)]
 pub struct KeyArgs {
-    /// 32-byte key file (make one with `kimberlize keygen -o FILE`).
+    /// Key file ("-" for stdin): the one-line KIMBERLEY-KEY-1… text form
+    /// that `kimberlize keygen` writes, or 32 raw bytes.
     #[arg(long, short = 'k', value_name = "FILE")]
     pub key_file: Option<PathBuf>,
     /// File holding a passphrase (one newline at its end is removed); the key
-    /// is derived with Argon2id, whose parameters travel in the header.
+    /// is derived with Argon2id, whose parameters travel in the header. "-"
+    /// reads stdin, or asks on the terminal when stdin is one.
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Ask for the passphrase on the terminal without echo (twice when
+    /// making an overlay).
+    #[arg(long)]
+    pub passphrase: bool,
     /// No encryption: segments keep BLAKE3 integrity checks but anyone can
     /// read them. Only for data that is not secret.
     #[arg(long)]
@@ -27,27 +38,196 @@ pub struct KeyArgs {
 }
 
 impl KeyArgs {
-    /// The secret for reading (None when no key option was given).
+    /// The secret for reading (None when no key option was given). A
+    /// passphrase asked on the terminal is asked once.
     pub fn secret(&self) -> Result<Option<Secret>> {
-        Ok(match (&self.key_file, &self.passphrase_file) {
-            (Some(k), _) => Some(Secret::from_key_file(k)?),
-            (_, Some(p)) => Some(Secret::from_passphrase_file(p)?),
-            _ => None,
+        self.load(false)
+    }
+
+    /// True when a key or passphrase is read from stdin (`-`) rather than
+    /// a file or the terminal: stdin then cannot also carry an overlay.
+    pub fn reads_stdin(&self) -> bool {
+        let dash = |p: &Option<PathBuf>| p.as_deref() == Some(Path::new("-"));
+        dash(&self.key_file) || (dash(&self.passphrase_file) && !std::io::stdin().is_terminal())
+    }
+
+    /// Refuses (usage error) reading both the secret and an overlay from
+    /// stdin.
+    pub fn check_stdin(&self, overlay_from_stdin: bool) -> Result<()> {
+        if overlay_from_stdin && self.reads_stdin() {
+            return Err(usage(
+                "stdin cannot carry both the key or passphrase and the overlay: give the overlay with -i FILE".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn load(&self, sealing: bool) -> Result<Option<Secret>> {
+        Ok(if let Some(k) = &self.key_file {
+            Some(Secret::Key(read_key_file(k)?))
+        } else if let Some(p) = &self.passphrase_file {
+            Some(Secret::Passphrase(read_passphrase_file(p, sealing)?))
+        } else if self.passphrase {
+            Some(Secret::Passphrase(prompt_passphrase(sealing)?))
+        } else {
+            None
         })
     }
 
     /// The protection for writing: encryption is the default, so one of the
-    /// three options is required.
+    /// options is required. A passphrase asked on the terminal is asked
+    /// twice.
     pub fn protection(&self) -> Result<Protection> {
-        Ok(match self.secret()? {
+        Ok(match self.load(true)? {
             Some(Secret::Key(k)) => Protection::Key(k),
             Some(Secret::Passphrase(p)) => Protection::Passphrase(p, Argon2Params::DEFAULT),
             None if self.no_encrypt => Protection::None,
             None => bail!(
-                "overlays are encrypted by default: give --key-file FILE (make one with `kimberlize keygen -o FILE`), --passphrase-file FILE, or --no-encrypt"
+                "overlays are encrypted by default: give --key-file FILE (make one with `kimberlize keygen -o FILE`), --passphrase-file FILE, --passphrase, or --no-encrypt"
             ),
         })
     }
+}
+
+/// The secret that `protection` seals with, for reading what it sealed
+/// (parent overlays) without asking or reading again.
+pub fn secret_of(protection: &Protection) -> Option<Secret> {
+    match protection {
+        Protection::None => None,
+        Protection::Key(k) => Some(Secret::Key(*k)),
+        Protection::Passphrase(p, _) => Some(Secret::Passphrase(p.clone())),
+    }
+}
+
+/// Most bytes read from a key or passphrase file: a key file is at most 75.
+const SECRET_FILE_MAX: u64 = 64 << 10;
+
+/// Reads a secret file ("-": stdin), warning when others may read or write
+/// it. Returns its name for messages and its bytes.
+fn read_secret(path: &Path, what: &str) -> Result<(String, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(SECRET_FILE_MAX + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading the {what} from stdin"))?;
+        return Ok(("stdin".into(), bytes));
+    }
+    let name = path.display().to_string();
+    let f = std::fs::File::open(path).with_context(|| format!("opening {what} {name}"))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("reading {what} {name}"))?;
+    if let Some(w) = exposure_warning(what, &name, &meta) {
+        eprintln!("{w}");
+    }
+    f.take(SECRET_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {what} {name}"))?;
+    Ok((name, bytes))
+}
+
+/// The `warning:` line for a regular secret file that its group or others
+/// may read or write (pipes and devices are not files at rest).
+fn exposure_warning(what: &str, name: &str, meta: &std::fs::Metadata) -> Option<String> {
+    let mode = meta.permissions().mode() & 0o777;
+    (meta.is_file() && mode & 0o066 != 0).then(|| {
+        format!(
+            "warning: {what} {name} is readable or writable by group or others (mode {mode:04o}); make it private with `chmod 600 {name}`"
+        )
+    })
+}
+
+/// A usage error (exit 2): a secret file that is not one.
+fn usage(msg: String) -> anyhow::Error {
+    anyhow!(WithCode(crate::exit::USAGE as i32, msg))
+}
+
+/// Reads a key file ("-": stdin) in either form of docs/FORMAT.md "Key
+/// files"; anything else is a usage error naming the file.
+pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
+    let (name, bytes) = read_secret(path, "key file")?;
+    if bytes.len() as u64 > SECRET_FILE_MAX {
+        return Err(usage(format!(
+            "key file {name}: not a key file: longer than {} KiB",
+            SECRET_FILE_MAX >> 10
+        )));
+    }
+    keyfile::parse(&bytes).map_err(|e| {
+        usage(format!(
+            "key file {name}: {e} (make one with `kimberlize keygen -o FILE`)"
+        ))
+    })
+}
+
+/// Reads a passphrase file ("-": stdin, or the terminal when stdin is
+/// one); one trailing newline is removed.
+pub fn read_passphrase_file(path: &Path, sealing: bool) -> Result<Vec<u8>> {
+    if path == Path::new("-") && std::io::stdin().is_terminal() {
+        return prompt_passphrase(sealing);
+    }
+    let (name, mut bytes) = read_secret(path, "passphrase file")?;
+    if bytes.len() as u64 > SECRET_FILE_MAX {
+        return Err(usage(format!(
+            "passphrase file {name} is longer than {} KiB",
+            SECRET_FILE_MAX >> 10
+        )));
+    }
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        return Err(usage(format!(
+            "passphrase file {name} holds an empty passphrase"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Asks for a passphrase on the controlling terminal without echo; when
+/// `sealing`, asks again and requires the same answer. Only when stdin or
+/// stderr is a terminal (a user is there to answer): otherwise a usage
+/// error, never a wait for input nobody sees asked for.
+pub fn prompt_passphrase(sealing: bool) -> Result<Vec<u8>> {
+    if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
+        return Err(usage(
+            "cannot ask for a passphrase: neither stdin nor stderr is a terminal; use --passphrase-file FILE".into(),
+        ));
+    }
+    let ask = |prompt: &str| -> Result<String> {
+        rpassword::prompt_password(prompt).map_err(|e| {
+            usage(format!(
+                "cannot ask for a passphrase without a terminal ({e}): use --passphrase-file FILE"
+            ))
+        })
+    };
+    let first = ask("passphrase: ")?;
+    if first.is_empty() {
+        return Err(usage("empty passphrase".into()));
+    }
+    if sealing && ask("passphrase (again): ")? != first {
+        return Err(usage("the passphrases differ".into()));
+    }
+    Ok(first.into_bytes())
+}
+
+/// `kimberlize keygen -o PATH`: a new random key in the text form. `-`
+/// prints it on stdout, terminal or not: the text form exists to be copied
+/// (into a secret store, a mail, another host's file), as `age-keygen` does.
+pub fn keygen(path: &Path) -> Result<()> {
+    if path == Path::new("-") {
+        let key = kimberley_formats::crypto::keys::random::<KEY_LEN>()?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", keyfile::encode(&key))
+            .and_then(|()| out.flush())
+            .context("writing the key to stdout")?;
+        return Ok(());
+    }
+    Ok(kimberley_formats::crypto::keys::keygen(path)?)
 }
 
 /// What a reader of overlays accepts (flattened next to [`KeyArgs`] in

@@ -11,6 +11,7 @@ pub mod output;
 pub mod progress;
 pub mod run;
 pub mod version;
+pub mod schema;
 pub mod vm;
 
 pub use keys::{KeyArgs, ReadArgs};

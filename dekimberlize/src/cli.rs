@@ -30,9 +30,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Authenticate and parse a whole overlay without writing anything.
+    /// Authenticate and parse a whole overlay (or chain) without writing anything.
     ///
-    /// Says "every segment authenticated" for an encrypted overlay, and
+    /// With --base and repeated -i, checks a layered chain: the first
+    /// overlay must apply to the base and each next one on top of the one
+    /// before it (exit 5 otherwise), then authenticates every segment of
+    /// each (exit 4 for tampered data). Says "every segment authenticated" for an encrypted overlay, and
     /// "checksums OK (not authenticated)" for an unencrypted one (read without
     /// a key, or with --allow-unencrypted).
     Verify(VerifyArgs),
@@ -57,6 +60,7 @@ dekimberlize verify -i app.ovl -k overlay.key",
         "dekimberlize verify",
         "dekimberlize verify -i app.ovl -k overlay.key
 dekimberlize verify -i app.ovl -k overlay.key --base base
+dekimberlize verify --base base -i os-layer.ovl -i app-layer.ovl -k key
 ssh laptop cat app.ovl | dekimberlize verify -k overlay.key",
     ),
     (
@@ -143,10 +147,13 @@ pub struct ApplyArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Overlay to check ("-" for stdin, the default).
+    /// Overlay to check ("-" for stdin, the default). With --base, repeat
+    /// for a layered chain, in order from the base up.
     #[arg(short, long, value_name = "FILE")]
-    pub input: Option<PathBuf>,
-    /// Also check that the overlay applies to this base VM.
+    pub input: Vec<PathBuf>,
+    /// Also check that the overlay (or the chain given with repeated -i)
+    /// applies to this base VM: the base identity and every parent link,
+    /// before any segment is read. Nothing is written.
     #[arg(long, value_name = "VMDIR")]
     pub base: Option<PathBuf>,
     #[command(flatten)]

@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
+use kimberley_cli::exit;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::Bar;
+use kimberley_cli::run::WithCode;
+use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::VmDir;
@@ -26,6 +29,12 @@ pub fn main() -> Result<()> {
         }
         None => run_apply(args.apply),
     }
+}
+
+/// Checks that stdin is not asked to carry a secret (`-k -`) and an
+/// overlay (`-i -`, or no `-i`) at once.
+fn check_stdin(paths: &[PathBuf], keys: &kimberley_cli::KeyArgs) -> Result<()> {
+    keys.check_stdin(paths.is_empty() || paths.iter().any(|p| p.as_os_str() == "-"))
 }
 
 fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
@@ -56,6 +65,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(a.threads);
     let base_path = a.base.expect("required by clap");
     let out = a.output.expect("required by clap");
+    check_stdin(&a.input, &a.keys)?;
     let secret = a.keys.secret()?;
     let base = VmDir::open(&base_path)?;
     // Anything at `out`, a dangling symbolic link included, is refused
@@ -100,7 +110,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
             stats.launch_bytes as f64 / 1073741824.0 / secs.max(1e-9)
         );
     }
-    let json = serde_json::to_value(&stats)?;
+    let json = versioned(JsonOutput::ApplyStats, &stats)?;
     if let Some(sock) = control {
         return run::run(
             &out,
@@ -123,26 +133,48 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
 
 fn verify(v: cli::VerifyArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(v.threads);
-    let secret = v.keys.secret()?;
-    let mut ins = inputs(v.input.as_slice())?;
-    let o = Opened::open(ins.remove(0), secret.as_ref(), &v.read.policy())?;
-    if let Some(b) = &v.base {
-        let base = VmDir::open(b)?;
-        check_chain(&base, std::slice::from_ref(&o))?;
+    if v.base.is_none() && v.input.len() > 1 {
+        return Err(anyhow!(WithCode(
+            exit::USAGE as i32,
+            "verifying a chain of overlays needs --base VMDIR (the chain is checked from it up)"
+                .into()
+        )));
     }
-    let name = o.name.clone();
-    // An unencrypted overlay (read without a key, or with
-    // --allow-unencrypted) has integrity checks only.
-    let checked = if o.keys.is_some() {
-        "every segment authenticated"
-    } else {
-        "checksums OK (not authenticated)"
-    };
-    let r = apply::verify(o, threads, &Progress::default())?;
-    if !v.quiet {
+    check_stdin(&v.input, &v.keys)?;
+    let secret = v.keys.secret()?;
+    let policy = v.read.policy();
+    let base = v.base.as_deref().map(VmDir::open).transpose()?;
+    let chain = inputs(&v.input)?
+        .into_iter()
+        .map(|i| Opened::open(i, secret.as_ref(), &policy))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Every link (base identity, parent ids, depths) before any segment is read.
+    if let Some(base) = &base {
+        check_chain(base, &chain)?;
+    }
+    let n = chain.len();
+    for o in chain {
+        let name = o.name.clone();
+        // An unencrypted overlay (read without a key, or with
+        // --allow-unencrypted) has integrity checks only.
+        let checked = if o.keys.is_some() {
+            "every segment authenticated"
+        } else {
+            "checksums OK (not authenticated)"
+        };
+        let r = apply::verify(o, threads, &Progress::default())?;
+        if !v.quiet {
+            eprintln!(
+                "{name}: OK ({} bytes, {} segments, {} records, {checked})",
+                r.bytes, r.segments, r.records
+            );
+        }
+    }
+    if let (Some(base), false) = (&base, v.quiet) {
         eprintln!(
-            "{name}: OK ({} bytes, {} segments, {} records, {checked})",
-            r.bytes, r.segments, r.records
+            "{}: the chain of {n} overlay{} applies to it in this order",
+            base.path.display(),
+            if n == 1 { "" } else { "s" }
         );
     }
     Ok(())

@@ -3,18 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
-use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
-
-fn setup(dir: &Path) -> (Pair, PathBuf) {
-    let pair = make_pair(dir, &PairSpec::default()).unwrap();
-    let key = dir.join("key");
-    keygen(&key);
-    (pair, key)
-}
 
 fn same_files(a: &Path, b: &Path) {
     for f in ["manifest.json", "memory.raw", "disk0.raw", "state.bin"] {
@@ -150,7 +142,8 @@ fn files_verify_inspect_and_exit_codes() {
     let trunc = t.path().join("trunc.ovl");
     std::fs::write(&trunc, &wrong[..n / 3]).unwrap();
     let other_key = t.path().join("other.key");
-    std::fs::write(&other_key, [9u8; 32]).unwrap();
+    // Private, as a key file should be (else a warning line comes first).
+    write_private(&other_key, [9u8; 32]);
     let empty = t.path().join("empty.ovl");
     std::fs::write(&empty, b"").unwrap();
     let before: Vec<_> = std::fs::read_dir(t.path())
@@ -292,35 +285,7 @@ fn a_full_disk_fails_cleanly() {
 fn layered_chain_from_the_command_line() {
     let t = tempfile::tempdir().unwrap();
     let (p, key) = setup(t.path());
-    let p2 = second_pair(t.path());
-    let l1 = t.path().join("l1.ovl");
-    let l2 = t.path().join("l2.ovl");
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
-        &p.base,
-        "--launch",
-        &p.launch,
-        "-k",
-        &key,
-        "-o",
-        &l1
-    ));
-    ok(tool!(
-        "kimberlize",
-        "diff",
-        "--base",
-        &p.base,
-        "--parent",
-        &l1,
-        "--launch",
-        &p2.launch,
-        "-k",
-        &key,
-        "-o",
-        &l2
-    ));
+    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
     let out = t.path().join("out");
     ok(tool!(
         "dekimberlize",

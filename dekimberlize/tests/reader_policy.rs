@@ -41,7 +41,8 @@ fn setup() -> Setup {
     let key = t.path().join("key");
     keygen(&key);
     let pass = t.path().join("pass");
-    std::fs::write(&pass, "a passphrase\n").unwrap();
+    // Private, as a passphrase file should be (else a warning line comes first).
+    write_private(&pass, "a passphrase\n");
     let plain = t.path().join("plain.ovl");
     let sealed = t.path().join("sealed.ovl");
     for (o, prot) in [(&plain, "--no-encrypt"), (&sealed, "-k")] {

@@ -160,6 +160,9 @@ fn build_synthesise_and_resume_where_it_was() {
             s.p("build.json").to_str().unwrap(),
         ],
     ));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("build.json")).unwrap()).unwrap();
+    assert_eq!(stats["schema"], 1, "{stats}");
     // The guest's output went to stderr, line by line.
     let printed = lines(&built.stderr);
     assert!(printed.contains(&"installing".to_string()), "{printed:?}");
@@ -207,6 +210,7 @@ fn build_synthesise_and_resume_where_it_was() {
     for k in ["receive_ms", "apply_ms", "resume_ms", "first_answer_ms"] {
         assert!(stats["times"][k].is_u64(), "{k} missing from {stats}");
     }
+    assert_eq!(stats["schema"], 1, "{stats}");
 
     // Suspended cleanly into the VMDIR, losing nothing: run it again.
     VmDir::open(&out).unwrap().verify().unwrap();

@@ -170,6 +170,13 @@ pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How messages and `kimberlize inspect` name a VM identity or an overlay
+/// id: its first 8 bytes in hex (the wrong-base error and `inspect VMDIR`
+/// print the same string).
+pub fn short_id(id: &[u8]) -> String {
+    hex(&id[..id.len().min(8)])
+}
+
 /// Parses 64 hex characters.
 pub fn from_hex(s: &str) -> Option<Digest> {
     if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -23,9 +23,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a new random 32-byte key file (mode 0600).
+    /// Write a new random key: one line, KIMBERLEY-KEY-1… (bech32m).
+    ///
+    /// The file is created with mode 0600 and must not exist. `-o -`
+    /// prints the key on stdout, even on a terminal (to paste it into a
+    /// secret store). Every tool also reads a key file of 32 raw bytes.
     Keygen {
-        /// Where to write the key (must not exist).
+        /// Where to write the key (must not exist; "-" for stdout).
         #[arg(short, long, value_name = "KEYFILE")]
         output: PathBuf,
     },
@@ -81,13 +85,21 @@ pub enum Command {
     /// --no-encrypt). With --passphrase-file the salt is random (Argon2id
     /// needs it before any key exists), so every run writes other bytes.
     Diff(DiffArgs),
-    /// Show an overlay's header, chain position and segments.
+    /// Show an overlay (header, chain position, segments) or a VM directory.
     ///
-    /// Without a key, shows what the header says and walks the frames. With
-    /// a key (or for an unencrypted overlay), authenticates and parses every
-    /// segment and shows the launch VM and chunk statistics. An unencrypted
-    /// overlay is only checksummed, and with a key it is refused unless
-    /// --allow-unencrypted.
+    /// An overlay: without a key, shows what the header says and walks the
+    /// frames. With a key (or for an unencrypted overlay), authenticates
+    /// and parses every segment and shows the launch VM and chunk
+    /// statistics. An unencrypted overlay is only checksummed, and with a
+    /// key it is refused unless --allow-unencrypted.
+    ///
+    /// A VM directory: its identity (the string a wrong-base error names),
+    /// name, backend and machine, vCPUs, and each component's kind, file,
+    /// size, allocated size and BLAKE3 digest (as its manifest records
+    /// them; every file is checked to exist with its recorded size).
+    ///
+    ///   kimberlize inspect base
+    ///   kimberlize inspect app.ovl -k overlay.key --json
     Inspect(InspectArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
     Completions(kimberley_cli::help::CompletionsArgs),
@@ -353,8 +365,8 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The overlay file ("-" for stdin).
-    #[arg(value_name = "OVL")]
+    /// The overlay file ("-" for stdin), or a VM directory.
+    #[arg(value_name = "OVL|VMDIR")]
     pub overlay: PathBuf,
     #[command(flatten)]
     pub keys: KeyArgs,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use kimberley_cli::output::{open_input, write_json, OverlayOut};
 use kimberley_cli::progress::Bar;
+use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
 use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
@@ -37,6 +38,8 @@ pub fn import(a: ImportArgs) -> Result<()> {
 
 pub fn diff(a: DiffArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(a.threads);
+    a.keys
+        .check_stdin(a.parent.iter().any(|p| p.as_os_str() == "-"))?;
     let protection = a.keys.protection()?;
     let base = VmDir::open(&a.base)?;
     let launch = VmDir::open(&a.launch)?;
@@ -49,7 +52,8 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let mut parent = None;
     let mut effective = base;
     if !a.parent.is_empty() {
-        let secret = a.keys.secret()?;
+        // The secret the new overlay is sealed with (not asked or read twice).
+        let secret = kimberley_cli::keys::secret_of(&protection);
         let mut inputs = Vec::new();
         for p in &a.parent {
             let (name, reader) = open_input(p)?;
@@ -88,7 +92,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let stats = write_overlay(&effective, &launch, out, &opts, &progress)?;
     drop(_bar);
     if let Some(p) = &a.stats_json {
-        write_json(p, &stats)?;
+        write_json(p, &versioned(JsonOutput::DiffStats, &stats)?)?;
     }
     if !a.quiet && std::io::stderr().is_terminal() {
         summary(&stats, a.output.as_deref());

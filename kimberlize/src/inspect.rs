@@ -1,20 +1,27 @@
-//! `kimberlize inspect`.
+//! `kimberlize inspect`: an overlay, or a VM directory.
 
 use std::io::Read;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use kimberley_cli::output::open_input;
+use kimberley_cli::schema::JsonOutput;
 use kimberley_formats::apply::{self, Input, Opened};
 use kimberley_formats::crypto::KeyMaterial;
 use kimberley_formats::digest::hex;
+use kimberley_formats::digest::short_id;
 use kimberley_formats::overlay::header::{Header, HEADER_LEN};
 use kimberley_formats::overlay::io::FrameReader;
 use kimberley_formats::progress::Progress;
+use kimberley_formats::vmdir::VmDir;
 use serde_json::json;
 
 use crate::cli::InspectArgs;
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
+    if a.overlay.is_dir() {
+        return inspect_vmdir(&a);
+    }
+    a.keys.check_stdin(a.overlay.as_os_str() == "-")?;
     let secret = a.keys.secret()?;
     let (name, mut reader) = open_input(&a.overlay)?;
     // Peek at the header to know whether a key is needed.
@@ -24,6 +31,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let header = Header::decode(&head)?;
     let chained: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(head).chain(reader));
     let mut out = json!({
+        "schema": JsonOutput::InspectOverlay.version(),
         "file": name,
         "version": kimberley_formats::overlay::header::VERSION,
         "protection": match header.protection {
@@ -86,6 +94,65 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_text(&out);
+    }
+    Ok(())
+}
+
+/// `kimberlize inspect VMDIR`.
+fn inspect_vmdir(a: &InspectArgs) -> Result<()> {
+    let dir = VmDir::open(&a.overlay)?;
+    let m = &dir.manifest;
+    let id = dir.identity();
+    let mut components = Vec::new();
+    for (i, c) in m.components.iter().enumerate() {
+        let meta = dir
+            .open_component(i)?
+            .metadata()
+            .with_context(|| format!("reading {}", dir.component_path(i).display()))?;
+        components.push(json!({
+            "kind": format!("{:?}", c.kind).to_lowercase(),
+            "file": m.file_name(i),
+            "size": c.size,
+            "allocated": std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+            "blake3": hex(&c.digest),
+        }));
+    }
+    let out = json!({
+        "schema": JsonOutput::InspectVmdir.version(),
+        "vmdir": dir.path.display().to_string(),
+        "name": m.name,
+        "identity": short_id(&id),
+        "identity_full": hex(&id),
+        "backend": m.machine.as_ref().map_or("microvm", |s| s.backend.as_str()),
+        "machine": m.machine.as_deref(),
+        "vcpus": m.vcpus,
+        "memory_size": m.memory_size(),
+        "components": components,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("VM directory {}", dir.path.display());
+    println!("name         {}", m.name);
+    println!("identity     {} (BLAKE3 {})", short_id(&id), hex(&id));
+    match m.machine.as_deref() {
+        None => println!("backend      microvm (the KVM microVM)"),
+        Some(s) => println!(
+            "backend      {} {}, machine {}, accel {}, cpu {}",
+            s.backend, s.version, s.machine_type, s.accel, s.cpu
+        ),
+    }
+    println!("vCPUs        {}", m.vcpus);
+    for c in &components {
+        println!(
+            "  {:<8} {:<12} {:>14} bytes  {:>14} allocated  blake3 {}",
+            c["kind"].as_str().unwrap_or(""),
+            c["file"].as_str().unwrap_or(""),
+            c["size"],
+            c["allocated"],
+            c["blake3"].as_str().unwrap_or("")
+        );
     }
     Ok(())
 }

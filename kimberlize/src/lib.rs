@@ -12,10 +12,7 @@ use anyhow::Result;
 pub fn main() -> Result<()> {
     let args = cli::parse();
     match args.command {
-        cli::Command::Keygen { output } => {
-            kimberley_formats::crypto::keys::keygen(&output)?;
-            Ok(())
-        }
+        cli::Command::Keygen { output } => kimberley_cli::keys::keygen(&output),
         cli::Command::Import(a) => diff::import(a),
         cli::Command::Diff(a) => diff::diff(a),
         cli::Command::Base(a) => vm::base(a),

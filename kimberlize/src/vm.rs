@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use kimberley_cli::output::{write_json, OverlayOut};
 use kimberley_cli::progress::Bar;
+use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
 use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
@@ -191,7 +192,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
             "diff": stats,
             "total_ms": t0.elapsed().as_millis() as u64,
         });
-        write_json(p, &v)?;
+        write_json(p, &versioned(JsonOutput::BuildStats, &v)?)?;
     }
     if !a.quiet && std::io::stderr().is_terminal() {
         summary(&stats, a.output.as_deref());

@@ -325,12 +325,8 @@ impl Rx {
     }
 }
 
-/// Reads a key file (exactly 32 bytes).
+/// Reads a key file (either form of docs/FORMAT.md "Key files"; a
+/// malformed one is a usage error).
 pub fn read_key(path: &std::path::Path) -> Result<[u8; 32]> {
-    match kimberley_formats::crypto::keys::Secret::from_key_file(path)? {
-        kimberley_formats::crypto::keys::Secret::Key(k) => Ok(k),
-        kimberley_formats::crypto::keys::Secret::Passphrase(_) => {
-            bail!("{} is not a key file", path.display())
-        }
-    }
+    kimberley_cli::keys::read_key_file(path)
 }

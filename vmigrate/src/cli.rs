@@ -125,7 +125,8 @@ pub struct RecvArgs {
     /// Address to listen on (host:port).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// 32-byte key file the sender holds too (`kimberlize keygen -o FILE`).
+    /// Key file the sender holds too (`kimberlize keygen -o FILE`; the text
+    /// form or 32 raw bytes; "-" for stdin).
     #[arg(long, short = 'k', value_name = "FILE")]
     pub key_file: PathBuf,
     /// The VM directory to create (must not exist).
@@ -160,7 +161,8 @@ pub struct SendArgs {
     /// Receiver address (host:port).
     #[arg(long, value_name = "ADDR")]
     pub to: String,
-    /// 32-byte key file the receiver holds too.
+    /// Key file the receiver holds too (the text form or 32 raw bytes). The
+    /// VM's process reads it by its path, so it must be a file.
     #[arg(long, short = 'k', value_name = "FILE")]
     pub key_file: PathBuf,
     /// Downtime target in milliseconds: pre-copy stops when the remaining

@@ -22,6 +22,12 @@ const EXIT_AUTH: i32 = 4;
 
 pub fn send(a: SendArgs) -> Result<()> {
     // Refuse a bad key file here, before bothering the VM's process.
+    if a.key_file.as_os_str() == "-" {
+        return Err(anyhow::anyhow!(kimberley_cli::run::WithCode(
+            kimberley_cli::exit::USAGE as i32,
+            "vmigrate send needs the key in a file: the VM's process reads it by its path".into()
+        )));
+    }
     crate::channel::read_key(&a.key_file)?;
     let key_file = std::fs::canonicalize(&a.key_file)
         .with_context(|| format!("resolving {}", a.key_file.display()))?;
@@ -78,7 +84,13 @@ pub fn send(a: SendArgs) -> Result<()> {
         if v["ok"] == true {
             let res = &v["result"];
             if let Some(p) = &a.stats_json {
-                kimberley_cli::output::write_json(p, res)?;
+                kimberley_cli::output::write_json(
+                    p,
+                    &kimberley_cli::schema::versioned(
+                        kimberley_cli::schema::JsonOutput::SendStats,
+                        res,
+                    )?,
+                )?;
             }
             if !a.quiet && res.get("hand_over").is_some() {
                 eprintln!(

@@ -131,7 +131,11 @@ fn recv_cmd(a: cli::RecvArgs) -> Result<()> {
     // From here on the guest must not be lost: a failure to write the
     // statistics is only reported.
     if let Some(p) = &a.stats_json {
-        if let Err(e) = kimberley_cli::output::write_json(p, &r.stats) {
+        let stats = kimberley_cli::schema::versioned(
+            kimberley_cli::schema::JsonOutput::RecvStats,
+            &r.stats,
+        );
+        if let Err(e) = stats.and_then(|s| kimberley_cli::output::write_json(p, &s)) {
             eprintln!("vmigrate: warning: writing {}: {e:#}", p.display());
         }
     }

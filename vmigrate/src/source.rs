@@ -291,8 +291,8 @@ fn fetch_dirty(vm: &mut dyn Migratable, ndisks: usize) -> Result<(Vec<u64>, Vec<
     Ok((pages, blocks))
 }
 
-/// Reads the migration key, refusing anything but a regular file (no
-/// symlink is followed).
+/// Reads the migration key (either form of docs/FORMAT.md "Key files"),
+/// refusing anything but a regular file (no symlink is followed).
 fn read_key_file(p: &Params) -> Result<[u8; 32]> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
@@ -308,14 +308,10 @@ fn read_key_file(p: &Params) -> Result<[u8; 32]> {
         );
     }
     let mut b = Vec::new();
-    f.take(33).read_to_end(&mut b)?;
-    b.as_slice().try_into().map_err(|_| {
-        anyhow!(
-            "migrate: key_file {} is {} bytes; a key file is exactly 32",
-            p.key_file.display(),
-            b.len()
-        )
-    })
+    // A key file is at most 75 bytes (docs/FORMAT.md "Key files").
+    f.take(1024).read_to_end(&mut b)?;
+    kimberley_formats::crypto::keyfile::parse(&b)
+        .map_err(|e| anyhow!("migrate: key_file {}: {e}", p.key_file.display()))
 }
 
 /// The measured state of the link and the receiver, updated per round.

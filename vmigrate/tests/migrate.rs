@@ -17,8 +17,18 @@ fn idle_guest() {
         return;
     }
     let mut s = Setup::new("");
-    let st = migrate_ok(&mut s, &[]);
+    let recv_stats = s.p("recv.json");
+    let st = migrate_ok_with(
+        &mut s,
+        &[],
+        &[std::ffi::OsStr::new("--stats-json"), recv_stats.as_os_str()],
+    );
     assert_eq!(st["throttled"], false);
+    // Both JSON outputs carry their schema version (docs/JSON.md).
+    assert_eq!(st["schema"], 1, "{st}");
+    let rs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&recv_stats).unwrap()).unwrap();
+    assert_eq!(rs["schema"], 1, "{rs}");
     let r0 = &st["per_round"][0];
     assert!(r0["zero_pages"].as_u64().unwrap() > 1000, "{r0}");
     // Zero pages never travel as 4 KiB: 64 MiB in well under 30 MiB.

@@ -13,6 +13,7 @@ pub mod linux_guest;
 #[path = "../../../vmm/tests/common/tools.rs"]
 pub mod tools;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -63,6 +64,61 @@ pub fn code(o: &Output) -> i32 {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A base and launch VM (`make_pair`) in `dir`, and a new key file `dir/key`.
+pub fn setup(dir: &Path) -> (Pair, PathBuf) {
+    let pair = make_pair(dir, &PairSpec::default()).unwrap();
+    let key = dir.join("key");
+    keygen(&key);
+    (pair, key)
+}
+
+/// `kimberlize diff -q --base BASE --launch LAUNCH -o OUT ARGS...` (ARGS:
+/// the secret, `--parent`, `--stats-json`...).
+pub fn diff(base: &Path, launch: &Path, out: &Path, args: &[&OsStr]) -> Output {
+    let mut c = Command::new(bin("kimberlize"));
+    c.args(["diff", "-q", "--base"])
+        .arg(base)
+        .arg("--launch")
+        .arg(launch)
+        .arg("-o")
+        .arg(out)
+        .args(args);
+    run(&mut c)
+}
+
+/// A chain of two layers on `p.base` under `key`, in `dir`: `l1.ovl` gives
+/// `p.launch`, `l2.ovl` on top of it gives the launch VM of
+/// [`second_pair`], which is returned with them.
+pub fn two_layers(dir: &Path, p: &Pair, key: &Path) -> (PathBuf, PathBuf, Pair) {
+    let p2 = second_pair(dir);
+    let (l1, l2) = (dir.join("l1.ovl"), dir.join("l2.ovl"));
+    ok(diff(
+        &p.base,
+        &p.launch,
+        &l1,
+        &["-k".as_ref(), key.as_os_str()],
+    ));
+    ok(diff(
+        &p.base,
+        &p2.launch,
+        &l2,
+        &[
+            "--parent".as_ref(),
+            l1.as_os_str(),
+            "-k".as_ref(),
+            key.as_os_str(),
+        ],
+    ));
+    (l1, l2, p2)
+}
+
+/// Writes `path` readable and writable by its owner only, as a key or
+/// passphrase file should be.
+pub fn write_private(path: &Path, bytes: impl AsRef<[u8]>) {
+    std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 }
 
 /// A second base and launch VM, from another seed, in `dir/2`.

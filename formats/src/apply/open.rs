@@ -5,7 +5,7 @@ use std::io::Read;
 use super::Input;
 use crate::crypto::keys::{commit_id, OverlayKeys, Secret};
 use crate::crypto::{reader_keys, sealer_for, ReadPolicy, Sealer};
-use crate::digest::hex;
+use crate::digest::short_id as short;
 use crate::error::{Error, Result};
 use crate::overlay::frame::SegmentKind;
 use crate::overlay::header::Header;
@@ -116,10 +116,6 @@ impl Opened {
             base: self.manifest.base.iter().map(|c| c.size).collect(),
         }
     }
-}
-
-fn short(id: &[u8]) -> String {
-    hex(&id[..8])
 }
 
 /// Checks that `chain` applies to `base` in this order, with no missing

@@ -130,14 +130,13 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// Reads a key file (exactly 32 bytes).
+    /// Reads a key file: the text form or 32 raw bytes ([`super::keyfile`]).
     pub fn from_key_file(path: &Path) -> Result<Secret> {
         let bytes = std::fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
-        let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
+        let key = super::keyfile::parse(&bytes).map_err(|e| {
             Error::Key(format!(
-                "{} is {} bytes; a key file is exactly {KEY_LEN} bytes (make one with `kimberlize keygen`)",
-                path.display(),
-                bytes.len()
+                "{}: {e} (make one with `kimberlize keygen`)",
+                path.display()
             ))
         })?;
         Ok(Secret::Key(key))
@@ -163,14 +162,14 @@ impl Secret {
     }
 }
 
-/// Writes a new random key file, atomically and private (mode 0600 from
-/// the creation of its temporary file); refuses to replace anything at
-/// `path`.
+/// Writes a new random key file in the text form (one line), atomically
+/// and private (mode 0600 from the creation of its temporary file);
+/// refuses to replace anything at `path`.
 pub fn keygen(path: &Path) -> Result<()> {
-    let mut key = [0u8; KEY_LEN];
-    getrandom::fill(&mut key).map_err(|e| Error::Key(format!("no randomness: {e}")))?;
+    let key = random::<KEY_LEN>()?;
+    let line = format!("{}\n", super::keyfile::encode(&key));
     let f = AtomicFile::create(path, false)?;
-    std::os::unix::fs::FileExt::write_all_at(f.file(), &key, 0)
+    std::os::unix::fs::FileExt::write_all_at(f.file(), line.as_bytes(), 0)
         .ctx(|| format!("writing {}", path.display()))?;
     f.commit()
 }
@@ -248,7 +247,7 @@ impl std::fmt::Debug for OverlayKeys {
     }
 }
 
-/// The user key: the key file's bytes, or Argon2id(passphrase, salt).
+/// The user key: the key file's key, or Argon2id(passphrase, salt).
 pub fn user_key(secret: &Secret, material: KeyMaterial, salt: &[u8; 32]) -> Result<[u8; 32]> {
     match (material, secret) {
         (KeyMaterial::KeyFile, Secret::Key(k)) => Ok(*k),

@@ -1,13 +1,15 @@
 //! Keys and segment protection.
 //!
-//! [`keys`] turns a key file or passphrase into the overlay's keys (HKDF over
-//! a per-overlay salt, Argon2id for passphrases) and derives reproducible
-//! salts ([`keys::derived_salt`]); [`stream`] seals and opens
+//! [`keyfile`] encodes and parses key files; [`keys`] turns a key file or
+//! passphrase into the overlay's keys (HKDF over a per-overlay salt,
+//! Argon2id for passphrases) and derives reproducible salts
+//! ([`keys::derived_salt`]); [`stream`] seals and opens
 //! segments with the STREAM construction (ChaCha20-Poly1305, nonce = segment
 //! counter + last-segment flag) or, with `--no-encrypt`, BLAKE3 integrity.
 //! A reader derives keys only through [`reader_keys`], under a
 //! [`ReadPolicy`].
 
+pub mod keyfile;
 pub mod keys;
 pub mod stream;
 
