@@ -10,8 +10,8 @@ pub mod man;
 pub mod output;
 pub mod progress;
 pub mod run;
-pub mod version;
 pub mod schema;
+pub mod version;
 pub mod vm;
 
 pub use keys::{KeyArgs, ReadArgs};
