@@ -113,7 +113,8 @@ impl Reporter {
         let (bar, thread) = match draw {
             Draw::Nothing => (None, None),
             Draw::Bar => {
-                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
+                let bar =
+                    ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
                 bar.set_style(spinner_style());
                 bar.enable_steady_tick(Duration::from_millis(100));
                 let b = bar.clone();
@@ -196,15 +197,13 @@ fn spinner_style() -> ProgressStyle {
 }
 
 fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{msg:>14} [{bar:30}] {done}/{all} {speed} eta {left}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ")
-    .with_key("done", key(|s| bytes(s.pos())))
-    .with_key("all", key(|s| bytes(s.len().unwrap_or(0))))
-    .with_key("speed", key(|s| per_sec(s.per_sec())))
-    .with_key("left", key(|s| duration(s.eta())))
+    ProgressStyle::with_template("{msg:>14} [{bar:30}] {done}/{all} {speed} eta {left}")
+        .expect("valid template")
+        .progress_chars("=> ")
+        .with_key("done", key(|s| bytes(s.pos())))
+        .with_key("all", key(|s| bytes(s.len().unwrap_or(0))))
+        .with_key("speed", key(|s| per_sec(s.per_sec())))
+        .with_key("left", key(|s| duration(s.eta())))
 }
 
 /// Follows `p` on `bar`: a spinner until the run's total is planned, then
@@ -330,6 +329,9 @@ mod tests {
             done: 0,
             total: None,
         };
-        assert_eq!(plain_line(Duration::from_millis(300), &spin), "[300 ms] install script");
+        assert_eq!(
+            plain_line(Duration::from_millis(300), &spin),
+            "[300 ms] install script"
+        );
     }
 }

@@ -102,10 +102,9 @@ pub fn diff(a: DiffArgs) -> Result<()> {
             let o = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
             work += apply::work(std::slice::from_ref(&o));
         }
-        let size = |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
-        progress.plan(
-            work + size(&last.manifest.launch) + size(&launch.manifest.components),
-        );
+        let size =
+            |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
+        progress.plan(work + size(&last.manifest.launch) + size(&launch.manifest.components));
         parent = Some(Parent {
             overlay_id: last.header.overlay_id,
             depth: last.header.depth,

@@ -186,7 +186,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
         times.push((what, t.elapsed().as_millis() as u64));
     }
     if let (Some(e), Some((_, p))) = (log_error, &guest_log) {
-        return Err(anyhow::Error::new(e).context(format!("writing the guest's output to {}", p.display())));
+        return Err(
+            anyhow::Error::new(e).context(format!("writing the guest's output to {}", p.display()))
+        );
     }
     let t_save = Instant::now();
     progress.stage("suspending");
@@ -223,7 +225,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
 
 /// Opens `--guest-log FILE` for appending, creating it 0600: a log, so it
 /// is written in place rather than atomically.
-fn open_log(p: &std::path::Path) -> Result<(std::io::LineWriter<std::fs::File>, std::path::PathBuf)> {
+fn open_log(
+    p: &std::path::Path,
+) -> Result<(std::io::LineWriter<std::fs::File>, std::path::PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .append(true)

@@ -184,8 +184,8 @@ pub fn import_with(
     })
 }
 
-/// Reads the start and the end of `f` and tells its format.
-fn image_format(f: &File, size: u64) -> io::Result<ImageFormat> {
+/// Reads the start and the end of `f` (`size` bytes) and tells its format.
+pub fn image_format(f: &File, size: u64) -> io::Result<ImageFormat> {
     let mut head = vec![0u8; HEAD_LEN.min(size as usize)];
     f.read_exact_at(&mut head, 0)?;
     let found = detect(&head);
@@ -216,7 +216,7 @@ fn refuse(src: &Path, format: ImageFormat, why: &str) -> Error {
 /// empty and private), keeping zeros as holes; returns the disk's size.
 /// Images that name a backing file are refused: converting one would copy
 /// whatever file it names into the VM directory.
-fn convert(
+pub fn convert(
     qemu_img: &Path,
     src: &Path,
     format: ImageFormat,
