@@ -254,6 +254,9 @@ pub struct BaseArgs {
     /// Give up if the guest is not ready within this many seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// No summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,7 @@
 //! `base` and `build`: the commands that run a VM (the KVM microVM, or
 //! Linux under QEMU).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,11 +59,11 @@ pub fn base(a: BaseArgs) -> Result<()> {
     let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
     vm.suspend_into(w, &name).map_err(vm_error)?;
     drop(vm);
-    if std::io::stderr().is_terminal() {
+    if !a.quiet {
         eprintln!(
-            "{}: base VM ready and suspended in {:.0} ms",
+            "{}: base VM ready and suspended in {}",
             a.output.display(),
-            t0.elapsed().as_secs_f64() * 1000.0
+            kimberley_cli::progress::duration(t0.elapsed())
         );
     }
     Ok(())
@@ -99,6 +99,9 @@ fn base_qemu(a: BaseArgs) -> Result<()> {
     let w = VmDirWriter::create(&a.output)?;
     let booted =
         kimberley_qemu::boot(&cfg, w, &name, Duration::from_secs(a.timeout)).map_err(vm_error)?;
+    if a.quiet {
+        return Ok(());
+    }
     eprintln!(
         "{}: Linux base VM ready and suspended ({}: {}); boot {:.1} s, suspend {} ms, total {:.1} s",
         a.output.display(),
