@@ -50,7 +50,8 @@ pub enum Command {
     /// are told by their magic numbers: qcow2, QED, VMDK, VHD, VHDX and VDI
     /// are converted to raw with `qemu-img convert` (sparse; refused with
     /// the command to run when qemu-img is missing or fails, and refused
-    /// when they name a backing file); anything else is raw.
+    /// when they name other files: a backing file, an external data file,
+    /// VMDK extents); anything else is raw.
     Import(ImportArgs),
     /// Boot a VM and suspend it once it is ready: a base VM.
     ///

@@ -183,7 +183,7 @@ fn attack_an_image_with_a_backing_file_is_refused() {
     ]);
     let o = import(t.path(), "vm", &mem, &q, &[]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("with a backing file"), "{}", text(&o));
+    assert!(text(&o).contains("names other files"), "{}", text(&o));
     assert!(!t.path().join("vm").exists());
 }
 
@@ -230,4 +230,66 @@ fn summary_off_a_terminal_unless_quiet() {
     let o = import(t.path(), "b", &mem, &disk, &["-q"]);
     assert!(o.status.success());
     assert_eq!(text(&o), "");
+}
+
+/// A VMDK descriptor names its extents: a "flat" extent that is another
+/// file would copy that file into the VM directory.
+#[test]
+fn attack_a_vmdk_descriptor_naming_another_file_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (mem, _) = raws(t.path());
+    let secret = t.path().join("secret");
+    std::fs::write(&secret, b"the host's private key").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&secret)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let d = t.path().join("disk.vmdk");
+    std::fs::write(
+        &d,
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"secret\" 0\nddb.adapterType = \"ide\"\n",
+    )
+    .unwrap();
+    let o = import(t.path(), "vm", &mem, &d, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("names other files"), "{}", text(&o));
+    assert!(!t.path().join("vm").exists());
+}
+
+/// A qcow2 image may keep its data in an external data file.
+#[test]
+fn attack_a_qcow2_with_an_external_data_file_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (mem, _) = raws(t.path());
+    let q = t.path().join("disk.qcow2");
+    let data = t.path().join("data.raw");
+    let opts = format!("data_file={},data_file_raw=on", data.display());
+    qemu_img(&[&"create", &"-q", &"-f", &"qcow2", &"-o", &opts, &q, &"1M"]);
+    std::fs::write(&data, b"the host's private key").unwrap();
+    let o = import(t.path(), "vm", &mem, &q, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("names other files"), "{}", text(&o));
+    assert!(!t.path().join("vm").exists());
+}
+
+#[test]
+fn relative_image_paths_convert() {
+    let t = tempfile::tempdir().unwrap();
+    let (mem, disk) = raws(t.path());
+    std::fs::create_dir(t.path().join("sub")).unwrap();
+    for fmt in ["qcow2", "vmdk"] {
+        let img = t.path().join("sub").join(format!("disk.{fmt}"));
+        qemu_img(&[&"convert", &"-f", &"raw", &"-O", &fmt, &disk, &img]);
+        let o = Command::new(env!("CARGO_BIN_EXE_kimberlize"))
+            .args(["import", "-o", &format!("{fmt}-vm"), "--memory"])
+            .arg(&mem)
+            .args(["--disk", &format!("sub/disk.{fmt}")])
+            .current_dir(t.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{fmt}: {}", text(&o));
+    }
 }

@@ -214,8 +214,9 @@ fn refuse(src: &Path, format: ImageFormat, why: &str) -> Error {
 
 /// Converts `src` (in `format`) to raw into `dst` (at `dpath`, created
 /// empty and private), keeping zeros as holes; returns the disk's size.
-/// Images that name a backing file are refused: converting one would copy
-/// whatever file it names into the VM directory.
+/// Images that name other files (a backing file, an external data file,
+/// VMDK extents) are refused: converting one would copy whatever files it
+/// names into the VM directory.
 pub fn convert(
     qemu_img: &Path,
     src: &Path,
@@ -261,11 +262,13 @@ pub fn convert(
     ])?;
     let info: serde_json::Value = serde_json::from_slice(&info)
         .map_err(|e| Error::Invalid(format!("qemu-img info {}: {e}", src.display())))?;
-    if let Some(b) = info.get("backing-filename") {
+    let others = other_files(&info, src);
+    if !others.is_empty() {
         return Err(Error::Invalid(format!(
-            "{} is a {} image with a backing file ({b}): import the whole chain flattened (qemu-img convert -O raw {} disk.raw) after checking what it names",
+            "{} is a {} image that names other files ({}): converting it would copy them into the VM directory; flatten it yourself after checking what it names (qemu-img convert -O raw {} disk.raw)",
             src.display(),
             format.name(),
+            others.join(", "),
             src.display()
         )));
     }
@@ -286,6 +289,51 @@ pub fn convert(
         dpath.as_os_str(),
     ])?;
     Ok(size)
+}
+
+/// The files other than `src` that `qemu-img info`'s answer `info` says
+/// the image reads: a backing file, an external data file, VMDK extents.
+/// Relative names are relative to `src`'s directory; a name that does not
+/// resolve counts as another file.
+fn other_files(info: &serde_json::Value, src: &Path) -> Vec<String> {
+    fn walk(v: &serde_json::Value, found: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        (
+                            "filename" | "backing-filename" | "full-backing-filename" | "data-file",
+                            serde_json::Value::String(s),
+                        ) => found.push(s.clone()),
+                        _ => walk(v, found),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let mut names = Vec::new();
+    // The top level's "filename" is the image itself, as given.
+    if let serde_json::Value::Object(m) = info {
+        let mut rest = m.clone();
+        rest.remove("filename");
+        walk(&serde_json::Value::Object(rest), &mut names);
+    }
+    let dir = crate::fsutil::parent_of(src);
+    let me = std::fs::canonicalize(src).ok();
+    // qemu-img gives names as written in the image (relative to it) or as
+    // it opened them (relative to the working directory).
+    let is_me = |n: &str| {
+        me.is_some()
+            && [PathBuf::from(n), dir.join(n)]
+                .iter()
+                .any(|p| std::fs::canonicalize(p).ok() == me)
+    };
+    let mut others: Vec<String> = names.into_iter().filter(|n| !is_me(n)).collect();
+    others.sort();
+    others.dedup();
+    others
 }
 
 /// The ways [`copy_reflink`] tries, in order.
