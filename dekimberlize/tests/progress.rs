@@ -90,16 +90,20 @@ fn summary_off_a_terminal_unless_quiet() {
     assert!(e.trim_end().ends_with("/s)"), "{e}");
     assert_human(&e);
 
+    let apply = |out: &Path| {
+        let mut c = Command::new(bin("dekimberlize"));
+        c.arg("--base")
+            .arg(&p.base)
+            .arg("-i")
+            .arg(&ovl)
+            .arg("-k")
+            .arg(&key)
+            .arg("-o")
+            .arg(out);
+        c
+    };
     let out = t.path().join("vm");
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&out));
+    let o = run(&mut apply(&out));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let e = stderr(&o);
     assert_eq!(e.lines().count(), 1, "{e}");
@@ -116,16 +120,7 @@ fn summary_off_a_terminal_unless_quiet() {
     let o = run(diff_cmd(&p, &key, &t.path().join("b.ovl")).arg("-q"));
     assert_eq!(code(&o), 0);
     assert_eq!(stderr(&o), "");
-    let o = run(Command::new(bin("dekimberlize"))
-        .arg("-q")
-        .arg("--base")
-        .arg(&p.base)
-        .arg("-i")
-        .arg(&ovl)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(t.path().join("vm2")));
+    let o = run(apply(&t.path().join("vm2")).arg("-q"));
     assert_eq!(code(&o), 0);
     assert_eq!(stderr(&o), "");
 }

@@ -416,15 +416,20 @@ mod tests {
     use super::*;
     use crate::sparse::data_extents;
 
-    /// A 1 MiB source with data at 64 KiB and 512 KiB, holes elsewhere.
-    fn source(dir: &Path) -> (File, Vec<u8>) {
-        let p = dir.join("src.raw");
-        let f = File::options()
+    /// A new empty file, read and written.
+    fn fresh(p: &Path) -> File {
+        File::options()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&p)
-            .unwrap();
+            .open(p)
+            .unwrap()
+    }
+
+    /// A 1 MiB source with data at 64 KiB and 512 KiB, holes elsewhere.
+    fn source(dir: &Path) -> (File, Vec<u8>) {
+        let p = dir.join("src.raw");
+        let f = fresh(&p);
         f.set_len(1 << 20).unwrap();
         let mut want = vec![0u8; 1 << 20];
         for (off, byte) in [(64 << 10, 0xa5u8), (512 << 10, 0x5a)] {
@@ -447,12 +452,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let (src, want) = source(t.path());
         for way in [Way::Clone, Way::Kernel, Way::Sparse] {
-            let dst = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(t.path().join(format!("{way:?}")))
-                .unwrap();
+            let dst = fresh(&t.path().join(format!("{way:?}")));
             match copy_via(way, &src, 1 << 20, &dst) {
                 Ok(_) => {
                     assert_eq!(content(&dst), want, "{way:?}");
@@ -478,12 +478,7 @@ mod tests {
             }
         }
         // The chain as import uses it: whatever works here, the content.
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(t.path().join("chain"))
-            .unwrap();
+        let dst = fresh(&t.path().join("chain"));
         copy_reflink(&src, 1 << 20, &dst).unwrap();
         assert_eq!(content(&dst), want);
     }
@@ -492,12 +487,7 @@ mod tests {
     fn a_fixed_vhd_is_told_by_its_footer() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("fixed.vhd");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .unwrap();
+        let f = fresh(&p);
         f.set_len(4096 + 512).unwrap();
         assert_eq!(image_format(&f, 4608).unwrap(), ImageFormat::Raw);
         f.write_all_at(b"conectix", 4096).unwrap();
