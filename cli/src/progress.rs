@@ -135,7 +135,8 @@ impl Reporter {
                             }
                         };
                         if due && !stopping {
-                            eprintln!("{}", plain_line(t0.elapsed(), &snap));
+                            let working = p.planned_at().map(|t| t.elapsed());
+                            eprintln!("{}", plain_line(t0.elapsed(), working, &snap));
                             last = Some((Instant::now(), snap));
                         }
                         if stopping {
@@ -160,8 +161,10 @@ impl Reporter {
 }
 
 /// One `--progress=plain` line: `[2.1 s] diffing: 512 MiB of 1.0 GiB
-/// (50%), 244 MiB/s`.
-fn plain_line(elapsed: Duration, s: &Snapshot) -> String {
+/// (50%), 244 MiB/s` (`elapsed`: since the start; `working`: since the
+/// total was planned, for the rate).
+fn plain_line(elapsed: Duration, working: Option<Duration>, s: &Snapshot) -> String {
+    let took = working.unwrap_or(elapsed);
     let mut l = format!("[{}] {}", duration(elapsed), s.stage);
     match s.total {
         Some(total) if total > 0 => {
@@ -171,11 +174,11 @@ fn plain_line(elapsed: Duration, s: &Snapshot) -> String {
                 bytes(s.done),
                 bytes(total),
                 s.done.min(total) * 100 / total,
-                rate(s.done, elapsed)
+                rate(s.done, took)
             );
         }
         _ if s.done > 0 => {
-            let _ = write!(l, ": {}, {}", bytes(s.done), rate(s.done, elapsed));
+            let _ = write!(l, ": {}, {}", bytes(s.done), rate(s.done, took));
         }
         _ => {}
     }
@@ -196,14 +199,29 @@ fn spinner_style() -> ProgressStyle {
         .with_key("took", key(|s| duration(s.elapsed())))
 }
 
-fn bar_style() -> ProgressStyle {
+/// The bar, from `start` (when the run's total was planned): the rate
+/// and the time left are the averages since then (indicatif's estimate
+/// jumps when a stage skips holes, and would count the spinner's time).
+fn bar_style(start: Instant) -> ProgressStyle {
+    let left = move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let took = start.elapsed().as_secs_f64();
+        let rest = s.len().unwrap_or(0).saturating_sub(s.pos()) as f64;
+        let text = match s.pos() {
+            0 => "?".to_string(),
+            done => duration(Duration::from_secs_f64(rest * took / done as f64)),
+        };
+        let _ = w.write_str(&text);
+    };
+    let speed = move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&rate(s.pos(), start.elapsed()));
+    };
     ProgressStyle::with_template("{msg:>14} [{bar:30}] {done}/{all} {speed} eta {left}")
         .expect("valid template")
         .progress_chars("=> ")
         .with_key("done", key(|s| bytes(s.pos())))
         .with_key("all", key(|s| bytes(s.len().unwrap_or(0))))
-        .with_key("speed", key(|s| per_sec(s.per_sec())))
-        .with_key("left", key(|s| duration(s.eta())))
+        .with_key("speed", speed)
+        .with_key("left", left)
 }
 
 /// Follows `p` on `bar`: a spinner until the run's total is planned, then
@@ -213,19 +231,19 @@ fn draw_bar(p: &Progress, bar: &ProgressBar, stop: &AtomicBool) {
     let mut stage = String::new();
     while !stop.load(Ordering::Relaxed) {
         let s = p.snapshot();
-        if s.stage != stage {
-            bar.set_message(s.stage.clone());
-            stage = s.stage;
-        }
         if let (Some(total), false) = (s.total, sized) {
             bar.disable_steady_tick();
             bar.set_length(total);
-            bar.set_style(bar_style());
-            bar.reset_eta();
+            bar.set_style(bar_style(p.planned_at().unwrap_or_else(Instant::now)));
             sized = true;
         }
+        // The position first: a new stage's name is drawn with its count.
         if sized {
             bar.set_position(s.done);
+        }
+        if s.stage != stage {
+            bar.set_message(s.stage.clone());
+            stage = s.stage;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -321,8 +339,8 @@ mod tests {
             total: Some(1 << 30),
         };
         assert_eq!(
-            plain_line(Duration::from_secs(2), &s),
-            "[2.0 s] diffing: 512 MiB of 1.0 GiB (50%), 256 MiB/s"
+            plain_line(Duration::from_secs(3), Some(Duration::from_secs(2)), &s),
+            "[3.0 s] diffing: 512 MiB of 1.0 GiB (50%), 256 MiB/s"
         );
         let spin = Snapshot {
             stage: "install script".into(),
@@ -330,7 +348,7 @@ mod tests {
             total: None,
         };
         assert_eq!(
-            plain_line(Duration::from_millis(300), &spin),
+            plain_line(Duration::from_millis(300), None, &spin),
             "[300 ms] install script"
         );
     }

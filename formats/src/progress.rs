@@ -1,7 +1,8 @@
 //! Progress of a whole run: a total fixed once before the work starts, a done count, and the current stage's name.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 /// The total of a run not planned yet.
 const UNPLANNED: u64 = u64::MAX;
@@ -15,6 +16,7 @@ pub struct Progress {
     total: AtomicU64,
     done: AtomicU64,
     stage: Mutex<String>,
+    planned_at: OnceLock<Instant>,
 }
 
 impl Default for Progress {
@@ -23,6 +25,7 @@ impl Default for Progress {
             total: AtomicU64::new(UNPLANNED),
             done: AtomicU64::new(0),
             stage: Mutex::new(String::new()),
+            planned_at: OnceLock::new(),
         }
     }
 }
@@ -44,9 +47,19 @@ impl Progress {
     /// diff, plans before the pipeline's own call); returns whether this
     /// call set it.
     pub fn plan(&self, total: u64) -> bool {
-        self.total
+        let first = self
+            .total
             .compare_exchange(UNPLANNED, total, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+            .is_ok();
+        if first {
+            let _ = self.planned_at.set(Instant::now());
+        }
+        first
+    }
+
+    /// When the run's total was planned (its work's clock starts there).
+    pub fn planned_at(&self) -> Option<Instant> {
+        self.planned_at.get().copied()
     }
 
     /// Names the stage now running; the counts go on.
