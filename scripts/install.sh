@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs kimberlize, dekimberlize and vmigrate with their man pages and
+# Installs kimberlize, dekimberlize, vmigrate and vmctl with their man pages and
 # bash, zsh and fish completions.
 #
 #   scripts/install.sh [--prefix DIR] [--bin-dir DIR]
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-tools=(kimberlize dekimberlize vmigrate)
+tools=(kimberlize dekimberlize vmigrate vmctl)
 
 prefix=/usr/local
 bin_dir=
@@ -40,13 +40,16 @@ for t in "${tools[@]}"; do
 done
 install -d "$prefix/share/man/man1"
 install -m 0644 "$repo"/man/*.1 "$prefix/share/man/man1/"
-# Completion scripts come from the installed binaries themselves.
+# Completion scripts come from the installed binaries themselves (vmctl's
+# first argument is a socket, so it takes --completions SHELL instead).
 for t in "${tools[@]}"; do
+    completions=completions
+    [ "$t" = vmctl ] && completions=--completions
     install -d "$prefix/share/bash-completion/completions" "$prefix/share/zsh/site-functions" \
         "$prefix/share/fish/vendor_completions.d"
-    "$prefix/bin/$t" completions bash > "$prefix/share/bash-completion/completions/$t"
-    "$prefix/bin/$t" completions zsh > "$prefix/share/zsh/site-functions/_$t"
-    "$prefix/bin/$t" completions fish > "$prefix/share/fish/vendor_completions.d/$t.fish"
+    "$prefix/bin/$t" $completions bash > "$prefix/share/bash-completion/completions/$t"
+    "$prefix/bin/$t" $completions zsh > "$prefix/share/zsh/site-functions/_$t"
+    "$prefix/bin/$t" $completions fish > "$prefix/share/fish/vendor_completions.d/$t.fish"
 done
 echo "installed ${tools[*]} into $prefix (man pages: $prefix/share/man/man1)"
 case ":$PATH:" in *":$prefix/bin:"*) ;; *) echo "note: $prefix/bin is not on PATH" ;; esac

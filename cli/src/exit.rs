@@ -13,6 +13,7 @@ pub enum Tool {
     Kimberlize,
     Dekimberlize,
     Vmigrate,
+    Vmctl,
 }
 
 pub const SUCCESS: u8 = 0;
@@ -25,6 +26,9 @@ pub const EXISTS: u8 = 6;
 pub const VMDIR: u8 = 7;
 pub const MISMATCH: u8 = 8;
 pub const VM: u8 = 9;
+/// `vmctl` could not get an answer, or got a refusal (`timeout(1)`'s
+/// convention: any other code of `vmctl exec` is the script's status).
+pub const VMCTL_FAILED: u8 = 125;
 
 const C_SUCCESS: Code = Code {
     code: SUCCESS,
@@ -79,6 +83,27 @@ const OVERLAY_TOOLS: &[Code] = &[
     C_MISMATCH,
     C_VM,
 ];
+const VMCTL: &[Code] = &[
+    Code {
+        code: SUCCESS,
+        meaning: "success (exec: the script exited 0)",
+    },
+    Code {
+        code: 1,
+        meaning: "exec: the script failed with status N, and vmctl exits N (1 to 255; a status \
+                  outside that range exits 255); the JSON answer on stdout has the exact status \
+                  and tells a script's 2 or 125 from the codes below",
+    },
+    Code {
+        code: USAGE,
+        meaning: "usage error (bad arguments; nothing was sent)",
+    },
+    Code {
+        code: VMCTL_FAILED,
+        meaning: "no answer (no socket, connection refused or closed, not JSON) or a refusal \
+                  ({\"ok\":false,...}, printed on stdout, its error on stderr)",
+    },
+];
 const VMIGRATE: &[Code] = &[C_SUCCESS, C_ERROR, C_USAGE, C_AUTH, C_EXISTS, C_VMDIR, C_VM];
 
 /// The codes `tool` can exit with.
@@ -86,6 +111,7 @@ pub fn table(tool: Tool) -> &'static [Code] {
     match tool {
         Tool::Kimberlize | Tool::Dekimberlize => OVERLAY_TOOLS,
         Tool::Vmigrate => VMIGRATE,
+        Tool::Vmctl => VMCTL,
     }
 }
 

@@ -7,8 +7,8 @@ use roff::{bold, roman, Roff};
 use crate::exit::{self, Tool};
 use crate::help::{examples_for, Examples};
 
-/// The programs of the suite, named in each root page's SEE ALSO.
-const TOOLS: &[&str] = &["kimberlize", "dekimberlize", "vmigrate"];
+/// The suite's tools: each root page names the others under SEE ALSO.
+pub const TOOLS: &[&str] = &["kimberlize", "dekimberlize", "vmigrate", "vmctl"];
 
 /// The sections every page has, in order.
 pub const REQUIRED_SECTIONS: &[&str] = &[

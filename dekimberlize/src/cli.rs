@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use kimberley_cli::progress::ProgressMode;
 use kimberley_cli::{KeyArgs, ReadArgs};
 
 /// Apply VM overlays: synthesise a launch VM from a base VM.
@@ -143,6 +144,12 @@ pub struct ApplyArgs {
     /// No progress bar or summary on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+    /// How to report progress on stderr: auto (a bar on a terminal,
+    /// nothing off one), bar, plain (log lines with time, stage and
+    /// throughput, for cron and CI), none. A one-line summary ends every
+    /// run unless -q.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use kimberley_cli::exit;
 use kimberley_cli::output::{open_input, write_json};
-use kimberley_cli::progress::Bar;
+use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::run::WithCode;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
@@ -85,7 +85,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     };
     let inputs = inputs(&a.input)?;
     let progress = Arc::new(Progress::default());
-    let bar = Bar::start(progress.clone(), a.quiet);
+    let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
     let stats = apply::apply_chain(
         &base,
         inputs,
@@ -98,16 +98,16 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         },
         &progress,
     )?;
-    drop(bar);
-    if !a.quiet && std::io::stderr().is_terminal() {
-        let secs = stats.times.total_ms as f64 / 1000.0;
+    drop(reporter);
+    if !a.quiet {
+        let took = std::time::Duration::from_millis(stats.times.total_ms);
         eprintln!(
-            "{}: {:.1} MiB launch VM from {:.1} MiB of overlay in {:.2} s ({:.2} GiB/s)",
+            "wrote {}: {} launch VM from {} of overlay in {} ({})",
             out.display(),
-            stats.launch_bytes as f64 / 1048576.0,
-            stats.overlay_bytes as f64 / 1048576.0,
-            secs,
-            stats.launch_bytes as f64 / 1073741824.0 / secs.max(1e-9)
+            units::bytes(stats.launch_bytes),
+            units::bytes(stats.overlay_bytes),
+            units::duration(took),
+            units::rate(stats.launch_bytes, took)
         );
     }
     let json = versioned(JsonOutput::ApplyStats, &stats)?;

@@ -10,7 +10,7 @@ use std::process::Command;
 fn install_into_a_prefix() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin_dir = common::bin("dekimberlize").parent().unwrap().to_path_buf();
-    for t in ["kimberlize", "vmigrate"] {
+    for t in ["kimberlize", "vmigrate", "vmctl"] {
         common::bin(t);
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -27,7 +27,7 @@ fn install_into_a_prefix() {
         "install.sh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for t in ["kimberlize", "dekimberlize", "vmigrate"] {
+    for t in ["kimberlize", "dekimberlize", "vmigrate", "vmctl"] {
         let v = Command::new(prefix.join("bin").join(t))
             .arg("--version")
             .output()

@@ -16,6 +16,7 @@ pub mod diff;
 pub mod digest;
 pub mod error;
 pub mod fsutil;
+pub mod image;
 pub mod le;
 pub mod overlay;
 pub mod progress;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use kimberley_cli::progress::ProgressMode;
 use kimberley_cli::{KeyArgs, ReadArgs};
 
 /// Make VM overlays.
@@ -33,11 +34,16 @@ pub enum Command {
         #[arg(short, long, value_name = "KEYFILE")]
         output: PathBuf,
     },
-    /// Wrap existing raw images into a VM directory.
+    /// Wrap existing images into a VM directory.
     ///
     /// Copies a raw guest memory file (e.g. a Firecracker or Cloud Hypervisor
-    /// memory snapshot), raw disks and an optional state blob into a new
-    /// VMDIR, hashing them in the same pass. Holes stay holes.
+    /// memory snapshot), disks and an optional state blob into a new
+    /// VMDIR, hashing them in the same pass. Holes stay holes. Disk images
+    /// are told by their magic numbers: qcow2, QED, VMDK, VHD, VHDX and VDI
+    /// are converted to raw with `qemu-img convert` (sparse; refused with
+    /// the command to run when qemu-img is missing or fails, and refused
+    /// when they name other files: a backing file, an external data file,
+    /// VMDK extents); anything else is raw.
     Import(ImportArgs),
     /// Boot a VM and suspend it once it is ready: a base VM.
     ///
@@ -206,6 +212,21 @@ pub struct ImportArgs {
     /// vCPU count recorded in the manifest.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Copy raw images by sharing their extents where the file system can
+    /// (FICLONE: instant, no space used until either copy changes), else
+    /// in the kernel (copy_file_range), else by a sparse copy. The digests
+    /// are still computed.
+    #[arg(long)]
+    pub reflink: bool,
+    /// No progress bar or summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// How to report progress on stderr: auto (a bar on a terminal,
+    /// nothing off one), bar, plain (log lines with time, stage and
+    /// throughput, for cron and CI), none. A one-line summary ends every
+    /// run unless -q.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 #[derive(Debug, Args)]
@@ -244,6 +265,12 @@ pub struct DiffArgs {
     /// No progress bar or summary on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+    /// How to report progress on stderr: auto (a bar on a terminal,
+    /// nothing off one), bar, plain (log lines with time, stage and
+    /// throughput, for cron and CI), none. A one-line summary ends every
+    /// run unless -q.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 /// Parses sizes such as 256M or 1G.
@@ -317,6 +344,9 @@ pub struct BaseArgs {
     /// Give up if the guest is not ready within this many seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// No summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -358,9 +388,21 @@ pub struct BuildArgs {
     /// Write statistics (script times, then the diff's) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
-    /// No progress bar or summary on stderr (the guest's output still goes there).
+    /// No progress bar or summary on stderr (the guest's output still goes
+    /// there, unless --guest-log).
     #[arg(short, long)]
     pub quiet: bool,
+    /// How to report progress on stderr: auto (a bar on a terminal,
+    /// nothing off one), bar, plain (log lines with time, stage and
+    /// throughput, for cron and CI), none. A one-line summary ends every
+    /// run unless -q.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Append what the guest prints to FILE instead of stderr (created
+    /// 0600 if it does not exist; a log, so appended in place, not written
+    /// atomically).
+    #[arg(long, value_name = "FILE")]
+    pub guest_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

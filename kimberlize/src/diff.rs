@@ -1,18 +1,18 @@
 //! `import` and `diff`.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kimberley_cli::output::{open_input, write_json, OverlayOut};
-use kimberley_cli::progress::Bar;
+use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
 use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
 use kimberley_formats::progress::Progress;
-use kimberley_formats::vmdir::import::{import as do_import, ImportSpec};
+use kimberley_formats::vmdir::import::{import_with, CopyMethod, ImportOptions, ImportSpec};
 use kimberley_formats::vmdir::VmDir;
 
 use crate::cli::{DiffArgs, ImportArgs};
@@ -24,6 +24,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "vm".into())
     });
+    let t0 = Instant::now();
     let spec = ImportSpec {
         name,
         vcpus: a.vcpus,
@@ -31,8 +32,42 @@ pub fn import(a: ImportArgs) -> Result<()> {
         disks: a.disk,
         state: a.state,
     };
-    do_import(&a.output, &spec)
+    let opts = ImportOptions {
+        reflink: a.reflink,
+        ..ImportOptions::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
+    let done = import_with(&a.output, &spec, &opts, &progress)
         .with_context(|| format!("importing into {}", a.output.display()))?;
+    drop(reporter);
+    if !a.quiet {
+        let size: u64 = done.manifest.components.iter().map(|c| c.size).sum();
+        let took = t0.elapsed();
+        let how: Vec<String> = done
+            .methods
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let how = match m {
+                    CopyMethod::Reflink => "reflinked".to_string(),
+                    CopyMethod::CopyFileRange => "copied in the kernel".into(),
+                    CopyMethod::SparseCopy => "copied".into(),
+                    CopyMethod::Converted(f) => format!("converted from {}", f.name()),
+                };
+                format!("{} {how}", done.manifest.file_name(i))
+            })
+            .collect();
+        eprintln!(
+            "imported {}: {} VM from {} of images in {} ({}; {})",
+            a.output.display(),
+            units::bytes(size),
+            units::bytes(done.source_bytes),
+            units::duration(took),
+            units::rate(done.source_bytes, took),
+            how.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -44,7 +79,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let base = VmDir::open(&a.base)?;
     let launch = VmDir::open(&a.launch)?;
     let progress = Arc::new(Progress::default());
-    let _bar = Bar::start(progress.clone(), a.quiet);
+    let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
 
     // A layered overlay is relative to base + parents: synthesise that
     // into a scratch directory next to the launch VM.
@@ -63,6 +98,17 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         let (name, reader) = open_input(a.parent.last().expect("non-empty"))?;
         let policy = a.read.policy();
         let last = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
+        // One total for the whole run: every parent's launch VM, then the
+        // diff against the last one's.
+        let mut work = 0;
+        for p in &a.parent {
+            let (name, reader) = open_input(p)?;
+            let o = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
+            work += apply::work(std::slice::from_ref(&o));
+        }
+        let size =
+            |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
+        progress.plan(work + size(&last.manifest.launch) + size(&launch.manifest.components));
         parent = Some(Parent {
             overlay_id: last.header.overlay_id,
             depth: last.header.depth,
@@ -90,12 +136,12 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         ..DiffOptions::new(protection)
     };
     let stats = write_overlay(&effective, &launch, out, &opts, &progress)?;
-    drop(_bar);
+    drop(reporter);
     if let Some(p) = &a.stats_json {
         write_json(p, &versioned(JsonOutput::DiffStats, &stats)?)?;
     }
-    if !a.quiet && std::io::stderr().is_terminal() {
-        summary(&stats, a.output.as_deref());
+    if !a.quiet {
+        eprintln!("{}", summary(&stats, a.output.as_deref(), None));
     }
     Ok(())
 }
@@ -116,19 +162,31 @@ pub(crate) fn write_overlay(
     Ok(stats)
 }
 
-pub(crate) fn summary(s: &diff::DiffStats, out: Option<&Path>) {
-    let c = &s.chunks;
-    eprintln!(
-        "{}: {:.1} MiB overlay for {:.1} MiB of launch VM in {:.2} s ({} unchanged, {} zero, {} base refs, {} self refs, {} deltas, {} literal chunks)",
-        out.map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into()),
-        s.overlay_bytes as f64 / 1048576.0,
-        s.launch_bytes as f64 / 1048576.0,
-        s.times.total_ms as f64 / 1000.0,
-        c.unchanged,
-        c.zero,
-        c.ref_base,
-        c.ref_self,
-        c.delta,
-        c.literal
+/// The line a diff ends with: what was written, from what, how fast
+/// (`guest`: how long build ran the guest before).
+pub(crate) fn summary(s: &diff::DiffStats, out: Option<&Path>, guest: Option<Duration>) -> String {
+    let diff_time = Duration::from_millis(s.times.total_ms);
+    let dest = match out {
+        Some(p) if p != Path::new("-") => p.display().to_string(),
+        _ => "stdout".into(),
+    };
+    let head = format!(
+        "wrote {dest}: {} overlay from {} launch VM",
+        units::bytes(s.overlay_bytes),
+        units::bytes(s.launch_bytes)
     );
+    match guest {
+        None => format!(
+            "{head} in {} ({})",
+            units::duration(diff_time),
+            units::rate(s.launch_bytes, diff_time)
+        ),
+        Some(t) => format!(
+            "{head} in {} (guest {}, diff {} at {})",
+            units::duration(t + diff_time),
+            units::duration(t),
+            units::duration(diff_time),
+            units::rate(s.launch_bytes, diff_time)
+        ),
+    }
 }

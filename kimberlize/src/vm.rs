@@ -1,13 +1,13 @@
 //! `base` and `build`: the commands that run a VM (the KVM microVM, or
 //! Linux under QEMU).
 
-use std::io::IsTerminal;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kimberley_cli::output::{write_json, OverlayOut};
-use kimberley_cli::progress::Bar;
+use kimberley_cli::progress::Reporter;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
@@ -60,11 +60,11 @@ pub fn base(a: BaseArgs) -> Result<()> {
     let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
     vm.suspend_into(w, &name).map_err(vm_error)?;
     drop(vm);
-    if std::io::stderr().is_terminal() {
+    if !a.quiet {
         eprintln!(
-            "{}: base VM ready and suspended in {:.0} ms",
+            "{}: base VM ready and suspended in {}",
             a.output.display(),
-            t0.elapsed().as_secs_f64() * 1000.0
+            kimberley_cli::progress::duration(t0.elapsed())
         );
     }
     Ok(())
@@ -100,6 +100,9 @@ fn base_qemu(a: BaseArgs) -> Result<()> {
     let w = VmDirWriter::create(&a.output)?;
     let booted =
         kimberley_qemu::boot(&cfg, w, &name, Duration::from_secs(a.timeout)).map_err(vm_error)?;
+    if a.quiet {
+        return Ok(());
+    }
     eprintln!(
         "{}: Linux base VM ready and suspended ({}: {}); boot {:.1} s, suspend {} ms, total {:.1} s",
         a.output.display(),
@@ -135,7 +138,16 @@ pub fn build(a: BuildArgs) -> Result<()> {
             (p.clone(), Some(ScratchDir(p)))
         }
     };
+    let mut guest_log = match &a.guest_log {
+        Some(p) => Some(open_log(p)?),
+        None => None,
+    };
     let w = VmDirWriter::create(&launch_path)?;
+    // One reporter for the whole run: a spinner with the stage's name
+    // while the guest works, then the diff's bar.
+    let progress = Arc::new(Progress::default());
+    let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
+    progress.stage("resuming the base");
     // The launch VM runs on copies in `w` (the base is only read) and is
     // suspended into `w`.
     let t_restore = Instant::now();
@@ -147,11 +159,21 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();
+    let mut log_error = None;
     for (what, script) in [("install", &install), ("resume", &resume)] {
         let t = Instant::now();
+        progress.stage(&format!("{what} script"));
+        let mut on_line = |line: &str| match &mut guest_log {
+            Some((f, _)) => {
+                if let Err(e) = writeln!(f, "{line}") {
+                    log_error.get_or_insert(e);
+                }
+            }
+            None => reporter.println(line),
+        };
         let o = vm
             .agent()
-            .run_script(script, &mut |line| eprintln!("{line}"), timeout)
+            .run_script(script, &mut on_line, timeout)
             .map_err(|e| match e {
                 kimberley_machine::Error::Timeout(t) => vm_failure(format!(
                     "the {what} script timed out after {} s (--timeout) and was stopped",
@@ -167,22 +189,27 @@ pub fn build(a: BuildArgs) -> Result<()> {
         }
         times.push((what, t.elapsed().as_millis() as u64));
     }
+    if let (Some(e), Some((_, p))) = (log_error, &guest_log) {
+        return Err(
+            anyhow::Error::new(e).context(format!("writing the guest's output to {}", p.display()))
+        );
+    }
     let t_save = Instant::now();
+    progress.stage("suspending");
     let launch_name = format!("{}-launch", base.manifest.name);
     vm.suspend_into(w, &launch_name).map_err(vm_error)?;
     drop(vm);
     let suspend_ms = t_save.elapsed().as_millis() as u64;
     let launch = VmDir::open(&launch_path)?;
 
-    let progress = Arc::new(Progress::default());
-    let bar = Bar::start(progress.clone(), a.quiet);
+    let scripts = t0.elapsed();
     let opts = DiffOptions {
         level: a.level,
         threads,
         ..DiffOptions::new(protection)
     };
     let stats = write_overlay(&base, &launch, out, &opts, &progress)?;
-    drop(bar);
+    drop(reporter);
     if let Some(p) = &a.stats_json {
         let v = json!({
             "restore_ms": restore_ms,
@@ -194,8 +221,23 @@ pub fn build(a: BuildArgs) -> Result<()> {
         });
         write_json(p, &versioned(JsonOutput::BuildStats, &v)?)?;
     }
-    if !a.quiet && std::io::stderr().is_terminal() {
-        summary(&stats, a.output.as_deref());
+    if !a.quiet {
+        eprintln!("{}", summary(&stats, a.output.as_deref(), Some(scripts)));
     }
     Ok(())
+}
+
+/// Opens `--guest-log FILE` for appending, creating it 0600: a log, so it
+/// is written in place rather than atomically.
+fn open_log(
+    p: &std::path::Path,
+) -> Result<(std::io::LineWriter<std::fs::File>, std::path::PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(p)
+        .with_context(|| format!("opening the guest log {}", p.display()))?;
+    Ok((std::io::LineWriter::new(f), p.to_path_buf()))
 }

@@ -173,18 +173,20 @@ fn copy_into(src: &File, w: &VmDirWriter, name: &str) -> Result<(PathBuf, File)>
     Ok((w.path().join(name), dst))
 }
 
-/// The qcow2 magic.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
-/// Copies a raw disk image into `w` as `name`, or converts a qcow2 one;
-/// returns the new file.
+/// Copies a raw disk image into `w` as `name`, or converts one in another
+/// format (qcow2, VMDK, …: `kimberlize import`'s rules); returns the new file.
 fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Result<File> {
-    use std::os::unix::fs::FileExt;
+    use kimberley_formats::image::ImageFormat;
+    use kimberley_formats::vmdir::import::{convert, image_format};
     let f = open_regular(src, false)
         .map_err(|e| Error::Config(format!("disk {}: {e}", src.display())))?;
-    let mut magic = [0u8; 4];
-    let n = f.read_at(&mut magic, 0).unwrap_or(0);
-    if n < 4 || &magic != QCOW2_MAGIC {
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", src.display()), e))?
+        .len();
+    let format =
+        image_format(&f, len).map_err(|e| Error::io(format!("reading {}", src.display()), e))?;
+    if format == ImageFormat::Raw {
         return Ok(copy_into(&f, w, name)?.1);
     }
     // qemu-img beside the QEMU program, or from PATH.
@@ -193,51 +195,8 @@ fn import_disk(program: &Path, src: &Path, w: &VmDirWriter, name: &str) -> Resul
         .map(|d| d.join("qemu-img"))
         .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("qemu-img"));
-    let run = |args: &[&std::ffi::OsStr]| -> Result<Vec<u8>> {
-        let o = Command::new(&img)
-            .args(args)
-            .output()
-            .map_err(|source| Error::Spawn {
-                program: img.display().to_string(),
-                source,
-            })?;
-        if !o.status.success() {
-            return Err(Error::Config(format!(
-                "qemu-img on {}: {}",
-                src.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            )));
-        }
-        Ok(o.stdout)
-    };
-    let info = run(&[
-        "info".as_ref(),
-        "--output=json".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        src.as_os_str(),
-    ])?;
-    let size = serde_json::from_slice::<serde_json::Value>(&info)
-        .ok()
-        .and_then(|v| v["virtual-size"].as_u64())
-        .ok_or_else(|| {
-            Error::Config(format!("qemu-img info {}: no virtual size", src.display()))
-        })?;
     let dst = w.create_file(name)?;
-    dst.set_len(size)
-        .map_err(|e| Error::io(format!("sizing {name}"), e))?;
-    let dpath = w.path().join(name);
-    run(&[
-        "convert".as_ref(),
-        "-n".as_ref(),
-        "--target-is-zero".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        src.as_os_str(),
-        dpath.as_os_str(),
-    ])?;
+    convert(&img, src, format, &dst, &w.path().join(name))?;
     Ok(dst)
 }
 

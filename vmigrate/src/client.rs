@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kimberley_cli::progress as units;
 use kimberley_cli::run::WithCode;
 use kimberley_formats::sys::poll;
 use serde_json::{json, Value};
@@ -99,12 +100,14 @@ pub fn send(a: SendArgs) -> Result<()> {
                 );
             } else if !a.quiet {
                 eprintln!(
-                    "vmigrate: the guest runs on {}: {} rounds, {:.1} MiB on the wire, downtime {} ms, total {} ms{}",
+                    "vmigrate: the guest runs on {}: {} rounds, {} on the wire, downtime {} ms, total {}{}",
                     a.to,
                     res["rounds"],
-                    res["bytes_on_wire"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    units::bytes(res["bytes_on_wire"].as_u64().unwrap_or(0)),
                     res["downtime_ms"],
-                    res["total_ms"],
+                    units::duration(Duration::from_secs_f64(
+                        res["total_ms"].as_f64().unwrap_or(0.0).max(0.0) / 1000.0
+                    )),
                     if res["throttled"] == true {
                         format!(", guest throttled up to {}%", res["max_throttle_pct"])
                     } else {
@@ -162,14 +165,16 @@ fn show(p: &Value, tty: bool, quiet: bool, bar: &mut Option<ProgressBar>) {
             b.finish_and_clear();
         }
         eprintln!(
-            "vmigrate: round {}: {} pages ({} zero), {} disk blocks, {:.1} MiB sent in {:.0} ms, dirty rate {:.1} MiB/s{}",
+            "vmigrate: round {}: {} pages ({} zero), {} disk blocks, {} sent in {}, dirty rate {}{}",
             r["round"],
             r["pages"],
             r["zero_pages"],
             r["disk_blocks"],
-            r["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-            r["ms"].as_f64().unwrap_or(0.0),
-            r["dirty_rate"].as_f64().unwrap_or(0.0) / 1048576.0,
+            units::bytes(r["bytes"].as_u64().unwrap_or(0)),
+            units::duration(Duration::from_secs_f64(
+                r["ms"].as_f64().unwrap_or(0.0).max(0.0) / 1000.0
+            )),
+            units::per_sec(r["dirty_rate"].as_f64().unwrap_or(0.0)),
             match r["throttle"].as_u64() {
                 Some(t) if t > 0 => format!(", guest throttled {t}%"),
                 _ => String::new(),

@@ -55,8 +55,7 @@ pub fn check_pages(cmd: clap::Command, tool: Tool, examples: Examples) {
         for r in refs {
             let r = r.replace("\\-", "-");
             assert!(
-                names.contains(&r)
-                    || ["kimberlize", "dekimberlize", "vmigrate"].contains(&r.as_str()),
+                names.contains(&r) || kimberley_cli::man::TOOLS.contains(&r.as_str()),
                 "{name}: SEE ALSO names {r}(1), which has no page"
             );
         }
@@ -127,15 +126,18 @@ pub fn check_examples(cmd: clap::Command, examples: Examples) {
 /// `BIN completions SHELL` prints a script that the shell parses (bash
 /// always; zsh and fish where installed).
 pub fn check_completions(bin: &Path) {
+    check_completions_with(bin, "completions")
+}
+
+/// [`check_completions`] for a tool whose completions come from `ARG SHELL`
+/// (vmctl: `--completions SHELL`).
+pub fn check_completions_with(bin: &Path, arg: &str) {
     for (shell, check) in [
         ("bash", vec!["bash", "-n"]),
         ("zsh", vec!["zsh", "-n"]),
         ("fish", vec!["fish", "--no-execute"]),
     ] {
-        let out = Command::new(bin)
-            .args(["completions", shell])
-            .output()
-            .unwrap();
+        let out = Command::new(bin).args([arg, shell]).output().unwrap();
         assert!(
             out.status.success(),
             "completions {shell}: {}",
@@ -160,11 +162,13 @@ pub fn check_completions(bin: &Path) {
 /// Completes `words` (the last one being completed) with the bash script;
 /// returns the candidates.
 pub fn bash_complete(bin: &Path, words: &[&str]) -> Vec<String> {
+    bash_complete_with(bin, "completions", words)
+}
+
+/// [`bash_complete`] with the script from `BIN ARG bash`.
+pub fn bash_complete_with(bin: &Path, arg: &str, words: &[&str]) -> Vec<String> {
     let name = bin.file_name().unwrap().to_str().unwrap();
-    let out = Command::new(bin)
-        .args(["completions", "bash"])
-        .output()
-        .unwrap();
+    let out = Command::new(bin).args([arg, "bash"]).output().unwrap();
     let script = String::from_utf8(out.stdout).unwrap();
     let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
     let prog = format!(

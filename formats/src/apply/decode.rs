@@ -90,7 +90,7 @@ pub fn run(
     o: Opened,
     geo: Geometry,
     threads: usize,
-    progress: &Progress,
+    progress: Option<&Progress>,
     mut on_segment: impl FnMut(Segment) -> Result<()>,
 ) -> Result<DecodeStats> {
     let threads = threads.max(1);
@@ -168,7 +168,9 @@ pub fn run(
         while let Some((r, len)) = pending.remove(&next) {
             next += 1;
             let _ = ticket_tx.send(());
-            progress.advance(len);
+            if let Some(p) = progress {
+                p.advance(len);
+            }
             match r? {
                 Opened_::Data(seg, entry) => {
                     if entry.first < prev_end {

@@ -88,6 +88,16 @@ pub struct ApplyStats {
     pub times: ApplyTimes,
 }
 
+/// The units of work [`apply_chain`] reports to its [`Progress`] for
+/// `chain` (already opened): every layer's launch VM size.
+pub fn work(chain: &[Opened]) -> u64 {
+    chain
+        .iter()
+        .flat_map(|o| o.manifest.launch.iter())
+        .map(|c| c.size)
+        .sum()
+}
+
 /// Applies the overlays `inputs` (in chain order) to `base`, producing the
 /// VMDIR `out`, which must not exist. Nothing is written until every
 /// header in the chain has authenticated and the chain is complete.
@@ -110,6 +120,7 @@ pub fn apply_chain(
         opened.push(Opened::open(inp, opts.secret.as_ref(), &opts.policy)?);
     }
     check_chain(base, &opened)?;
+    progress.plan(work(&opened));
     let mut stats = ApplyStats {
         overlays: opened.len(),
         ..Default::default()
@@ -165,11 +176,13 @@ fn apply_one(
             .map_err(|e| Error::io(format!("sizing {}", launch.file_name(i)), e))?;
         files.push(f);
     }
-    progress.stage("applying", launch.components.iter().map(|c| c.size).sum());
+    progress.stage("applying");
     let mut m = merge::Merge::new(base, &o.manifest, files, progress)?;
     m.start_writeback(opts.sync);
     let geo = o.geometry();
-    let dstats = decode::run(o, geo, opts.threads, progress, |seg| m.segment(seg))?;
+    // The merge counts the launch VM's bytes; the decoder's overlay bytes
+    // are not part of the run's total.
+    let dstats = decode::run(o, geo, opts.threads, None, |seg| m.segment(seg))?;
     stats.times.receive_ms = dstats.receive_done.duration_since(t0).as_millis() as u64;
     stats.times.decode_cpu_ms = dstats.decode_cpu_ms;
     let mstats = m.finish()?;
@@ -212,8 +225,8 @@ pub fn verify(o: Opened, threads: usize, progress: &Progress) -> Result<VerifyRe
         .sum();
     let mut chunks = ChunkStats::default();
     let mut records = 0u64;
-    progress.stage("verifying", 0);
-    let d = decode::run(o, geo, threads, progress, |seg| {
+    progress.stage("verifying");
+    let d = decode::run(o, geo, threads, Some(progress), |seg| {
         records += seg.records.len() as u64;
         for r in &seg.records {
             merge::count(&mut chunks, r);

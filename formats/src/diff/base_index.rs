@@ -86,8 +86,7 @@ impl BaseIndex {
             idx.sizes.push(size);
             idx.extents.push(ext);
         }
-        let total: u64 = idx.extents.iter().map(|e| e.data_bytes()).sum();
-        progress.stage("indexing base", total);
+        progress.stage("indexing base");
         // Data extents can be small and many (a filesystem image): pieces
         // are gathered into one batch of up to READ_BLOCK bytes, so the
         // parallel fingerprinting runs once per batch, not per extent.
@@ -97,6 +96,7 @@ impl BaseIndex {
             let mut hasher = SparseHasher::new(size);
             let extents = idx.extents[i].extents().to_vec();
             let mut done = 0u64;
+            let mut read = 0u64;
             for (s, e) in extents {
                 // Align to chunks so fingerprints are of whole chunks.
                 let mut pos = (s - s % CHUNK).max(done);
@@ -114,6 +114,7 @@ impl BaseIndex {
                     batch.pieces.push((at, pos / CHUNK));
                     idx.read_bytes += len as u64;
                     progress.advance(len as u64);
+                    read += len as u64;
                     pos += len as u64;
                     if batch.buf.len() >= READ_BLOCK {
                         batch.index(&mut idx.map, i as u8, size);
@@ -122,6 +123,8 @@ impl BaseIndex {
                 done = done.max(pos);
             }
             batch.index(&mut idx.map, i as u8, size);
+            // Holes count as done: the run's total is the components' sizes.
+            progress.advance(size.saturating_sub(read));
             if hasher.finish() != base.manifest.components[i].digest {
                 return Err(Error::VmDir {
                     path: base.path.clone(),

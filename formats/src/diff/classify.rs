@@ -64,10 +64,7 @@ pub fn run(
     let files: Vec<File> = (0..n)
         .map(|i| launch.open_component(i))
         .collect::<Result<_>>()?;
-    progress.stage(
-        "diffing",
-        launch.manifest.components.iter().map(|c| c.size).sum(),
-    );
+    progress.stage("diffing");
     let mut self_map = FingerprintMap::default();
     let mut lbuf = vec![0u8; READ_BLOCK];
     let mut bbuf = vec![0u8; READ_BLOCK];

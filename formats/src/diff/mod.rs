@@ -114,6 +114,13 @@ pub struct DiffStats {
     pub times: DiffTimes,
 }
 
+/// The units of work [`diff`] reports to its [`Progress`]: the base's and
+/// the launch VM's sizes (the base is indexed, then the launch VM read).
+pub fn work(base: &VmDir, launch: &VmDir) -> u64 {
+    let size = |d: &VmDir| d.manifest.components.iter().map(|c| c.size).sum::<u64>();
+    size(base) + size(launch)
+}
+
 /// Diffs `launch` against `base`, writing the overlay to `out`.
 pub fn diff<W: Write + Send>(
     base: &VmDir,
@@ -201,6 +208,8 @@ pub fn diff<W: Write + Send>(
     let header_bytes = header.seal(keys.as_ref());
     let sealer = sealer_for(&header, keys.as_ref());
 
+    // A no-op when the front end planned a larger run (parents first).
+    progress.plan(work(base, launch));
     let index = base_index::BaseIndex::build(base, progress)?;
     stats.base_read_bytes = index.read_bytes;
     stats.times.base_index_ms = t0.elapsed().as_millis() as u64;

@@ -1,6 +1,7 @@
 //! Raw system calls the crates share, one small module per concern, each
 //! `unsafe` block next to its `// SAFETY:` argument.
 
+pub mod clone;
 pub mod cred;
 pub mod file;
 pub mod openat;
