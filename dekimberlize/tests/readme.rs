@@ -1,25 +1,34 @@
 //! The README's "Using it" commands, exactly as written there, against the
 //! workspace's binaries in a temporary directory: the launch VM it resumes
-//! holds what the example scripts made.
+//! holds what the example scripts made, and the `vmctl` commands of the
+//! second block see it and stop it.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::{stop, value, Client, Logged};
+use common::{value, Client, Logged};
 
-/// The first indented block after `## Using it`, one command a line.
-fn using_it(readme: &str) -> Vec<String> {
+/// The `n`th indented block after `## Using it`, one command a line
+/// (comments after `#` dropped).
+fn using_it(readme: &str, n: usize) -> Vec<String> {
     let rest = readme
         .split("\n## Using it\n")
         .nth(1)
         .expect("README has no \"## Using it\"");
-    rest.lines()
-        .skip_while(|l| !l.starts_with("    "))
-        .take_while(|l| l.starts_with("    "))
-        .map(|l| l.trim().to_string())
-        .collect()
+    let mut lines = rest.lines().peekable();
+    let mut block = Vec::new();
+    for _ in 0..=n {
+        block = Vec::new();
+        while lines.peek().is_some_and(|l| !l.starts_with("    ")) {
+            lines.next();
+        }
+        while let Some(l) = lines.next_if(|l| l.starts_with("    ")) {
+            block.push(l.split(" #").next().unwrap().trim().to_string());
+        }
+    }
+    block
 }
 
 #[test]
@@ -28,8 +37,14 @@ fn readme_using_it_runs_as_written() {
         return;
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cmds = using_it(&std::fs::read_to_string(repo.join("README.md")).unwrap());
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let cmds = using_it(&readme, 0);
     assert_eq!(cmds.len(), 4, "{cmds:?}");
+    let ctl = using_it(&readme, 1);
+    assert!(
+        ctl.len() == 3 && ctl.iter().all(|c| c.starts_with("vmctl app.sock ")),
+        "{ctl:?}"
+    );
     let bin_dir = common::bin("kimberlize").parent().unwrap().to_path_buf();
     let path = format!(
         "{}:{}",
@@ -71,9 +86,33 @@ fn readme_using_it_runs_as_written() {
         "readme",
     );
     let sock = t.path().join("app.sock");
-    let mut c = Client::connect(&sock);
-    let check = std::fs::read_to_string(repo.join("examples/check.txt")).unwrap();
-    let after = c.exec_ok(&check);
+    // The socket exists once the VM runs.
+    drop(Client::connect(&sock));
+    let vmctl = |c: &str| {
+        let o = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", c])
+            .current_dir(t.path())
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{c}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(answer["ok"], true, "{c}: {answer}");
+        answer
+    };
+    let status = vmctl(&ctl[0]);
+    assert_eq!(status["status"], "running", "{status}");
+    let after = vmctl(&ctl[1]);
+    let after: Vec<String> = after["output"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
     for what in [
         "checksum app-code",
         "checksum app-data",
@@ -85,8 +124,10 @@ fn readme_using_it_runs_as_written() {
     let c0: u64 = value(&before, "counter").parse().unwrap();
     let c1: u64 = value(&after, "counter").parse().unwrap();
     assert!(c1 > c0, "the counter did not continue: {c0} -> {c1}");
-    drop(c);
-    stop(&mut run, &sock);
+    vmctl(&ctl[2]);
+    let st = run.wait_exit(std::time::Duration::from_secs(60));
+    assert!(st.success(), "{st}: {}", run.stderr());
+    assert!(!sock.exists(), "the socket file was left behind");
     assert!(t
         .path()
         .join("app-vm")
