@@ -18,7 +18,7 @@ if [ -n "${KIMBERLEY_BIN_DIR:-}" ]; then
 else
     bin=$repo/target/release
     stale=
-    for t in kimberlize dekimberlize; do
+    for t in kimberlize dekimberlize vmctl; do
         if [ ! -x "$bin/$t" ] || [ -n "$(find Cargo.toml Cargo.lock ./*/Cargo.toml ./*/src ./*/build.rs \
             -newer "$bin/$t" -print -quit 2>/dev/null)" ]; then
             stale=1
@@ -26,11 +26,12 @@ else
     done
     if [ -n "$stale" ]; then
         echo "== building release binaries (cargo build --release)"
-        cargo build --release --locked -q -p kimberlize -p dekimberlize
+        cargo build --release --locked -q -p kimberlize -p dekimberlize -p vmctl
     fi
 fi
 K=$bin/kimberlize
 D=$bin/dekimberlize
+C=$bin/vmctl
 
 work=${1:-$(mktemp -d -t kimberley-demo.XXXXXX)}
 mkdir -p "$work"
@@ -63,20 +64,12 @@ cat demo.ovl | "$D" --base base -k demo.key -o launch-vm --run --control control
     --stats-json stats-run.json -q > run-console.txt 2> run-stderr.txt &
 pid=$!
 for _ in $(seq 1 300); do
-    python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect("control.sock")' 2>/dev/null && break
+    "$C" control.sock status > /dev/null 2>&1 && break
     sleep 0.05
 done
 [ -S control.sock ] || { cat run-stderr.txt; exit 1; }
-# (vmctl control.sock exec examples/check.txt does this once the vmctl
-# client exists; here a few lines of Python speak the socket's JSON.)
-ask() { python3 - "$1" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect("control.sock")
-f = s.makefile("rw"); f.write(sys.argv[1] + "\n"); f.flush(); print(f.readline().strip())
-PY
-}
 echo "synthesis timeline (ms from start): $(ms stats-run.json 'd["times"]')"
-reply=$(ask "$(python3 -c 'import json,sys; print(json.dumps({"cmd":"exec","script":open(sys.argv[1]).read()}))' "$repo/examples/check.txt")")
+reply=$("$C" control.sock exec "$repo/examples/check.txt")
 echo "guest answers: $reply"
 
 step "correctness, shown through the guest"
@@ -91,7 +84,7 @@ c1=$(python3 -c "import json,sys; o=json.loads(sys.argv[1])['output']; print([l 
 if [ "$c1" -gt "$c0" ]; then echo "  counter: $c0 at suspend -> $c1 now (continued)"; else echo "  counter went from $c0 to $c1: WRONG"; status=1; fi
 
 step "stop: the launch VM suspends cleanly back into launch-vm/"
-ask '{"cmd":"stop"}' > /dev/null
+"$C" control.sock stop > /dev/null
 wait $pid
 cat run-stderr.txt | sed 's/^/  /'
 [ $status = 0 ] && echo "demo OK" || { echo "demo FAILED"; exit 1; }

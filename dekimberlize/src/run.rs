@@ -47,7 +47,11 @@ pub fn run(
     if let Some(p) = stats_json {
         write_json(p, &stats)?;
     }
-    eprintln!("launch VM running; control socket {} (send {{\"cmd\":\"stop\"}} or press Ctrl-C to suspend it)", sock.path().display());
+    eprintln!(
+        "launch VM running; control socket {} (`vmctl {} stop` or Ctrl-C suspends it)",
+        sock.path().display(),
+        sock.path().display()
+    );
     suspend(vm, &dir, sock, stop, out)
 }
 
