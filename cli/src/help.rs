@@ -55,6 +55,12 @@ fn decorate_at(cmd: clap::Command, path: &str, tool: Tool, examples: Examples) -
     cmd
 }
 
+/// Parses the process's arguments against `cmd` (a [`decorate`]d
+/// command) into `T`; exits with usage or help text as clap does.
+pub fn parse<T: clap::FromArgMatches>(cmd: clap::Command) -> T {
+    T::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 /// `completions SHELL`: the shell's completion script on stdout.
 #[derive(Debug, clap::Args)]
 pub struct CompletionsArgs {

@@ -85,9 +85,7 @@ pub fn command() -> clap::Command {
 
 /// Parses the process's arguments (exits with usage or help text).
 pub fn parse() -> Cli {
-    use clap::FromArgMatches;
-    let m = command().get_matches();
-    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+    kimberley_cli::help::parse(command())
 }
 
 #[derive(Debug, Args)]

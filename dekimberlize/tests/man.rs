@@ -3,29 +3,16 @@
 //! Also: the pages' sections, verbatim examples, completions, `--version`.
 
 #[path = "../../cli/tests/common/docs.rs"]
+#[macro_use]
 mod docs;
 
-use clap::CommandFactory;
 use dekimberlize::cli;
 use kimberley_cli::exit::Tool;
 
+man_suite!(dekimberlize, Tool::Dekimberlize);
+
 fn bin() -> std::path::PathBuf {
     env!("CARGO_BIN_EXE_dekimberlize").into()
-}
-
-#[test]
-fn man_pages_are_current() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
-    let stale = kimberley_cli::man::check_or_update(
-        dekimberlize::cli::Cli::command(),
-        Tool::Dekimberlize,
-        cli::EXAMPLES,
-        &dir,
-    );
-    assert!(
-        stale.is_empty(),
-        "stale man pages {stale:?}: run UPDATE_MAN=1 cargo test -p dekimberlize --test man"
-    );
 }
 
 #[test]
@@ -34,16 +21,6 @@ fn help_teaches() {
     for needle in ["EXIT STATUS", "--key-file", "Examples:"] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
-}
-
-#[test]
-fn pages_have_every_section() {
-    docs::check_pages(cli::Cli::command(), Tool::Dekimberlize, cli::EXAMPLES);
-}
-
-#[test]
-fn help_shows_examples_verbatim() {
-    docs::check_examples(cli::command(), cli::EXAMPLES);
 }
 
 #[test]

@@ -60,9 +60,7 @@ pub fn command() -> clap::Command {
 
 /// Parses the process's arguments (exits with usage or help text).
 pub fn parse() -> Cli {
-    use clap::FromArgMatches;
-    let m = command().get_matches();
-    let cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit());
+    let cli: Cli = kimberley_cli::help::parse(command());
     if cli.completions.is_none() && cli.command.is_none() {
         command()
             .error(

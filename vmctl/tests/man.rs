@@ -3,25 +3,16 @@
 //! Also: the pages' sections, verbatim examples, completions, `--version`.
 
 #[path = "../../cli/tests/common/docs.rs"]
+#[macro_use]
 mod docs;
 
-use clap::CommandFactory;
 use kimberley_cli::exit::Tool;
 use vmctl::cli;
 
+man_suite!(vmctl, Tool::Vmctl);
+
 fn bin() -> std::path::PathBuf {
     env!("CARGO_BIN_EXE_vmctl").into()
-}
-
-#[test]
-fn man_pages_are_current() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
-    let stale =
-        kimberley_cli::man::check_or_update(cli::Cli::command(), Tool::Vmctl, cli::EXAMPLES, &dir);
-    assert!(
-        stale.is_empty(),
-        "stale man pages {stale:?}: run UPDATE_MAN=1 cargo test -p vmctl --test man"
-    );
 }
 
 #[test]
@@ -30,16 +21,6 @@ fn help_teaches() {
     for needle in ["EXIT STATUS", "vmctl app.sock status", "exec", "125"] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
-}
-
-#[test]
-fn pages_have_every_section() {
-    docs::check_pages(cli::Cli::command(), Tool::Vmctl, cli::EXAMPLES);
-}
-
-#[test]
-fn help_shows_examples_verbatim() {
-    docs::check_examples(cli::command(), cli::EXAMPLES);
 }
 
 #[test]

@@ -3,29 +3,16 @@
 //! Also: the pages' sections, verbatim examples, completions, `--version`.
 
 #[path = "../../cli/tests/common/docs.rs"]
+#[macro_use]
 mod docs;
 
-use clap::CommandFactory;
 use kimberley_cli::exit::Tool;
 use vmigrate::cli;
 
+man_suite!(vmigrate, Tool::Vmigrate);
+
 fn bin() -> std::path::PathBuf {
     env!("CARGO_BIN_EXE_vmigrate").into()
-}
-
-#[test]
-fn man_pages_are_current() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
-    let stale = kimberley_cli::man::check_or_update(
-        vmigrate::cli::Cli::command(),
-        Tool::Vmigrate,
-        cli::EXAMPLES,
-        &dir,
-    );
-    assert!(
-        stale.is_empty(),
-        "stale man pages {stale:?}: run UPDATE_MAN=1 cargo test -p vmigrate --test man"
-    );
 }
 
 #[test]
@@ -43,16 +30,6 @@ fn rates() {
     assert_eq!(parse_rate("12M"), Ok(12 << 20));
     assert!(parse_rate("0").is_err());
     assert!(parse_rate("fast").is_err());
-}
-
-#[test]
-fn pages_have_every_section() {
-    docs::check_pages(cli::Cli::command(), Tool::Vmigrate, cli::EXAMPLES);
-}
-
-#[test]
-fn help_shows_examples_verbatim() {
-    docs::check_examples(cli::command(), cli::EXAMPLES);
 }
 
 #[test]

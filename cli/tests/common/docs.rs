@@ -9,6 +9,41 @@ use std::process::{Command, Stdio};
 use kimberley_cli::exit::Tool;
 use kimberley_cli::help::Examples;
 
+/// The tests every binary's `man` suite has: pages current (`UPDATE_MAN=1`
+/// rewrites them), every section present, examples verbatim in `--help`.
+/// `$krate` is the binary's library crate, `$tool` its `Tool`.
+macro_rules! man_suite {
+    ($krate:ident, $tool:expr) => {
+        #[test]
+        fn man_pages_are_current() {
+            use clap::CommandFactory;
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
+            let stale = kimberley_cli::man::check_or_update(
+                $krate::cli::Cli::command(),
+                $tool,
+                $krate::cli::EXAMPLES,
+                &dir,
+            );
+            assert!(
+                stale.is_empty(),
+                "stale man pages {stale:?}: run UPDATE_MAN=1 cargo test -p {} --test man",
+                stringify!($krate)
+            );
+        }
+
+        #[test]
+        fn pages_have_every_section() {
+            use clap::CommandFactory;
+            docs::check_pages($krate::cli::Cli::command(), $tool, $krate::cli::EXAMPLES);
+        }
+
+        #[test]
+        fn help_shows_examples_verbatim() {
+            docs::check_examples($krate::cli::command(), $krate::cli::EXAMPLES);
+        }
+    };
+}
+
 /// Every page has the required sections in order, no `EXTRA`, EXAMPLES
 /// with content, SEE ALSO naming only pages that exist, and renders
 /// without warnings where groff is installed.
