@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use kimberley_formats::crypto::keys::{Argon2Params, KdfLimits, Secret};
 use kimberley_formats::crypto::ReadPolicy;
@@ -43,9 +43,9 @@ impl KeyArgs {
             Some(Secret::Key(k)) => Protection::Key(k),
             Some(Secret::Passphrase(p)) => Protection::Passphrase(p, Argon2Params::DEFAULT),
             None if self.no_encrypt => Protection::None,
-            None => bail!(
+            None => return Err(crate::run::usage(
                 "overlays are encrypted by default: give --key-file FILE (make one with `kimberlize keygen -o FILE`), --passphrase-file FILE, or --no-encrypt"
-            ),
+            )),
         })
     }
 }

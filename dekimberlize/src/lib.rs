@@ -8,7 +8,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
+use kimberley_cli::run::usage;
 use clap::Parser;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::Bar;
@@ -32,11 +33,11 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
         paths.to_vec()
     };
     if paths.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
-        return Err(anyhow!("stdin (-) can be given only once"));
+        return Err(usage("stdin (-) can be given only once"));
     }
     if paths.iter().any(|p| p.as_os_str() == "-") && std::io::stdin().is_terminal() {
-        return Err(anyhow!(
-            "no overlay given: use -i FILE or pipe an overlay into stdin"
+        return Err(usage(
+            "no overlay given: use -i FILE or pipe an overlay into stdin",
         ));
     }
     paths

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kimberley_cli::output::{open_input, write_json, OverlayOut};
+use kimberley_cli::output::{open_input, write_json, Output};
 use kimberley_cli::progress::Bar;
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
-use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
+use kimberley_formats::fsutil::ScratchDir;
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::import::{import as do_import, ImportSpec};
 use kimberley_formats::vmdir::VmDir;
@@ -64,7 +64,8 @@ pub fn diff(a: DiffArgs) -> Result<()> {
             depth: last.header.depth,
             result_id: last.result_identity(),
         });
-        let dir = temp_sibling(&a.launch);
+        let scratch = ScratchDir::next_to(&a.launch);
+        let dir = scratch.path().to_path_buf();
         // Scratch: not worth an fsync.
         let opts = ApplyOptions {
             secret,
@@ -74,11 +75,11 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         };
         apply::apply_chain(&effective, inputs, &dir, &opts, &progress)
             .context("applying the parent overlays")?;
-        _scratch = Some(ScratchDir(dir.clone()));
+        _scratch = Some(scratch);
         effective = VmDir::open(&dir)?;
     }
 
-    let out = OverlayOut::open(a.output.as_deref(), a.force)?;
+    let out = Output::binary(a.output.as_deref(), a.force)?;
     let opts = DiffOptions {
         level: a.level,
         threads,
@@ -100,7 +101,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
 pub(crate) fn write_overlay(
     base: &VmDir,
     launch: &VmDir,
-    out: OverlayOut,
+    out: Output,
     opts: &DiffOptions,
     progress: &Progress,
 ) -> Result<diff::DiffStats> {

@@ -134,7 +134,7 @@ impl Secret {
     pub fn from_key_file(path: &Path) -> Result<Secret> {
         let bytes = std::fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
         let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
-            Error::Key(format!(
+            Error::Usage(format!(
                 "{} is {} bytes; a key file is exactly {KEY_LEN} bytes (make one with `kimberlize keygen`)",
                 path.display(),
                 bytes.len()
@@ -154,7 +154,7 @@ impl Secret {
             }
         }
         if bytes.is_empty() {
-            return Err(Error::Key(format!(
+            return Err(Error::Usage(format!(
                 "{} holds an empty passphrase",
                 path.display()
             )));
