@@ -207,7 +207,10 @@ mod tests {
                 assert!(table(t).iter().any(|c| c.code == code), "{t:?} {code}");
             }
             let r = render(t);
-            assert!(r.contains("130") && r.contains("141") && r.contains("143"), "{r}");
+            assert!(
+                r.contains("130") && r.contains("141") && r.contains("143"),
+                "{r}"
+            );
         }
     }
 }

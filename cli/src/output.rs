@@ -91,8 +91,11 @@ impl Output {
                 } else {
                     "not a regular file"
                 };
-                return Err(anyhow::Error::new(FormatError::Exists(path.to_path_buf()))
-                    .context(format!("{name} is {what}; --force replaces regular files only")));
+                return Err(
+                    anyhow::Error::new(FormatError::Exists(path.to_path_buf())).context(format!(
+                        "{name} is {what}; --force replaces regular files only"
+                    )),
+                );
             }
         }
         Ok(Output {
@@ -101,13 +104,13 @@ impl Output {
         })
     }
 
-    /// Like [`Output::create`] with `None` as stdout, for binary data:
+    /// Like [`Output::create`] with `None` as stdout, for an overlay:
     /// refuses a terminal (usage error).
     pub fn binary(path: Option<&Path>, force: bool) -> Result<Output> {
         let o = Output::create(path.unwrap_or(Path::new("-")), force)?;
         if o.is_terminal() {
             return Err(crate::run::usage(format!(
-                "refusing to write binary data to a terminal ({}): use -o FILE, or pipe it into a command",
+                "refusing to write an overlay to a terminal ({}): use -o FILE, or pipe it into a command",
                 o.name
             )));
         }

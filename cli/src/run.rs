@@ -48,9 +48,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     // Without the thread, the signals keep their default action (the
     // process dies, as before), so a failure here is not fatal.
-    let _ = kimberley_formats::cleanup::on_signals(program_name(), |sig| {
-        exit::for_signal(sig) as i32
-    });
+    let _ =
+        kimberley_formats::cleanup::on_signals(program_name(), |sig| exit::for_signal(sig) as i32);
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -129,9 +128,7 @@ pub const EXIT_VM: i32 = crate::exit::VM as i32;
 /// than guessed.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let unit = unit.trim_start();
     let shift = match unit.to_ascii_lowercase().as_str() {
@@ -149,11 +146,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 &unit[..1].to_ascii_uppercase()
             ))
         }
-        _ => {
-            return Err(format!(
-                "{s:?} is not a size (e.g. 4096, 64M, 64MiB, 1GiB)"
-            ))
-        }
+        _ => return Err(format!("{s:?} is not a size (e.g. 4096, 64M, 64MiB, 1GiB)")),
     };
     let n: u64 = num
         .parse()
@@ -184,10 +177,18 @@ pub fn parse_size_in(s: &str, min: u64, max: u64, align: u64) -> Result<u64, Str
 /// Checks a size against `min..=max` and `align` (see [`parse_size_in`]).
 pub fn check_size(v: u64, min: u64, max: u64, align: u64) -> Result<(), String> {
     if v < min {
-        return Err(format!("{} is too small: at least {}", human_size(v), human_size(min)));
+        return Err(format!(
+            "{} is too small: at least {}",
+            human_size(v),
+            human_size(min)
+        ));
     }
     if v > max {
-        return Err(format!("{} is too large: at most {}", human_size(v), human_size(max)));
+        return Err(format!(
+            "{} is too large: at most {}",
+            human_size(v),
+            human_size(max)
+        ));
     }
     if !v.is_multiple_of(align) {
         return Err(format!(
@@ -240,7 +241,10 @@ mod tests {
         assert!(e.contains("at most 1 TiB"), "{e}");
         let e = parse_size_in("65537K", 64 << 20, 1 << 40, 1 << 20).unwrap_err();
         assert!(e.contains("multiple of 1 MiB"), "{e}");
-        assert_eq!(parse_size_in("64MiB", 64 << 20, 1 << 40, 1 << 20), Ok(64 << 20));
+        assert_eq!(
+            parse_size_in("64MiB", 64 << 20, 1 << 40, 1 << 20),
+            Ok(64 << 20)
+        );
     }
 
     #[test]

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use kimberley_cli::run::usage;
 use clap::Parser;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::Bar;
+use kimberley_cli::run::usage;
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::VmDir;

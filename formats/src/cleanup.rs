@@ -88,6 +88,26 @@ pub fn create<T>(
     Ok((v, Registered(id)))
 }
 
+/// Runs `create`, which makes a scratch directory whose name it chooses
+/// (`mkdtemp`), under the registry's lock, and registers what it made.
+pub fn create_scratch(
+    create: impl FnOnce() -> io::Result<PathBuf>,
+) -> io::Result<(PathBuf, Registered)> {
+    let mut r = lock();
+    let path = create()?;
+    let id = r.next;
+    r.next += 1;
+    r.entries.insert(
+        id,
+        Entry {
+            tmp: path.clone(),
+            dest: path.clone(),
+            kind: Kind::Scratch,
+        },
+    );
+    Ok((path, Registered(id)))
+}
+
 /// Runs `f` (the commit's rename of a registered temporary) under the
 /// registry's lock, so that an interruption removes the temporary either
 /// before it or not at all.
@@ -177,10 +197,19 @@ fn remove_all() -> String {
     let r = lock();
     let mut outputs = Vec::new();
     let mut scratch = 0;
+    let scratches: HashSet<&Path> = r
+        .entries
+        .values()
+        .filter(|e| e.kind == Kind::Scratch)
+        .map(|e| e.tmp.as_path())
+        .collect();
     for e in r.entries.values() {
         remove(&e.tmp);
         match e.kind {
             Kind::Scratch => scratch += 1,
+            // Something being made inside or into a scratch directory is
+            // part of it.
+            _ if scratches.iter().any(|s| e.dest.starts_with(s)) => {}
             Kind::File | Kind::Dir => outputs.push(e.dest.display().to_string()),
         }
     }

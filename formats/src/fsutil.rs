@@ -187,10 +187,8 @@ impl AtomicFile {
         }
         cleanup::sweep(&parent_of(dest));
         let tmp = temp_sibling(dest);
-        let (file, reg) = cleanup::create(&tmp, dest, cleanup::Kind::File, || {
-            create_private(&tmp)
-        })
-        .ctx(|| format!("creating {}", tmp.display()))?;
+        let (file, reg) = cleanup::create(&tmp, dest, cleanup::Kind::File, || create_private(&tmp))
+            .ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicFile {
             file: Some(file),
             tmp,
@@ -221,9 +219,8 @@ impl AtomicFile {
             if self.overwrite {
                 // rename(2) replaces whatever is at `dest` (a link itself,
                 // never its target) atomically.
-                fs::rename(&self.tmp, &self.dest).ctx(|| {
-                    format!("renaming {} to {}", self.tmp.display(), self.dest.display())
-                })
+                fs::rename(&self.tmp, &self.dest)
+                    .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))
             } else {
                 rename_noreplace(&self.tmp, &self.dest)
             }
@@ -343,10 +340,9 @@ impl AtomicDir {
     fn start(dest: &Path, replace: bool) -> Result<Self> {
         cleanup::sweep(&parent_of(dest));
         let tmp = temp_sibling(dest);
-        let ((), reg) = cleanup::create(&tmp, dest, cleanup::Kind::Dir, || {
-            create_private_dir(&tmp)
-        })
-        .ctx(|| format!("creating {}", tmp.display()))?;
+        let ((), reg) =
+            cleanup::create(&tmp, dest, cleanup::Kind::Dir, || create_private_dir(&tmp))
+                .ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicDir {
             tmp,
             dest: dest.to_path_buf(),

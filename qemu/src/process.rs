@@ -27,22 +27,26 @@ const STDERR_LINES: usize = 8;
 /// QEMU's stderr kept for error messages.
 const MAX_STDERR: usize = 16 << 10;
 
-/// A private directory (0700), removed with its contents when dropped.
+/// A private directory (0700), removed with its contents when dropped or
+/// when SIGINT/SIGTERM interrupts the process
+/// (`kimberley_formats::cleanup`).
 #[derive(Debug)]
-pub struct WorkDir(PathBuf);
+pub struct WorkDir(PathBuf, kimberley_formats::cleanup::Registered);
 
 impl WorkDir {
     /// A new one under the temporary directory.
     pub fn new() -> Result<WorkDir> {
         let prefix = std::env::temp_dir().join("kimberley-qemu-");
-        kimberley_formats::sys::tempdir::create(&prefix)
-            .map(WorkDir)
-            .map_err(|e| {
-                Error::io(
-                    format!("creating a directory under {}", prefix.display()),
-                    e,
-                )
-            })
+        kimberley_formats::cleanup::create_scratch(|| {
+            kimberley_formats::sys::tempdir::create(&prefix)
+        })
+        .map(|(p, r)| WorkDir(p, r))
+        .map_err(|e| {
+            Error::io(
+                format!("creating a directory under {}", prefix.display()),
+                e,
+            )
+        })
     }
 
     /// Where it is.
