@@ -31,7 +31,10 @@ const MAX_STDERR: usize = 16 << 10;
 /// when SIGINT/SIGTERM interrupts the process
 /// (`kimberley_formats::cleanup`).
 #[derive(Debug)]
-pub struct WorkDir(PathBuf, kimberley_formats::cleanup::Registered);
+pub struct WorkDir {
+    path: PathBuf,
+    _reg: kimberley_formats::cleanup::Registered,
+}
 
 impl WorkDir {
     /// A new one under the temporary directory.
@@ -40,7 +43,7 @@ impl WorkDir {
         kimberley_formats::cleanup::create_scratch(|| {
             kimberley_formats::sys::tempdir::create(&prefix)
         })
-        .map(|(p, r)| WorkDir(p, r))
+        .map(|(path, _reg)| WorkDir { path, _reg })
         .map_err(|e| {
             Error::io(
                 format!("creating a directory under {}", prefix.display()),
@@ -51,13 +54,13 @@ impl WorkDir {
 
     /// Where it is.
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
