@@ -423,12 +423,10 @@ fn descriptor_paths_and_dash_are_streams() {
     let (p, key) = setup(t.path(), &PairSpec::default());
     // `-o >(cmd)`: bash passes /dev/fd/63.
     let count = t.path().join("count");
-    let script = format!(
-        "\"$0\" diff -q --base \"$1\" --launch \"$2\" -k \"$3\" -o >(wc -c > \"$4\"); r=$?; wait $!; exit $r"
-    );
+    let script = "\"$0\" diff -q --base \"$1\" --launch \"$2\" -k \"$3\" -o >(wc -c > \"$4\"); r=$?; wait $!; exit $r";
     let o = Command::new("bash")
         .arg("-c")
-        .arg(&script)
+        .arg(script)
         .arg(bin("kimberlize"))
         .arg(&p.base)
         .arg(&p.launch)

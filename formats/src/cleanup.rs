@@ -256,8 +256,14 @@ pub fn on_signals(program: String, exit_code: fn(libc::c_int) -> i32) -> io::Res
                     signal::name(sig)
                 )
             };
-            // One write(2): the line is not interleaved with others.
-            let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
+            // On a terminal, start from a clean line (a progress bar may
+            // be half drawn). One write(2): not interleaved with others.
+            let clear = if io::IsTerminal::is_terminal(&io::stderr()) {
+                "\r\x1b[2K"
+            } else {
+                ""
+            };
+            let _ = io::Write::write_all(&mut io::stderr(), format!("{clear}{line}").as_bytes());
             signal::exit_now(exit_code(sig));
         })?;
     Ok(())
