@@ -69,29 +69,6 @@ fn wait_for_temp(child: &mut Child, dir: &Path, prefix: &str) -> String {
     }
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
-}
-
-/// Sends `sig`, waits for the exit; returns the exit code and stderr.
-fn interrupt(mut child: Child, sig: libc::c_int) -> (i32, String) {
-    signal(&child, sig);
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let st = child.wait().unwrap();
-    (
-        st.code()
-            .unwrap_or_else(|| panic!("killed by a signal ({st}): {err}")),
-        err,
-    )
-}
-
 fn diff_cmd(p: &Pair, key: &Path) -> Command {
     let mut c = Command::new(bin("kimberlize"));
     c.args(["diff", "-q", "--base"])

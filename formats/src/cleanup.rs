@@ -75,17 +75,21 @@ pub fn create<T>(
 ) -> io::Result<(T, Registered)> {
     let mut r = lock();
     let v = create()?;
-    let id = r.next;
-    r.next += 1;
-    r.entries.insert(
-        id,
-        Entry {
-            tmp: tmp.to_path_buf(),
-            dest: dest.to_path_buf(),
-            kind,
-        },
-    );
-    Ok((v, Registered(id)))
+    let reg = r.insert(Entry {
+        tmp: tmp.to_path_buf(),
+        dest: dest.to_path_buf(),
+        kind,
+    });
+    Ok((v, reg))
+}
+
+impl Registry {
+    fn insert(&mut self, e: Entry) -> Registered {
+        let id = self.next;
+        self.next += 1;
+        self.entries.insert(id, e);
+        Registered(id)
+    }
 }
 
 /// Runs `create`, which makes a scratch directory whose name it chooses
@@ -95,17 +99,12 @@ pub fn create_scratch(
 ) -> io::Result<(PathBuf, Registered)> {
     let mut r = lock();
     let path = create()?;
-    let id = r.next;
-    r.next += 1;
-    r.entries.insert(
-        id,
-        Entry {
-            tmp: path.clone(),
-            dest: path.clone(),
-            kind: Kind::Scratch,
-        },
-    );
-    Ok((path, Registered(id)))
+    let reg = r.insert(Entry {
+        tmp: path.clone(),
+        dest: path.clone(),
+        kind: Kind::Scratch,
+    });
+    Ok((path, reg))
 }
 
 /// Runs `f` (the commit's rename of a registered temporary) under the
