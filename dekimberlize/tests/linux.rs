@@ -480,7 +480,7 @@ fn interrupted_build_stops_qemu(l: &Linux, dir: &Path) {
     std::fs::write(dir.join("install.sh"), "sleep 600\n").unwrap();
     std::fs::write(dir.join("resume.sh"), RESUME).unwrap();
     let out = dir.join("x.ovl");
-    let mut child = Command::new(bin("kimberlize"))
+    let child = Command::new(bin("kimberlize"))
         .args(["build", "-q", "--base"])
         .arg(&l.base)
         .arg("--install")
