@@ -113,8 +113,9 @@ const KIMBERLIZE: &[Code] = &[
 // The same failures as kimberlize (it applies parent chains, runs VMs);
 // a table of its own so that either can change alone.
 const DEKIMBERLIZE: &[Code] = KIMBERLIZE;
-// `run` and `recv` suspend the VM on SIGINT/SIGTERM and exit 0; the codes
-// 130/143 are for the other moments (`send`, a receive in progress).
+// `run` and `recv` suspend a running VM on SIGINT/SIGTERM and exit 0; the
+// codes 130/143 are for the other moments (`send`, a `recv` that holds no
+// VM yet).
 const VMIGRATE: &[Code] = &[
     C_SUCCESS,
     C_ERROR,

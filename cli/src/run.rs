@@ -68,6 +68,15 @@ pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
                 eprintln!("{msg} (the output was cut: its reader went away)");
                 return ExitCode::from(exit::BROKEN_PIPE);
             }
+            if let Some(sig) = kimberley_formats::sys::signal::stopped_by() {
+                // A command that stops on SIGINT/SIGTERM (a served VM, a
+                // receive) and failed while stopping: interrupted.
+                eprintln!(
+                    "{msg} (interrupted by {})",
+                    kimberley_formats::sys::signal::name(sig)
+                );
+                return ExitCode::from(exit::for_signal(sig));
+            }
             eprintln!("{msg}");
             ExitCode::from(exit_code(&e))
         }

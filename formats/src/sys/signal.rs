@@ -17,6 +17,8 @@ static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 static PIPE: AtomicI32 = AtomicI32::new(-1);
 /// The first signal that came through the self-pipe (0: none yet).
 static PENDING: AtomicI32 = AtomicI32::new(0);
+/// The first signal that set the stop flag (0: none yet).
+static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
 /// Serialises installations.
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -24,6 +26,7 @@ static INSTALL: Mutex<()> = Mutex::new(());
 /// non-blocking pipe; both are async-signal-safe. `errno` is preserved.
 extern "C" fn on_signal(sig: libc::c_int) {
     if let Some(f) = STOP.get() {
+        let _ = STOPPED_BY.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
         f.store(true, Ordering::SeqCst);
         return;
     }
@@ -104,6 +107,15 @@ pub fn to_pipe() -> io::Result<File> {
 /// The first SIGINT/SIGTERM sent to the pipe of [`to_pipe`], if any came.
 pub fn pending() -> Option<libc::c_int> {
     match PENDING.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The first SIGINT/SIGTERM that set the stop flag of [`stop_on`], if any
+/// came: the process is stopping on request.
+pub fn stopped_by() -> Option<libc::c_int> {
+    match STOPPED_BY.load(Ordering::SeqCst) {
         0 => None,
         s => Some(s),
     }
