@@ -107,12 +107,25 @@ pub fn create_scratch(
     Ok((path, reg))
 }
 
-/// Runs `f` (the commit's rename of a registered temporary) under the
-/// registry's lock, so that an interruption removes the temporary either
-/// before it or not at all.
-pub fn commit<T>(f: impl FnOnce() -> T) -> T {
-    let _g = lock();
-    f()
+/// Registers `tmp` that someone will create later (a scratch directory
+/// whose creator renames into it).
+pub fn register(tmp: &Path, dest: &Path, kind: Kind) -> Registered {
+    lock().insert(Entry {
+        tmp: tmp.to_path_buf(),
+        dest: dest.to_path_buf(),
+        kind,
+    })
+}
+
+/// Runs `f` (the commit's rename of the temporary `reg`) under the
+/// registry's lock, and deregisters `reg` if it succeeds: an interruption
+/// removes the temporary either before the rename or not at all, and never
+/// calls a committed output partial.
+pub fn commit<T, E>(reg: &Registered, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    let mut r = lock();
+    let v = f()?;
+    r.entries.remove(&reg.0);
+    Ok(v)
 }
 
 /// The stale temporaries in `dir`: entries named like
@@ -277,6 +290,42 @@ pub fn interrupted() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registered(tmp: &Path) -> bool {
+        lock().entries.values().any(|e| e.tmp == tmp)
+    }
+
+    #[test]
+    fn registered_until_committed_or_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let (tmp, dest) = (t.path().join(".a.tmp-1-0"), t.path().join("a"));
+        let ((), reg) = create(&tmp, &dest, Kind::File, || fs::write(&tmp, b"x")).unwrap();
+        assert!(registered(&tmp));
+        // A failed commit keeps it registered; a successful one does not.
+        assert!(commit(&reg, || Err::<(), _>("no")).is_err());
+        assert!(registered(&tmp));
+        commit(&reg, || fs::rename(&tmp, &dest)).unwrap();
+        assert!(!registered(&tmp));
+        drop(reg);
+        // Dropped: deregistered.
+        let ((), reg) = create(&tmp, &dest, Kind::File, || fs::write(&tmp, b"x")).unwrap();
+        assert!(registered(&tmp));
+        drop(reg);
+        assert!(!registered(&tmp));
+        // A failed creation registers nothing.
+        let other = t.path().join(".b.tmp-1-0");
+        assert!(
+            create(&other, &dest, Kind::Dir, || Err::<(), _>(io::Error::other(
+                "no"
+            )))
+            .is_err()
+        );
+        assert!(!registered(&other));
+        let reg = register(&other, &other, Kind::Scratch);
+        assert!(registered(&other));
+        drop(reg);
+        assert!(!registered(&other));
+    }
 
     #[test]
     fn temp_names() {

@@ -174,7 +174,7 @@ pub struct AtomicFile {
     tmp: PathBuf,
     dest: PathBuf,
     overwrite: bool,
-    _reg: Option<cleanup::Registered>,
+    reg: cleanup::Registered,
 }
 
 impl AtomicFile {
@@ -194,18 +194,13 @@ impl AtomicFile {
             tmp,
             dest: dest.to_path_buf(),
             overwrite,
-            _reg: Some(reg),
+            reg,
         })
     }
 
     /// The open temporary file.
     pub fn file(&self) -> &File {
         self.file.as_ref().expect("file present until commit")
-    }
-
-    /// The final name.
-    pub fn dest(&self) -> &Path {
-        &self.dest
     }
 
     /// fsync, rename into place (without replacing anything unless
@@ -215,7 +210,7 @@ impl AtomicFile {
         let file = self.file.as_ref().expect("file present until commit");
         file.sync_all()
             .ctx(|| format!("syncing {}", self.tmp.display()))?;
-        cleanup::commit(|| {
+        cleanup::commit(&self.reg, || {
             if self.overwrite {
                 // rename(2) replaces whatever is at `dest` (a link itself,
                 // never its target) atomically.
@@ -297,9 +292,8 @@ impl ScratchDir {
     pub fn next_to(near: &Path) -> ScratchDir {
         cleanup::sweep(&parent_of(near));
         let path = temp_sibling(near);
-        let ((), reg) = cleanup::create(&path, &path, cleanup::Kind::Scratch, || Ok(()))
-            .expect("registering creates nothing");
-        ScratchDir { path, _reg: reg }
+        let _reg = cleanup::register(&path, &path, cleanup::Kind::Scratch);
+        ScratchDir { path, _reg }
     }
 
     /// Where it is.
@@ -323,7 +317,7 @@ pub struct AtomicDir {
     dest: PathBuf,
     done: bool,
     replace: bool,
-    _reg: cleanup::Registered,
+    reg: cleanup::Registered,
 }
 
 impl AtomicDir {
@@ -348,7 +342,7 @@ impl AtomicDir {
             dest: dest.to_path_buf(),
             done: false,
             replace,
-            _reg: reg,
+            reg,
         })
     }
 
@@ -381,12 +375,12 @@ impl AtomicDir {
             sync_dir(&self.tmp)?;
         }
         if self.replace {
-            cleanup::commit(|| exchange(&self.tmp, &self.dest))?;
+            cleanup::commit(&self.reg, || exchange(&self.tmp, &self.dest))?;
             // The old directory is now at the temporary name.
             fs::remove_dir_all(&self.tmp)
                 .ctx(|| format!("removing the old {}", self.dest.display()))?;
         } else {
-            cleanup::commit(|| rename_noreplace(&self.tmp, &self.dest))?;
+            cleanup::commit(&self.reg, || rename_noreplace(&self.tmp, &self.dest))?;
         }
         self.done = true;
         if sync {
