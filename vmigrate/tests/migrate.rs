@@ -200,10 +200,11 @@ fn interrupted_receiver_exits_with_the_signal_code() {
         r.signal(sig);
         let st = r.wait_exit(Duration::from_secs(30));
         assert_eq!(st.code(), Some(code as i32), "{}", r.stderr());
+        // (Waits for the reader of its stderr to catch up.)
+        let line = r.line_starting("error:", Duration::from_secs(10));
         assert!(
-            r.stderr().contains(&format!("(interrupted by {name})")),
-            "{}",
-            r.stderr()
+            line.ends_with(&format!("(interrupted by {name})")),
+            "{line}"
         );
         assert!(!out.exists());
     }
