@@ -29,6 +29,21 @@ pub const VM: u8 = 9;
 /// `vmctl` could not get an answer, or got a refusal (`timeout(1)`'s
 /// convention: any other code of `vmctl exec` is the script's status).
 pub const VMCTL_FAILED: u8 = 125;
+/// 128 + SIGINT, what shells report for a process Ctrl-C killed.
+pub const INTERRUPTED: u8 = 128 + libc::SIGINT as u8;
+/// 128 + SIGPIPE, what shells report for a writer killed by a closed pipe.
+pub const BROKEN_PIPE: u8 = 128 + libc::SIGPIPE as u8;
+/// 128 + SIGTERM.
+pub const TERMINATED: u8 = 128 + libc::SIGTERM as u8;
+
+/// The exit code for a stop signal (SIGINT or SIGTERM).
+pub fn for_signal(sig: libc::c_int) -> u8 {
+    if sig == libc::SIGTERM {
+        TERMINATED
+    } else {
+        INTERRUPTED
+    }
+}
 
 const C_SUCCESS: Code = Code {
     code: SUCCESS,
@@ -40,7 +55,7 @@ const C_ERROR: Code = Code {
 };
 const C_USAGE: Code = Code {
     code: USAGE,
-    meaning: "usage error (bad arguments)",
+    meaning: "usage error: bad arguments or sizes, a missing key option, a malformed key or passphrase file, binary output to a terminal",
 };
 const C_CORRUPT: Code = Code {
     code: CORRUPT,
@@ -71,7 +86,20 @@ const C_VM: Code = Code {
     meaning: "the VM failed (no usable /dev/kvm, guest crash, timeout, script error)",
 };
 
-const OVERLAY_TOOLS: &[Code] = &[
+const C_INTERRUPTED: Code = Code {
+    code: INTERRUPTED,
+    meaning: "interrupted by SIGINT (Ctrl-C): partial outputs were removed",
+};
+const C_BROKEN_PIPE: Code = Code {
+    code: BROKEN_PIPE,
+    meaning: "the output was cut: its reader went away (broken pipe)",
+};
+const C_TERMINATED: Code = Code {
+    code: TERMINATED,
+    meaning: "terminated by SIGTERM: partial outputs were removed",
+};
+
+const KIMBERLIZE: &[Code] = &[
     C_SUCCESS,
     C_ERROR,
     C_USAGE,
@@ -82,6 +110,27 @@ const OVERLAY_TOOLS: &[Code] = &[
     C_VMDIR,
     C_MISMATCH,
     C_VM,
+    C_INTERRUPTED,
+    C_BROKEN_PIPE,
+    C_TERMINATED,
+];
+// The same failures as kimberlize (it applies parent chains, runs VMs);
+// a table of its own so that either can change alone.
+const DEKIMBERLIZE: &[Code] = KIMBERLIZE;
+// `run` and `recv` suspend a running VM on SIGINT/SIGTERM and exit 0; the
+// codes 130/143 are for the other moments (`send`, a `recv` that holds no
+// VM yet).
+const VMIGRATE: &[Code] = &[
+    C_SUCCESS,
+    C_ERROR,
+    C_USAGE,
+    C_AUTH,
+    C_EXISTS,
+    C_VMDIR,
+    C_VM,
+    C_INTERRUPTED,
+    C_BROKEN_PIPE,
+    C_TERMINATED,
 ];
 const VMCTL: &[Code] = &[
     Code {
@@ -103,13 +152,16 @@ const VMCTL: &[Code] = &[
         meaning: "no answer (no socket, connection refused or closed, not JSON) or a refusal \
                   ({\"ok\":false,...}, printed on stdout, its error on stderr)",
     },
+    C_INTERRUPTED,
+    C_BROKEN_PIPE,
+    C_TERMINATED,
 ];
-const VMIGRATE: &[Code] = &[C_SUCCESS, C_ERROR, C_USAGE, C_AUTH, C_EXISTS, C_VMDIR, C_VM];
 
 /// The codes `tool` can exit with.
 pub fn table(tool: Tool) -> &'static [Code] {
     match tool {
-        Tool::Kimberlize | Tool::Dekimberlize => OVERLAY_TOOLS,
+        Tool::Kimberlize => KIMBERLIZE,
+        Tool::Dekimberlize => DEKIMBERLIZE,
         Tool::Vmigrate => VMIGRATE,
         Tool::Vmctl => VMCTL,
     }
@@ -122,4 +174,61 @@ pub fn render(tool: Tool) -> String {
         s.push_str(&format!("\n  {:>3}  {}", c.code, c.meaning));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kimberley_formats::Error;
+    use std::path::PathBuf;
+
+    /// The library's classification lands on the documented codes.
+    #[test]
+    fn library_errors_map_to_the_tables() {
+        let io = || std::io::Error::other("x");
+        for (e, code) in [
+            (Error::io("x", io()), ERROR),
+            (Error::Invalid("x".into()), ERROR),
+            (Error::Usage("x".into()), USAGE),
+            (Error::Empty, CORRUPT),
+            (Error::NotAnOverlay, CORRUPT),
+            (Error::Truncated("x".into()), CORRUPT),
+            (Error::Corrupt("x".into()), CORRUPT),
+            (Error::Auth("x".into()), AUTH),
+            (Error::Key("x".into()), AUTH),
+            (Error::WrongBase("x".into()), WRONG_BASE),
+            (Error::Chain("x".into()), WRONG_BASE),
+            (Error::Exists(PathBuf::from("x")), EXISTS),
+            (
+                Error::VmDir {
+                    path: PathBuf::from("x"),
+                    why: "x".into(),
+                },
+                VMDIR,
+            ),
+            (Error::Mismatch("x".into()), MISMATCH),
+        ] {
+            assert_eq!(e.exit_code(), code as i32, "{e:?}");
+            for t in [Tool::Kimberlize, Tool::Dekimberlize] {
+                assert!(table(t).iter().any(|c| c.code == code), "{t:?} {code}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_table_lists_the_signal_and_pipe_codes() {
+        assert_eq!((INTERRUPTED, BROKEN_PIPE, TERMINATED), (130, 141, 143));
+        assert_eq!(for_signal(libc::SIGINT), 130);
+        assert_eq!(for_signal(libc::SIGTERM), 143);
+        for t in [Tool::Kimberlize, Tool::Dekimberlize, Tool::Vmigrate] {
+            for code in [SUCCESS, ERROR, USAGE, INTERRUPTED, BROKEN_PIPE, TERMINATED] {
+                assert!(table(t).iter().any(|c| c.code == code), "{t:?} {code}");
+            }
+            let r = render(t);
+            assert!(
+                r.contains("130") && r.contains("141") && r.contains("143"),
+                "{r}"
+            );
+        }
+    }
 }

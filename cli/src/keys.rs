@@ -5,14 +5,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use kimberley_formats::crypto::keyfile;
 use kimberley_formats::crypto::keys::{Argon2Params, KdfLimits, Secret, KEY_LEN};
 use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::Protection;
-
-use crate::run::WithCode;
 
 /// How an overlay is (to be) protected.
 #[derive(Debug, Clone, Args)]
@@ -55,8 +53,8 @@ impl KeyArgs {
     /// stdin.
     pub fn check_stdin(&self, overlay_from_stdin: bool) -> Result<()> {
         if overlay_from_stdin && self.reads_stdin() {
-            return Err(usage(
-                "stdin cannot carry both the key or passphrase and the overlay: give the overlay with -i FILE".into(),
+            return Err(crate::run::usage(
+                "stdin cannot carry both the key or passphrase and the overlay: give the overlay with -i FILE",
             ));
         }
         Ok(())
@@ -82,9 +80,11 @@ impl KeyArgs {
             Some(Secret::Key(k)) => Protection::Key(k),
             Some(Secret::Passphrase(p)) => Protection::Passphrase(p, Argon2Params::DEFAULT),
             None if self.no_encrypt => Protection::None,
-            None => bail!(
-                "overlays are encrypted by default: give --key-file FILE (make one with `kimberlize keygen -o FILE`), --passphrase-file FILE, --passphrase, or --no-encrypt"
-            ),
+            None => {
+                return Err(crate::run::usage(
+                    "overlays are encrypted by default: give --key-file FILE (make one with `kimberlize keygen -o FILE`), --passphrase-file FILE, --passphrase, or --no-encrypt",
+                ))
+            }
         })
     }
 }
@@ -139,23 +139,18 @@ fn exposure_warning(what: &str, name: &str, meta: &std::fs::Metadata) -> Option<
     })
 }
 
-/// A usage error (exit 2): a secret file that is not one.
-fn usage(msg: String) -> anyhow::Error {
-    anyhow!(WithCode(crate::exit::USAGE as i32, msg))
-}
-
 /// Reads a key file ("-": stdin) in either form of docs/FORMAT.md "Key
 /// files"; anything else is a usage error naming the file.
 pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
     let (name, bytes) = read_secret(path, "key file")?;
     if bytes.len() as u64 > SECRET_FILE_MAX {
-        return Err(usage(format!(
+        return Err(crate::run::usage(format!(
             "key file {name}: not a key file: longer than {} KiB",
             SECRET_FILE_MAX >> 10
         )));
     }
     keyfile::parse(&bytes).map_err(|e| {
-        usage(format!(
+        crate::run::usage(format!(
             "key file {name}: {e} (make one with `kimberlize keygen -o FILE`)"
         ))
     })
@@ -169,7 +164,7 @@ pub fn read_passphrase_file(path: &Path, sealing: bool) -> Result<Vec<u8>> {
     }
     let (name, mut bytes) = read_secret(path, "passphrase file")?;
     if bytes.len() as u64 > SECRET_FILE_MAX {
-        return Err(usage(format!(
+        return Err(crate::run::usage(format!(
             "passphrase file {name} is longer than {} KiB",
             SECRET_FILE_MAX >> 10
         )));
@@ -181,7 +176,7 @@ pub fn read_passphrase_file(path: &Path, sealing: bool) -> Result<Vec<u8>> {
         }
     }
     if bytes.is_empty() {
-        return Err(usage(format!(
+        return Err(crate::run::usage(format!(
             "passphrase file {name} holds an empty passphrase"
         )));
     }
@@ -194,23 +189,23 @@ pub fn read_passphrase_file(path: &Path, sealing: bool) -> Result<Vec<u8>> {
 /// error, never a wait for input nobody sees asked for.
 pub fn prompt_passphrase(sealing: bool) -> Result<Vec<u8>> {
     if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
-        return Err(usage(
-            "cannot ask for a passphrase: neither stdin nor stderr is a terminal; use --passphrase-file FILE".into(),
+        return Err(crate::run::usage(
+            "cannot ask for a passphrase: neither stdin nor stderr is a terminal; use --passphrase-file FILE",
         ));
     }
     let ask = |prompt: &str| -> Result<String> {
         rpassword::prompt_password(prompt).map_err(|e| {
-            usage(format!(
+            crate::run::usage(format!(
                 "cannot ask for a passphrase without a terminal ({e}): use --passphrase-file FILE"
             ))
         })
     };
     let first = ask("passphrase: ")?;
     if first.is_empty() {
-        return Err(usage("empty passphrase".into()));
+        return Err(crate::run::usage("empty passphrase"));
     }
     if sealing && ask("passphrase (again): ")? != first {
-        return Err(usage("the passphrases differ".into()));
+        return Err(crate::run::usage("the passphrases differ"));
     }
     Ok(first.into_bytes())
 }

@@ -12,6 +12,7 @@ use anyhow::{anyhow, Result};
 use kimberley_cli::exit;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::{self as units, Reporter};
+use kimberley_cli::run::usage;
 use kimberley_cli::run::WithCode;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
@@ -44,11 +45,11 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
         paths.to_vec()
     };
     if paths.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
-        return Err(anyhow!("stdin (-) can be given only once"));
+        return Err(usage("stdin (-) can be given only once"));
     }
     if paths.iter().any(|p| p.as_os_str() == "-") && std::io::stdin().is_terminal() {
-        return Err(anyhow!(
-            "no overlay given: use -i FILE or pipe an overlay into stdin"
+        return Err(usage(
+            "no overlay given: use -i FILE or pipe an overlay into stdin",
         ));
     }
     paths

@@ -108,7 +108,7 @@ fn files_verify_inspect_and_exit_codes() {
         "-o",
         t.path().join("x.ovl")
     );
-    assert_eq!(code(&o), 1);
+    assert_eq!(code(&o), kimberley_cli::exit::USAGE as i32);
     assert!(stderr(&o).contains("--no-encrypt"), "{}", stderr(&o));
 
     let o = tool!(
@@ -344,7 +344,7 @@ fn refuses_to_write_an_overlay_to_a_terminal() {
     );
     let o = run(Command::new("script").args(["-qec", &cmd, "/dev/null"]));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(code(&o), 1, "{text}");
+    assert_eq!(code(&o), kimberley_cli::exit::USAGE as i32, "{text}");
     assert!(
         text.contains("refusing to write an overlay to a terminal"),
         "{text}"

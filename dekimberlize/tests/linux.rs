@@ -446,7 +446,94 @@ fn failures_are_clear_and_leave_nothing() {
     let e = String::from_utf8_lossy(&r.stderr).into_owned();
     assert!(!r.status.success() && e.contains("pc-i440fx-99.9"), "{e}");
     std::fs::remove_dir_all(&other).unwrap();
+    interrupted_build_stops_qemu(l, t.path());
+    let mut now = listing(t.path());
+    now.retain(|n| n != "install.sh" && n != "resume.sh");
+    assert_eq!(now, before, "left something behind");
     VmDir::open(&l.base).unwrap().verify().unwrap();
+}
+
+/// The children of process `pid` (from /proc/*/stat).
+fn children(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "PID (comm) STATE PPID ...": comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(pid) {
+            if let Ok(c) = e.file_name().to_string_lossy().parse() {
+                v.push(c);
+            }
+        }
+    }
+    v
+}
+
+/// SIGTERM while QEMU runs the install script: exit 143, QEMU stopped,
+/// its work directory and every partial output removed.
+fn interrupted_build_stops_qemu(l: &Linux, dir: &Path) {
+    std::fs::write(dir.join("install.sh"), "sleep 600\n").unwrap();
+    std::fs::write(dir.join("resume.sh"), RESUME).unwrap();
+    let out = dir.join("x.ovl");
+    let child = Command::new(bin("kimberlize"))
+        .args(["build", "-q", "--base"])
+        .arg(&l.base)
+        .arg("--install")
+        .arg(dir.join("install.sh"))
+        .arg("--resume")
+        .arg(dir.join("resume.sh"))
+        .arg("-k")
+        .arg(&l.key)
+        .arg("-o")
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    // The VM's QEMU (not a version probe): the one in its work directory.
+    let (qemu, work) = loop {
+        let vm = children(child.id()).into_iter().find_map(|c| {
+            let cwd = std::fs::read_link(format!("/proc/{c}/cwd")).ok()?;
+            let name = cwd.file_name()?.to_string_lossy().into_owned();
+            name.starts_with("kimberley-qemu-").then_some((c, cwd))
+        });
+        if let Some(v) = vm {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "QEMU did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(work.is_dir());
+    // The guest is running the script (QEMU answered the agent).
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, err) = interrupt(child, libc::SIGTERM);
+    assert_eq!(code, kimberley_cli::exit::TERMINATED as i32, "{err}");
+    assert!(
+        err.contains("kimberlize build: interrupted by SIGTERM; removed the partial")
+            && err.contains("x.ovl"),
+        "{err}"
+    );
+    let t0 = Instant::now();
+    while std::path::Path::new(&format!("/proc/{qemu}")).exists()
+        && std::fs::read_to_string(format!("/proc/{qemu}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "QEMU {qemu} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !work.exists(),
+        "QEMU's work directory {} was left",
+        work.display()
+    );
 }
 
 /// The guest reaches the host (and the outside network) only when asked:

@@ -53,9 +53,15 @@ pub enum Error {
     /// Refusing to overwrite.
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
-    /// A key or passphrase problem.
+    /// A key or passphrase problem: the wrong kind of secret for an
+    /// overlay, or a key derivation that failed.
     #[error("key: {0}")]
     Key(String),
+    /// A mistake in what the user gave: a required key or passphrase
+    /// missing, a malformed key or passphrase file. Key-file parsers return
+    /// this so that the tools exit with the usage code.
+    #[error("{0}")]
+    Usage(String),
     /// Bad arguments to a library call.
     #[error("{0}")]
     Invalid(String),
@@ -75,6 +81,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Io { .. } | Error::Invalid(_) => 1,
+            Error::Usage(_) => 2,
             Error::Empty
             | Error::NotAnOverlay
             | Error::Version { .. }

@@ -8,6 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::cleanup;
 use crate::error::{Error, IoContext, Result};
 use crate::sparse::{data_extents, Range};
 
@@ -165,12 +166,15 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
 
 /// A file being written under a temporary name, private (0600) from its
 /// creation; [`AtomicFile::commit`] fsyncs and renames it into place.
-/// Dropped uncommitted, it is removed.
+/// Dropped uncommitted, or interrupted by SIGINT/SIGTERM (see
+/// [`crate::cleanup`]), it is removed. Creating one removes the stale
+/// temporaries of dead processes next to it ([`crate::cleanup::sweep`]).
 pub struct AtomicFile {
     file: Option<File>,
     tmp: PathBuf,
     dest: PathBuf,
     overwrite: bool,
+    reg: cleanup::Registered,
 }
 
 impl AtomicFile {
@@ -181,13 +185,16 @@ impl AtomicFile {
         if !overwrite && occupied(dest) {
             return Err(Error::Exists(dest.to_path_buf()));
         }
+        cleanup::sweep(&parent_of(dest));
         let tmp = temp_sibling(dest);
-        let file = create_private(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let (file, reg) = cleanup::create(&tmp, dest, cleanup::Kind::File, || create_private(&tmp))
+            .ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicFile {
             file: Some(file),
             tmp,
             dest: dest.to_path_buf(),
             overwrite,
+            reg,
         })
     }
 
@@ -203,14 +210,16 @@ impl AtomicFile {
         let file = self.file.as_ref().expect("file present until commit");
         file.sync_all()
             .ctx(|| format!("syncing {}", self.tmp.display()))?;
-        if self.overwrite {
-            // rename(2) replaces whatever is at `dest` (a link itself, never
-            // its target) atomically.
-            fs::rename(&self.tmp, &self.dest)
-                .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
-        } else {
-            rename_noreplace(&self.tmp, &self.dest)?;
-        }
+        cleanup::commit(&self.reg, || {
+            if self.overwrite {
+                // rename(2) replaces whatever is at `dest` (a link itself,
+                // never its target) atomically.
+                fs::rename(&self.tmp, &self.dest)
+                    .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))
+            } else {
+                rename_noreplace(&self.tmp, &self.dest)
+            }
+        })?;
         self.file = None;
         sync_dir(&parent_of(&self.dest))
     }
@@ -268,13 +277,34 @@ pub fn exchange(a: &Path, b: &Path) -> Result<()> {
         .ctx(|| format!("swapping {} and {}", a.display(), b.display()))
 }
 
-/// A scratch directory, removed with its contents when dropped.
+/// A scratch directory, removed with its contents when dropped, or when
+/// SIGINT/SIGTERM interrupts the process (see [`crate::cleanup`]).
 #[derive(Debug)]
-pub struct ScratchDir(pub PathBuf);
+pub struct ScratchDir {
+    path: PathBuf,
+    _reg: cleanup::Registered,
+}
+
+impl ScratchDir {
+    /// A new name for a scratch directory next to `near`
+    /// (`.NAME.tmp-PID-N`), registered for removal; whoever fills it
+    /// creates it (e.g. with [`AtomicDir`], whose commit renames into it).
+    pub fn next_to(near: &Path) -> ScratchDir {
+        cleanup::sweep(&parent_of(near));
+        let path = temp_sibling(near);
+        let _reg = cleanup::register(&path, &path, cleanup::Kind::Scratch);
+        ScratchDir { path, _reg }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
@@ -287,6 +317,7 @@ pub struct AtomicDir {
     dest: PathBuf,
     done: bool,
     replace: bool,
+    reg: cleanup::Registered,
 }
 
 impl AtomicDir {
@@ -301,13 +332,17 @@ impl AtomicDir {
     }
 
     fn start(dest: &Path, replace: bool) -> Result<Self> {
+        cleanup::sweep(&parent_of(dest));
         let tmp = temp_sibling(dest);
-        create_private_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let ((), reg) =
+            cleanup::create(&tmp, dest, cleanup::Kind::Dir, || create_private_dir(&tmp))
+                .ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicDir {
             tmp,
             dest: dest.to_path_buf(),
             done: false,
             replace,
+            reg,
         })
     }
 
@@ -340,12 +375,12 @@ impl AtomicDir {
             sync_dir(&self.tmp)?;
         }
         if self.replace {
-            exchange(&self.tmp, &self.dest)?;
+            cleanup::commit(&self.reg, || exchange(&self.tmp, &self.dest))?;
             // The old directory is now at the temporary name.
             fs::remove_dir_all(&self.tmp)
                 .ctx(|| format!("removing the old {}", self.dest.display()))?;
         } else {
-            rename_noreplace(&self.tmp, &self.dest)?;
+            cleanup::commit(&self.reg, || rename_noreplace(&self.tmp, &self.dest))?;
         }
         self.done = true;
         if sync {

@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod chunk;
+pub mod cleanup;
 pub mod crypto;
 pub mod diff;
 pub mod digest;

@@ -185,8 +185,9 @@ fn wrong_key_wrong_base_garbage_empty_and_existing_output() {
     let (ovl, _) = diff_bytes(&p.base, &p.launch, Protection::Key(KEY), None);
     let e = refuse(&p.base, &[&ovl], Some(Secret::Key([1; 32])), t.path());
     assert!(matches!(e, Error::Auth(_)) && e.exit_code() == 4, "{e}");
+    // No key given at all: the user's mistake (usage), not a failed check.
     let e = refuse(&p.base, &[&ovl], None, t.path());
-    assert!(matches!(e, Error::Key(_)), "{e}");
+    assert!(matches!(e, Error::Usage(_)) && e.exit_code() == 2, "{e}");
     let e = refuse(
         &p.base,
         &[&ovl],

@@ -285,7 +285,7 @@ fn generate() {
         format!("base\tok-key.ovl ok-chain-2.ovl\tkey.bin\t0\t{top}"),
         format!("mid\tok-chain-2.ovl\tkey.bin\t0\t{top}"),
         "base\tok-key.ovl\twrong-key.bin\t4\twrong key".into(),
-        "base\tok-key.ovl\t-\t4\tencrypted".into(),
+        "base\tok-key.ovl\t-\t2\tencrypted".into(),
         "base\tok-key.ovl\tpassphrase.txt\t4\tkey file".into(),
         "base\tok-chain-2.ovl\tkey.bin\t5\tparent".into(),
         "base\tok-chain-2.ovl ok-key.ovl\tkey.bin\t5\tparent".into(),

@@ -271,9 +271,15 @@ pub struct DiffArgs {
     pub progress: ProgressMode,
 }
 
-/// Parses sizes such as 256M or 1G.
-fn size(s: &str) -> Result<u64, String> {
-    kimberley_cli::run::parse_size(s)
+/// Parses `--memory`: a size within what either backend takes (the
+/// backend's own limits are checked once `--qemu` is known).
+fn memory(s: &str) -> Result<u64, String> {
+    kimberley_cli::run::parse_size_in(
+        s,
+        kimberley_vmm::abi::MIN_MEMORY.min(kimberley_qemu::config::MIN_MEMORY),
+        kimberley_vmm::abi::MAX_MEMORY.max(kimberley_qemu::config::MAX_MEMORY),
+        1 << 20,
+    )
 }
 
 /// `--accel`.
@@ -299,9 +305,10 @@ pub struct BaseArgs {
     /// The VM directory to create (must not exist).
     #[arg(short, long, value_name = "VMDIR")]
     pub output: PathBuf,
-    /// Guest memory (the microVM: a multiple of 2M, 16M to 3G; QEMU: a
-    /// multiple of 1M, at least 64M).
-    #[arg(long, default_value = "256M", value_parser = size)]
+    /// Guest memory, e.g. 256M, 256MiB, 1G (the microVM: a multiple of
+    /// 2 MiB from 16 MiB to 3 GiB; QEMU: a multiple of 1 MiB from 64 MiB to
+    /// 1 TiB).
+    #[arg(long, default_value = "256M", value_parser = memory)]
     pub memory: u64,
     /// The microVM: size of the empty disk to attach (default 1G; 0: no
     /// disk). With --qemu: a raw or qcow2 disk image to copy into the VM

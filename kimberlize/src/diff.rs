@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kimberley_cli::output::{open_input, write_json, OverlayOut};
+use kimberley_cli::output::{open_input, write_json, Output};
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
-use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
+use kimberley_formats::fsutil::ScratchDir;
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::import::{import_with, CopyMethod, ImportOptions, ImportSpec};
 use kimberley_formats::vmdir::VmDir;
@@ -114,7 +114,8 @@ pub fn diff(a: DiffArgs) -> Result<()> {
             depth: last.header.depth,
             result_id: last.result_identity(),
         });
-        let dir = temp_sibling(&a.launch);
+        let scratch = ScratchDir::next_to(&a.launch);
+        let dir = scratch.path().to_path_buf();
         // Scratch: not worth an fsync.
         let opts = ApplyOptions {
             secret,
@@ -124,11 +125,11 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         };
         apply::apply_chain(&effective, inputs, &dir, &opts, &progress)
             .context("applying the parent overlays")?;
-        _scratch = Some(ScratchDir(dir.clone()));
+        _scratch = Some(scratch);
         effective = VmDir::open(&dir)?;
     }
 
-    let out = OverlayOut::open(a.output.as_deref(), a.force)?;
+    let out = Output::binary(a.output.as_deref(), a.force)?;
     let opts = DiffOptions {
         level: a.level,
         threads,
@@ -150,7 +151,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
 pub(crate) fn write_overlay(
     base: &VmDir,
     launch: &VmDir,
-    out: OverlayOut,
+    out: Output,
     opts: &DiffOptions,
     progress: &Progress,
 ) -> Result<diff::DiffStats> {

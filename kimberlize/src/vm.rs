@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kimberley_cli::output::{write_json, OverlayOut};
+use kimberley_cli::output::{write_json, Output};
 use kimberley_cli::progress::Reporter;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
-use kimberley_formats::fsutil::{temp_sibling, ScratchDir};
+use kimberley_formats::fsutil::ScratchDir;
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
 use kimberley_machine::{Machine, RestoreOptions};
@@ -27,7 +27,35 @@ fn name_of(p: &std::path::Path) -> String {
         .unwrap_or_else(|| "vm".into())
 }
 
+/// `--memory` within the chosen backend's limits (a usage error).
+fn check_memory(a: &BaseArgs) -> Result<()> {
+    use kimberley_cli::run::check_size;
+    let (backend, r) = if a.qemu {
+        (
+            "QEMU",
+            check_size(
+                a.memory,
+                kimberley_qemu::config::MIN_MEMORY,
+                kimberley_qemu::config::MAX_MEMORY,
+                1 << 20,
+            ),
+        )
+    } else {
+        (
+            "the microVM",
+            check_size(
+                a.memory,
+                kimberley_vmm::abi::MIN_MEMORY,
+                kimberley_vmm::abi::MAX_MEMORY,
+                kimberley_vmm::MEMORY_ALIGN,
+            ),
+        )
+    };
+    r.map_err(|e| usage(format!("--memory: {e} for {backend}")))
+}
+
 pub fn base(a: BaseArgs) -> Result<()> {
+    check_memory(&a)?;
     if a.qemu {
         return base_qemu(a);
     }
@@ -39,7 +67,7 @@ pub fn base(a: BaseArgs) -> Result<()> {
                 "--disk {one:?}: the microVM takes one size ({e}); disk images need --qemu"
             ))
         })?,
-        _ => return Err(usage("the microVM takes one --disk SIZE".into())),
+        _ => return Err(usage("the microVM takes one --disk SIZE")),
     };
     let w = VmDirWriter::create(&a.output)?;
     let mut disks = Vec::new();
@@ -70,9 +98,7 @@ pub fn base(a: BaseArgs) -> Result<()> {
     Ok(())
 }
 
-fn usage(msg: String) -> anyhow::Error {
-    anyhow::Error::new(kimberley_cli::run::WithCode(2, msg))
-}
+use kimberley_cli::run::usage;
 
 /// `base --qemu`: Linux under QEMU, suspended once its guest agent answers.
 fn base_qemu(a: BaseArgs) -> Result<()> {
@@ -82,7 +108,7 @@ fn base_qemu(a: BaseArgs) -> Result<()> {
     let kernel = a
         .kernel
         .clone()
-        .ok_or_else(|| usage("--qemu needs --kernel FILE".into()))?;
+        .ok_or_else(|| usage("--qemu needs --kernel FILE"))?;
     let mut cfg = BootConfig::new(kernel, a.initrd.clone());
     if let Some(append) = &a.append {
         cfg.append = append.clone();
@@ -127,15 +153,15 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let install = read_script(&a.install)?;
     let resume = read_script(&a.resume)?;
     let base = VmDir::open(&a.base)?;
-    let out = OverlayOut::open(a.output.as_deref(), a.force)?;
+    let out = Output::binary(a.output.as_deref(), a.force)?;
     let (launch_path, _scratch) = match &a.launch_out {
         Some(p) => (p.clone(), None),
         None => {
-            let p = temp_sibling(
+            let s = ScratchDir::next_to(
                 &a.base
                     .with_file_name(format!("{}-launch", name_of(&a.base))),
             );
-            (p.clone(), Some(ScratchDir(p)))
+            (s.path().to_path_buf(), Some(s))
         }
     };
     let mut guest_log = match &a.guest_log {

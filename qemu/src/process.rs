@@ -27,33 +27,40 @@ const STDERR_LINES: usize = 8;
 /// QEMU's stderr kept for error messages.
 const MAX_STDERR: usize = 16 << 10;
 
-/// A private directory (0700), removed with its contents when dropped.
+/// A private directory (0700), removed with its contents when dropped or
+/// when SIGINT/SIGTERM interrupts the process
+/// (`kimberley_formats::cleanup`).
 #[derive(Debug)]
-pub struct WorkDir(PathBuf);
+pub struct WorkDir {
+    path: PathBuf,
+    _reg: kimberley_formats::cleanup::Registered,
+}
 
 impl WorkDir {
     /// A new one under the temporary directory.
     pub fn new() -> Result<WorkDir> {
         let prefix = std::env::temp_dir().join("kimberley-qemu-");
-        kimberley_formats::sys::tempdir::create(&prefix)
-            .map(WorkDir)
-            .map_err(|e| {
-                Error::io(
-                    format!("creating a directory under {}", prefix.display()),
-                    e,
-                )
-            })
+        kimberley_formats::cleanup::create_scratch(|| {
+            kimberley_formats::sys::tempdir::create(&prefix)
+        })
+        .map(|(path, _reg)| WorkDir { path, _reg })
+        .map_err(|e| {
+            Error::io(
+                format!("creating a directory under {}", prefix.display()),
+                e,
+            )
+        })
     }
 
     /// Where it is.
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

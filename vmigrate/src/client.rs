@@ -19,7 +19,7 @@ use crate::cli::SendArgs;
 use crate::params::Params;
 
 /// Exit code of an authentication failure (as for overlays).
-const EXIT_AUTH: i32 = 4;
+const EXIT_AUTH: i32 = kimberley_cli::exit::AUTH as i32;
 
 pub fn send(a: SendArgs) -> Result<()> {
     // Refuse a bad key file here, before bothering the VM's process.

@@ -193,3 +193,29 @@ fn wrong_key() {
     s.source_intact(&before);
     assert!(!s.p("dst").exists());
 }
+
+/// A receiver stopped by SIGINT/SIGTERM before a migration arrived exits
+/// 130/143 and leaves no output.
+#[test]
+fn interrupted_receiver_exits_with_the_signal_code() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("key");
+    keygen(&key);
+    for (sig, code, name) in [
+        (libc::SIGINT, kimberley_cli::exit::INTERRUPTED, "SIGINT"),
+        (libc::SIGTERM, kimberley_cli::exit::TERMINATED, "SIGTERM"),
+    ] {
+        let out = t.path().join("dst");
+        let (mut r, _addr) = receiver(&key, &out, &[], Duration::from_secs(10));
+        r.signal(sig);
+        let st = r.wait_exit(Duration::from_secs(30));
+        assert_eq!(st.code(), Some(code as i32), "{}", r.stderr());
+        // (Waits for the reader of its stderr to catch up.)
+        let line = r.line_starting("error:", Duration::from_secs(10));
+        assert!(
+            line.ends_with(&format!("(interrupted by {name})")),
+            "{line}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 pub use error::{Error, Result};
 pub use kimberley_machine::ScriptOutcome;
 pub use machine::{MicroVmBackend, BACKEND};
-pub use vm::{validate_state, OpenedFile, Vm, GUEST_ELF};
+pub use vm::{validate_state, OpenedFile, Vm, GUEST_ELF, MEMORY_ALIGN};
 
 /// For test suites that need KVM: true when `/dev/kvm` can be opened.
 /// When it cannot and `KIMBERLEY_REQUIRE_KVM=1` (CI sets it when

@@ -28,7 +28,7 @@ pub const MAX_SCRIPT_OUTPUT: usize = 16 << 20;
 /// Largest partial output line kept in a state blob.
 const MAX_PARTIAL_LINE: usize = 64 * 1024;
 /// Guest memory is a whole number of 2 MiB pages (docs/VMM.md).
-const MEMORY_ALIGN: u64 = 2 << 20;
+pub const MEMORY_ALIGN: u64 = 2 << 20;
 
 /// A file for [`Vm::restore_opened`]: opened by the caller, with the path
 /// that names it (in messages and [`Vm::disk_paths`]).

@@ -62,6 +62,26 @@ pub fn code(o: &Output) -> i32 {
     o.status.code().expect("exited, not killed")
 }
 
+/// Sends `sig` to `child` (its stderr piped), waits for it to exit;
+/// returns the exit code and everything it wrote on stderr.
+pub fn interrupt(mut child: std::process::Child, sig: libc::c_int) -> (i32, String) {
+    use std::io::Read;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let st = child.wait().unwrap();
+    let code = st
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal ({st}): {err}"));
+    (code, err)
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use crate::crypto::keys::Secret;
 use crate::crypto::ReadPolicy;
 use crate::error::{Error, Result};
-use crate::fsutil::{temp_sibling, ScratchDir};
+use crate::fsutil::ScratchDir;
 use crate::overlay::segment::ChunkStats;
 use crate::progress::Progress;
 use crate::vmdir::{VmDir, VmDirWriter};
@@ -134,8 +134,9 @@ pub fn apply_chain(
         let dest = if k + 1 == n {
             out.to_path_buf()
         } else {
-            let p = temp_sibling(out);
-            intermediates.push(ScratchDir(p.clone()));
+            let scratch = ScratchDir::next_to(out);
+            let p = scratch.path().to_path_buf();
+            intermediates.push(scratch);
             p
         };
         let s = apply_one(&current, o, &dest, opts, progress, t0)?;

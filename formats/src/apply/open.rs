@@ -43,6 +43,7 @@ fn named(name: &str, e: Error) -> Error {
         Error::Corrupt(s) => Error::Corrupt(format!("{name}: {s}")),
         Error::Auth(s) => Error::Auth(format!("{name}: {s}")),
         Error::Key(s) => Error::Key(format!("{name}: {s}")),
+        Error::Usage(s) => Error::Usage(format!("{name}: {s}")),
         Error::Io { context, source } => Error::Io {
             context: format!("{name}: {context}"),
             source,

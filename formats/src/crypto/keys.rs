@@ -134,7 +134,7 @@ impl Secret {
     pub fn from_key_file(path: &Path) -> Result<Secret> {
         let bytes = std::fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
         let key = super::keyfile::parse(&bytes).map_err(|e| {
-            Error::Key(format!(
+            Error::Usage(format!(
                 "{}: {e} (make one with `kimberlize keygen`)",
                 path.display()
             ))
@@ -153,7 +153,7 @@ impl Secret {
             }
         }
         if bytes.is_empty() {
-            return Err(Error::Key(format!(
+            return Err(Error::Usage(format!(
                 "{} holds an empty passphrase",
                 path.display()
             )));

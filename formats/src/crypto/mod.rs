@@ -39,7 +39,7 @@ pub struct ReadPolicy {
 ///   ([`Error::Auth`]) unless `policy.allow_unencrypted`, since anyone who
 ///   knows the base can write such an overlay, or flip the protection byte
 ///   of a sealed one;
-/// - an encrypted header and no secret: [`Error::Key`];
+/// - an encrypted header and no secret: [`Error::Usage`] (a missing option);
 /// - Argon2id parameters over `policy.kdf`: refused before Argon2 runs.
 pub fn reader_keys(
     header: &Header,
@@ -57,7 +57,7 @@ pub fn reader_keys(
             )))
         }
         (KeyMaterial::None, _) => Ok(None),
-        (_, None) => Err(Error::Key(
+        (_, None) => Err(Error::Usage(
             "this overlay is encrypted: give --key-file or --passphrase-file".into(),
         )),
         (m, Some(s)) => {
@@ -133,7 +133,7 @@ mod tests {
             .is_some());
         assert!(matches!(
             reader_keys(&sealed, None, &lax),
-            Err(Error::Key(_))
+            Err(Error::Usage(_))
         ));
     }
 

@@ -1,7 +1,9 @@
-//! File status flags (`fcntl(2)` `F_GETFL`/`F_SETFL`) and starting
-//! writeback early (`sync_file_range(2)`).
+//! File status flags (`fcntl(2)` `F_GETFL`/`F_SETFL`), duplicating a
+//! descriptor (`F_DUPFD_CLOEXEC`) and starting writeback early
+//! (`sync_file_range(2)`).
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 
 /// Sets or clears `O_NONBLOCK` on `fd`.
@@ -26,6 +28,18 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Duplicates descriptor `fd` (close-on-exec), e.g. for `/dev/fd/N`.
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table; an invalid
+    // `fd` fails with EBADF.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl just returned this new descriptor; we are its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Starts writing `fd`'s dirty pages back to disk without waiting for
@@ -58,5 +72,7 @@ mod tests {
         set_nonblocking(f.as_raw_fd(), false).unwrap();
         assert_eq!(get() & libc::O_NONBLOCK, 0);
         assert!(set_nonblocking(-1, false).is_err());
+        assert!(dup(f.as_raw_fd()).is_ok());
+        assert!(dup(987_654).is_err());
     }
 }

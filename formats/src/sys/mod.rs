@@ -7,4 +7,5 @@ pub mod file;
 pub mod openat;
 pub mod poll;
 pub mod punch;
+pub mod signal;
 pub mod tempdir;
