@@ -1,6 +1,6 @@
 //! Key options and reading secrets (files, stdin, the terminal); what a reader accepts (`--allow-unencrypted`, KDF caps).
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
@@ -214,15 +214,10 @@ pub fn prompt_passphrase(sealing: bool) -> Result<Vec<u8>> {
 /// prints it on stdout, terminal or not: the text form exists to be copied
 /// (into a secret store, a mail, another host's file), as `age-keygen` does.
 pub fn keygen(path: &Path) -> Result<()> {
-    if path == Path::new("-") {
-        let key = kimberley_formats::crypto::keys::random::<KEY_LEN>()?;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", keyfile::encode(&key))
-            .and_then(|()| out.flush())
-            .context("writing the key to stdout")?;
-        return Ok(());
-    }
-    Ok(kimberley_formats::crypto::keys::keygen(path)?)
+    let key = kimberley_formats::crypto::keys::random::<KEY_LEN>()?;
+    let out = crate::output::Output::create(path, false)?;
+    out.write_all(format!("{}\n", keyfile::encode(&key)).as_bytes())?;
+    out.commit()
 }
 
 /// What a reader of overlays accepts (flattened next to [`KeyArgs`] in

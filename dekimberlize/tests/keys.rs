@@ -73,6 +73,9 @@ fn keygen_writes_the_text_form_privately_and_to_stdout() {
     let k2 = keyfile::parse(line.as_bytes()).unwrap();
     assert_ne!(k2, keyfile::parse(&bytes).unwrap());
     assert!(!t.path().join("-").exists());
+    // A stream that exists (here /dev/null) is written in place, not
+    // refused as existing.
+    ok(tool!("kimberlize", "keygen", "-o", "/dev/null"));
 }
 
 #[test]

@@ -6,7 +6,6 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::AtomicFile;
 
 /// Length of a key file.
 pub const KEY_LEN: usize = 32;
@@ -160,18 +159,6 @@ impl Secret {
         }
         Ok(Secret::Passphrase(bytes))
     }
-}
-
-/// Writes a new random key file in the text form (one line), atomically
-/// and private (mode 0600 from the creation of its temporary file);
-/// refuses to replace anything at `path`.
-pub fn keygen(path: &Path) -> Result<()> {
-    let key = random::<KEY_LEN>()?;
-    let line = format!("{}\n", super::keyfile::encode(&key));
-    let f = AtomicFile::create(path, false)?;
-    std::os::unix::fs::FileExt::write_all_at(f.file(), line.as_bytes(), 0)
-        .ctx(|| format!("writing {}", path.display()))?;
-    f.commit()
 }
 
 /// Fills a buffer with random bytes.
