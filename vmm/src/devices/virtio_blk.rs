@@ -490,7 +490,10 @@ impl VirtioBlk {
         }
         // The count is capped before anything is allocated.
         let total: u64 = data.iter().map(|d| d.len as u64).sum();
-        if total == 0 || total % SEGMENT != 0 || total / SEGMENT > MAX_ZERO_SEGMENTS as u64 {
+        if total == 0
+            || !total.is_multiple_of(SEGMENT)
+            || total / SEGMENT > MAX_ZERO_SEGMENTS as u64
+        {
             return Ok(ST_IOERR);
         }
         let mut buf = Vec::with_capacity(total as usize);
@@ -905,10 +908,7 @@ mod tests {
         assert_eq!(g.zero(T_WRITE_ZEROES, &many), ST_IOERR);
         // A huge claimed length is refused before anything is allocated or
         // read (the address is outside guest memory).
-        assert_eq!(
-            g.raw(T_DISCARD, &[(1 << 40, u32::MAX & !15, false)]),
-            ST_IOERR
-        );
+        assert_eq!(g.raw(T_DISCARD, &[(1 << 40, !15u32, false)]), ST_IOERR);
         // Several descriptors adding up to too many segments.
         let d = (DATA, 16 * 40, false);
         assert_eq!(g.raw(T_DISCARD, &[d, d]), ST_IOERR);
