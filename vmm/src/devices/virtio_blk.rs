@@ -530,10 +530,11 @@ impl VirtioBlk {
             if len == 0 {
                 continue;
             }
-            self.zero_range(off, len, unmap)?;
+            // Recorded first: a range that fails half-way may have changed.
             let first = (off / DISK_BLOCK) as usize;
             let last = ((off + len - 1) / DISK_BLOCK) as usize;
             self.dirty_blocks.set_range(first, last + 1);
+            self.zero_range(off, len, unmap)?;
         }
         Ok(ST_OK)
     }
