@@ -338,6 +338,14 @@ impl Guest {
                 let seed = parse_u64(args[2]).ok_or_else(|| err_tok("bad seed", args[2]))?;
                 self.disk_write(off, size, seed)
             }
+            b"disk-discard" | b"disk-zero" => {
+                want(2)?;
+                let (off, size) = self.disk_range(args[0], args[1])?;
+                let kind = if cmd == b"disk-discard" { virtio::T_DISCARD } else { virtio::T_WRITE_ZEROES };
+                let disk = self.disk.as_mut().ok_or_else(|| err("no disk"))?;
+                disk.zero(kind, off, size).map_err(err)?;
+                disk.request(virtio::T_FLUSH, 0, 0).map_err(err)
+            }
             b"disk-checksum" => {
                 want(2)?;
                 let (off, size) = self.disk_range(args[0], args[1])?;

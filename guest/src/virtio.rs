@@ -38,6 +38,14 @@ const F_WRITE: u16 = 2;
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+/// Feature bits (in the low word) the driver accepts when offered.
+const F_DISCARD: u32 = 1 << 13;
+const F_WRITE_ZEROES: u32 = 1 << 14;
+/// Bytes of one discard/write-zeroes segment.
+const SEGMENT: usize = 16;
 
 /// Bytes of the bounce buffer: the most one request moves.
 pub const BUF_SIZE: usize = 256 * 1024;
@@ -70,6 +78,11 @@ pub struct Blk {
     base: u64,
     pub capacity: u64,
     avail_idx: u16,
+    /// Limits of DISCARD (if negotiated): most sectors per segment, most
+    /// segments per request.
+    discard: Option<(u32, u32)>,
+    /// Limits of WRITE_ZEROES (if negotiated).
+    write_zeroes: Option<(u32, u32)>,
 }
 
 fn rd(base: u64, off: u64) -> u32 {
@@ -105,8 +118,10 @@ impl Blk {
         if rd(base, R_DEV_FEATURES) & 1 == 0 {
             return Err("virtio-blk lacks VIRTIO_F_VERSION_1");
         }
+        wr(base, R_DEV_FEATURES_SEL, 0);
+        let accepted = rd(base, R_DEV_FEATURES) & (F_DISCARD | F_WRITE_ZEROES);
         wr(base, R_DRV_FEATURES_SEL, 0);
-        wr(base, R_DRV_FEATURES, 0);
+        wr(base, R_DRV_FEATURES, accepted);
         wr(base, R_DRV_FEATURES_SEL, 1);
         wr(base, R_DRV_FEATURES, 1);
         wr(base, R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
@@ -134,7 +149,40 @@ impl Blk {
         let capacity = (rd(base, R_CONFIG) as u64 | ((rd(base, R_CONFIG + 4) as u64) << 32)) * 512;
         // SAFETY: single-threaded access to the static.
         let avail_idx = unsafe { read_volatile(addr_of_mut!((*d).avail[1])) };
-        Ok(Blk { base, capacity, avail_idx })
+        let limits = |feature: u32, off: u64| {
+            let sectors = rd(base, R_CONFIG + off);
+            let segs = rd(base, R_CONFIG + off + 4);
+            (accepted & feature != 0 && sectors > 0 && segs > 0).then_some((sectors, segs))
+        };
+        let discard = limits(F_DISCARD, 36);
+        let write_zeroes = limits(F_WRITE_ZEROES, 48);
+        Ok(Blk { base, capacity, avail_idx, discard, write_zeroes })
+    }
+
+    /// Discards (`T_DISCARD`) or zeroes (`T_WRITE_ZEROES`, flags 0: kept
+    /// allocated) `size` bytes at byte `offset` (multiples of 512), in as
+    /// few requests as the device's limits allow.
+    pub fn zero(&mut self, kind: u32, offset: u64, size: u64) -> Result<(), &'static str> {
+        let limits = if kind == T_DISCARD { self.discard } else { self.write_zeroes };
+        let (max_sectors, max_segs) = limits.ok_or("disk does not support this request")?;
+        let max_segs = core::cmp::min(max_segs as usize, BUF_SIZE / SEGMENT);
+        let mut sector = offset / 512;
+        let end = (offset + size) / 512;
+        while sector < end {
+            let buf = buffer();
+            let mut n = 0;
+            while n < max_segs && sector < end {
+                let num = core::cmp::min(end - sector, max_sectors as u64);
+                let e = &mut buf[n * SEGMENT..(n + 1) * SEGMENT];
+                e[0..8].copy_from_slice(&sector.to_le_bytes());
+                e[8..12].copy_from_slice(&(num as u32).to_le_bytes());
+                e[12..16].copy_from_slice(&0u32.to_le_bytes());
+                sector += num;
+                n += 1;
+            }
+            self.request(kind, 0, n * SEGMENT)?;
+        }
+        Ok(())
     }
 
     fn set_desc(i: usize, addr: u64, len: u32, flags: u16, next: u16) {
