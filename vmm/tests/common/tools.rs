@@ -112,11 +112,22 @@ impl Logged {
         }
     }
 
-    /// Waits for the process to exit, at most `within`.
+    /// Waits for the process to exit, at most `within`, and for its last
+    /// stderr lines to be collected.
     pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let t = Instant::now();
         loop {
             if let Some(s) = self.proc.0.try_wait().unwrap() {
+                // Every line is in `err` once stderr is closed; a child that
+                // inherited it may hold it open, so wait a little at most.
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until {
+                    if let Err(RecvTimeoutError::Disconnected) =
+                        self.lines.recv_timeout(Duration::from_millis(50))
+                    {
+                        break;
+                    }
+                }
                 return s;
             }
             assert!(
