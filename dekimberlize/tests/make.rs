@@ -1,0 +1,229 @@
+//! examples/layers/Makefile run with real `make` (KVM): incremental
+//! rebuilds, `make -q`, the chain equals the launch VM, `make -j2`, and an
+//! interrupted make leaves no target that looks finished.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use kimberley_formats::vmdir::{Kind, VmDir};
+
+/// The example's directory in the source tree.
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/layers")
+}
+
+/// True if `make` can run (panics if it must: KIMBERLEY_REQUIRE_KVM=1).
+fn have_make() -> bool {
+    let ok = Command::new("make").arg("--version").output().is_ok();
+    if !ok {
+        assert!(
+            std::env::var("KIMBERLEY_REQUIRE_KVM").as_deref() != Ok("1"),
+            "make is missing and KIMBERLEY_REQUIRE_KVM=1"
+        );
+        eprintln!("skipping: no make");
+    }
+    ok
+}
+
+/// A working directory with its own copy of the scripts (so touching them
+/// leaves the source tree alone).
+fn workdir(t: &Path, name: &str) -> PathBuf {
+    let d = t.join(name);
+    std::fs::create_dir_all(d.join("scripts")).unwrap();
+    for f in [
+        "os-install.txt",
+        "os-resume.txt",
+        "app-install.txt",
+        "app-resume.txt",
+    ] {
+        std::fs::copy(example().join(f), d.join("scripts").join(f)).unwrap();
+    }
+    d
+}
+
+/// `make` in `dir` with the workspace's tools and `args`.
+fn make_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("make");
+    c.current_dir(dir)
+        .arg("-f")
+        .arg(example().join("Makefile"))
+        .arg(format!("KIMBERLIZE={}", bin("kimberlize").display()))
+        .arg(format!("DEKIMBERLIZE={}", bin("dekimberlize").display()))
+        .arg(format!("SCRIPTS={}", dir.join("scripts").display()))
+        .args(args);
+    c
+}
+
+fn make(dir: &Path, args: &[&str]) -> Output {
+    let o = run(&mut make_cmd(dir, args));
+    assert!(
+        o.status.success(),
+        "make {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    o
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+/// Marks `p` as changed (a later mtime than anything built so far).
+fn touch(p: &Path) {
+    std::thread::sleep(Duration::from_millis(20));
+    let f = std::fs::File::options().write(true).open(p).unwrap();
+    f.set_modified(SystemTime::now()).unwrap();
+}
+
+/// The memory and disk digests of a VM directory (its content; state.bin
+/// also holds the guest's clock).
+fn content(vm: &Path) -> Vec<[u8; 32]> {
+    let d = VmDir::open(vm).unwrap();
+    d.manifest
+        .components
+        .iter()
+        .filter(|c| c.kind != Kind::State)
+        .map(|c| c.digest)
+        .collect()
+}
+
+/// `dekimberlize --base base -i os.ovl -i app.ovl` gives app-vm.
+fn check_chain(dir: &Path) {
+    let check = dir.join("check-vm");
+    let _ = std::fs::remove_dir_all(&check);
+    let o = tool!(
+        "dekimberlize",
+        "-q",
+        "--base",
+        dir.join("base"),
+        "-i",
+        dir.join("os.ovl"),
+        "-i",
+        dir.join("app.ovl"),
+        "-k",
+        dir.join("overlay.key"),
+        "-o",
+        &check
+    );
+    ok(o);
+    let got = VmDir::open(&check).unwrap();
+    let want = VmDir::open(&dir.join("app-vm")).unwrap();
+    assert_eq!(got.identity(), want.identity(), "the chain is not app-vm");
+    std::fs::remove_dir_all(&check).unwrap();
+}
+
+/// Targets that exist must be complete: overlays authenticate and parse,
+/// VM directories open and match their manifests.
+fn no_half_targets(dir: &Path) {
+    for ovl in ["os.ovl", "app.ovl"] {
+        let p = dir.join(ovl);
+        if p.exists() {
+            let o = tool!("kimberlize", "inspect", &p, "-k", dir.join("overlay.key"));
+            assert!(o.status.success(), "{ovl} looks finished but is not: {}", stderr(&o));
+        }
+    }
+    for vm in ["base", "app-vm"] {
+        if dir.join(vm).join("manifest.json").exists() {
+            VmDir::open(&dir.join(vm)).unwrap().verify().unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_layers_example_builds_incrementally() {
+    if !kvm() || !have_make() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = workdir(t.path(), "a");
+    let p = |n: &str| d.join(n);
+
+    // First run: all three layers (base, OS, application).
+    make(&d, &[]);
+    for f in ["base/manifest.json", "os.ovl", "app.ovl", "app-vm/manifest.json"] {
+        assert!(p(f).exists(), "{f} missing after make");
+    }
+    check_chain(&d);
+    // A second make has nothing to do.
+    assert!(run(&mut make_cmd(&d, &["-q"])).status.success(), "make -q after make");
+
+    // The application's script: only the application layer.
+    let (os0, app0) = (mtime(&p("os.ovl")), mtime(&p("app.ovl")));
+    let vm0 = content(&p("app-vm"));
+    touch(&p("scripts/app-install.txt"));
+    assert!(!run(&mut make_cmd(&d, &["-q"])).status.success());
+    make(&d, &[]);
+    assert_eq!(mtime(&p("os.ovl")), os0, "the OS layer was rebuilt");
+    assert!(mtime(&p("app.ovl")) > app0, "the application layer was not rebuilt");
+    assert_eq!(content(&p("app-vm")), vm0, "same scripts, other memory or disk");
+    check_chain(&d);
+
+    // The OS layer's script: both layers, the application's content the
+    // same (deterministic scripts).
+    let (os1, app1) = (mtime(&p("os.ovl")), mtime(&p("app.ovl")));
+    touch(&p("scripts/os-install.txt"));
+    make(&d, &[]);
+    assert!(mtime(&p("os.ovl")) > os1, "the OS layer was not rebuilt");
+    assert!(mtime(&p("app.ovl")) > app1, "the application layer was not rebuilt");
+    assert_eq!(content(&p("app-vm")), vm0, "same scripts, other memory or disk");
+    check_chain(&d);
+    assert!(run(&mut make_cmd(&d, &["-q"])).status.success());
+
+    // A depfile names what the build read: a changed key rebuilds.
+    let deps = std::fs::read_to_string(p("app.ovl.d")).unwrap();
+    for dep in ["base/manifest.json", "os.ovl", "app-install.txt", "overlay.key"] {
+        assert!(deps.contains(dep), "{dep} not in app.ovl.d:\n{deps}");
+    }
+
+    // make -j2 from clean (the same key): the same content, a valid chain.
+    let d2 = workdir(t.path(), "b");
+    std::fs::copy(p("overlay.key"), d2.join("overlay.key")).unwrap();
+    make(&d2, &["-j2"]);
+    assert_eq!(content(&d2.join("app-vm")), vm0, "make -j2 built another VM");
+    check_chain(&d2);
+    assert!(run(&mut make_cmd(&d2, &["-q"])).status.success());
+
+    // Ctrl-C mid-build (SIGINT to make's process group): whatever exists
+    // is complete; a new make finishes the job.
+    let d3 = workdir(t.path(), "c");
+    std::fs::copy(p("overlay.key"), d3.join("overlay.key")).unwrap();
+    interrupt_when(&d3, &d3.join("os.ovl"));
+    no_half_targets(&d3);
+    make(&d3, &[]);
+    check_chain(&d3);
+    assert_eq!(content(&d3.join("app-vm")), vm0);
+}
+
+/// Starts make in its own process group, sends the group SIGINT once
+/// `when` exists (the application layer is then being built), waits.
+fn interrupt_when(dir: &Path, when: &Path) {
+    use std::os::unix::process::CommandExt;
+    let mut c = make_cmd(dir, &[]);
+    c.process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let t0 = Instant::now();
+    while !when.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "make ended before {} appeared",
+            when.display()
+        );
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let k = Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let st = child.wait().unwrap();
+    assert!(!st.success(), "make finished although interrupted");
+}
