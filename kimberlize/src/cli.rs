@@ -66,6 +66,10 @@ pub enum Command {
     /// copy-on-write and the disks are copied), runs the install script and
     /// then the resume script in the guest, suspends the result (the launch
     /// VM) and diffs it against the base, exactly like `kimberlize diff`.
+    /// With --parent, resumes the launch VM of the base plus the parent
+    /// overlays instead and writes a layer on top of them (like `diff
+    /// --parent`). examples/layers/ has Makefiles that build layers this
+    /// way (--depfile, --force).
     /// What the guest prints goes to stderr line by line, since stdout may
     /// carry the overlay.
     ///
@@ -152,7 +156,11 @@ kimberlize build --base base --install examples/install.txt \\
     --resume examples/resume.txt -k overlay.key \\
     | ssh cloudlet dekimberlize --base base -k overlay.key -o app-vm
 kimberlize build --base linux-base --install install.sh --resume resume.sh \\
-    --net user -k overlay.key -o abiword.ovl",
+    --net user -k overlay.key -o abiword.ovl
+kimberlize build --base base --parent os.ovl --install app.txt \\
+    --resume resume.txt -k overlay.key -o app.ovl --depfile app.ovl.d
+kimberlize build --base base --install examples/install.txt \\
+    --resume examples/resume.txt --launch-out app-vm --force",
     ),
     (
         "kimberlize diff",
