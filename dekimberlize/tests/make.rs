@@ -124,7 +124,11 @@ fn no_half_targets(dir: &Path) {
         let p = dir.join(ovl);
         if p.exists() {
             let o = tool!("kimberlize", "inspect", &p, "-k", dir.join("overlay.key"));
-            assert!(o.status.success(), "{ovl} looks finished but is not: {}", stderr(&o));
+            assert!(
+                o.status.success(),
+                "{ovl} looks finished but is not: {}",
+                stderr(&o)
+            );
         }
     }
     for vm in ["base", "app-vm"] {
@@ -145,12 +149,20 @@ fn the_layers_example_builds_incrementally() {
 
     // First run: all three layers (base, OS, application).
     make(&d, &[]);
-    for f in ["base/manifest.json", "os.ovl", "app.ovl", "app-vm/manifest.json"] {
+    for f in [
+        "base/manifest.json",
+        "os.ovl",
+        "app.ovl",
+        "app-vm/manifest.json",
+    ] {
         assert!(p(f).exists(), "{f} missing after make");
     }
     check_chain(&d);
     // A second make has nothing to do.
-    assert!(run(&mut make_cmd(&d, &["-q"])).status.success(), "make -q after make");
+    assert!(
+        run(&mut make_cmd(&d, &["-q"])).status.success(),
+        "make -q after make"
+    );
 
     // The application's script: only the application layer.
     let (os0, app0) = (mtime(&p("os.ovl")), mtime(&p("app.ovl")));
@@ -159,8 +171,15 @@ fn the_layers_example_builds_incrementally() {
     assert!(!run(&mut make_cmd(&d, &["-q"])).status.success());
     make(&d, &[]);
     assert_eq!(mtime(&p("os.ovl")), os0, "the OS layer was rebuilt");
-    assert!(mtime(&p("app.ovl")) > app0, "the application layer was not rebuilt");
-    assert_eq!(content(&p("app-vm")), vm0, "same scripts, other memory or disk");
+    assert!(
+        mtime(&p("app.ovl")) > app0,
+        "the application layer was not rebuilt"
+    );
+    assert_eq!(
+        content(&p("app-vm")),
+        vm0,
+        "same scripts, other memory or disk"
+    );
     check_chain(&d);
 
     // The OS layer's script: both layers, the application's content the
@@ -169,14 +188,26 @@ fn the_layers_example_builds_incrementally() {
     touch(&p("scripts/os-install.txt"));
     make(&d, &[]);
     assert!(mtime(&p("os.ovl")) > os1, "the OS layer was not rebuilt");
-    assert!(mtime(&p("app.ovl")) > app1, "the application layer was not rebuilt");
-    assert_eq!(content(&p("app-vm")), vm0, "same scripts, other memory or disk");
+    assert!(
+        mtime(&p("app.ovl")) > app1,
+        "the application layer was not rebuilt"
+    );
+    assert_eq!(
+        content(&p("app-vm")),
+        vm0,
+        "same scripts, other memory or disk"
+    );
     check_chain(&d);
     assert!(run(&mut make_cmd(&d, &["-q"])).status.success());
 
     // A depfile names what the build read: a changed key rebuilds.
     let deps = std::fs::read_to_string(p("app.ovl.d")).unwrap();
-    for dep in ["base/manifest.json", "os.ovl", "app-install.txt", "overlay.key"] {
+    for dep in [
+        "base/manifest.json",
+        "os.ovl",
+        "app-install.txt",
+        "overlay.key",
+    ] {
         assert!(deps.contains(dep), "{dep} not in app.ovl.d:\n{deps}");
     }
 
@@ -184,7 +215,11 @@ fn the_layers_example_builds_incrementally() {
     let d2 = workdir(t.path(), "b");
     std::fs::copy(p("overlay.key"), d2.join("overlay.key")).unwrap();
     make(&d2, &["-j2"]);
-    assert_eq!(content(&d2.join("app-vm")), vm0, "make -j2 built another VM");
+    assert_eq!(
+        content(&d2.join("app-vm")),
+        vm0,
+        "make -j2 built another VM"
+    );
     check_chain(&d2);
     assert!(run(&mut make_cmd(&d2, &["-q"])).status.success());
 
@@ -226,4 +261,127 @@ fn interrupt_when(dir: &Path, when: &Path) {
     assert!(k.success());
     let st = child.wait().unwrap();
     assert!(!st.success(), "make finished although interrupted");
+}
+
+/// `build` in `dir` on `base` with `args` (the example's OS layer
+/// scripts, which fit any 64M base).
+fn build(dir: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    let mut c = Command::new(bin("kimberlize"));
+    c.current_dir(dir)
+        .args(["build", "-q", "--progress", "none", "--base", "base"])
+        .arg("--install")
+        .arg(example().join("os-install.txt"))
+        .arg("--resume")
+        .arg(example().join("os-resume.txt"))
+        .args(args);
+    run(&mut c)
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+#[test]
+fn build_outputs_for_make() {
+    if !kvm() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    make_base(&d.join("base"), "64M", "256M");
+
+    // --launch-out alone: the launch VM, no overlay, no key needed.
+    let o = build(
+        d,
+        &[os("--launch-out"), os("vm"), os("--depfile"), os("vm d")],
+    );
+    ok(o.clone());
+    assert!(o.stdout.is_empty(), "an overlay was written to stdout");
+    let first = VmDir::open(&d.join("vm")).unwrap().identity();
+    // The depfile names the launch VM and what the build read, escaped.
+    let deps = std::fs::read_to_string(d.join("vm d")).unwrap();
+    assert!(deps.starts_with("vm:"), "{deps}");
+    assert!(deps.contains("base/manifest.json"), "{deps}");
+    assert!(deps.contains("os-install.txt"), "{deps}");
+
+    // An existing launch VM: refused without --force (exit 6), replaced
+    // as a whole with it.
+    let o = build(d, &[os("--launch-out"), os("vm")]);
+    assert_eq!(
+        code(&o),
+        kimberley_cli::exit::EXISTS as i32,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(VmDir::open(&d.join("vm")).unwrap().identity(), first);
+    ok(build(d, &[os("--launch-out"), os("vm"), os("--force")]));
+    VmDir::open(&d.join("vm")).unwrap().verify().unwrap();
+    assert_eq!(leftovers(d), Vec::<String>::new());
+
+    // Attack: --force never replaces what is not a VM directory (a home
+    // directory given by mistake), nor follows a symbolic link to one.
+    let home = d.join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(home.join("thesis.tex"), "years of work").unwrap();
+    let o = build(d, &[os("--launch-out"), os("home"), os("--force")]);
+    assert_eq!(
+        code(&o),
+        kimberley_cli::exit::EXISTS as i32,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.join("thesis.tex")).unwrap(),
+        "years of work"
+    );
+    std::os::unix::fs::symlink("vm", d.join("link")).unwrap();
+    let before = VmDir::open(&d.join("vm")).unwrap().identity();
+    let o = build(d, &[os("--launch-out"), os("link"), os("--force")]);
+    assert_eq!(
+        code(&o),
+        kimberley_cli::exit::EXISTS as i32,
+        "{}",
+        stderr(&o)
+    );
+    assert!(std::fs::symlink_metadata(d.join("link"))
+        .unwrap()
+        .is_symlink());
+    assert_eq!(VmDir::open(&d.join("vm")).unwrap().identity(), before);
+
+    // --depfile needs a target to name: with stdout only, refused before
+    // the VM runs (usage, nothing written).
+    let mut c = Command::new(bin("kimberlize"));
+    c.current_dir(d)
+        .args([
+            "build",
+            "-q",
+            "--base",
+            "base",
+            "--no-encrypt",
+            "--depfile",
+            "x.d",
+        ])
+        .arg("--install")
+        .arg(example().join("app-install.txt"))
+        .arg("--resume")
+        .arg(example().join("app-resume.txt"))
+        .stdout(std::process::Stdio::null());
+    let o = c.stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(
+        code(&o),
+        kimberley_cli::exit::USAGE as i32,
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join("x.d").exists());
+    assert_eq!(leftovers(d), Vec::<String>::new());
+}
+
+/// Temporary names (`.NAME.tmp-PID-N`) left in `dir`.
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
 }

@@ -74,7 +74,10 @@ pub fn base(a: BaseArgs) -> Result<()> {
 }
 
 fn usage(msg: String) -> anyhow::Error {
-    anyhow::Error::new(kimberley_cli::run::WithCode(2, msg))
+    anyhow::Error::new(kimberley_cli::run::WithCode(
+        kimberley_cli::exit::USAGE.into(),
+        msg,
+    ))
 }
 
 /// `base --qemu`: Linux under QEMU, suspended once its guest agent answers.
@@ -161,7 +164,10 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let (launch_path, w, _scratch) = match &a.launch_out {
         Some(p) => (p.clone(), launch_writer(p, a.force)?, None),
         None => {
-            let p = temp_sibling(&a.base.with_file_name(format!("{}-launch", name_of(&a.base))));
+            let p = temp_sibling(
+                &a.base
+                    .with_file_name(format!("{}-launch", name_of(&a.base))),
+            );
             let mut w = VmDirWriter::create(&p)?;
             // Removed at the end: not worth an fsync.
             w.set_sync(false);
@@ -299,8 +305,14 @@ fn launch_writer(p: &Path, force: bool) -> Result<VmDirWriter> {
     if !occupied(p) {
         return Ok(VmDirWriter::create(p)?);
     }
+    let exists = |msg: String| {
+        anyhow::Error::new(kimberley_cli::run::WithCode(
+            kimberley_cli::exit::EXISTS.into(),
+            msg,
+        ))
+    };
     if !force {
-        return Err(usage(format!(
+        return Err(exists(format!(
             "--launch-out {}: exists (give --force to replace a VM directory)",
             p.display()
         )));
@@ -308,8 +320,8 @@ fn launch_writer(p: &Path, force: bool) -> Result<VmDirWriter> {
     let is_vmdir = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
         && std::fs::symlink_metadata(p.join(MANIFEST)).is_ok_and(|m| m.is_file());
     if !is_vmdir {
-        return Err(usage(format!(
-            "--launch-out {}: not a VM directory (no {MANIFEST}), not replaced even with --force",
+        return Err(exists(format!(
+            "--launch-out {}: exists and is not a VM directory (no {MANIFEST}), not replaced even with --force",
             p.display()
         )));
     }
