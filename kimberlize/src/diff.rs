@@ -95,7 +95,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         &progress,
         size(&launch.manifest.components),
     )?;
-    let (effective, parent) = (&chain.vm, chain.parent.clone());
+    let (effective, parent) = (&chain.vm, chain.parent);
 
     let out = OverlayOut::open(a.output.as_deref(), a.force)?;
     let opts = DiffOptions {

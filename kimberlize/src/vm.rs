@@ -275,7 +275,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let opts = DiffOptions {
         level: a.level,
         threads,
-        parent: chain.parent.clone(),
+        parent: chain.parent,
         ..DiffOptions::new(protection.expect("an overlay has its protection"))
     };
     let stats = write_overlay(effective, &launch, out, &opts, &progress)?;
