@@ -377,6 +377,63 @@ fn build_outputs_for_make() {
     assert_eq!(leftovers(d), Vec::<String>::new());
 }
 
+#[test]
+fn build_parent_reads_the_chain_with_the_key() {
+    if !kvm() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    make_base(&d.join("base"), "64M", "256M");
+    let (k1, k2) = (d.join("k1"), d.join("k2"));
+    keygen(&k1);
+    keygen(&k2);
+    ok(build(
+        d,
+        &[os("-k"), k1.as_os_str(), os("-o"), os("os.ovl")],
+    ));
+    ok(build(d, &[os("--no-encrypt"), os("-o"), os("plain.ovl")]));
+    let app = |key: &Path, parent: &str, more: &[&str], out: &str| {
+        let mut c = Command::new(bin("kimberlize"));
+        c.current_dir(d)
+            .args(["build", "-q", "--progress", "none", "--base", "base"])
+            .args(["--parent", parent, "-k"])
+            .arg(key)
+            .arg("--install")
+            .arg(example().join("app-install.txt"))
+            .arg("--resume")
+            .arg(example().join("app-resume.txt"))
+            .args(more)
+            .args(["-o", out]);
+        run(&mut c)
+    };
+    // Another key: refused (exit 4) before anything is written.
+    let o = app(&k2, "os.ovl", &[], "a.ovl");
+    assert_eq!(code(&o), kimberley_cli::exit::AUTH as i32, "{}", stderr(&o));
+    assert!(!d.join("a.ovl").exists());
+    // An unencrypted parent under a key: refused unless
+    // --allow-unencrypted, as dekimberlize and diff --parent read it.
+    let o = app(&k1, "plain.ovl", &[], "b.ovl");
+    assert_eq!(code(&o), kimberley_cli::exit::AUTH as i32, "{}", stderr(&o));
+    ok(app(&k1, "plain.ovl", &["--allow-unencrypted"], "b.ovl"));
+    // The right key: the layer applies on top of its parent.
+    ok(app(&k1, "os.ovl", &[], "a.ovl"));
+    let v = tool!(
+        "dekimberlize",
+        "verify",
+        "--base",
+        d.join("base"),
+        "-i",
+        d.join("os.ovl"),
+        "-i",
+        d.join("a.ovl"),
+        "-k",
+        &k1
+    );
+    ok(v);
+    assert_eq!(leftovers(d), Vec::<String>::new());
+}
+
 /// Temporary names (`.NAME.tmp-PID-N`) left in `dir`.
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
