@@ -229,6 +229,10 @@ fn the_layers_example_builds_incrementally() {
     std::fs::copy(p("overlay.key"), d3.join("overlay.key")).unwrap();
     interrupt_when(&d3, &d3.join("os.ovl"));
     no_half_targets(&d3);
+    assert!(
+        !run(&mut make_cmd(&d3, &["-q"])).status.success(),
+        "make -q is true after an interrupted make"
+    );
     make(&d3, &[]);
     check_chain(&d3);
     assert_eq!(content(&d3.join("app-vm")), vm0);
