@@ -80,16 +80,52 @@ fn touch(p: &Path) {
     f.set_modified(SystemTime::now()).unwrap();
 }
 
-/// The memory and disk digests of a VM directory (its content; state.bin
-/// also holds the guest's clock).
-fn content(vm: &Path) -> Vec<[u8; 32]> {
+/// What the scripts made in a VM directory: its memory and the digests of
+/// its disks (state.bin also holds the guest's clock, so it differs).
+struct Content {
+    memory: Vec<u8>,
+    disks: Vec<[u8; 32]>,
+}
+
+fn content(vm: &Path) -> Content {
     let d = VmDir::open(vm).unwrap();
-    d.manifest
-        .components
+    let mut memory = None;
+    let mut disks = Vec::new();
+    for (i, c) in d.manifest.components.iter().enumerate() {
+        match c.kind {
+            Kind::Memory => memory = Some(d.read_component(i).unwrap()),
+            Kind::Disk => disks.push(c.digest),
+            _ => {}
+        }
+    }
+    Content {
+        memory: memory.expect("a memory component"),
+        disks,
+    }
+}
+
+/// Asserts `a` and `b` hold what the same scripts make: the same disks,
+/// and the same memory except on the guest program's stack, whose bytes
+/// at the suspend depend on timing (seen: 1 byte at 0x3fefb9, in 2 of 4
+/// builds of the same scripts).
+fn assert_same_content(a: &Content, b: &Content, what: &str) {
+    use kimberley_vmm::abi::{STACK_BOTTOM, STACK_TOP};
+    assert_eq!(a.disks, b.disks, "{what}: other disks");
+    assert_eq!(a.memory.len(), b.memory.len(), "{what}: other memory size");
+    let stack = STACK_BOTTOM as usize..STACK_TOP as usize;
+    let off_stack: Vec<usize> = a
+        .memory
         .iter()
-        .filter(|c| c.kind != Kind::State)
-        .map(|c| c.digest)
-        .collect()
+        .zip(&b.memory)
+        .enumerate()
+        .filter(|(i, (x, y))| x != y && !stack.contains(i))
+        .map(|(i, _)| i)
+        .take(8)
+        .collect();
+    assert!(
+        off_stack.is_empty(),
+        "{what}: memory differs off the guest's stack at {off_stack:x?}"
+    );
 }
 
 /// `dekimberlize --base base -i os.ovl -i app.ovl` gives app-vm.
@@ -175,15 +211,13 @@ fn the_layers_example_builds_incrementally() {
         mtime(&p("app.ovl")) > app0,
         "the application layer was not rebuilt"
     );
-    assert_eq!(
-        content(&p("app-vm")),
-        vm0,
-        "same scripts, other memory or disk"
-    );
+    assert_same_content(&content(&p("app-vm")), &vm0, "app layer rebuilt");
     check_chain(&d);
 
     // The OS layer's script: both layers, the application's content the
-    // same (deterministic scripts).
+    // same (deterministic scripts). Its bytes are not: state.bin holds the
+    // guest's clock (docs/SCRIPTS.md), so the OS layer's launch VM, which
+    // the application layer's header names, has another identity.
     let (os1, app1) = (mtime(&p("os.ovl")), mtime(&p("app.ovl")));
     touch(&p("scripts/os-install.txt"));
     make(&d, &[]);
@@ -192,11 +226,7 @@ fn the_layers_example_builds_incrementally() {
         mtime(&p("app.ovl")) > app1,
         "the application layer was not rebuilt"
     );
-    assert_eq!(
-        content(&p("app-vm")),
-        vm0,
-        "same scripts, other memory or disk"
-    );
+    assert_same_content(&content(&p("app-vm")), &vm0, "app layer rebuilt");
     check_chain(&d);
     assert!(run(&mut make_cmd(&d, &["-q"])).status.success());
 
@@ -215,11 +245,7 @@ fn the_layers_example_builds_incrementally() {
     let d2 = workdir(t.path(), "b");
     std::fs::copy(p("overlay.key"), d2.join("overlay.key")).unwrap();
     make(&d2, &["-j2"]);
-    assert_eq!(
-        content(&d2.join("app-vm")),
-        vm0,
-        "make -j2 built another VM"
-    );
+    assert_same_content(&content(&d2.join("app-vm")), &vm0, "make -j2");
     check_chain(&d2);
     assert!(run(&mut make_cmd(&d2, &["-q"])).status.success());
 
@@ -235,7 +261,7 @@ fn the_layers_example_builds_incrementally() {
     );
     make(&d3, &[]);
     check_chain(&d3);
-    assert_eq!(content(&d3.join("app-vm")), vm0);
+    assert_same_content(&content(&d3.join("app-vm")), &vm0, "make after Ctrl-C");
 }
 
 /// Starts make in its own process group, sends the group SIGINT once
