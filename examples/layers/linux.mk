@@ -14,6 +14,7 @@
 # caches in memory and on disk, so a rebuilt layer has other bytes even
 # when its scripts did not change.
 
+# GNU make 4.3 or later (grouped targets, `&:`).
 KIMBERLIZE ?= kimberlize
 DEKIMBERLIZE ?= dekimberlize
 SCRIPTS ?= $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
