@@ -66,6 +66,10 @@ pub enum Command {
     /// copy-on-write and the disks are copied), runs the install script and
     /// then the resume script in the guest, suspends the result (the launch
     /// VM) and diffs it against the base, exactly like `kimberlize diff`.
+    /// With --parent, resumes the launch VM of the base plus the parent
+    /// overlays instead and writes a layer on top of them (like `diff
+    /// --parent`). examples/layers/ has Makefiles that build layers this
+    /// way (--depfile, --force).
     /// What the guest prints goes to stderr line by line, since stdout may
     /// carry the overlay.
     ///
@@ -152,7 +156,11 @@ kimberlize build --base base --install examples/install.txt \\
     --resume examples/resume.txt -k overlay.key \\
     | ssh cloudlet dekimberlize --base base -k overlay.key -o app-vm
 kimberlize build --base linux-base --install install.sh --resume resume.sh \\
-    --net user -k overlay.key -o abiword.ovl",
+    --net user -k overlay.key -o abiword.ovl
+kimberlize build --base base --parent os.ovl --install app.txt \\
+    --resume resume.txt -k overlay.key -o app.ovl --depfile app.ovl.d
+kimberlize build --base base --install examples/install.txt \\
+    --resume examples/resume.txt --launch-out app-vm --force",
     ),
     (
         "kimberlize diff",
@@ -365,17 +373,38 @@ pub struct BuildArgs {
     /// Script run next (brings the application to where it waits for the user).
     #[arg(long, value_name = "SCRIPT")]
     pub resume: PathBuf,
-    /// Overlay output ("-" or absent: stdout). Written atomically.
+    /// Resume the launch VM of BASE plus this parent overlay instead of
+    /// BASE (repeat for a chain, in order), and write the layer that
+    /// applies on top of the chain: `dekimberlize --base BASE -i P1 -i P2
+    /// -i OVL` gives the launch VM. The chain is applied in a scratch
+    /// directory that is removed. Parents are read with the key or
+    /// passphrase given (the same one seals the new layer).
+    #[arg(long, value_name = "OVL")]
+    pub parent: Vec<PathBuf>,
+    /// Overlay output ("-" for stdout; absent: stdout, or no overlay at
+    /// all with --launch-out). Written atomically.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Replace an existing output file.
+    /// Replace an existing output file, and an existing VM directory at
+    /// --launch-out (as a whole, by one rename; anything else there is
+    /// refused).
     #[arg(long)]
     pub force: bool,
-    /// Also keep the launch VM as a VMDIR here (must not exist).
+    /// Keep the launch VM as a VMDIR here (must not exist unless --force).
+    /// Without -o, only the launch VM is kept and no overlay is written.
     #[arg(long, value_name = "VMDIR")]
     pub launch_out: Option<PathBuf>,
+    /// Write what the build read, as a Make rule (`TARGET: DEP...`, paths
+    /// escaped for Make), for `-include` in a Makefile: the base's
+    /// manifest, the parents, the scripts and the key or passphrase file.
+    /// TARGET is -o FILE, or --launch-out DIR without -o. Written
+    /// atomically, before the targets.
+    #[arg(long, value_name = "FILE")]
+    pub depfile: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Worker threads (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,

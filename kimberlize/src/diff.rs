@@ -83,51 +83,19 @@ pub fn diff(a: DiffArgs) -> Result<()> {
 
     // A layered overlay is relative to base + parents: synthesise that
     // into a scratch directory next to the launch VM.
-    let mut _scratch = None;
-    let mut parent = None;
-    let mut effective = base;
-    if !a.parent.is_empty() {
-        // The secret the new overlay is sealed with (not asked or read twice).
-        let secret = kimberley_cli::keys::secret_of(&protection);
-        let mut inputs = Vec::new();
-        for p in &a.parent {
-            let (name, reader) = open_input(p)?;
-            inputs.push(Input { name, reader });
-        }
-        // Read the last parent's header for its identity first.
-        let (name, reader) = open_input(a.parent.last().expect("non-empty"))?;
-        let policy = a.read.policy();
-        let last = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
-        // One total for the whole run: every parent's launch VM, then the
-        // diff against the last one's.
-        let mut work = 0;
-        for p in &a.parent {
-            let (name, reader) = open_input(p)?;
-            let o = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
-            work += apply::work(std::slice::from_ref(&o));
-        }
-        let size =
-            |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
-        progress.plan(work + size(&last.manifest.launch) + size(&launch.manifest.components));
-        parent = Some(Parent {
-            overlay_id: last.header.overlay_id,
-            depth: last.header.depth,
-            result_id: last.result_identity(),
-        });
-        let scratch = ScratchDir::next_to(&a.launch);
-        let dir = scratch.path().to_path_buf();
-        // Scratch: not worth an fsync.
-        let opts = ApplyOptions {
-            secret,
-            policy,
-            threads,
-            sync: false,
-        };
-        apply::apply_chain(&effective, inputs, &dir, &opts, &progress)
-            .context("applying the parent overlays")?;
-        _scratch = Some(scratch);
-        effective = VmDir::open(&dir)?;
-    }
+    let secret = kimberley_cli::keys::secret_of(&protection);
+    let size = |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
+    let chain = Chain::apply(
+        base,
+        &a.parent,
+        secret,
+        a.read.policy(),
+        threads,
+        &a.launch,
+        &progress,
+        size(&launch.manifest.components),
+    )?;
+    let (effective, parent) = (&chain.vm, chain.parent);
 
     let out = Output::binary(a.output.as_deref(), a.force)?;
     let opts = DiffOptions {
@@ -136,7 +104,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         parent,
         ..DiffOptions::new(protection)
     };
-    let stats = write_overlay(&effective, &launch, out, &opts, &progress)?;
+    let stats = write_overlay(effective, &launch, out, &opts, &progress)?;
     drop(reporter);
     if let Some(p) = &a.stats_json {
         write_json(p, &versioned(JsonOutput::DiffStats, &stats)?)?;
@@ -145,6 +113,83 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         eprintln!("{}", summary(&stats, a.output.as_deref(), None));
     }
     Ok(())
+}
+
+/// A base with parent overlays applied: the VM a layered overlay is
+/// relative to (`diff --parent`, `build --parent`).
+pub(crate) struct Chain {
+    /// The chain's launch VM (the base itself when there are no parents).
+    pub vm: VmDir,
+    /// The last parent, for the new overlay's header.
+    pub parent: Option<Parent>,
+    /// Where the chain was applied (removed when dropped).
+    _scratch: Option<ScratchDir>,
+}
+
+impl Chain {
+    /// Applies `parents` (in chain order) to `base` into a scratch
+    /// directory next to `near`, read with `secret` under `policy`.
+    /// Plans `progress` for the applies, the diff's read of the chain's
+    /// launch VM and `more` units (what the caller reads besides).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        base: VmDir,
+        parents: &[std::path::PathBuf],
+        secret: Option<kimberley_formats::crypto::keys::Secret>,
+        policy: kimberley_formats::crypto::ReadPolicy,
+        threads: usize,
+        near: &Path,
+        progress: &Progress,
+        more: u64,
+    ) -> Result<Chain> {
+        let Some(last) = parents.last() else {
+            return Ok(Chain {
+                vm: base,
+                parent: None,
+                _scratch: None,
+            });
+        };
+        let mut inputs = Vec::new();
+        for p in parents {
+            let (name, reader) = open_input(p)?;
+            inputs.push(Input { name, reader });
+        }
+        // Read the last parent's header for its identity first.
+        let (name, reader) = open_input(last)?;
+        let last = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
+        // One total for the whole run: every parent's launch VM, then the
+        // diff against the last one's.
+        let mut work = 0;
+        for p in parents {
+            let (name, reader) = open_input(p)?;
+            let o = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
+            work += apply::work(std::slice::from_ref(&o));
+        }
+        let size =
+            |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
+        progress.plan(work + size(&last.manifest.launch) + more);
+        let parent = Some(Parent {
+            overlay_id: last.header.overlay_id,
+            depth: last.header.depth,
+            result_id: last.result_identity(),
+        });
+        let scratch = ScratchDir::next_to(near);
+        let dir = scratch.path().to_path_buf();
+        // Scratch: not worth an fsync.
+        let opts = ApplyOptions {
+            secret,
+            policy,
+            threads,
+            sync: false,
+        };
+        apply::apply_chain(&base, inputs, &dir, &opts, progress)
+            .context("applying the parent overlays")?;
+        Ok(Chain {
+            vm: VmDir::open(&dir)?,
+            parent,
+            _scratch: Some(scratch),
+        })
+    }
 }
 
 /// Diffs into `out` and commits it.

@@ -2,6 +2,7 @@
 //! `kimberley-formats` (and `kimberley-vmm` for the VM-running commands).
 
 pub mod cli;
+mod depfile;
 mod diff;
 mod inspect;
 mod vm;

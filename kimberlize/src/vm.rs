@@ -2,6 +2,8 @@
 //! Linux under QEMU).
 
 use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,15 +13,16 @@ use kimberley_cli::progress::Reporter;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
-use kimberley_formats::fsutil::ScratchDir;
+use kimberley_formats::fsutil::{occupied, AtomicFile, ScratchDir};
 use kimberley_formats::progress::Progress;
-use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
+use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter, MANIFEST};
 use kimberley_machine::{Machine, RestoreOptions};
 use kimberley_vmm::{Vm, VmConfig};
 use serde_json::json;
 
 use crate::cli::{AccelArg, BaseArgs, BuildArgs};
-use crate::diff::{summary, write_overlay};
+use crate::depfile;
+use crate::diff::{summary, write_overlay, Chain};
 
 fn name_of(p: &std::path::Path) -> String {
     p.file_name()
@@ -145,34 +148,78 @@ fn read_script(p: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("reading script {}", p.display()))
 }
 
+/// Where `build` writes the overlay: nowhere with `--launch-out` alone,
+/// else -o FILE or stdout.
+fn overlay_dest(a: &BuildArgs) -> Option<Option<&Path>> {
+    match (&a.output, &a.launch_out) {
+        (None, Some(_)) => None,
+        (o, _) => Some(o.as_deref()),
+    }
+}
+
 pub fn build(a: BuildArgs) -> Result<()> {
     let t0 = Instant::now();
     let threads = kimberley_cli::run::threads(a.threads);
     // Everything that can be refused is refused before the VM runs.
-    let protection = a.keys.protection()?;
+    a.keys
+        .check_stdin(a.parent.iter().any(|p| p.as_os_str() == "-"))?;
+    let dest = overlay_dest(&a);
+    let (protection, secret) = match dest {
+        Some(_) => {
+            let p = a.keys.protection()?;
+            let s = kimberley_cli::keys::secret_of(&p);
+            (Some(p), s)
+        }
+        // No overlay to seal: a key only reads the parents.
+        None => (None, a.keys.secret()?),
+    };
     let install = read_script(&a.install)?;
     let resume = read_script(&a.resume)?;
+    let depfile = match &a.depfile {
+        Some(p) => Some((p, depfile_text(&a)?)),
+        None => None,
+    };
     let base = VmDir::open(&a.base)?;
-    let out = Output::binary(a.output.as_deref(), a.force)?;
-    let (launch_path, _scratch) = match &a.launch_out {
-        Some(p) => (p.clone(), None),
+    let out = match dest {
+        Some(o) => Some(Output::binary(o, a.force)?),
+        None => None,
+    };
+    let (launch_path, w, _scratch) = match &a.launch_out {
+        Some(p) => (p.clone(), launch_writer(p, a.force)?, None),
         None => {
             let s = ScratchDir::next_to(
                 &a.base
                     .with_file_name(format!("{}-launch", name_of(&a.base))),
             );
-            (s.path().to_path_buf(), Some(s))
+            let mut w = VmDirWriter::create(s.path())?;
+            // Removed at the end: not worth an fsync.
+            w.set_sync(false);
+            (s.path().to_path_buf(), w, Some(s))
         }
     };
     let mut guest_log = match &a.guest_log {
         Some(p) => Some(open_log(p)?),
         None => None,
     };
-    let w = VmDirWriter::create(&launch_path)?;
     // One reporter for the whole run: a spinner with the stage's name
     // while the guest works, then the diff's bar.
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
+    let size = |d: &VmDir| d.manifest.components.iter().map(|c| c.size).sum::<u64>();
+    // The chain's launch VM, applied next to the launch VM (nothing kept).
+    let launch_name = format!("{}-launch", base.manifest.name);
+    let base_size = size(&base);
+    let chain = Chain::apply(
+        base,
+        &a.parent,
+        secret,
+        a.read.policy(),
+        threads,
+        &launch_path,
+        &progress,
+        base_size,
+    )?;
+    let effective = &chain.vm;
     progress.stage("resuming the base");
     // The launch VM runs on copies in `w` (the base is only read) and is
     // suspended into `w`.
@@ -181,7 +228,8 @@ pub fn build(a: BuildArgs) -> Result<()> {
         network: a.net.is_some(),
         ..RestoreOptions::copy_into(&w)
     };
-    let mut vm = kimberley_cli::machines::restore(&base, opts).context("resuming the base VM")?;
+    let mut vm =
+        kimberley_cli::machines::restore(effective, opts).context("resuming the base VM")?;
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();
@@ -220,21 +268,40 @@ pub fn build(a: BuildArgs) -> Result<()> {
             anyhow::Error::new(e).context(format!("writing the guest's output to {}", p.display()))
         );
     }
+    // The depfile first: a target never exists without the list of what
+    // it was made from.
+    if let Some((p, text)) = &depfile {
+        let f = AtomicFile::create(p, true)?;
+        f.file()
+            .write_all_at(text.as_bytes(), 0)
+            .with_context(|| format!("writing the depfile {}", p.display()))?;
+        f.commit()?;
+    }
     let t_save = Instant::now();
     progress.stage("suspending");
-    let launch_name = format!("{}-launch", base.manifest.name);
     vm.suspend_into(w, &launch_name).map_err(vm_error)?;
     drop(vm);
     let suspend_ms = t_save.elapsed().as_millis() as u64;
-    let launch = VmDir::open(&launch_path)?;
-
     let scripts = t0.elapsed();
+    let Some(out) = out else {
+        drop(reporter);
+        if !a.quiet {
+            eprintln!(
+                "{}: launch VM ready and suspended in {}",
+                launch_path.display(),
+                kimberley_cli::progress::duration(scripts)
+            );
+        }
+        return Ok(());
+    };
+    let launch = VmDir::open(&launch_path)?;
     let opts = DiffOptions {
         level: a.level,
         threads,
-        ..DiffOptions::new(protection)
+        parent: chain.parent,
+        ..DiffOptions::new(protection.expect("an overlay has its protection"))
     };
-    let stats = write_overlay(&base, &launch, out, &opts, &progress)?;
+    let stats = write_overlay(effective, &launch, out, &opts, &progress)?;
     drop(reporter);
     if let Some(p) = &a.stats_json {
         let v = json!({
@@ -251,6 +318,63 @@ pub fn build(a: BuildArgs) -> Result<()> {
         eprintln!("{}", summary(&stats, a.output.as_deref(), Some(scripts)));
     }
     Ok(())
+}
+
+/// The writer of `--launch-out DIR`: a new directory, or with `--force` a
+/// new version of an existing VM directory that replaces it as a whole
+/// (swapped in by one rename, so an interrupted run leaves the old or the
+/// new one, never half). Anything else at DIR is refused.
+fn launch_writer(p: &Path, force: bool) -> Result<VmDirWriter> {
+    if !occupied(p) {
+        return Ok(VmDirWriter::create(p)?);
+    }
+    let exists = |msg: String| {
+        anyhow::Error::new(kimberley_cli::run::WithCode(
+            kimberley_cli::exit::EXISTS.into(),
+            msg,
+        ))
+    };
+    if !force {
+        return Err(exists(format!(
+            "--launch-out {}: exists (give --force to replace a VM directory)",
+            p.display()
+        )));
+    }
+    let is_vmdir = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+        && std::fs::symlink_metadata(p.join(MANIFEST)).is_ok_and(|m| m.is_file());
+    if !is_vmdir {
+        return Err(exists(format!(
+            "--launch-out {}: exists and is not a VM directory (no {MANIFEST}), not replaced even with --force",
+            p.display()
+        )));
+    }
+    Ok(VmDirWriter::replacing(p)?)
+}
+
+/// The `--depfile` text: the target (-o FILE, else --launch-out DIR),
+/// then what the build reads.
+fn depfile_text(a: &BuildArgs) -> Result<String> {
+    // The overlay when there is one, else the launch VM.
+    let target = match (&a.output, &a.launch_out) {
+        (Some(o), _) if o.as_os_str() != "-" => Some(o.clone()),
+        (None, Some(l)) => Some(l.clone()),
+        _ => None,
+    };
+    let Some(target) = target else {
+        return Err(usage(
+            "--depfile needs a target to name: -o FILE, or --launch-out DIR alone",
+        ));
+    };
+    let mut deps = vec![a.base.join(MANIFEST)];
+    deps.extend(a.parent.iter().cloned());
+    deps.push(a.install.clone());
+    deps.push(a.resume.clone());
+    // A key changes the overlay's bytes (section 7.7), so it is an input;
+    // its path is not a secret.
+    deps.extend(a.keys.key_file.clone());
+    deps.extend(a.keys.passphrase_file.clone());
+    deps.retain(|d| d.as_os_str() != "-");
+    depfile::render(&[target], &deps).map_err(|e| usage(format!("--depfile: {e}")))
 }
 
 /// Opens `--guest-log FILE` for appending, creating it 0600: a log, so it

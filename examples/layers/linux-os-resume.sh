@@ -1,0 +1,2 @@
+# The OS layer's resume script: nothing to start.
+sync
