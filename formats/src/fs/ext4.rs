@@ -7,10 +7,11 @@
 //! the safe choice). File systems that need journal recovery, were not
 //! cleanly unmounted, recorded errors, or use a feature this reader does
 //! not know (bigalloc, meta_bg, sparse_super2, ...) are refused. Every
-//! superblock and group-descriptor copy, reserved GDT block, bitmap and
-//! inode table must be marked used in the bitmaps, and each bitmap's free
-//! count must match its descriptor's, or the file system is refused as
-//! corrupt.
+//! superblock and group-descriptor copy, reserved GDT block, bitmap,
+//! inode table and the journal's blocks (as the superblock's copy of the
+//! journal inode names them) must be marked used in the bitmaps, and each
+//! bitmap's free count must match its descriptor's, or the file system is
+//! refused as corrupt.
 
 use super::{read, FsError, ReadAt};
 use crate::le::Reader;
@@ -103,6 +104,9 @@ pub struct Superblock {
     pub sparse_super: bool,
     /// Block groups.
     pub groups: u64,
+    /// Blocks the journal inode's copy in the superblock names (its
+    /// extents, or its direct and indirect block pointers).
+    pub journal: Vec<(u64, u64)>,
 }
 
 impl Superblock {
@@ -268,6 +272,17 @@ pub fn parse_superblock(sb: &[u8], len: u64) -> Result<Superblock, FsError> {
     if bit64 && desc_size < 64 {
         return bad(format!("group descriptor size {desc_size} with 64bit"));
     }
+    let journal = if compat & COMPAT_HAS_JOURNAL != 0 && sb.get(0xFD) == Some(&1) {
+        journal_blocks(sb.get(0x10C..0x10C + 60).unwrap_or_default())
+    } else {
+        Vec::new()
+    };
+    if let Some(&(a, b)) = journal
+        .iter()
+        .find(|&&(a, b)| a < first_data_block || b > blocks)
+    {
+        return bad(format!("journal blocks {a}..{b} outside the file system"));
+    }
     let s = Superblock {
         block_size,
         blocks,
@@ -279,11 +294,45 @@ pub fn parse_superblock(sb: &[u8], len: u64) -> Result<Superblock, FsError> {
         reserved_gdt_blocks: u64::from(u16_at(sb, 0xCE)),
         sparse_super: ro_compat & RO_COMPAT_SPARSE_SUPER != 0,
         groups,
+        journal,
     };
     if 1 + s.gdt_blocks() + s.reserved_gdt_blocks > blocks_per_group {
         return bad("the descriptor tables do not fit in a group".into());
     }
     Ok(s)
+}
+
+/// The block ranges the 60 bytes of the journal inode's `i_block` (as the
+/// superblock backs them up in `s_jnl_blocks`) name: with an extent tree,
+/// its root's leaf extents or its index blocks; else the 15 block
+/// pointers themselves. Zero pointers are left out (pure).
+pub fn journal_blocks(i_block: &[u8]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    if i_block.len() < 60 {
+        return out;
+    }
+    if u16_at(i_block, 0) == 0xF30A {
+        let entries = usize::from(u16_at(i_block, 2)).min(4);
+        let depth = u16_at(i_block, 6);
+        for e in i_block[12..].chunks_exact(12).take(entries) {
+            if depth == 0 {
+                let len = u64::from(u16_at(e, 4));
+                let len = if len > 32768 { len - 32768 } else { len };
+                let start = u64::from(u32_at(e, 8)) | u64::from(u16_at(e, 6)) << 32;
+                out.push((start, start + len));
+            } else {
+                let leaf = u64::from(u32_at(e, 4)) | u64::from(u16_at(e, 8)) << 32;
+                out.push((leaf, leaf + 1));
+            }
+        }
+    } else {
+        for p in i_block.chunks_exact(4).take(15) {
+            let b = u64::from(u32_at(p, 0));
+            out.push((b, b + 1));
+        }
+    }
+    out.retain(|&(a, b)| a != 0 && b > a);
+    out
 }
 
 /// One group descriptor, checked against the superblock.
@@ -451,6 +500,7 @@ pub fn free_blocks(
         }
     }
     // No metadata block may be free.
+    used_meta.extend(sb.journal.iter().map(|&(a, b)| (a, b, u64::MAX)));
     used_meta.sort_unstable();
     let mut i = 0;
     for &(a, b, g) in &used_meta {
@@ -458,8 +508,13 @@ pub fn free_blocks(
             i += 1;
         }
         if i < free.len() && free[i].0 < b {
+            let whose = if g == u64::MAX {
+                "the journal".to_string()
+            } else {
+                format!("group {g}")
+            };
             return Err(FsError::Corrupt(format!(
-                "ext4 group {g}: metadata block {} is marked free",
+                "ext4 {whose}: metadata block {} is marked free",
                 free[i].0.max(a)
             )));
         }
@@ -602,6 +657,37 @@ pub(crate) mod tests {
             e.contains("bitmap has 9 free blocks, its descriptor says 8"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn journal_blocks_marked_free_are_refused() {
+        // A journal of one extent: blocks 6 and 7 (used), then 6..9 where
+        // 8 is free.
+        let put = |d: &mut Vec<u8>, len: u16| {
+            d[1024 + 0x5C] = COMPAT_HAS_JOURNAL as u8;
+            d[1024 + 0xE0] = 8; // journal inode
+            d[1024 + 0xFD] = 1; // s_jnl_blocks holds i_block
+            let ib = 1024 + 0x10C;
+            d[ib..ib + 2].copy_from_slice(&0xF30Au16.to_le_bytes());
+            d[ib + 2] = 1; // entries
+            d[ib + 4] = 4; // max
+            d[ib + 12 + 4..ib + 12 + 6].copy_from_slice(&len.to_le_bytes());
+            d[ib + 12 + 8] = 6; // start
+        };
+        let mut d = tiny();
+        put(&mut d, 2);
+        let f = free_blocks(&d[..], 0, d.len() as u64).unwrap();
+        assert_eq!(f.superblock.journal, vec![(6, 8)]);
+        assert_eq!(f.ranges, vec![(8 * 1024, 16 * 1024)]);
+        put(&mut d, 3);
+        let e = free(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("the journal: metadata block 8 is marked free"),
+            "{e}"
+        );
+        // Pointing past the end: refused before any bitmap is read.
+        put(&mut d, 30);
+        assert!(matches!(free(&d), Err(FsError::Corrupt(_))));
     }
 
     #[test]

@@ -103,29 +103,28 @@ impl FreeSpace {
 pub fn free_space(src: &(impl ReadAt + ?Sized)) -> Result<FreeSpace, FsError> {
     let mut out = FreeSpace::default();
     let len = src.len();
-    match ext4::free_blocks(src, 0, len) {
+    // A bare file system, else a partition table; the bare file system's
+    // refusal is the note when there is no table either.
+    let bare = match ext4::free_blocks(src, 0, len) {
         Ok(f) => {
             out.ranges = f.ranges;
             out.file_systems = 1;
             return Ok(out);
         }
         Err(e @ FsError::Read { .. }) => return Err(e),
-        Err(FsError::NotExt4) => {}
-        Err(e) => {
+        Err(FsError::NotExt4) => None,
+        Err(e) => Some(e),
+    };
+    let table = match (part::read_table(src), bare) {
+        (Err(e @ FsError::Read { .. }), _) => return Err(e),
+        (Ok(Some(t)), _) => t,
+        (_, Some(e)) | (Err(e), None) => {
             out.notes.push(format!("{e}; left as it is"));
             return Ok(out);
         }
-    }
-    let table = match part::read_table(src) {
-        Ok(Some(t)) => t,
-        Ok(None) => {
+        (Ok(None), None) => {
             out.notes
                 .push("no ext4 file system or partition table found; left as it is".to_string());
-            return Ok(out);
-        }
-        Err(e @ FsError::Read { .. }) => return Err(e),
-        Err(e) => {
-            out.notes.push(format!("{e}; left as it is"));
             return Ok(out);
         }
     };
