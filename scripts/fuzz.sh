@@ -43,7 +43,7 @@ extra_flags() {
 
 max_len() {
     case $1 in
-        overlay_stream) echo 131072 ;;
+        overlay_stream | disk_free_space) echo 131072 ;;
         overlay_parts | state_blob) echo 65536 ;;
         *) echo 16384 ;;
     esac

@@ -128,7 +128,7 @@ impl Superblock {
     /// True if group `g` holds a copy of the superblock and descriptors.
     pub fn has_super(&self, g: u64) -> bool {
         fn power_of(mut g: u64, b: u64) -> bool {
-            while g > 1 && g % b == 0 {
+            while g > 1 && g.is_multiple_of(b) {
                 g /= b;
             }
             g == 1
@@ -239,7 +239,10 @@ pub fn parse_superblock(sb: &[u8], len: u64) -> Result<Superblock, FsError> {
         }
     }
     let blocks_per_group = u64::from(u32_at(sb, 0x20));
-    if blocks_per_group == 0 || blocks_per_group % 8 != 0 || blocks_per_group > 8 * block_size {
+    if blocks_per_group == 0
+        || !blocks_per_group.is_multiple_of(8)
+        || blocks_per_group > 8 * block_size
+    {
         return bad(format!("{blocks_per_group} blocks per group"));
     }
     if u64::from(u32_at(sb, 0x24)) != blocks_per_group {

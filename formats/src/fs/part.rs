@@ -186,7 +186,7 @@ pub fn parse_gpt_header(
     if g.entries > MAX_GPT_ENTRIES
         || g.entry_size < 128
         || g.entry_size > MAX_GPT_ENTRY_SIZE
-        || g.entry_size % 8 != 0
+        || !g.entry_size.is_multiple_of(8)
     {
         return bad("entry count or size out of range");
     }
