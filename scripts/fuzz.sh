@@ -22,7 +22,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(overlay_stream overlay_parts vmdir_manifest migration_wire state_blob guest_agent key_file)
+    targets=(overlay_stream overlay_parts vmdir_manifest migration_wire state_blob guest_agent key_file disk_free_space)
 fi
 sanitizer=${FUZZ_SANITIZER:-address}
 export RUSTC_BOOTSTRAP=1
@@ -43,7 +43,7 @@ extra_flags() {
 
 max_len() {
     case $1 in
-        overlay_stream) echo 131072 ;;
+        overlay_stream | disk_free_space) echo 131072 ;;
         overlay_parts | state_blob) echo 65536 ;;
         *) echo 16384 ;;
     esac

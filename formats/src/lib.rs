@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod diff;
 pub mod digest;
 pub mod error;
+pub mod fs;
 pub mod fsutil;
 pub mod image;
 pub mod le;

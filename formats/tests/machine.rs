@@ -39,6 +39,7 @@ fn make_v2(dir: &Path, initrd: &[u8], machine: MachineSpec) {
             kind,
             size: bytes.len() as u64,
             digest: digest_file(&f, bytes.len() as u64).unwrap(),
+            trimmed: false,
         });
     }
     m.components.extend(state);

@@ -224,6 +224,14 @@ pub struct ImportArgs {
     /// are still computed.
     #[arg(long)]
     pub reflink: bool,
+    /// Make the blocks an ext4 file system on a disk leaves free holes
+    /// (bare, or in GPT or MBR partitions; read from its block bitmaps,
+    /// without mounting it), so they cost nothing in overlays. The
+    /// manifest records the disk as trimmed; its digest is of the trimmed
+    /// disk. A disk whose file system is not understood, not clean, or
+    /// inconsistent is left as it is, with a note.
+    #[arg(long)]
+    pub trim: bool,
     /// No progress bar or summary on stderr.
     #[arg(short, long)]
     pub quiet: bool,

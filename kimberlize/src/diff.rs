@@ -34,6 +34,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
     };
     let opts = ImportOptions {
         reflink: a.reflink,
+        trim: a.trim,
         ..ImportOptions::default()
     };
     let progress = Arc::new(Progress::default());
@@ -41,6 +42,11 @@ pub fn import(a: ImportArgs) -> Result<()> {
     let done = import_with(&a.output, &spec, &opts, &progress)
         .with_context(|| format!("importing into {}", a.output.display()))?;
     drop(reporter);
+    for (i, t) in done.trims.iter().enumerate() {
+        for note in t.iter().flat_map(|t| &t.notes) {
+            eprintln!("note: {}: not trimmed: {note}", done.manifest.file_name(i));
+        }
+    }
     if !a.quiet {
         let size: u64 = done.manifest.components.iter().map(|c| c.size).sum();
         let took = t0.elapsed();
@@ -55,7 +61,14 @@ pub fn import(a: ImportArgs) -> Result<()> {
                     CopyMethod::SparseCopy => "copied".into(),
                     CopyMethod::Converted(f) => format!("converted from {}", f.name()),
                 };
-                format!("{} {how}", done.manifest.file_name(i))
+                let trim = match &done.trims[i] {
+                    Some(t) if t.file_systems > 0 => {
+                        format!(", {} free trimmed", units::bytes(t.bytes))
+                    }
+                    Some(_) => ", not trimmed".into(),
+                    None => String::new(),
+                };
+                format!("{} {how}{trim}", done.manifest.file_name(i))
             })
             .collect();
         eprintln!(

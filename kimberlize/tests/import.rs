@@ -293,3 +293,211 @@ fn relative_image_paths_convert() {
         assert!(o.status.success(), "{fmt}: {}", text(&o));
     }
 }
+
+/// Runs a program of e2fsprogs, which these tests need.
+fn e2(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = Command::new(prog);
+    for a in args {
+        c.arg(a);
+    }
+    c.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} (Debian: e2fsprogs) is needed by these tests: {e}"))
+}
+
+/// Bytes that are never all zero in a block.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8 | 1
+        })
+        .collect()
+}
+
+/// A 64 MiB ext4 image made by mkfs.ext4 (`opts`), with `keep` written
+/// and a 3 MB `gone` written then deleted through debugfs. Returns the
+/// image, the block size and the blocks `gone` held.
+fn ext4_with_a_deleted_file(t: &Path, opts: &[&str]) -> (PathBuf, u64, Vec<u64>) {
+    let img = t.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"-q", &"-F", &"-E", &"nodiscard"];
+    for o in opts {
+        args.push(o);
+    }
+    args.push(&img);
+    let o = e2("mkfs.ext4", &args);
+    assert!(o.status.success(), "mkfs.ext4: {}", text(&o));
+    for (name, len, seed) in [("gone", 3_000_000, 1), ("keep", 500_000, 2)] {
+        let src = t.join(name);
+        std::fs::write(&src, noise(len, seed)).unwrap();
+        let req = format!("write {} {name}", src.display());
+        let o = e2("debugfs", &[&"-w", &"-R", &req, &img]);
+        assert!(o.status.success(), "debugfs: {}", text(&o));
+    }
+    let o = e2("debugfs", &[&"-R", &"blocks gone", &img]);
+    let gone: Vec<u64> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(|b| b.parse().unwrap())
+        .collect();
+    assert!(gone.len() > 700, "{gone:?}");
+    let o = e2("debugfs", &[&"-w", &"-R", &"rm gone", &img]);
+    assert!(o.status.success(), "debugfs: {}", text(&o));
+    let o = e2("dumpe2fs", &[&"-h", &img]);
+    let bs: u64 = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (img, bs, gone)
+}
+
+/// The free blocks dumpe2fs lists, group by group.
+fn dumpe2fs_free(img: &Path) -> Vec<(u64, u64)> {
+    let o = e2("dumpe2fs", &[&img]);
+    let mut free = Vec::new();
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        let Some(list) = l.strip_prefix("  Free blocks: ") else {
+            continue;
+        };
+        for r in list.split(", ").filter(|r| !r.is_empty()) {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            free.push((a.parse().unwrap(), b.parse::<u64>().unwrap() + 1));
+        }
+    }
+    free
+}
+
+#[test]
+fn trim_makes_the_freed_ext4_blocks_holes_and_keeps_the_file_system() {
+    for opts in [&["-b", "1024"][..], &["-b", "4096"]] {
+        let t = tempfile::tempdir().unwrap();
+        let (mem, _) = raws(t.path());
+        let (img, bs, gone) = ext4_with_a_deleted_file(t.path(), opts);
+        let before = std::fs::read(&img).unwrap();
+        let o = import(t.path(), "vm", &mem, &img, &["--trim"]);
+        assert!(o.status.success(), "{opts:?}: {}", text(&o));
+        assert!(text(&o).contains("disk0.raw copied, "), "{}", text(&o));
+        assert!(text(&o).contains(" free trimmed"), "{}", text(&o));
+        let vm = t.path().join("vm");
+        let disk = vm.join("disk0.raw");
+        // The deleted file's blocks are zeros now, and holes wherever
+        // they fill whole pages (a punch zeroes the parts of pages).
+        let after = std::fs::read(&disk).unwrap();
+        let f = std::fs::File::open(&disk).unwrap();
+        let data = data_extents(&f, 64 << 20).unwrap();
+        let page = 4096u64.max(bs);
+        let mut holes = 0;
+        for b in &gone {
+            let (a, z) = ((b * bs) as usize, ((b + 1) * bs) as usize);
+            assert!(before[a..z].iter().any(|&x| x != 0));
+            assert!(after[a..z].iter().all(|&x| x == 0), "{opts:?}: block {b}");
+            let p = b * bs / page * page;
+            let whole = (p / bs..(p + page) / bs).all(|x| gone.contains(&x));
+            if whole && (b * bs) % page == 0 {
+                holes += 1;
+                assert!(
+                    !data.iter().any(|&(s, e)| s < p + page && p < e),
+                    "{opts:?}: the page at {p} of the deleted file is not a hole"
+                );
+            }
+        }
+        assert!(holes > 500, "{opts:?}: {holes} whole pages");
+        // Only free blocks changed (to zeros).
+        let free = dumpe2fs_free(&img);
+        for (i, (x, y)) in before
+            .chunks(bs as usize)
+            .zip(after.chunks(bs as usize))
+            .enumerate()
+        {
+            if x != y {
+                let i = i as u64;
+                assert!(
+                    free.iter().any(|&(a, b)| a <= i && i < b),
+                    "{opts:?}: block {i} in use changed"
+                );
+                assert!(y.iter().all(|&b| b == 0), "{opts:?}: block {i}");
+            }
+        }
+        let o = e2("e2fsck", &[&"-fn", &disk]);
+        assert!(o.status.success(), "{opts:?}: e2fsck: {}", text(&o));
+        let o = e2("debugfs", &[&"-R", &"cat keep", &disk]);
+        assert_eq!(o.stdout, noise(500_000, 2), "{opts:?}");
+        // The manifest says so, and its digest is of the trimmed disk.
+        assert!(
+            manifest(&vm).contains("\"trimmed\": true"),
+            "{}",
+            manifest(&vm)
+        );
+        VmDir::open(&vm).unwrap().verify().unwrap();
+    }
+}
+
+#[test]
+fn trim_leaves_a_disk_without_ext4_as_it_is_with_a_note() {
+    let t = tempfile::tempdir().unwrap();
+    let (mem, disk) = raws(t.path());
+    let plain = import(t.path(), "plain", &mem, &disk, &[]);
+    assert!(plain.status.success(), "{}", text(&plain));
+    let o = import(t.path(), "trim", &mem, &disk, &["--trim"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let e = text(&o);
+    assert!(
+        e.contains("note: disk0.raw: not trimmed: no ext4 file system or partition table found; left as it is"),
+        "{e}"
+    );
+    assert!(e.contains("disk0.raw copied, not trimmed"), "{e}");
+    assert_eq!(
+        manifest(&t.path().join("plain")),
+        manifest(&t.path().join("trim"))
+    );
+}
+
+/// A file system whose structures lie is not trimmed: a block bitmap
+/// pointing past its end, a superblock with an absurd block size, a
+/// bitmap that frees a used block.
+#[test]
+fn attack_a_corrupt_ext4_is_left_as_it_is() {
+    let t = tempfile::tempdir().unwrap();
+    let (mem, _) = raws(t.path());
+    let (img, bs, _) = ext4_with_a_deleted_file(t.path(), &["-b", "4096"]);
+    let good = std::fs::read(&img).unwrap();
+    // Group 0's descriptor is at the start of block 1.
+    let gd = bs as usize;
+    let bitmap = u32::from_le_bytes(good[gd..gd + 4].try_into().unwrap()) as usize;
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    let mut d = good.clone();
+    d[gd..gd + 4].copy_from_slice(&0xFFFF_FF00u32.to_le_bytes());
+    cases.push(("bitmap-out", d, "outside the file system"));
+    let mut d = good.clone();
+    d[1024 + 0x18] = 30;
+    cases.push(("block-size", d, "block size"));
+    // The root directory's block (in use) marked free in the bitmap.
+    let mut d = good.clone();
+    let o = e2("debugfs", &[&"-R", &"blocks /", &img]);
+    let root: usize = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    d[bitmap * bs as usize + root / 8] &= !(1 << (root % 8));
+    cases.push(("bitmap-frees", d, "free blocks, its descriptor says"));
+    for (name, bytes, why) in cases {
+        let p = t.path().join(format!("{name}.img"));
+        std::fs::write(&p, &bytes).unwrap();
+        let o = import(t.path(), name, &mem, &p, &["--trim"]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(text(&o).contains("not trimmed: "), "{name}: {}", text(&o));
+        assert!(text(&o).contains(why), "{name}: {}", text(&o));
+        let vm = t.path().join(name);
+        assert!(!manifest(&vm).contains("\"trimmed\""), "{name}");
+        assert!(
+            std::fs::read(vm.join("disk0.raw")).unwrap() == bytes,
+            "{name}"
+        );
+    }
+}

@@ -571,6 +571,7 @@ impl QemuMachine {
                 kind,
                 size: s_meta.len(),
                 digest: [0; 32],
+                trimmed: false,
             });
         }
         let state_len = stat(
@@ -582,6 +583,7 @@ impl QemuMachine {
             kind: Kind::State,
             size: state_len,
             digest: [0; 32],
+            trimmed: false,
         });
         let mut manifest = Manifest {
             name: name.to_string(),

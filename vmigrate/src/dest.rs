@@ -538,6 +538,7 @@ fn prepare(
         kind,
         size,
         digest: [0; 32],
+        trimmed: false,
     };
     let mut components = vec![zero(Kind::Memory, start.memory_size)];
     components.extend(start.disks.iter().map(|d| zero(Kind::Disk, d.size)));
@@ -838,6 +839,7 @@ fn commit(p: Prepared, r: &mut Running) -> Result<PathBuf> {
         kind: Kind::State,
         size: state.len() as u64,
         digest: digest_bytes(&state),
+        trimmed: false,
     };
     let out = w.commit(&skeleton)?;
     r.commit_us = t.elapsed().as_micros() as u64;

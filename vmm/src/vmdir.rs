@@ -59,6 +59,7 @@ pub fn save_into(vm: &mut Vm, w: VmDirWriter, name: &str) -> Result<PathBuf> {
         kind: Kind::Memory,
         size: vm.memory_size(),
         digest: [0; 32],
+        trimmed: false,
     }];
     for (i, src) in vm.disk_paths().to_vec().iter().enumerate() {
         let dname = file_name(Kind::Disk, i);
@@ -81,6 +82,7 @@ pub fn save_into(vm: &mut Vm, w: VmDirWriter, name: &str) -> Result<PathBuf> {
             kind: Kind::Disk,
             size,
             digest: [0; 32],
+            trimmed: false,
         });
     }
     let sname = file_name(Kind::State, 0);
@@ -91,6 +93,7 @@ pub fn save_into(vm: &mut Vm, w: VmDirWriter, name: &str) -> Result<PathBuf> {
         kind: Kind::State,
         size: state.len() as u64,
         digest: [0; 32],
+        trimmed: false,
     });
     let mut manifest = Manifest {
         name: name.to_string(),

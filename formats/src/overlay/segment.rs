@@ -51,7 +51,12 @@ fn get_components(c: &mut Reader<'_>) -> Result<Vec<Component>> {
             .ok_or_else(|| corrupt("manifest"))?;
         let size = c.u64().map_err(|_| corrupt("manifest"))?;
         let digest = c.array().map_err(|_| corrupt("manifest"))?;
-        out.push(Component { kind, size, digest });
+        out.push(Component {
+            kind,
+            size,
+            digest,
+            trimmed: false,
+        });
     }
     Ok(out)
 }
@@ -270,6 +275,7 @@ mod tests {
             kind,
             size,
             digest: [size as u8; 32],
+            trimmed: false,
         };
         let m = ManifestSegment {
             name: "x".into(),

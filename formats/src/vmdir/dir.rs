@@ -260,6 +260,7 @@ pub fn component_of(kind: super::Kind, bytes: &[u8]) -> Component {
         kind,
         size: bytes.len() as u64,
         digest: crate::digest::digest_bytes(bytes),
+        trimmed: false,
     }
 }
 

@@ -12,11 +12,13 @@ use super::dir::{digest_file, VmDirWriter};
 use super::manifest::{Component, Kind, Manifest};
 use crate::digest::SparseHasher;
 use crate::error::{Error, IoContext, Result};
+use crate::fs::{self, FsError, ReadAt};
 use crate::fsutil::copy_sparse;
 use crate::image::{detect, detect_footer, ImageFormat, FOOTER_LEN, HEAD_LEN};
 use crate::progress::Progress;
 use crate::sparse::data_extents;
 use crate::sys::clone;
+use crate::sys::punch::punch_hole;
 
 /// What to import.
 #[derive(Debug, Clone)]
@@ -42,6 +44,10 @@ pub struct ImportOptions {
     pub reflink: bool,
     /// The `qemu-img` that converts non-raw disk images.
     pub qemu_img: PathBuf,
+    /// Make the free blocks of the disks' ext4 file systems holes after
+    /// copying them (the digest is of the trimmed disk); a disk whose file
+    /// system is not understood is left as it is, with a note.
+    pub trim: bool,
 }
 
 impl Default for ImportOptions {
@@ -49,6 +55,7 @@ impl Default for ImportOptions {
         ImportOptions {
             reflink: false,
             qemu_img: PathBuf::from("qemu-img"),
+            trim: false,
         }
     }
 }
@@ -76,6 +83,19 @@ pub struct Imported {
     pub methods: Vec<CopyMethod>,
     /// Bytes of the sources read or shared (their sizes).
     pub source_bytes: u64,
+    /// Per component, what trimming did (`None`: not asked or not a disk).
+    pub trims: Vec<Option<Trimmed>>,
+}
+
+/// What `--trim` did to one disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// File systems whose free blocks were made holes.
+    pub file_systems: u32,
+    /// Bytes made holes (free blocks, some perhaps holes already).
+    pub bytes: u64,
+    /// What was left as it is, one line each.
+    pub notes: Vec<String>,
 }
 
 /// Imports into a new VMDIR at `out` with the default options; returns
@@ -129,6 +149,7 @@ pub fn import_with(
         machine: None,
     };
     let mut methods = Vec::new();
+    let mut trims = Vec::new();
     let mut source_bytes = 0;
     for (kind, src, f, size, format) in opened {
         let i = manifest.components.len();
@@ -136,7 +157,9 @@ pub fn import_with(
             kind,
             size,
             digest: [0; 32],
+            trimmed: false,
         });
+        let trim = opts.trim && kind == Kind::Disk;
         let fname = manifest.file_name(i);
         let dst = w.create_file(&fname)?;
         let wrap = |e: Error| match e {
@@ -147,33 +170,53 @@ pub fn import_with(
             other => other,
         };
         progress.stage(&format!("importing {}", src.display()));
+        // The digest, unless it is computed after trimming.
         let (method, digest, len) = if format != ImageFormat::Raw {
             let dpath = w.path().join(&fname);
             let len = convert(&opts.qemu_img, src, format, &dst, &dpath)?;
-            let d = digest_file(&dst, len).ctx(|| format!("hashing {fname}"))?;
             progress.advance(size);
-            (CopyMethod::Converted(format), d, len)
+            (CopyMethod::Converted(format), None, len)
         } else if opts.reflink {
             let m = copy_reflink(&f, size, &dst).map_err(wrap)?;
-            let d = digest_file(&dst, size).ctx(|| format!("hashing {fname}"))?;
             progress.advance(size);
-            (m, d, size)
+            (m, None, size)
         } else {
-            let mut h = SparseHasher::new(size);
+            let mut h = (!trim).then(|| SparseHasher::new(size));
             let mut copied = 0;
             copy_sparse(&f, size, &dst, |off, data| {
-                h.feed(off, data);
+                if let Some(h) = h.as_mut() {
+                    h.feed(off, data);
+                }
                 progress.advance(data.len() as u64);
                 copied += data.len() as u64;
                 Ok(())
             })
             .map_err(wrap)?;
             progress.advance(size - copied);
-            (CopyMethod::SparseCopy, h.finish(), size)
+            (CopyMethod::SparseCopy, h.map(SparseHasher::finish), size)
+        };
+        let trimmed = if trim {
+            progress.stage(&format!("trimming {fname}"));
+            let t = trim_disk(&dst, len).map_err(|e| match e {
+                Error::Io { context, source } => Error::Io {
+                    context: format!("trimming {fname}: {context}"),
+                    source,
+                },
+                other => other,
+            })?;
+            manifest.components[i].trimmed = t.file_systems > 0;
+            Some(t)
+        } else {
+            None
+        };
+        let digest = match digest {
+            Some(d) => d,
+            None => digest_file(&dst, len).ctx(|| format!("hashing {fname}"))?,
         };
         manifest.components[i].size = len;
         manifest.components[i].digest = digest;
         methods.push(method);
+        trims.push(trimmed);
         source_bytes += size;
     }
     w.commit(&manifest)?;
@@ -181,7 +224,54 @@ pub fn import_with(
         manifest,
         methods,
         source_bytes,
+        trims,
     })
+}
+
+/// A disk image file as the [`fs`] readers' byte source.
+struct DiskFile<'a> {
+    file: &'a File,
+    len: u64,
+}
+
+impl ReadAt for DiskFile<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self.file, buf, offset)
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Makes the free blocks of the ext4 file systems on the disk image `f`
+/// (`len` bytes) holes; what it does not understand it leaves as it is,
+/// with a note.
+pub fn trim_disk(f: &File, len: u64) -> Result<Trimmed> {
+    let space = fs::free_space(&DiskFile { file: f, len }).map_err(|e| match e {
+        FsError::Read { what, source } => Error::io(format!("reading {what}"), source),
+        other => Error::Invalid(other.to_string()),
+    })?;
+    let mut t = Trimmed {
+        file_systems: space.file_systems,
+        bytes: 0,
+        notes: space.notes,
+    };
+    for (n, &(start, end)) in space.ranges.iter().enumerate() {
+        match punch_hole(f, start, end - start) {
+            Ok(()) => t.bytes += end - start,
+            // Nothing changed yet: the disk stays as it is.
+            Err(e) if n == 0 && unsupported(&e) => {
+                t.notes.push(format!(
+                    "cannot punch holes in the VM directory's file system ({e}); left as it is"
+                ));
+                t.file_systems = 0;
+                return Ok(t);
+            }
+            Err(e) => return Err(Error::io(format!("punching a hole at {start}"), e)),
+        }
+    }
+    Ok(t)
 }
 
 /// Reads the start and the end of `f` (`size` bytes) and tells its format.
@@ -495,5 +585,69 @@ mod tests {
         // Shorter than a footer: raw.
         f.set_len(100).unwrap();
         assert_eq!(image_format(&f, 100).unwrap(), ImageFormat::Raw);
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+    use std::process::Command;
+
+    fn run(prog: &str, args: &[&str]) {
+        let o = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{prog} (Debian: e2fsprogs) is needed: {e}"));
+        assert!(
+            o.status.success(),
+            "{prog} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// An ext4 file system in partition 1 of a GPT disk: its free blocks
+    /// become holes, the rest of the disk (the GPT, the gap before the
+    /// partition) is untouched and the file system still checks clean.
+    #[test]
+    fn an_ext4_partition_of_a_gpt_disk_is_trimmed() {
+        let t = tempfile::tempdir().unwrap();
+        let fs = t.path().join("fs.img");
+        let fs_s = fs.to_str().unwrap();
+        File::create(&fs).unwrap().set_len(16 << 20).unwrap();
+        run(
+            "mkfs.ext4",
+            &["-q", "-F", "-b", "4096", "-E", "nodiscard", fs_s],
+        );
+        let src = t.path().join("gone");
+        std::fs::write(&src, vec![0x5Au8; 2 << 20]).unwrap();
+        let req = format!("write {} gone", src.display());
+        run("debugfs", &["-w", "-R", &req, fs_s]);
+        run("debugfs", &["-w", "-R", "rm gone", fs_s]);
+        let fs_bytes = std::fs::read(&fs).unwrap();
+        // LBA 2048 on, 16 MiB; 34 sectors after it for the usable range.
+        let sectors = 2048 + (16 << 20) / 512 + 34;
+        let mut disk = crate::fs::part::tests::gpt(sectors, &[(2048, 2048 + (16 << 20) / 512 - 1)]);
+        disk[1 << 20..(1 << 20) + fs_bytes.len()].copy_from_slice(&fs_bytes);
+        // Something in the gap before the partition, as boot loaders put.
+        disk[64 << 10..(64 << 10) + 4096].fill(0xB0);
+        let p = t.path().join("disk.raw");
+        std::fs::write(&p, &disk).unwrap();
+        let f = File::options().read(true).write(true).open(&p).unwrap();
+        let trimmed = trim_disk(&f, disk.len() as u64).unwrap();
+        assert_eq!(trimmed.file_systems, 1, "{:?}", trimmed.notes);
+        assert!(trimmed.bytes >= 2 << 20, "{trimmed:?}");
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(after[..1 << 20], disk[..1 << 20]);
+        assert!(!after.windows(4096).any(|w| w == [0x5Au8; 4096]));
+        let data: u64 = data_extents(&f, disk.len() as u64)
+            .unwrap()
+            .iter()
+            .map(|(a, b)| b - a)
+            .sum();
+        assert!(data < (16 << 20) - (2 << 20), "{data} bytes of data");
+        let part = t.path().join("part.img");
+        std::fs::write(&part, &after[1 << 20..(1 << 20) + (16 << 20)]).unwrap();
+        run("e2fsck", &["-fn", part.to_str().unwrap()]);
     }
 }

@@ -78,6 +78,9 @@ pub struct Component {
     pub size: u64,
     /// Component digest (see `digest`).
     pub digest: Digest,
+    /// A disk whose free file-system blocks were made holes when it was
+    /// imported (FORMAT.md 5.2 `trimmed`); its digest is of those bytes.
+    pub trimmed: bool,
 }
 
 /// A validated manifest.
@@ -114,6 +117,8 @@ struct RawComponent {
     file: String,
     size: u64,
     blake3: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trimmed: Option<bool>,
 }
 
 /// Why a manifest was refused.
@@ -247,6 +252,13 @@ impl Manifest {
                 }
             }
         }
+        if let Some(c) = self
+            .components
+            .iter()
+            .find(|c| c.trimmed && c.kind != Kind::Disk)
+        {
+            return rule(format!("a {:?} component cannot be trimmed", c.kind));
+        }
         if disks > MAX_DISKS {
             return rule(format!("more than {MAX_DISKS} disks"));
         }
@@ -299,10 +311,18 @@ impl Manifest {
         for rc in &raw.components {
             let digest = digest::from_hex(&rc.blake3)
                 .ok_or_else(|| ManifestError::Rule(format!("bad blake3 digest {:?}", rc.blake3)))?;
+            // Present only as true: one spelling per manifest.
+            if rc.trimmed == Some(false) {
+                return Err(ManifestError::Rule(
+                    "trimmed is written only as true".into(),
+                ));
+            }
+            let trimmed = rc.trimmed == Some(true);
             components.push(Component {
                 kind: rc.kind,
                 size: rc.size,
                 digest,
+                trimmed,
             });
             if components.len() > MAX_COMPONENTS {
                 return Err(ManifestError::Rule("too many components".into()));
@@ -360,6 +380,7 @@ impl Manifest {
                     file: self.file_name(i),
                     size: c.size,
                     blake3: digest::hex(&c.digest),
+                    trimmed: c.trimmed.then_some(true),
                 })
                 .collect(),
         };
@@ -473,16 +494,19 @@ mod tests {
                     kind: Kind::Memory,
                     size: 8192,
                     digest: [1; 32],
+                    trimmed: false,
                 },
                 Component {
                     kind: Kind::Disk,
                     size: 4096,
                     digest: [2; 32],
+                    trimmed: false,
                 },
                 Component {
                     kind: Kind::State,
                     size: 10,
                     digest: [3; 32],
+                    trimmed: false,
                 },
             ],
             machine: None,
@@ -497,6 +521,7 @@ mod tests {
                 kind,
                 size: 100,
                 digest: [d; 32],
+                trimmed: false,
             });
         }
         m.components.push(state);
