@@ -83,7 +83,7 @@ fn diff_and_apply_plan_their_total_before_working() {
     let seen = watch(|p| {
         overlay = diff::diff(&base, &launch, &opts, Vec::new(), p).unwrap().0;
     });
-    let size = |d: &VmDir| d.manifest.components.iter().map(|c| c.size).sum::<u64>();
+    let size = |d: &VmDir| kimberley_formats::vmdir::total_size(&d.manifest.components);
     assert_eq!(diff::work(&base, &launch), size(&base) + size(&launch));
     assert_fixed_total(&seen, diff::work(&base, &launch));
     let stages: Vec<&str> = seen.iter().map(|s| s.stage.as_str()).collect();

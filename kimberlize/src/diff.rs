@@ -13,7 +13,7 @@ use kimberley_formats::diff::{self, DiffOptions, Parent};
 use kimberley_formats::fsutil::ScratchDir;
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::import::{import_with, CopyMethod, ImportOptions, ImportSpec};
-use kimberley_formats::vmdir::VmDir;
+use kimberley_formats::vmdir::{total_size, VmDir};
 
 use crate::cli::{DiffArgs, ImportArgs};
 
@@ -48,7 +48,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
         }
     }
     if !a.quiet {
-        let size: u64 = done.manifest.components.iter().map(|c| c.size).sum();
+        let size = total_size(&done.manifest.components);
         let took = t0.elapsed();
         let how: Vec<String> = done
             .methods
@@ -97,7 +97,6 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     // A layered overlay is relative to base + parents: synthesise that
     // into a scratch directory next to the launch VM.
     let secret = kimberley_cli::keys::secret_of(&protection);
-    let size = |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
     let chain = Chain::apply(
         base,
         &a.parent,
@@ -106,7 +105,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         threads,
         &a.launch,
         &progress,
-        size(&launch.manifest.components),
+        total_size(&launch.manifest.components),
     )?;
     let (effective, parent) = (&chain.vm, chain.parent);
 
@@ -155,32 +154,29 @@ impl Chain {
         progress: &Progress,
         more: u64,
     ) -> Result<Chain> {
-        let Some(last) = parents.last() else {
+        if parents.is_empty() {
             return Ok(Chain {
                 vm: base,
                 parent: None,
                 _scratch: None,
             });
-        };
-        let mut inputs = Vec::new();
+        }
+        // Each parent is read once: its header for the plan and the new
+        // overlay's header, its body by the apply.
+        let t0 = Instant::now();
+        let mut opened = Vec::new();
         for p in parents {
             let (name, reader) = open_input(p)?;
-            inputs.push(Input { name, reader });
+            opened.push(Opened::open(
+                Input { name, reader },
+                secret.as_ref(),
+                &policy,
+            )?);
         }
-        // Read the last parent's header for its identity first.
-        let (name, reader) = open_input(last)?;
-        let last = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
+        let last = opened.last().expect("parents is not empty");
         // One total for the whole run: every parent's launch VM, then the
         // diff against the last one's.
-        let mut work = 0;
-        for p in parents {
-            let (name, reader) = open_input(p)?;
-            let o = Opened::open(Input { name, reader }, secret.as_ref(), &policy)?;
-            work += apply::work(std::slice::from_ref(&o));
-        }
-        let size =
-            |c: &[kimberley_formats::vmdir::Component]| c.iter().map(|c| c.size).sum::<u64>();
-        progress.plan(work + size(&last.manifest.launch) + more);
+        progress.plan(apply::work(&opened) + total_size(&last.manifest.launch) + more);
         let parent = Some(Parent {
             overlay_id: last.header.overlay_id,
             depth: last.header.depth,
@@ -195,7 +191,7 @@ impl Chain {
             threads,
             sync: false,
         };
-        apply::apply_chain(&base, inputs, &dir, &opts, progress)
+        apply::apply_opened(&base, opened, &dir, &opts, progress, t0)
             .context("applying the parent overlays")?;
         Ok(Chain {
             vm: VmDir::open(&dir)?,

@@ -205,10 +205,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
     // while the guest works, then the diff's bar.
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
-    let size = |d: &VmDir| d.manifest.components.iter().map(|c| c.size).sum::<u64>();
     // The chain's launch VM, applied next to the launch VM (nothing kept).
     let launch_name = format!("{}-launch", base.manifest.name);
-    let base_size = size(&base);
+    let base_size = kimberley_formats::vmdir::total_size(&base.manifest.components);
     let chain = Chain::apply(
         base,
         &a.parent,

@@ -93,8 +93,7 @@ pub struct ApplyStats {
 pub fn work(chain: &[Opened]) -> u64 {
     chain
         .iter()
-        .flat_map(|o| o.manifest.launch.iter())
-        .map(|c| c.size)
+        .map(|o| crate::vmdir::total_size(&o.manifest.launch))
         .sum()
 }
 
@@ -109,15 +108,33 @@ pub fn apply_chain(
     progress: &Progress,
 ) -> Result<ApplyStats> {
     let t0 = Instant::now();
-    if inputs.is_empty() {
-        return Err(Error::Invalid("no overlay to apply".into()));
-    }
+    // Refused before any key derivation (Argon2id can take seconds).
     if crate::fsutil::occupied(out) {
         return Err(Error::Exists(out.to_path_buf()));
     }
     let mut opened = Vec::new();
     for inp in inputs {
         opened.push(Opened::open(inp, opts.secret.as_ref(), &opts.policy)?);
+    }
+    apply_opened(base, opened, out, opts, progress, t0)
+}
+
+/// [`apply_chain`] for overlays whose headers were already opened (and
+/// authenticated) with `opts`' secret and policy, for a caller that needed
+/// them first; `t0` is when opening began (the stats' times count from it).
+pub fn apply_opened(
+    base: &VmDir,
+    opened: Vec<Opened>,
+    out: &Path,
+    opts: &ApplyOptions,
+    progress: &Progress,
+    t0: Instant,
+) -> Result<ApplyStats> {
+    if opened.is_empty() {
+        return Err(Error::Invalid("no overlay to apply".into()));
+    }
+    if crate::fsutil::occupied(out) {
+        return Err(Error::Exists(out.to_path_buf()));
     }
     check_chain(base, &opened)?;
     progress.plan(work(&opened));
@@ -198,7 +215,7 @@ fn apply_one(
     stats.segments = dstats.segments;
     stats.chunks = mstats.chunks;
     stats.written_bytes = mstats.written_bytes;
-    stats.launch_bytes = launch.components.iter().map(|c| c.size).sum();
+    stats.launch_bytes = crate::vmdir::total_size(&launch.components);
     Ok(stats)
 }
 

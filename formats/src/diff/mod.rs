@@ -25,7 +25,7 @@ use crate::le;
 use crate::overlay::header::Header;
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
 use crate::progress::Progress;
-use crate::vmdir::VmDir;
+use crate::vmdir::{total_size, VmDir};
 
 /// How to protect the overlay.
 #[derive(Debug, Clone)]
@@ -117,8 +117,7 @@ pub struct DiffStats {
 /// The units of work [`diff`] reports to its [`Progress`]: the base's and
 /// the launch VM's sizes (the base is indexed, then the launch VM read).
 pub fn work(base: &VmDir, launch: &VmDir) -> u64 {
-    let size = |d: &VmDir| d.manifest.components.iter().map(|c| c.size).sum::<u64>();
-    size(base) + size(launch)
+    total_size(&base.manifest.components) + total_size(&launch.manifest.components)
 }
 
 /// Diffs `launch` against `base`, writing the overlay to `out`.
@@ -224,7 +223,7 @@ pub fn diff<W: Write + Send>(
         stats.times.classify_ms = t1.elapsed().as_millis() as u64;
         Ok(stats.chunks)
     })?;
-    stats.launch_bytes = launch.manifest.components.iter().map(|c| c.size).sum();
+    stats.launch_bytes = total_size(&launch.manifest.components);
     stats.overlay_bytes = wstats.bytes;
     stats.segments = wstats.segments;
     stats.body_bytes = wstats.body_bytes;

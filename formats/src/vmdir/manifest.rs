@@ -138,6 +138,12 @@ pub enum ManifestError {
     Rule(String),
 }
 
+/// The sum of the components' sizes: what a VM (or an overlay's launch
+/// VM) holds, in bytes.
+pub fn total_size(components: &[Component]) -> u64 {
+    components.iter().map(|c| c.size).sum()
+}
+
 impl Manifest {
     /// The file name of component `i` (fixed by kind and position).
     pub fn file_name(&self, i: usize) -> String {

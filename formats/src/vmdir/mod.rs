@@ -11,4 +11,4 @@ pub mod manifest;
 
 pub use dir::{VmDir, VmDirWriter, MANIFEST};
 pub use machine::MachineSpec;
-pub use manifest::{file_name, Component, Kind, Manifest};
+pub use manifest::{file_name, total_size, Component, Kind, Manifest};
