@@ -88,22 +88,27 @@ pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     e.chain()
         .find_map(|c| {
-            c.downcast_ref::<WithCode>()
-                .map(|w| w.0)
-                .or_else(|| c.downcast_ref::<FormatError>().map(|fe| fe.exit_code()))
+            c.downcast_ref::<WithCode>().map(|w| w.0).or_else(|| {
+                c.downcast_ref::<FormatError>()
+                    .and_then(|fe| u8::try_from(fe.exit_code()).ok())
+            })
         })
-        .and_then(|c| u8::try_from(c).ok())
         .unwrap_or(exit::ERROR)
+}
+
+/// An error with this message that exits with `code` (one of [`exit`]'s).
+pub fn with_code(code: u8, msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(WithCode(code, msg.into()))
 }
 
 /// A usage error (exit [`exit::USAGE`]) with this message.
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(WithCode(exit::USAGE as i32, msg.into()))
+    with_code(exit::USAGE, msg)
 }
 
-/// An error carrying its own exit code (for front ends: VM failures).
+/// An error carrying its own exit code (made by [`with_code`]).
 #[derive(Debug)]
-pub struct WithCode(pub i32, pub String);
+pub struct WithCode(pub u8, pub String);
 
 impl std::fmt::Display for WithCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,9 +132,6 @@ pub fn threads(n: Option<usize>) -> usize {
         .build_global();
     n
 }
-
-/// Exit code of VM failures.
-pub const EXIT_VM: i32 = crate::exit::VM as i32;
 
 /// Parses a size: a whole number with an optional binary unit, `K`, `M`,
 /// `G` or `T` or the same with `iB` (`KiB`, `MiB`, ...), any case: `4096`,

@@ -2,20 +2,21 @@
 
 use kimberley_machine::Error as MachineError;
 
-use crate::run::{WithCode, EXIT_VM};
+use crate::exit;
+use crate::run::with_code;
 
 /// Turns a VMM error into an error with the documented exit code: a VM
 /// directory problem keeps its own code, everything else is a VM failure.
 pub fn vm_error(e: impl Into<MachineError>) -> anyhow::Error {
     match e.into() {
         MachineError::VmDir(f) => f.into(),
-        other => anyhow::Error::new(WithCode(EXIT_VM, other.to_string())),
+        other => with_code(exit::VM, other.to_string()),
     }
 }
 
 /// A VM failure with a message (script errors and the like).
 pub fn vm_failure(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(WithCode(EXIT_VM, msg.into()))
+    with_code(exit::VM, msg)
 }
 
 /// How [`serve_vmdir`] ended.

@@ -8,12 +8,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
-use kimberley_cli::exit;
+use anyhow::Result;
 use kimberley_cli::output::{open_input, write_json};
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::run::usage;
-use kimberley_cli::run::WithCode;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, check_chain, ApplyOptions, Input, Opened};
 use kimberley_formats::progress::Progress;
@@ -135,11 +133,9 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
 fn verify(v: cli::VerifyArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(v.threads);
     if v.base.is_none() && v.input.len() > 1 {
-        return Err(anyhow!(WithCode(
-            exit::USAGE as i32,
-            "verifying a chain of overlays needs --base VMDIR (the chain is checked from it up)"
-                .into()
-        )));
+        return Err(usage(
+            "verifying a chain of overlays needs --base VMDIR (the chain is checked from it up)",
+        ));
     }
     check_stdin(&v.input, &v.keys)?;
     let secret = v.keys.secret()?;

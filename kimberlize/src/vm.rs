@@ -327,12 +327,7 @@ fn launch_writer(p: &Path, force: bool) -> Result<VmDirWriter> {
     if !occupied(p) {
         return Ok(VmDirWriter::create(p)?);
     }
-    let exists = |msg: String| {
-        anyhow::Error::new(kimberley_cli::run::WithCode(
-            kimberley_cli::exit::EXISTS.into(),
-            msg,
-        ))
-    };
+    let exists = |msg: String| kimberley_cli::run::with_code(kimberley_cli::exit::EXISTS, msg);
     if !force {
         return Err(exists(format!(
             "--launch-out {}: exists (give --force to replace a VM directory)",

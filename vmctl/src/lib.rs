@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
 use kimberley_cli::exit::VMCTL_FAILED;
-use kimberley_cli::run::WithCode;
+use kimberley_cli::run::with_code;
 use serde_json::{json, Value};
 
 use cli::Command;
@@ -29,8 +29,7 @@ pub fn main() -> ExitCode {
     }
     let mut status = 0u8;
     let code = kimberley_cli::main_with(|| {
-        status = run(&args)
-            .map_err(|e| anyhow::Error::new(WithCode(VMCTL_FAILED.into(), format!("{e:#}"))))?;
+        status = run(&args).map_err(|e| with_code(VMCTL_FAILED, format!("{e:#}")))?;
         Ok(())
     });
     if status != 0 {

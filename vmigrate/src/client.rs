@@ -11,23 +11,19 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kimberley_cli::progress as units;
-use kimberley_cli::run::WithCode;
+use kimberley_cli::run::with_code;
 use kimberley_formats::sys::poll;
 use serde_json::{json, Value};
 
 use crate::cli::SendArgs;
 use crate::params::Params;
 
-/// Exit code of an authentication failure (as for overlays).
-const EXIT_AUTH: i32 = kimberley_cli::exit::AUTH as i32;
-
 pub fn send(a: SendArgs) -> Result<()> {
     // Refuse a bad key file here, before bothering the VM's process.
     if a.key_file.as_os_str() == "-" {
-        return Err(anyhow::anyhow!(kimberley_cli::run::WithCode(
-            kimberley_cli::exit::USAGE as i32,
-            "vmigrate send needs the key in a file: the VM's process reads it by its path".into()
-        )));
+        return Err(kimberley_cli::run::usage(
+            "vmigrate send needs the key in a file: the VM's process reads it by its path",
+        ));
     }
     crate::channel::read_key(&a.key_file)?;
     let key_file = std::fs::canonicalize(&a.key_file)
@@ -123,7 +119,7 @@ pub fn send(a: SendArgs) -> Result<()> {
         }
         let msg = format!("migration failed, the guest keeps running on the source: {err}");
         if err.contains("authentication failed") {
-            return Err(anyhow::Error::new(WithCode(EXIT_AUTH, msg)));
+            return Err(with_code(kimberley_cli::exit::AUTH, msg));
         }
         bail!(msg);
     }
