@@ -1,11 +1,9 @@
 //! Key files, passphrases and key derivation.
 
-use std::path::Path;
-
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// Length of a key file.
 pub const KEY_LEN: usize = 32;
@@ -125,39 +123,6 @@ impl std::fmt::Debug for Secret {
             Secret::Key(_) => f.write_str("Secret::Key(..)"),
             Secret::Passphrase(_) => f.write_str("Secret::Passphrase(..)"),
         }
-    }
-}
-
-impl Secret {
-    /// Reads a key file: the text form or 32 raw bytes ([`super::keyfile`]).
-    pub fn from_key_file(path: &Path) -> Result<Secret> {
-        let bytes = std::fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
-        let key = super::keyfile::parse(&bytes).map_err(|e| {
-            Error::Usage(format!(
-                "{}: {e} (make one with `kimberlize keygen`)",
-                path.display()
-            ))
-        })?;
-        Ok(Secret::Key(key))
-    }
-
-    /// Reads a passphrase file.
-    pub fn from_passphrase_file(path: &Path) -> Result<Secret> {
-        let mut bytes =
-            std::fs::read(path).ctx(|| format!("reading passphrase file {}", path.display()))?;
-        if bytes.last() == Some(&b'\n') {
-            bytes.pop();
-            if bytes.last() == Some(&b'\r') {
-                bytes.pop();
-            }
-        }
-        if bytes.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} holds an empty passphrase",
-                path.display()
-            )));
-        }
-        Ok(Secret::Passphrase(bytes))
     }
 }
 
