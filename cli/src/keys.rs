@@ -215,9 +215,8 @@ pub fn prompt_passphrase(sealing: bool) -> Result<Vec<u8>> {
 /// (into a secret store, a mail, another host's file), as `age-keygen` does.
 pub fn keygen(path: &Path) -> Result<()> {
     let key = kimberley_formats::crypto::keys::random::<KEY_LEN>()?;
-    let out = crate::output::Output::create(path, false)?;
-    out.write_all(format!("{}\n", keyfile::encode(&key)).as_bytes())?;
-    out.commit()
+    let line = format!("{}\n", keyfile::encode(&key));
+    crate::output::write_file(path, line.as_bytes(), false)
 }
 
 /// What a reader of overlays accepts (flattened next to [`KeyArgs`] in

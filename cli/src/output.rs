@@ -196,14 +196,21 @@ pub fn open_input(path: &Path) -> Result<(String, Box<dyn io::Read + Send>)> {
     }
 }
 
+/// Writes `bytes` as the whole output `path` (see [`Output::create`]:
+/// `-` is stdout, streams are written in place; `force` replaces a regular
+/// file).
+pub fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    let out = Output::create(path, force)?;
+    out.write_all(bytes)?;
+    out.commit()
+}
+
 /// Writes `value` as pretty JSON to `path` (`-`: stdout), replacing a
 /// regular file that is there.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut v = serde_json::to_vec_pretty(value)?;
     v.push(b'\n');
-    let out = Output::create(path, true)?;
-    out.write_all(&v)?;
-    out.commit()
+    write_file(path, &v, true)
 }
 
 #[cfg(test)]

@@ -2,18 +2,17 @@
 //! Linux under QEMU).
 
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kimberley_cli::output::{write_json, Output};
+use kimberley_cli::output::{write_file, write_json, Output};
 use kimberley_cli::progress::Reporter;
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_cli::vm::{vm_error, vm_failure};
 use kimberley_formats::diff::DiffOptions;
-use kimberley_formats::fsutil::{occupied, AtomicFile, ScratchDir};
+use kimberley_formats::fsutil::{occupied, ScratchDir};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter, MANIFEST};
 use kimberley_machine::{Machine, RestoreOptions};
@@ -270,11 +269,8 @@ pub fn build(a: BuildArgs) -> Result<()> {
     // The depfile first: a target never exists without the list of what
     // it was made from.
     if let Some((p, text)) = &depfile {
-        let f = AtomicFile::create(p, true)?;
-        f.file()
-            .write_all_at(text.as_bytes(), 0)
+        write_file(p, text.as_bytes(), true)
             .with_context(|| format!("writing the depfile {}", p.display()))?;
-        f.commit()?;
     }
     let t_save = Instant::now();
     progress.stage("suspending");
