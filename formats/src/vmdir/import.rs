@@ -162,13 +162,7 @@ pub fn import_with(
         let trim = opts.trim && kind == Kind::Disk;
         let fname = manifest.file_name(i);
         let dst = w.create_file(&fname)?;
-        let wrap = |e: Error| match e {
-            Error::Io { context, source } => Error::Io {
-                context: format!("importing {}: {context}", src.display()),
-                source,
-            },
-            other => other,
-        };
+        let wrap = prefixed(format!("importing {}", src.display()));
         progress.stage(&format!("importing {}", src.display()));
         // The digest, unless it is computed after trimming.
         let (method, digest, len) = if format != ImageFormat::Raw {
@@ -197,13 +191,7 @@ pub fn import_with(
         };
         let trimmed = if trim {
             progress.stage(&format!("trimming {fname}"));
-            let t = trim_disk(&dst, len).map_err(|e| match e {
-                Error::Io { context, source } => Error::Io {
-                    context: format!("trimming {fname}: {context}"),
-                    source,
-                },
-                other => other,
-            })?;
+            let t = trim_disk(&dst, len).map_err(prefixed(format!("trimming {fname}")))?;
             manifest.components[i].trimmed = t.file_systems > 0;
             Some(t)
         } else {
@@ -226,6 +214,18 @@ pub fn import_with(
         source_bytes,
         trims,
     })
+}
+
+/// Puts `what` before the context of an I/O error (other errors say
+/// what they are already).
+fn prefixed(what: String) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::Io { context, source } => Error::Io {
+            context: format!("{what}: {context}"),
+            source,
+        },
+        other => other,
+    }
 }
 
 /// A disk image file as the [`fs`] readers' byte source.
