@@ -256,7 +256,7 @@ fn the_layers_example_builds_incrementally() {
     interrupt_when(&d3, &d3.join("os.ovl"));
     no_half_targets(&d3);
     // The interrupted kimberlize removed what it was writing.
-    assert_eq!(leftovers(&d3), Vec::<String>::new());
+    assert_eq!(temps(&d3), Vec::<String>::new());
     assert!(
         !run(&mut make_cmd(&d3, &["-q"])).status.success(),
         "make -q is true after an interrupted make"
@@ -348,7 +348,7 @@ fn build_outputs_for_make() {
     assert_eq!(VmDir::open(&d.join("vm")).unwrap().identity(), first);
     ok(build(d, &[os("--launch-out"), os("vm"), os("--force")]));
     VmDir::open(&d.join("vm")).unwrap().verify().unwrap();
-    assert_eq!(leftovers(d), Vec::<String>::new());
+    assert_eq!(temps(d), Vec::<String>::new());
 
     // Attack: --force never replaces what is not a VM directory (a home
     // directory given by mistake), nor follows a symbolic link to one.
@@ -406,7 +406,7 @@ fn build_outputs_for_make() {
         stderr(&o)
     );
     assert!(!d.join("x.d").exists());
-    assert_eq!(leftovers(d), Vec::<String>::new());
+    assert_eq!(temps(d), Vec::<String>::new());
 }
 
 #[test]
@@ -463,14 +463,5 @@ fn build_parent_reads_the_chain_with_the_key() {
         &k1
     );
     ok(v);
-    assert_eq!(leftovers(d), Vec::<String>::new());
-}
-
-/// Temporary names (`.NAME.tmp-PID-N`) left in `dir`.
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect()
+    assert_eq!(temps(d), Vec::<String>::new());
 }

@@ -7,20 +7,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use kimberley_cli::exit;
-use kimberley_formats::testkit::{make_pair, Pair, PairSpec};
-
-fn setup(dir: &Path, spec: &PairSpec) -> (Pair, PathBuf) {
-    let pair = make_pair(dir, spec).unwrap();
-    let key = dir.join("key");
-    keygen(&key);
-    (pair, key)
-}
+use kimberley_formats::testkit::{Pair, PairSpec};
 
 /// A pair whose diff takes seconds at zstd level 19 on one thread.
 fn big() -> PairSpec {
@@ -31,15 +24,6 @@ fn big() -> PairSpec {
         change_percent: 60,
         ..Default::default()
     }
-}
-
-/// Entries of `dir` named like a temporary output (`.NAME.tmp-PID-N`).
-fn temps(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') && n.contains(".tmp-"))
-        .collect()
 }
 
 /// Waits until `child` has a temporary output in `dir` whose name starts
@@ -83,7 +67,7 @@ fn diff_cmd(p: &Pair, key: &Path) -> Command {
 #[test]
 fn interrupted_diff_removes_its_partial_overlay() {
     let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup(t.path(), &big());
+    let (p, key) = setup_with(t.path(), &big());
     let out = t.path().join("out");
     std::fs::create_dir(&out).unwrap();
     for (sig, code, name) in [
@@ -115,7 +99,7 @@ fn interrupted_diff_removes_its_partial_overlay() {
 #[test]
 fn interrupted_layered_diff_removes_its_scratch_directory() {
     let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup(t.path(), &big());
+    let (p, key) = setup_with(t.path(), &big());
     // A parent that changes nothing: the layered diff applies it into a
     // scratch directory next to the launch VM, then diffs all of it.
     let parent = t.path().join("parent.ovl");
@@ -167,7 +151,7 @@ fn interrupted_dekimberlize_removes_its_partial_vm() {
         memory: 8 << 20,
         ..Default::default()
     };
-    let (p, key) = setup(t.path(), &spec);
+    let (p, key) = setup_with(t.path(), &spec);
     let ovl = diff_cmd(&p, &key).output().unwrap().stdout;
     assert!(ovl.len() > 100_000);
     let out = t.path().join("app");
@@ -286,7 +270,7 @@ fn interrupted_build_removes_the_launch_vm_and_the_overlay() {
 #[test]
 fn stale_temporaries_of_dead_runs_are_removed_live_ones_kept() {
     let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup(t.path(), &PairSpec::default());
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
     let mut c = Command::new("true").spawn().unwrap();
     let dead = c.id();
     c.wait().unwrap();
@@ -346,7 +330,7 @@ fn verify(ovl: &Path, key: &Path) {
 #[test]
 fn fifos_and_devices_are_written_in_place() {
     let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup(t.path(), &PairSpec::default());
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
     let fifo = t.path().join("fifo");
     mkfifo(&fifo);
     for force in [false, true] {
@@ -397,7 +381,7 @@ fn fifos_and_devices_are_written_in_place() {
 #[test]
 fn descriptor_paths_and_dash_are_streams() {
     let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup(t.path(), &PairSpec::default());
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
     // `-o >(cmd)`: bash passes /dev/fd/63.
     let count = t.path().join("count");
     let script = "\"$0\" diff -q --base \"$1\" --launch \"$2\" -k \"$3\" -o >(wc -c > \"$4\"); r=$?; wait $!; exit $r";
@@ -480,7 +464,7 @@ fn a_cut_output_is_a_failure() {
         memory: 8 << 20,
         ..Default::default()
     };
-    let (p, key) = setup(t.path(), &spec);
+    let (p, key) = setup_with(t.path(), &spec);
     // A reader that takes 1000 bytes and goes away.
     let mut child = diff_cmd(&p, &key)
         .stdout(Stdio::piped())
@@ -491,14 +475,7 @@ fn a_cut_output_is_a_failure() {
     let mut first = vec![0u8; 1000];
     out.read_exact(&mut first).unwrap();
     drop(out);
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let st = child.wait().unwrap();
+    let (st, err) = finish(child);
     assert_eq!(st.code(), Some(exit::BROKEN_PIPE as i32), "{err}");
     assert!(err.contains("the output was cut"), "{err}");
     // What a shell with pipefail sees.
@@ -517,7 +494,7 @@ fn a_cut_output_is_a_failure() {
 #[test]
 fn the_same_failure_is_the_same_usage_code_everywhere() {
     let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup(t.path(), &PairSpec::default());
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
     let ovl = t.path().join("a.ovl");
     ok(diff_cmd(&p, &key).arg("-o").arg(&ovl).output().unwrap());
     let usage = exit::USAGE as i32;

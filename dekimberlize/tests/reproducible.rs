@@ -12,17 +12,9 @@ use common::*;
 use kimberley_formats::testkit::{copy_vmdir, make_pair, PairSpec};
 use kimberley_formats::vmdir::VmDir;
 
-/// `kimberlize diff` into `out` with `args` after the inputs.
-fn diff(base: &Path, launch: &Path, out: &Path, args: &[&OsStr]) -> Vec<u8> {
-    let mut c = std::process::Command::new(bin("kimberlize"));
-    c.args(["diff", "-q", "--base"])
-        .arg(base)
-        .arg("--launch")
-        .arg(launch)
-        .arg("-o")
-        .arg(out)
-        .args(args);
-    ok(run(&mut c));
+/// `kimberlize diff` into `out` with `args` after the inputs; its bytes.
+fn diff_bytes(base: &Path, launch: &Path, out: &Path, args: &[&OsStr]) -> Vec<u8> {
+    ok(diff(base, launch, out, args));
     std::fs::read(out).unwrap()
 }
 
@@ -42,8 +34,8 @@ fn diff_twice_gives_the_same_bytes_whatever_the_threads() {
             a.extend([OsStr::new("--threads"), OsStr::new(threads)]);
             a
         };
-        let one = diff(&p.base, &p.launch, &o(&format!("{name}-1.ovl")), &with("1"));
-        let four = diff(&p.base, &p.launch, &o(&format!("{name}-4.ovl")), &with("4"));
+        let one = diff_bytes(&p.base, &p.launch, &o(&format!("{name}-1.ovl")), &with("1"));
+        let four = diff_bytes(&p.base, &p.launch, &o(&format!("{name}-4.ovl")), &with("4"));
         let differing = one.iter().zip(&four).filter(|(a, b)| a != b).count();
         assert!(
             one == four,
@@ -63,10 +55,10 @@ fn a_parent_diffed_again_keeps_its_child_valid() {
     let k = [OsStr::new("-k"), key.as_os_str()];
     let l1 = t.path().join("l1.ovl");
     let l2 = t.path().join("l2.ovl");
-    let first = diff(&p.base, &p.launch, &l1, &k);
+    let first = diff_bytes(&p.base, &p.launch, &l1, &k);
     let mut child = k.to_vec();
     child.extend([OsStr::new("--parent"), l1.as_os_str()]);
-    diff(&p.base, &p2.launch, &l2, &child);
+    diff_bytes(&p.base, &p2.launch, &l2, &child);
     // The parent rebuilt: its launch VM copied to a new directory (new
     // files, new times), diffed again with other threads.
     let mid = t.path().join("mid-again");
@@ -75,7 +67,7 @@ fn a_parent_diffed_again_keeps_its_child_valid() {
     let mut again = k.to_vec();
     again.extend([OsStr::new("--threads"), OsStr::new("3")]);
     assert!(
-        diff(&p.base, &mid, &l1b, &again) == first,
+        diff_bytes(&p.base, &mid, &l1b, &again) == first,
         "the rebuilt parent differs"
     );
     let out = t.path().join("out");

@@ -64,10 +64,19 @@ pub fn code(o: &Output) -> i32 {
 
 /// Sends `sig` to `child` (its stderr piped), waits for it to exit;
 /// returns the exit code and everything it wrote on stderr.
-pub fn interrupt(mut child: std::process::Child, sig: libc::c_int) -> (i32, String) {
-    use std::io::Read;
+pub fn interrupt(child: std::process::Child, sig: libc::c_int) -> (i32, String) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    let (st, err) = finish(child);
+    let code = st
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal ({st}): {err}"));
+    (code, err)
+}
+
+/// Reads all `child` writes on stderr (piped) and waits for it to exit.
+pub fn finish(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
     let mut err = String::new();
     child
         .stderr
@@ -75,11 +84,16 @@ pub fn interrupt(mut child: std::process::Child, sig: libc::c_int) -> (i32, Stri
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    let st = child.wait().unwrap();
-    let code = st
-        .code()
-        .unwrap_or_else(|| panic!("killed by a signal ({st}): {err}"));
-    (code, err)
+    (child.wait().unwrap(), err)
+}
+
+/// Entries of `dir` named like a temporary output (`.NAME.tmp-PID-N`).
+pub fn temps(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.contains(".tmp-"))
+        .collect()
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -88,7 +102,12 @@ pub fn stderr(o: &Output) -> String {
 
 /// A base and launch VM (`make_pair`) in `dir`, and a new key file `dir/key`.
 pub fn setup(dir: &Path) -> (Pair, PathBuf) {
-    let pair = make_pair(dir, &PairSpec::default()).unwrap();
+    setup_with(dir, &PairSpec::default())
+}
+
+/// [`setup`] with the pair made as `spec` says.
+pub fn setup_with(dir: &Path, spec: &PairSpec) -> (Pair, PathBuf) {
+    let pair = make_pair(dir, spec).unwrap();
     let key = dir.join("key");
     keygen(&key);
     (pair, key)
