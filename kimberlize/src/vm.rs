@@ -23,6 +23,9 @@ use crate::cli::{AccelArg, BaseArgs, BuildArgs};
 use crate::depfile;
 use crate::diff::{summary, write_overlay, Chain};
 
+/// How long a build waits for the guest to be idle before suspending it.
+const IDLE_WAIT: Duration = Duration::from_secs(2);
+
 fn name_of(p: &std::path::Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -88,6 +91,9 @@ pub fn base(a: BaseArgs) -> Result<()> {
     vm.wait_ready(Duration::from_secs(a.timeout))
         .map_err(vm_error)?;
     let name = a.name.clone().unwrap_or_else(|| name_of(&a.output));
+    // Stopped where it waits for commands: registers and memory are those
+    // of any other boot (its clocks are not: a boot has no origin).
+    vm.pause_reproducibly(IDLE_WAIT).map_err(vm_error)?;
     vm.suspend_into(w, &name).map_err(vm_error)?;
     drop(vm);
     if !a.quiet {
@@ -274,6 +280,10 @@ pub fn build(a: BuildArgs) -> Result<()> {
     }
     let t_save = Instant::now();
     progress.stage("suspending");
+    // Stopped where it waits for commands and with canonical clocks, where
+    // the backend can: the same scripts on the same VM then save the same
+    // launch VM, so its overlay is reproducible too (docs/SCRIPTS.md).
+    vm.pause_reproducibly(IDLE_WAIT).map_err(vm_error)?;
     vm.suspend_into(w, &launch_name).map_err(vm_error)?;
     drop(vm);
     let suspend_ms = t_save.elapsed().as_millis() as u64;

@@ -60,6 +60,17 @@ pub trait Machine: Send {
     /// Stops the guest's vCPUs (in-flight I/O completed) and waits until
     /// they are stopped.
     fn pause(&mut self) -> Result<()>;
+    /// Pauses for a suspend that equal runs save identically, where the
+    /// backend can: the guest stopped where it waits for commands (waiting
+    /// up to `timeout` for it to get there) and its clocks saved canonical
+    /// rather than as the time it happened to run. Returns whether the
+    /// guest was stopped at that point; backends that cannot just pause
+    /// and return false.
+    fn pause_reproducibly(&mut self, _timeout: Duration) -> Result<bool> {
+        self.pause()?;
+        Ok(false)
+    }
+
     /// Lets a paused guest run again.
     fn resume(&mut self) -> Result<()>;
     /// True if paused (or asked to pause).

@@ -152,6 +152,10 @@ impl Machine for Vm {
         Ok(Vm::pause(self)?)
     }
 
+    fn pause_reproducibly(&mut self, timeout: Duration) -> MResult<bool> {
+        Ok(Vm::pause_reproducibly(self, timeout)?)
+    }
+
     fn resume(&mut self) -> MResult<()> {
         Ok(Vm::resume(self)?)
     }

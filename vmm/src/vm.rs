@@ -13,6 +13,7 @@ use crate::devices::virtio_blk::{BlockState, VirtioBlk};
 use crate::error::{Error, Result};
 use crate::persist::{self, Codec, Persist, Reader, Writer};
 use crate::runner::{self, lock, Inner, Request, RunState, Shared};
+use crate::vstate::canonical::{self, ClockOrigin, Clocks};
 use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
@@ -68,6 +69,10 @@ pub struct Vm {
     tsc_khz: u32,
     started: Instant,
     ticker: Option<JoinHandle<()>>,
+    /// The clocks it was restored with (None for a booted VM).
+    clock_origin: Option<ClockOrigin>,
+    /// The next save writes canonical state ([`Vm::pause_reproducibly`]).
+    canonical_save: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -150,9 +155,16 @@ impl Vm {
             if i == 0 {
                 v.setup_boot(image.entry)?;
             }
+            v.set_tsc(canonical::BOOT_TSC)?;
             vcpus.push(v);
         }
         let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
+        kvm.set_clock(0)?;
+        let origin = ClockOrigin {
+            clock_ns: 0,
+            tsc: vec![Some(canonical::BOOT_TSC); vcpus.len()],
+            tsc_khz,
+        };
 
         let mut blocks = Vec::new();
         for p in &cfg.disks {
@@ -181,7 +193,7 @@ impl Vm {
                 disk_mmio,
             },
         )?;
-        Ok(Self::start(
+        let mut vm = Self::start(
             kvm,
             memory,
             vcpus,
@@ -191,7 +203,9 @@ impl Vm {
             tsc_khz,
             (false, false),
             Vec::new(),
-        ))
+        );
+        vm.clock_origin = Some(origin);
+        Ok(vm)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -238,6 +252,8 @@ impl Vm {
             tsc_khz,
             started: Instant::now(),
             ticker: None,
+            clock_origin: None,
+            canonical_save: false,
         }
     }
 
@@ -304,7 +320,12 @@ impl Vm {
             paths.push(d.path.clone());
             blocks.push(VirtioBlk::restore((d.file, d.path, mem.clone()), s)?);
         }
-        Ok(Self::start(
+        let origin = ClockOrigin {
+            clock_ns: snap.kvm.clock.clock,
+            tsc: snap.vcpus.iter().map(VcpuState::tsc).collect(),
+            tsc_khz: snap.tsc_khz,
+        };
+        let mut vm = Self::start(
             kvm,
             mem,
             vcpus,
@@ -314,7 +335,9 @@ impl Vm {
             snap.tsc_khz,
             (snap.ready, snap.needs_sync),
             snap.partial_line,
-        ))
+        );
+        vm.clock_origin = Some(origin);
+        Ok(vm)
     }
 
     /// Makes every wait of this VM ([`Vm::wait_ready`], [`Vm::run_script`],
@@ -470,8 +493,44 @@ impl Vm {
         }
     }
 
+    /// Pauses the guest where it waits for commands, for a suspend that
+    /// equal runs save identically: the vCPU stops at the same instruction
+    /// with the same registers and stack, and the next save writes canonical
+    /// clocks (see [`crate::vstate::canonical`]) instead of the time the guest
+    /// ran. Waits up to `timeout` for the guest to be idle; one with
+    /// background work (`counter start`, `dirty`) never is, and is paused
+    /// where it runs: returns whether it was idle.
+    pub fn pause_reproducibly(&mut self, timeout: Duration) -> Result<bool> {
+        let idle = self.shared.wait_for(timeout, |g| {
+            if g.state == RunState::Exited {
+                return Some(Ok(false));
+            }
+            if g.request != Request::Run {
+                // Already paused or pausing: wherever it stopped.
+                return Some(Ok(g.state == RunState::Paused && g.idle));
+            }
+            // Under the lock the vCPU thread waits in its idle exit; it
+            // leaves that wait only for input (none: no script runs) or for
+            // this request, and parks before it enters the guest again.
+            g.idle.then(|| {
+                g.request = Request::Pause;
+                Ok(true)
+            })
+        });
+        self.shared.cond.notify_all();
+        let idle = match idle {
+            Ok(i) => i,
+            Err(Error::Timeout(_)) => false,
+            Err(e) => return Err(e),
+        };
+        self.pause()?;
+        self.canonical_save = true;
+        Ok(idle)
+    }
+
     /// Lets a paused vCPU run again.
     pub fn resume(&mut self) -> Result<()> {
+        self.canonical_save = false;
         let mut g = lock(&self.shared.inner);
         if let Some(e) = &g.exit {
             return Err(e.to_error());
@@ -673,6 +732,26 @@ impl Vm {
             let g = lock(&self.shared.inner);
             (g.serial.save()?, g.ready, g.needs_sync, g.out_line.clone())
         };
+        let mut kvm = kvm;
+        if let (true, Some(origin)) = (self.canonical_save, &self.clock_origin) {
+            let now = Clocks {
+                clock_ns: kvm.clock.clock,
+                tsc: vcpus.iter().map(VcpuState::tsc).collect(),
+            };
+            let c = canonical::clocks(origin, &now);
+            // What KVM reports besides the guest's time (host wall clock,
+            // host TSC, which of them it filled in) is not restored.
+            kvm.clock.clock = c.clock_ns;
+            kvm.clock.flags = 0;
+            kvm.clock.realtime = 0;
+            kvm.clock.host_tsc = 0;
+            for (v, t) in vcpus.iter_mut().zip(c.tsc) {
+                if let Some(t) = t {
+                    v.set_tsc(t);
+                }
+                v.canonical_xsave();
+            }
+        }
         let snap = Snapshot {
             memory_size: self.memory.size() as u64,
             tsc_khz: self.tsc_khz,

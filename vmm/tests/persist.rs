@@ -201,3 +201,74 @@ fn corrupt_and_foreign_blobs_are_rejected() {
     let mut vm = Vm::restore(&mem, vec![], &state).unwrap();
     assert_eq!(run_ok(&mut vm, "print ok"), vec!["ok"]);
 }
+
+/// Boots, runs `script`, pauses reproducibly, saves: (idle?, memory, state).
+fn reproducible_save(dir: &std::path::Path, script: &str) -> (bool, Vec<u8>, Vec<u8>) {
+    let mut vm = boot(32, &[]);
+    run_ok(&mut vm, script);
+    let idle = vm.pause_reproducibly(Duration::from_secs(2)).unwrap();
+    let mem = dir.join("m");
+    let state = vm.save(&mem).unwrap();
+    (idle, std::fs::read(&mem).unwrap(), state)
+}
+
+#[test]
+fn reproducible_pauses_save_the_same_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = "fill a 2M 5 random\nfill b 300K 6 text\nchecksum a";
+    // Different host timings between two boots of the same script: the
+    // second waits a while before its script runs, so its clocks and the
+    // place a plain pause would stop it at differ.
+    let (idle1, mem1, st1) = reproducible_save(dir.path(), script);
+    std::thread::sleep(Duration::from_millis(300));
+    let (idle2, mem2, st2) = reproducible_save(dir.path(), script);
+    assert!(
+        idle1 && idle2,
+        "an idle guest was not paused at its idle point"
+    );
+    assert!(mem1 == mem2, "memory differs between two equal boots");
+    assert!(st1 == st2, "state differs between two equal boots");
+
+    // Restored from that state, equal scripts again save equal state, and
+    // the guest still works (its clocks moved forward, not back).
+    let mem = dir.path().join("base");
+    std::fs::write(&mem, &mem1).unwrap();
+    let mut saves = Vec::new();
+    for wait in [0, 250] {
+        let mut vm = Vm::restore(&mem, vec![], &st1).unwrap();
+        std::thread::sleep(Duration::from_millis(wait));
+        let lines = run_ok(&mut vm, "fill c 1M 7 text\nchecksum c\nchecksum a");
+        assert!(vm.pause_reproducibly(Duration::from_secs(2)).unwrap());
+        saves.push((lines, vm.save(&dir.path().join("m2")).unwrap()));
+    }
+    assert_eq!(saves[0].0, saves[1].0);
+    assert!(
+        saves[0].1 == saves[1].1,
+        "state differs between two equal restores"
+    );
+    // A plain pause saves the time the guest happened to run.
+    let mut vm = Vm::restore(&mem, vec![], &st1).unwrap();
+    run_ok(&mut vm, "fill c 1M 7 text\nchecksum c\nchecksum a");
+    std::thread::sleep(Duration::from_millis(50));
+    vm.pause().unwrap();
+    assert!(vm.save(&dir.path().join("m3")).unwrap() != saves[0].1);
+}
+
+#[test]
+fn a_guest_with_background_work_is_paused_where_it_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(32, &[]);
+    run_ok(&mut vm, "counter start");
+    let t0 = Instant::now();
+    assert!(!vm.pause_reproducibly(Duration::from_millis(300)).unwrap());
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(vm.is_paused());
+    vm.resume().unwrap();
+    run_ok(&mut vm, "counter stop");
+    assert!(vm.pause_reproducibly(Duration::from_secs(2)).unwrap());
+}

@@ -1,5 +1,6 @@
 //! KVM file descriptors and their state: the VM, its vCPUs, guest memory.
 
+pub mod canonical;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

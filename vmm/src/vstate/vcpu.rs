@@ -9,6 +9,8 @@ use kvm_ioctls::VcpuFd;
 use crate::abi;
 use crate::error::{Error, Result};
 use crate::persist::{Codec, Persist, ReadKvm, Reader, WriteKvm, Writer};
+use crate::vstate::canonical::{self, MSR_IA32_TSC};
+use zerocopy::IntoBytes;
 
 /// Caps on vCPU state lengths.
 pub const MAX_CPUID_ENTRIES: usize = 256;
@@ -177,6 +179,16 @@ impl Vcpu {
         Ok(out)
     }
 
+    /// Sets the time-stamp counter (at boot: [`canonical::BOOT_TSC`], so the
+    /// guest's time does not depend on the host's uptime). Some hosts
+    /// ignore the write (the guest then reads the host's TSC).
+    pub fn set_tsc(&self, tsc: u64) -> Result<()> {
+        match self.restore_msrs(&[(MSR_IA32_TSC, tsc)])? {
+            1 => Ok(()),
+            _ => Err(Error::Config("KVM refused to set IA32_TSC".into())),
+        }
+    }
+
     fn restore_msrs(&self, msrs: &[(u32, u64)]) -> Result<usize> {
         let mut accepted = 0;
         let mut rest = msrs;
@@ -226,6 +238,37 @@ pub struct VcpuState {
     pub lapic: kvm_lapic_state,
     /// MSRs KVM let us read (index, value), IA32_TSC included.
     pub msrs: Vec<(u32, u64)>,
+}
+
+impl VcpuState {
+    /// Its time-stamp counter (IA32_TSC), if it was saved.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|(i, _)| *i == MSR_IA32_TSC)
+            .map(|&(_, v)| v)
+    }
+
+    /// Sets the saved time-stamp counter (where one was saved).
+    pub fn set_tsc(&mut self, tsc: u64) {
+        for (i, v) in &mut self.msrs {
+            if *i == MSR_IA32_TSC {
+                *v = tsc;
+            }
+        }
+    }
+
+    /// Makes the XSAVE header canonical ([`canonical::xsave_header`]).
+    pub fn canonical_xsave(&mut self) {
+        let xcr0 = self
+            .xcrs
+            .xcrs
+            .iter()
+            .take(self.xcrs.nr_xcrs as usize)
+            .find(|x| x.xcr == 0)
+            .map_or(1, |x| x.value);
+        canonical::xsave_header(self.xsave.region.as_mut_bytes(), xcr0);
+    }
 }
 
 impl std::fmt::Debug for VcpuState {

@@ -144,8 +144,13 @@ impl KvmVm {
                 .set_irqchip(chip)
                 .map_err(|e| Error::Kvm("SET_IRQCHIP", e))?;
         }
+        self.set_clock(s.clock.clock)
+    }
+
+    /// Sets kvmclock, the guest's time in ns (0 at boot).
+    pub fn set_clock(&self, ns: u64) -> Result<()> {
         let clock = kvm_clock_data {
-            clock: s.clock.clock,
+            clock: ns,
             ..Default::default()
         };
         self.fd
