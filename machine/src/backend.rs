@@ -27,6 +27,10 @@ pub enum MemorySource {
     /// The memory file mapped copy-on-write: pages fault in lazily.
     #[default]
     PrivateFileMap,
+    /// Anonymous memory whose pages a handler thread reads from the memory
+    /// file on first touch (userfaultfd): the way an overlay that is still
+    /// arriving will be served. Backends without it refuse it.
+    Lazy,
 }
 
 /// A TCP port of the guest reachable from the host.

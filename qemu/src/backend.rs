@@ -17,7 +17,8 @@ use kimberley_formats::vmdir::{
     file_name, Component, Kind, MachineSpec, Manifest, VmDir, VmDirWriter,
 };
 use kimberley_machine::{
-    Backend, GuestAgent, Machine, MachineInfo, Placement, RestoreOptions, ScriptOutcome,
+    Backend, GuestAgent, Machine, MachineInfo, MemorySource, Placement, RestoreOptions,
+    ScriptOutcome,
 };
 
 use crate::accel::{self, AccelChoice};
@@ -367,6 +368,14 @@ impl QemuBackend {
     }
 
     fn restore_vm(&self, dir: &VmDir, opts: RestoreOptions<'_>) -> Result<QemuMachine> {
+        if opts.memory != MemorySource::PrivateFileMap {
+            // QEMU maps its RAM file itself; serving it lazily would take
+            // postcopy or a userfaultfd-served file (docs/QEMU.md).
+            return Err(Error::Unsupported(
+                "lazily restored memory is for the microVM; QEMU guests' memory is mapped from their file"
+                    .into(),
+            ));
+        }
         self.check_dir(dir)?;
         let m = &dir.manifest;
         let spec = self.spec(dir)?;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use kimberley_formats::fsutil::copy_sparse;
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
 use kimberley_machine::{
-    Backend, Bitmap, GuestAgent, Machine, MachineInfo, Migratable, Placement, RestoreOptions,
-    ScriptOutcome,
+    Backend, Bitmap, GuestAgent, Machine, MachineInfo, MemorySource, Migratable, Placement,
+    RestoreOptions, ScriptOutcome,
 };
 
 use crate::error::Error;
@@ -75,8 +75,8 @@ impl Backend for MicroVmBackend {
             ));
         }
         let vm = match opts.placement {
-            Placement::InPlace => vmdir::restore(dir)?,
-            Placement::CopyInto(w) => restore_copy(dir, w)?,
+            Placement::InPlace => vmdir::restore_as(dir, opts.memory)?,
+            Placement::CopyInto(w) => restore_copy(dir, w, opts.memory)?,
         };
         vm.wait_first_exit(FIRST_RUN)?;
         Ok(Box::new(vm))
@@ -86,7 +86,7 @@ impl Backend for MicroVmBackend {
 /// Restores `dir` to run on copies of its disks in `w` (its memory is
 /// mapped copy-on-write, so `dir` is never modified). The VM uses the files
 /// opened here and by `VmDir::open`, never a path looked up again.
-fn restore_copy(dir: &VmDir, w: &VmDirWriter) -> crate::Result<Vm> {
+fn restore_copy(dir: &VmDir, w: &VmDirWriter, source: MemorySource) -> crate::Result<Vm> {
     let mut disks = Vec::new();
     for (k, i) in dir.manifest.disk_indices().into_iter().enumerate() {
         let name = file_name(Kind::Disk, k);
@@ -111,7 +111,7 @@ fn restore_copy(dir: &VmDir, w: &VmDirWriter) -> crate::Result<Vm> {
         file: dir.open_component(0)?,
         path: dir.component_path(0),
     };
-    Vm::restore_opened(memory, disks, &state)
+    Vm::restore_opened_as(memory, disks, &state, source)
 }
 
 impl GuestAgent for Vm {

@@ -14,11 +14,12 @@ use crate::error::{Error, Result};
 use crate::persist::{self, Codec, Persist, Reader, Writer};
 use crate::runner::{self, lock, Inner, Request, RunState, Shared};
 use crate::vstate::canonical::{self, ClockOrigin, Clocks};
+use crate::vstate::lazy::FileSource;
 use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
-use kimberley_machine::Bitmap;
+use kimberley_machine::{Bitmap, MemorySource};
 
 const TAG_VM: u32 = 1;
 const TAG_VCPU: u32 = 2;
@@ -242,6 +243,25 @@ impl Vm {
                 "cannot spawn the vCPU thread".into(),
             ));
         }
+        if let Some(t) = &thread {
+            let (s, tid) = (shared.clone(), t.as_pthread_t());
+            memory.on_lazy_error(Box::new(move |why| {
+                let mut g = lock(&s.inner);
+                if g.state == RunState::Exited {
+                    return;
+                }
+                g.exit
+                    .get_or_insert_with(|| runner::GuestExit::Other(why.to_string()));
+                g.request = Request::Exit;
+                s.cond.notify_all();
+                // SAFETY: the vCPU thread has not exited (it sets Exited
+                // under this lock before it ends, and is joined only after),
+                // so `tid` names a live thread; the kick handler is
+                // installed. The signal makes KVM_RUN return as soon as the
+                // waiting access is let go, before the guest runs on.
+                unsafe { libc::pthread_kill(tid, runner::kick_signal()) };
+            }));
+        }
         Vm {
             kvm,
             memory,
@@ -287,6 +307,18 @@ impl Vm {
     /// exactly these files and never opens a path. Sizes come from the
     /// files; each must be a regular file.
     pub fn restore_opened(memory: OpenedFile, disks: Vec<OpenedFile>, state: &[u8]) -> Result<Vm> {
+        Self::restore_opened_as(memory, disks, state, MemorySource::PrivateFileMap)
+    }
+
+    /// [`Vm::restore_opened`], its memory brought in as `source` says:
+    /// mapped copy-on-write, or served on first touch through userfaultfd
+    /// from the memory file ([`crate::vstate::lazy`]).
+    pub fn restore_opened_as(
+        memory: OpenedFile,
+        disks: Vec<OpenedFile>,
+        state: &[u8],
+        source: MemorySource,
+    ) -> Result<Vm> {
         let snap = decode_snapshot(state)?;
         if disks.len() != snap.blocks.len() {
             return Err(Error::StateMismatch(
@@ -301,7 +333,16 @@ impl Vm {
         runner::install_kick_handler();
         let mut kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
-        let mem = Memory::private_file(memory.file, &memory.path, snap.memory_size)?;
+        let mem = match source {
+            MemorySource::PrivateFileMap => {
+                Memory::private_file(memory.file, &memory.path, snap.memory_size)?
+            }
+            MemorySource::Lazy => {
+                Memory::check_file(&memory.file, &memory.path, snap.memory_size)?;
+                let pages = FileSource::new(memory.file, snap.memory_size);
+                Memory::lazy(snap.memory_size, Arc::new(pages))?
+            }
+        };
         kvm.set_memory(&mem)?;
         let msrs = msr_list(&kvm)?;
         let mut vcpus = Vec::new();
@@ -547,7 +588,17 @@ impl Vm {
 
     /// Why the guest stopped on its own, if it did.
     pub fn exit_error(&self) -> Option<Error> {
-        lock(&self.shared.inner).exit.as_ref().map(|e| e.to_error())
+        if let Some(e) = lock(&self.shared.inner).exit.as_ref() {
+            return Some(e.to_error());
+        }
+        // A guest waiting on a page that cannot be served is stopped too.
+        self.memory.lazy_error().map(Error::Memory)
+    }
+
+    /// How lazily restored memory was served so far (None unless restored
+    /// with [`MemorySource::Lazy`]).
+    pub fn lazy_stats(&self) -> Option<crate::vstate::lazy::LazyStats> {
+        self.memory.lazy_stats()
     }
 
     /// True once the guest reported ready.

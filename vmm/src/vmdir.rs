@@ -11,6 +11,7 @@ use kimberley_formats::vmdir::{file_name, Component, Kind, Manifest, VmDir, VmDi
 
 use crate::error::{Error, Result};
 use crate::vm::{OpenedFile, Vm};
+use kimberley_machine::MemorySource;
 
 /// Restores the VM stored in `dir` (memory mapped copy-on-write: the
 /// directory's files are not modified until a later save; the disks are
@@ -18,6 +19,11 @@ use crate::vm::{OpenedFile, Vm};
 /// memory and state are read from them, each disk is opened read-write
 /// only if it is still that same file.
 pub fn restore(dir: &VmDir) -> Result<Vm> {
+    restore_as(dir, MemorySource::PrivateFileMap)
+}
+
+/// [`restore`], memory brought in as `source` says.
+pub fn restore_as(dir: &VmDir, source: MemorySource) -> Result<Vm> {
     let m = &dir.manifest;
     let state_i = m.state_index().ok_or_else(|| {
         Error::Config(format!(
@@ -40,7 +46,7 @@ pub fn restore(dir: &VmDir) -> Result<Vm> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Vm::restore_opened(memory, disks, &state)
+    Vm::restore_opened_as(memory, disks, &state, source)
 }
 
 fn open_checked(p: &Path) -> Result<File> {

@@ -9,3 +9,4 @@ pub mod poll;
 pub mod punch;
 pub mod signal;
 pub mod tempdir;
+pub mod uffd;

@@ -4,11 +4,13 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use kimberley_formats::chunk::is_zero;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
+use crate::vstate::lazy::{LazyServer, LazyStats, OnError, PageSource};
 
 /// Guest page size used for dirty tracking and sparse files.
 pub const PAGE_SIZE: usize = 4096;
@@ -16,6 +18,9 @@ pub const PAGE_SIZE: usize = 4096;
 /// The VM's RAM.
 #[derive(Clone, Debug)]
 pub struct Memory {
+    /// Serves first touches of lazily restored memory (None otherwise);
+    /// declared first so it stops before the mapping goes.
+    lazy: Option<Arc<LazyServer>>,
     mem: GuestMemoryMmap,
     host: *mut u8,
     size: usize,
@@ -58,19 +63,8 @@ impl Memory {
     /// and guest writes never reach the file. Its size is taken from the
     /// file itself.
     pub fn private_file(file: File, path: &Path, size: u64) -> Result<Memory> {
-        let size = check_size(size)?;
-        kimberley_formats::fsutil::check_regular(&file)
-            .map_err(|e| Error::io(format!("memory file {}", path.display()), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .len();
-        if len != size as u64 {
-            return Err(Error::StateMismatch(
-                path.to_path_buf(),
-                format!("memory file is {len} bytes, the state says {size}"),
-            ));
-        }
+        Self::check_file(&file, path, size)?;
+        let size = size as usize;
         let region = MmapRegion::<()>::build(
             Some(FileOffset::new(file, 0)),
             size,
@@ -81,13 +75,63 @@ impl Memory {
         Self::from_region(region, size)
     }
 
+    /// Checks that `file` (named `path` in messages) is a regular file of
+    /// `size` bytes, a valid memory size.
+    pub fn check_file(file: &File, path: &Path, size: u64) -> Result<()> {
+        check_size(size)?;
+        kimberley_formats::fsutil::check_regular(file)
+            .map_err(|e| Error::io(format!("memory file {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .len();
+        if len != size {
+            return Err(Error::StateMismatch(
+                path.to_path_buf(),
+                format!("memory file is {len} bytes, the state says {size}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Memory of `size` bytes whose pages `source` fills on first touch
+    /// (by the guest, a device or the VMM), through userfaultfd.
+    pub fn lazy(size: u64, source: Arc<dyn PageSource>) -> Result<Memory> {
+        let mut m = Self::anonymous(size)?;
+        m.lazy = Some(Arc::new(LazyServer::start(m.host, m.size, source)?));
+        Ok(m)
+    }
+
+    /// Sets what stops the VM if lazily restored memory cannot be served
+    /// ([`LazyServer::on_error`]); nothing for other memory.
+    pub fn on_lazy_error(&self, f: OnError) {
+        if let Some(l) = &self.lazy {
+            l.on_error(f);
+        }
+    }
+
+    /// How first touches were served (None unless [`Memory::lazy`]).
+    pub fn lazy_stats(&self) -> Option<LazyStats> {
+        self.lazy.as_ref().map(|l| l.stats())
+    }
+
+    /// Why lazily restored memory could not be served, if it could not.
+    pub fn lazy_error(&self) -> Option<String> {
+        self.lazy.as_ref().and_then(|l| l.error())
+    }
+
     fn from_region(region: MmapRegion<()>, size: usize) -> Result<Memory> {
         let host = region.as_ptr();
         let r = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| Error::Memory("region overflows the address space".into()))?;
         let mem =
             GuestMemoryMmap::from_regions(vec![r]).map_err(|e| Error::Memory(e.to_string()))?;
-        Ok(Memory { mem, host, size })
+        Ok(Memory {
+            mem,
+            host,
+            size,
+            lazy: None,
+        })
     }
 
     /// The vm-memory view (bounds-checked accesses).
