@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use kimberley_formats::fsutil::open_regular;
 
+mod live;
+
+pub use live::LiveState;
+
 use crate::config::{Launch, MachineConfig};
 use crate::error::{Error, Result};
 use crate::process::{QemuProcess, WorkDir};

@@ -11,6 +11,9 @@ pub mod params;
 pub mod policy;
 pub mod protocol;
 pub mod source;
+mod stream_dest;
+pub mod sums;
+pub mod stream_source;
 mod writer;
 
 use std::sync::atomic::AtomicBool;
