@@ -380,8 +380,7 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
     // its final copy and COMMIT.
     let mut acked = false;
     let prepared = if st.stream {
-        crate::stream_dest::prepare(st, &mut rx, &mut tx, opts, stop, &mut acked)
-            .map(Ready::Stream)
+        crate::stream_dest::prepare(st, &mut rx, &mut tx, opts, stop, &mut acked).map(Ready::Stream)
     } else {
         prepare(st, &mut rx, &mut tx, opts, stop, &mut acked).map(|p| Ready::Pages(Box::new(p)))
     };
@@ -728,13 +727,7 @@ fn rehash(targets: &mut [Target]) -> Result<u64> {
 
 /// Commits the directory, resumes the guest from it, answers RUNNING and
 /// waits for the hand-over's confirmation.
-fn start(
-    l: &Listener,
-    id: [u8; SESSION_ID_LEN],
-    p: Prepared,
-    tx: Tx,
-    rx: Rx,
-) -> Result<Received> {
+fn start(l: &Listener, id: [u8; SESSION_ID_LEN], p: Prepared, tx: Tx, rx: Rx) -> Result<Received> {
     let mut r = Running {
         apply_us: p.apply_us,
         ..Running::default()

@@ -12,8 +12,8 @@ pub mod policy;
 pub mod protocol;
 pub mod source;
 mod stream_dest;
-pub mod sums;
 pub mod stream_source;
+pub mod sums;
 mod writer;
 
 use std::sync::atomic::AtomicBool;

@@ -35,7 +35,9 @@ const FEED_LIMIT: Duration = Duration::from_secs(60);
 
 /// The target a CHUNKS body names.
 fn chunks_target(body: &[u8]) -> Result<u32> {
-    Ok(crate::chunks::decode(body).context("protocol error")?.target)
+    Ok(crate::chunks::decode(body)
+        .context("protocol error")?
+        .target)
 }
 
 /// Everything received up to COMMIT: QEMU has been fed the whole stream.
@@ -76,10 +78,7 @@ pub(crate) fn prepare(
     }
     let m = match next(rx, stop)? {
         Message::Machine(m) => m,
-        other => bail!(
-            "protocol error: {} instead of MACHINE",
-            other.ty().name()
-        ),
+        other => bail!("protocol error: {} instead of MACHINE", other.ty().name()),
     };
     let backend = QemuBackend::default();
     let mut w = VmDirWriter::create(&opts.out)?;

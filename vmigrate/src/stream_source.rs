@@ -17,11 +17,11 @@ use serde_json::{json, Value};
 use crate::channel::Tx;
 use crate::params::Params;
 use crate::protocol::{DiskInfo, MachineMsg, Message, Running, Start, MAX_STREAM_CHUNK, SUM_LEN};
-use crate::writer::Writer;
 use crate::source::{
     connect, disk_chunks, ms_since, r3, resolve, Failure, ReceiverError, Resolution, Session,
     Source, RUNNING_WAIT,
 };
+use crate::writer::Writer;
 
 /// zstd level of STREAM messages.
 const LEVEL: i32 = 1;
@@ -64,7 +64,11 @@ impl Round {
 /// migration is cancelled and its settings are back (the caller resumes
 /// the guest if it is paused and ran before); on [`Failure::InDoubt`] the
 /// guest is paused and must be suspended, not resumed.
-pub fn migrate(vm: &mut dyn StreamMigratable, p: &Params, io: &mut kimberley_machine::MigrateIo<'_>) -> Result<Value, Failure> {
+pub fn migrate(
+    vm: &mut dyn StreamMigratable,
+    p: &Params,
+    io: &mut kimberley_machine::MigrateIo<'_>,
+) -> Result<Value, Failure> {
     let t0 = Instant::now();
     if !vm.disk_paths().is_empty() && !p.shared_disk {
         return Err(Failure::Kept(anyhow!(
@@ -91,9 +95,9 @@ pub fn migrate(vm: &mut dyn StreamMigratable, p: &Params, io: &mut kimberley_mac
         // A migration that has not completed is cancelled (QEMU restarts
         // the guest if it ran); one that completed leaves it paused.
         if let Err(ce) = vm.cancel_stream() {
-            return Err(Failure::Kept(e.context(format!(
-                "and cancelling QEMU's migration failed: {ce}"
-            ))));
+            return Err(Failure::Kept(
+                e.context(format!("and cancelling QEMU's migration failed: {ce}")),
+            ));
         }
         let _ = vm.end_stream();
     }
@@ -374,9 +378,13 @@ fn stream_and_switch(
     s.writer.flush()?;
     match s.wait_msg(Duration::from_secs(60), true)? {
         Message::RoundAck(a) if a.round == 0 => {}
-        other => bail!("protocol error: {} instead of ROUND_ACK 0", other.ty().name()),
+        other => bail!(
+            "protocol error: {} instead of ROUND_ACK 0",
+            other.ty().name()
+        ),
     }
-    let boot_round = json!({"boot_files_bytes": s.writer.bytes() - b0, "boot_files_ms": r3(ms_since(t))});
+    let boot_round =
+        json!({"boot_files_bytes": s.writer.bytes() - b0, "boot_files_ms": r3(ms_since(t))});
 
     // The stream: a thread carries it (QEMU holds its big lock while it
     // writes the last part, so QMP answers only once that is read) while

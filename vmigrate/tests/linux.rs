@@ -175,7 +175,10 @@ impl Src {
     fn gone(&mut self) {
         let t = Instant::now();
         while self.proc.0.try_wait().unwrap().is_none() {
-            assert!(t.elapsed() < Duration::from_secs(20), "the source did not exit");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the source did not exit"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(self.proc.0.wait().unwrap().success());
@@ -255,7 +258,10 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
     s.gone();
     let dsock = s.p("dst.sock");
     let after = look(&dsock);
-    assert_eq!(after.sums, before.sums, "memory or disk differ after migration");
+    assert_eq!(
+        after.sums, before.sums,
+        "memory or disk differ after migration"
+    );
     assert!(after.count > before.count, "the counter did not continue");
     let st: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
@@ -281,7 +287,10 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
     assert!(st["rounds"].as_u64().unwrap() >= 2, "{st}");
     assert!(st["bytes_on_wire"].as_u64().unwrap() > 1 << 20, "{st}");
     // The received VM is a VM directory that suspends and resumes.
-    assert_eq!(Client::connect(&dsock).call(r#"{"cmd":"stop"}"#)["ok"], true);
+    assert_eq!(
+        Client::connect(&dsock).call(r#"{"cmd":"stop"}"#)["ok"],
+        true
+    );
     assert!(dst.wait_exit(Duration::from_secs(60)).success());
     let mut again = run(&s.p("dst"), &dsock);
     let resumed = look(&dsock);
@@ -352,7 +361,10 @@ fn cell(fault: Fault, at: At, expect: Expect) {
     });
     let (paddr, struck) = proxy(addr, at, strike);
     let o = s.send(&paddr, &s.key, &["--shared-disk"]);
-    assert!(*struck.lock().unwrap(), "{fault:?} at {at:?}: never reached");
+    assert!(
+        *struck.lock().unwrap(),
+        "{fault:?} at {at:?}: never reached"
+    );
     let dst_runs = |dst: &mut Proc| {
         dst.0.try_wait().unwrap().is_none()
             && dst_log
@@ -419,4 +431,3 @@ fn cut_at_commit_keeps_the_source() {
 fn cut_at_running_leaves_the_receiver() {
     cell(Fault::Cut, frame(false, 16, 1), Expect::Receiver);
 }
-

@@ -147,7 +147,9 @@ impl QemuBackend {
             vcpus,
             dir.join(file_name(Kind::Kernel, 0)),
             initrd.then(|| dir.join(file_name(Kind::Initrd, 0))),
-            (0..disks).map(|i| dir.join(file_name(Kind::Disk, i))).collect(),
+            (0..disks)
+                .map(|i| dir.join(file_name(Kind::Disk, i)))
+                .collect(),
             Vec::new(),
             false,
         )?;
@@ -172,7 +174,10 @@ impl QemuBackend {
             disks: files.disks,
         };
         let (vm, stream) = Vm::live_incoming(&self.program, cfg, files, &memory)?;
-        Ok((QemuMachine::new(vm, self.program.clone(), Home::Booted), stream))
+        Ok((
+            QemuMachine::new(vm, self.program.clone(), Home::Booted),
+            stream,
+        ))
     }
 }
 

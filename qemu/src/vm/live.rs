@@ -57,7 +57,11 @@ fn pair() -> Result<(UnixStream, std::fs::File)> {
 impl Vm {
     fn set_caps(&mut self, list: &[(&str, bool)]) -> Result<()> {
         self.qmp
-            .execute("migrate-set-capabilities", Some(caps(list)), COMMAND_TIMEOUT)
+            .execute(
+                "migrate-set-capabilities",
+                Some(caps(list)),
+                COMMAND_TIMEOUT,
+            )
             .map(drop)
     }
 
@@ -105,12 +109,10 @@ impl Vm {
         let (m, p) = reply::progress(&v)?;
         let s = match m {
             Migration::Completed => LiveState::Completed,
-            Migration::Failed { status, detail } => {
-                LiveState::Failed(match detail {
-                    Some(d) => format!("{status}: {d}"),
-                    None => status,
-                })
-            }
+            Migration::Failed { status, detail } => LiveState::Failed(match detail {
+                Some(d) => format!("{status}: {d}"),
+                None => status,
+            }),
             Migration::Running(s) if s == "pre-switchover" => LiveState::PreSwitchover,
             Migration::Running(s) if s == "device" => LiveState::Device,
             Migration::Running(_) => LiveState::Active,
@@ -187,7 +189,9 @@ impl Vm {
         files: Files,
         memory_file: &std::path::Path,
     ) -> Result<(Vm, UnixStream)> {
-        let mut vm = Vm::start(program, cfg, files, memory_file, true, true, None)?;
+        // No image locks: until COMMIT the source may have to run on, on
+        // the same shared disks, while this QEMU waits.
+        let mut vm = Vm::start(program, cfg, files, memory_file, true, true, None, false)?;
         vm.set_caps(&[("x-ignore-shared", false)])?;
         let (ours, theirs) = pair()?;
         vm.qmp.pass_fd(FD_NAME, &theirs)?;

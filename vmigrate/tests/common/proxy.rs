@@ -132,4 +132,3 @@ pub fn proxy(
     });
     (addr, struck)
 }
-
