@@ -380,13 +380,14 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
     // its final copy and COMMIT.
     let mut acked = false;
     let prepared = if st.stream {
-        crate::stream_dest::prepare(st, &mut rx, &mut tx, opts, stop, &mut acked).map(Ready::Stream)
+        crate::stream_dest::prepare(st, &mut rx, &mut tx, opts, stop, &mut acked)
+            .map(|p| Ready::Stream(Box::new(p)))
     } else {
         prepare(st, &mut rx, &mut tx, opts, stop, &mut acked).map(|p| Ready::Pages(Box::new(p)))
     };
     match prepared {
         Ok(Ready::Pages(p)) if l.commit(id) => start(l, id, *p, tx, rx),
-        Ok(Ready::Stream(p)) if l.commit(id) => crate::stream_dest::start(l, id, p, tx, rx),
+        Ok(Ready::Stream(p)) if l.commit(id) => crate::stream_dest::start(l, id, *p, tx, rx),
         Ok(_) => {
             let e = anyhow!("the sender asked how the hand-over ended before COMMIT arrived, so it resumed its guest");
             send_error(tx, rx, &e);
@@ -417,7 +418,7 @@ enum Ready {
     /// Pages, disk blocks and a state blob (the microVM).
     Pages(Box<Prepared>),
     /// A hypervisor stream, loaded by the machine waiting for COMMIT.
-    Stream(crate::stream_dest::Prepared),
+    Stream(Box<crate::stream_dest::Prepared>),
 }
 
 /// Sends ERROR, then closes the sending direction and reads until the

@@ -1,4 +1,5 @@
-//! `vmigrate`: live pre-copy migration of Kimberley microVMs (see
+//! `vmigrate`: live pre-copy migration of Kimberley VMs, microVMs and
+//! QEMU-backed Linux guests (see
 //! docs/MIGRATION.md). `run` and `recv` run a VM behind a control socket;
 //! `send` asks that process (the `migrate` request) to move it.
 

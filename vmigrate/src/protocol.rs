@@ -534,7 +534,7 @@ impl Message {
             Type::Sums => {
                 let first = r.u64()?;
                 let n = (body.len() - 8.min(body.len())) / SUM_LEN;
-                if n == 0 || n > MAX_SUMS || (body.len() - 8) % SUM_LEN != 0 {
+                if n == 0 || n > MAX_SUMS || !(body.len() - 8).is_multiple_of(SUM_LEN) {
                     return Err(ProtocolError::Invalid(format!(
                         "SUMS of {} bytes",
                         body.len()
