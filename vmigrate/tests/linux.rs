@@ -105,6 +105,11 @@ struct Src {
 
 impl Src {
     fn new() -> Src {
+        Src::new_in(None)
+    }
+
+    /// [`Src::new`] with the VM's process in network namespace `ns`.
+    fn new_in(ns: Option<&str>) -> Src {
         let lock = one_at_a_time();
         let tpl = template();
         let t = tempfile::tempdir().unwrap();
@@ -116,7 +121,7 @@ impl Src {
             .output()
             .unwrap());
         let sock = t.path().join("src.sock");
-        let proc = run(&t.path().join("vm"), &sock);
+        let proc = run_in(ns, &t.path().join("vm"), &sock);
         Client::connect(&sock).exec_timeout(INSTALL, Some(120_000));
         Src {
             _lock: lock,
@@ -208,8 +213,23 @@ fn holds_open(f: &Path) -> bool {
 
 /// `vmigrate run DIR --control SOCK`, once the socket answers.
 fn run(dir: &Path, sock: &Path) -> Proc {
+    run_in(None, dir, sock)
+}
+
+/// `ip netns exec NS` in front of `c` (it runs the program itself).
+fn in_ns(ns: Option<&str>, c: Command) -> Command {
+    let Some(ns) = ns else { return c };
+    let mut w = Command::new("ip");
+    w.args(["netns", "exec", ns])
+        .arg(c.get_program())
+        .args(c.get_args());
+    w
+}
+
+/// [`run`] in network namespace `ns`.
+fn run_in(ns: Option<&str>, dir: &Path, sock: &Path) -> Proc {
     let p = Proc(
-        run_cmd(dir, Some(sock))
+        in_ns(ns, run_cmd(dir, Some(sock)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -323,6 +343,113 @@ fn a_wrong_key_or_unshared_disks_leave_the_source_running() {
     );
     assert!(!s.p("dst").exists());
     s.intact(&before);
+}
+
+/// Two network namespaces joined by a veth pair (10.78.0.1 and
+/// 10.78.0.2), each end shaped by a `tc tbf` qdisc; removed on drop.
+struct Link {
+    a: String,
+    b: String,
+}
+
+impl Link {
+    fn new(rate: &str) -> Option<Link> {
+        let id = std::process::id();
+        let (a, b) = (format!("kqm{id}a"), format!("kqm{id}b"));
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["netns", "add", &a]) {
+            // Only root can; CI runs the suites as root.
+            // SAFETY: geteuid(2) has no memory-safety requirements.
+            assert!(
+                unsafe { libc::geteuid() } != 0,
+                "ip netns add failed as root"
+            );
+            eprintln!("skipping: ip netns needs root");
+            return None;
+        }
+        let l = Link { a, b };
+        assert!(ip(&["netns", "add", &l.b]));
+        assert!(ip(&[
+            "link", "add", "veth0", "netns", &l.a, "type", "veth", "peer", "name", "veth1",
+            "netns", &l.b
+        ]));
+        for (ns, dev, addr) in [
+            (&l.a, "veth0", "10.78.0.1/30"),
+            (&l.b, "veth1", "10.78.0.2/30"),
+        ] {
+            let n = |args: &[&str]| {
+                let mut v = vec!["netns", "exec", ns.as_str()];
+                v.extend_from_slice(args);
+                assert!(ip(&v), "{args:?}");
+            };
+            n(&["ip", "addr", "add", addr, "dev", dev]);
+            n(&["ip", "link", "set", dev, "up"]);
+            n(&["ip", "link", "set", "lo", "up"]);
+            n(&[
+                "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "32kbit",
+                "latency", "400ms",
+            ]);
+        }
+        Some(l)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn migrates_between_network_namespaces_over_a_shaped_link() {
+    if !qemu() {
+        return;
+    }
+    let Some(link) = Link::new("100mbit") else {
+        return;
+    };
+    let mut s = Src::new_in(Some(&link.a));
+    let before = look(&s.sock);
+    let mut rcmd = Command::new(bin("vmigrate"));
+    rcmd.args(["recv", "--listen", "10.78.0.2:7070", "-k"])
+        .arg(&s.key)
+        .arg("-o")
+        .arg(s.p("dst"))
+        .arg("--control")
+        .arg(s.p("dst.sock"))
+        .arg("--shared-disk-dir")
+        .arg(s.t.path());
+    let dst = Logged::spawn(&mut in_ns(Some(&link.b), rcmd), "recv");
+    dst.line_starting(
+        "vmigrate: waiting for a migration on ",
+        Duration::from_secs(20),
+    );
+    let t = Instant::now();
+    ok(s.send("10.78.0.2:7070", &s.key, &["--shared-disk"]));
+    let took = t.elapsed();
+    s.gone();
+    let after = look(&s.p("dst.sock"));
+    assert_eq!(
+        after.sums, before.sums,
+        "memory or disk differ after migration"
+    );
+    assert!(after.count > before.count, "the counter did not continue");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    // The link was the limit: what went over it took at least its time.
+    let wire = st["bytes_on_wire"].as_f64().unwrap();
+    assert!(
+        took.as_secs_f64() >= wire / 12.5e6 * 0.9,
+        "{wire} bytes in {took:?} over 100 Mbit/s"
+    );
+    drop(dst);
 }
 
 /// Where the guest must run after a fault.
