@@ -365,10 +365,8 @@ impl Link {
         if !ip(&["netns", "add", &a]) {
             // Only root can; CI runs the suites as root.
             // SAFETY: geteuid(2) has no memory-safety requirements.
-            assert!(
-                unsafe { libc::geteuid() } != 0,
-                "ip netns add failed as root"
-            );
+            let euid = unsafe { libc::geteuid() };
+            assert!(euid != 0, "ip netns add failed as root");
             eprintln!("skipping: ip netns needs root");
             return None;
         }
