@@ -485,7 +485,7 @@ pub(crate) fn next(rx: &mut Rx, stop: &AtomicBool) -> Result<Message> {
 
 /// Opens the sender's shared disk `path` strictly beneath `dir`: no
 /// symlink, a regular file of exactly `size` bytes.
-pub(crate) fn open_shared(dir: &Path, path: &str, size: u64) -> Result<File> {
+fn open_shared(dir: &Path, path: &str, size: u64) -> Result<File> {
     let root = std::fs::canonicalize(dir)
         .with_context(|| format!("--shared-disk-dir {}", dir.display()))?;
     let rel = Path::new(path).strip_prefix(&root).map_err(|_| {
@@ -514,6 +514,21 @@ pub(crate) fn open_shared(dir: &Path, path: &str, size: u64) -> Result<File> {
     Ok(f)
 }
 
+/// The sender's shared disks, opened (see [`open_shared`]); none unless
+/// START says so; refused without `--shared-disk-dir`.
+pub(crate) fn shared_disks(start: &Start, opts: &Options) -> Result<Vec<File>> {
+    let mut files = Vec::new();
+    if start.shared_disk {
+        let dir = opts.shared_disk_dir.as_ref().ok_or_else(|| {
+            anyhow!("the sender has shared disks; this receiver takes them only with --shared-disk-dir DIR")
+        })?;
+        for d in &start.disks {
+            files.push(open_shared(dir, &d.path, d.size)?);
+        }
+    }
+    Ok(files)
+}
+
 fn prepare(
     start: Start,
     rx: &mut Rx,
@@ -523,15 +538,7 @@ fn prepare(
     acked: &mut bool,
 ) -> Result<Prepared> {
     // Check everything the sender claims before any VM data moves.
-    let mut shared_files = Vec::new();
-    if start.shared_disk {
-        let dir = opts.shared_disk_dir.as_ref().ok_or_else(|| {
-            anyhow!("the sender has shared disks; this receiver takes them only with --shared-disk-dir DIR")
-        })?;
-        for d in &start.disks {
-            shared_files.push(open_shared(dir, &d.path, d.size)?);
-        }
-    }
+    let shared_files = shared_disks(&start, opts)?;
     // The receiver's fixed share of the pause window, measured now: the
     // median of three VM setups like the restore's (see fixed_us below).
     let vcpus = u8::try_from(start.vcpus).unwrap_or(u8::MAX);

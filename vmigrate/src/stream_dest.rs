@@ -21,7 +21,7 @@ use kimberley_qemu::{QemuBackend, QemuMachine};
 use crate::channel::{Rx, Tx};
 use crate::chunks::CHUNK;
 use crate::dest::{
-    apply, discard, hand_over, next, open_shared, send_error, Listener, Options, Phase, Received,
+    apply, discard, hand_over, next, send_error, shared_disks, Listener, Options, Phase, Received,
     SenderAborted, Target,
 };
 use crate::protocol::{
@@ -64,18 +64,10 @@ pub(crate) fn prepare(
     stop: &AtomicBool,
     acked: &mut bool,
 ) -> Result<Prepared> {
-    let mut shared_files = Vec::new();
     if !start.disks.is_empty() && !start.shared_disk {
         bail!("this receiver takes the disks of a QEMU guest only as shared disks (--shared-disk)");
     }
-    if start.shared_disk {
-        let dir = opts.shared_disk_dir.as_ref().ok_or_else(|| {
-            anyhow!("the sender has shared disks; this receiver takes them only with --shared-disk-dir DIR")
-        })?;
-        for d in &start.disks {
-            shared_files.push(open_shared(dir, &d.path, d.size)?);
-        }
-    }
+    let shared_files = shared_disks(&start, opts)?;
     let m = match next(rx, stop)? {
         Message::Machine(m) => m,
         other => bail!("protocol error: {} instead of MACHINE", other.ty().name()),
