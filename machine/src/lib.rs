@@ -26,7 +26,7 @@ pub use backend::{Backend, MemorySource, Placement, PortForward, RestoreOptions}
 pub use bitmap::Bitmap;
 pub use control::{ControlSocket, Ending, Hooks, MigrateError, MigrateFn, MigrateIo, SnapshotFn};
 pub use error::{Error, Result};
-pub use migrate::Migratable;
+pub use migrate::{Migratable, StreamLimits, StreamMigratable, StreamPhase, StreamStatus};
 pub use signals::stop_on_signals;
 
 /// What a running machine reports about itself (the control socket's
@@ -93,6 +93,11 @@ pub trait Machine: Send {
     fn suspend_in_place(&mut self, dir: &VmDir) -> Result<PathBuf>;
     /// The live-migration interface, where the backend has one.
     fn migratable(&mut self) -> Option<&mut dyn Migratable> {
+        None
+    }
+    /// The live-migration interface of a backend whose hypervisor streams
+    /// the machine itself (QEMU), where it has one.
+    fn stream_migratable(&mut self) -> Option<&mut dyn StreamMigratable> {
         None
     }
 }

@@ -28,6 +28,10 @@ use crate::vm::{Files, Vm};
 use crate::BACKEND;
 use rayon::prelude::*;
 
+mod live;
+
+pub use live::IncomingFiles;
+
 type MResult<T> = kimberley_machine::Result<T>;
 
 /// How to boot a new Linux VM.
@@ -324,8 +328,6 @@ impl QemuBackend {
                 dir.path.display()
             )));
         }
-        let accel = Accel::parse(&spec.accel)
-            .ok_or_else(|| Error::Unsupported(format!("unknown accelerator {:?}", spec.accel)))?;
         // The description must be one this backend writes.
         MachineConfig::from_spec(
             spec,
@@ -340,11 +342,19 @@ impl QemuBackend {
             Vec::new(),
             false,
         )?;
+        self.check_host(spec, &dir.path)
+    }
+
+    /// Refuses a machine this QEMU cannot run here: a machine type it does
+    /// not offer, a newer QEMU's state, an unusable accelerator.
+    fn check_host(&self, spec: &MachineSpec, what: &Path) -> Result<()> {
+        let accel = Accel::parse(&spec.accel)
+            .ok_or_else(|| Error::Unsupported(format!("unknown accelerator {:?}", spec.accel)))?;
         let offer = offer(&self.program)?;
         if !offer.machine_types.contains(&spec.machine_type) {
             return Err(Error::Unsupported(format!(
                 "{} needs QEMU machine type {}, which {} (QEMU {}.{}.{}) does not offer",
-                dir.path.display(),
+                what.display(),
                 spec.machine_type,
                 self.program.display(),
                 offer.version.0,
@@ -356,7 +366,7 @@ impl QemuBackend {
             if made > offer.version {
                 return Err(Error::Unsupported(format!(
                     "{} was suspended by QEMU {}, newer than this QEMU {}.{}.{}",
-                    dir.path.display(),
+                    what.display(),
                     spec.version,
                     offer.version.0,
                     offer.version.1,
@@ -543,7 +553,7 @@ impl QemuMachine {
     /// kernel and initrd are the files already in `w` (the machine runs on
     /// them) or copied there while the VM is paused; digests; commit. The
     /// machine stays paused.
-    fn suspend_into_inner(&mut self, w: VmDirWriter, name: &str) -> Result<PathBuf> {
+    pub(crate) fn suspend_into_inner(&mut self, w: VmDirWriter, name: &str) -> Result<PathBuf> {
         let dir = w.path().to_path_buf();
         let state_name = file_name(Kind::State, 0);
         let state = w.create_file(&state_name)?;
@@ -765,6 +775,10 @@ impl Machine for QemuMachine {
 
     fn suspend_in_place(&mut self, dir: &VmDir) -> MResult<PathBuf> {
         Ok(self.suspend_in_place_inner(dir)?)
+    }
+
+    fn stream_migratable(&mut self) -> Option<&mut dyn kimberley_machine::StreamMigratable> {
+        Some(self)
     }
 }
 

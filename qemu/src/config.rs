@@ -112,6 +112,10 @@ pub struct Launch<'a> {
     pub qga: &'a Path,
     /// Wait for the device state (`-incoming defer`, paused: `-S`).
     pub incoming: bool,
+    /// QEMU's image locking on the disks; off for a machine receiving a
+    /// live migration on shared disks (the hand-over, not the lock, keeps
+    /// one writer: the source may have to run on before COMMIT).
+    pub lock_disks: bool,
 }
 
 impl MachineConfig {
@@ -295,7 +299,14 @@ impl MachineConfig {
             arg(opt(
                 "file=",
                 d,
-                &format!(",format=raw,if=none,id=disk{i},discard=unmap,cache=writeback"),
+                &format!(
+                    ",format=raw,if=none,id=disk{i},discard=unmap,cache=writeback{}",
+                    if l.lock_disks {
+                        ""
+                    } else {
+                        ",file.locking=off"
+                    }
+                ),
             ));
             arg(s("-device"));
             arg(s(&format!("virtio-blk-pci,drive=disk{i},discard=on")));
@@ -382,10 +393,34 @@ mod tests {
             qmp: Path::new("/w/qmp.sock"),
             qga: Path::new("/w/qga.sock"),
             incoming,
+            lock_disks: true,
         })
         .into_iter()
         .map(|s| s.into_string().unwrap())
         .collect()
+    }
+
+    #[test]
+    fn a_live_migration_receiver_takes_no_image_locks() {
+        let a: Vec<String> = cfg()
+            .argv(&Launch {
+                memory_file: Path::new("/v/memory.raw"),
+                share: true,
+                qmp: Path::new("/w/qmp.sock"),
+                qga: Path::new("/w/qga.sock"),
+                incoming: true,
+                lock_disks: false,
+            })
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let drives: Vec<&String> = a.iter().filter(|x| x.starts_with("file=")).collect();
+        assert_eq!(drives.len(), 2);
+        assert!(
+            drives.iter().all(|d| d.ends_with(",file.locking=off")),
+            "{drives:?}"
+        );
+        assert!(!argv(&cfg(), true, true).join(" ").contains("locking"));
     }
 
     #[test]

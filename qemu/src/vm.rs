@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use kimberley_formats::fsutil::open_regular;
 
+mod live;
+
+pub use live::LiveState;
+
 use crate::config::{Launch, MachineConfig};
 use crate::error::{Error, Result};
 use crate::process::{QemuProcess, WorkDir};
@@ -114,6 +118,7 @@ impl Vm {
         share: bool,
         incoming: bool,
         interrupt: Option<Arc<AtomicBool>>,
+        lock_disks: bool,
     ) -> Result<Vm> {
         cfg.validate()?;
         if files.disks.len() != cfg.disks.len() || files.initrd.is_some() != cfg.initrd.is_some() {
@@ -147,6 +152,7 @@ impl Vm {
             qmp: &qmp_path,
             qga: &qga_path,
             incoming,
+            lock_disks,
         });
         let started = Instant::now();
         let keep: Vec<_> = files.all().map(|f| f.as_raw_fd()).collect();
@@ -224,7 +230,16 @@ impl Vm {
         timeout: Duration,
         interrupt: Option<Arc<AtomicBool>>,
     ) -> Result<Vm> {
-        let mut vm = Vm::start(program, cfg, files, memory_file, true, false, interrupt)?;
+        let mut vm = Vm::start(
+            program,
+            cfg,
+            files,
+            memory_file,
+            true,
+            false,
+            interrupt,
+            true,
+        )?;
         vm.first_run = Some(vm.started);
         vm.wait_agent(timeout)?;
         Ok(vm)
@@ -256,7 +271,16 @@ impl Vm {
         state: &File,
         interrupt: Option<Arc<AtomicBool>>,
     ) -> Result<Vm> {
-        let mut vm = Vm::start(program, cfg, files, memory_file, share, true, interrupt)?;
+        let mut vm = Vm::start(
+            program,
+            cfg,
+            files,
+            memory_file,
+            share,
+            true,
+            interrupt,
+            true,
+        )?;
         let mut state = state
             .try_clone()
             .map_err(|e| Error::io("duplicating the state file", e))?;

@@ -27,7 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a suspended VM directory, controllable and migratable.
     ///
-    /// Resumes VMDIR in the KVM microVM (its console goes to stdout) and
+    /// Resumes VMDIR with its backend, the KVM microVM or QEMU for a Linux
+    /// guest (its console goes to stdout), and
     /// serves the control socket (status, pause, resume, exec, snapshot,
     /// stop, migrate). Stopped through the socket or by SIGINT/SIGTERM, it
     /// suspends back into VMDIR. Migrated away, it exits 0 and leaves VMDIR

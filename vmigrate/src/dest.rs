@@ -202,13 +202,13 @@ impl Listener {
         }
     }
 
-    fn set_phase(&self, p: Phase) {
+    pub(crate) fn set_phase(&self, p: Phase) {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 
     /// Moves session `id` from Receiving to Committed; false if a QUERY
     /// aborted it first.
-    fn commit(&self, id: [u8; SESSION_ID_LEN]) -> bool {
+    pub(crate) fn commit(&self, id: [u8; SESSION_ID_LEN]) -> bool {
         let mut p = self.phase.lock().unwrap_or_else(|p| p.into_inner());
         if *p == Phase::Receiving(id) {
             *p = Phase::Committed(id);
@@ -358,11 +358,11 @@ pub struct Received {
 }
 
 /// Where received chunks go.
-struct Target {
-    file: File,
-    chunks: u64,
-    shared: bool,
-    digests: BlockDigests,
+pub(crate) struct Target {
+    pub(crate) file: File,
+    pub(crate) chunks: u64,
+    pub(crate) shared: bool,
+    pub(crate) digests: BlockDigests,
 }
 
 /// Receives one VM over an authenticated session into `opts.out`.
@@ -379,8 +379,15 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
     // Only once round 0 was acknowledged can the sender have moved on to
     // its final copy and COMMIT.
     let mut acked = false;
-    match prepare(st, &mut rx, &mut tx, opts, stop, &mut acked) {
-        Ok(p) if l.commit(id) => start(l, id, p, tx, rx),
+    let prepared = if st.stream {
+        crate::stream_dest::prepare(st, &mut rx, &mut tx, opts, stop, &mut acked)
+            .map(|p| Ready::Stream(Box::new(p)))
+    } else {
+        prepare(st, &mut rx, &mut tx, opts, stop, &mut acked).map(|p| Ready::Pages(Box::new(p)))
+    };
+    match prepared {
+        Ok(Ready::Pages(p)) if l.commit(id) => start(l, id, *p, tx, rx),
+        Ok(Ready::Stream(p)) if l.commit(id) => crate::stream_dest::start(l, id, *p, tx, rx),
         Ok(_) => {
             let e = anyhow!("the sender asked how the hand-over ended before COMMIT arrived, so it resumed its guest");
             send_error(tx, rx, &e);
@@ -406,11 +413,19 @@ pub fn receive(l: &Listener, s: Session, opts: &Options, stop: &AtomicBool) -> R
     }
 }
 
+/// What a session received up to COMMIT.
+enum Ready {
+    /// Pages, disk blocks and a state blob (the microVM).
+    Pages(Box<Prepared>),
+    /// A hypervisor stream, loaded by the machine waiting for COMMIT.
+    Stream(Box<crate::stream_dest::Prepared>),
+}
+
 /// Sends ERROR, then closes the sending direction and reads until the
 /// sender closes too (at most 2 s): closing with unread data would reset
 /// the connection, and a reset can discard the ERROR before the sender
 /// reads it.
-fn send_error(mut tx: Tx, rx: Rx, e: &anyhow::Error) {
+pub(crate) fn send_error(mut tx: Tx, rx: Rx, e: &anyhow::Error) {
     let _ = tx.send(Message::Error(format!("{e:#}")));
     let _ = tx.stream().shutdown(std::net::Shutdown::Write);
     let s = rx.stream();
@@ -431,7 +446,7 @@ fn send_error(mut tx: Tx, rx: Rx, e: &anyhow::Error) {
 
 /// The sender sent ABORT: it resumes its guest and asks nothing.
 #[derive(Debug)]
-struct SenderAborted;
+pub(crate) struct SenderAborted;
 
 impl std::fmt::Display for SenderAborted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -453,7 +468,7 @@ struct Prepared {
 }
 
 /// Waits for the next message (watching `stop` and the idle limit).
-fn next(rx: &mut Rx, stop: &AtomicBool) -> Result<Message> {
+pub(crate) fn next(rx: &mut Rx, stop: &AtomicBool) -> Result<Message> {
     let t = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -499,6 +514,21 @@ fn open_shared(dir: &Path, path: &str, size: u64) -> Result<File> {
     Ok(f)
 }
 
+/// The sender's shared disks, opened (see [`open_shared`]); none unless
+/// START says so; refused without `--shared-disk-dir`.
+pub(crate) fn shared_disks(start: &Start, opts: &Options) -> Result<Vec<File>> {
+    let mut files = Vec::new();
+    if start.shared_disk {
+        let dir = opts.shared_disk_dir.as_ref().ok_or_else(|| {
+            anyhow!("the sender has shared disks; this receiver takes them only with --shared-disk-dir DIR")
+        })?;
+        for d in &start.disks {
+            files.push(open_shared(dir, &d.path, d.size)?);
+        }
+    }
+    Ok(files)
+}
+
 fn prepare(
     start: Start,
     rx: &mut Rx,
@@ -508,15 +538,7 @@ fn prepare(
     acked: &mut bool,
 ) -> Result<Prepared> {
     // Check everything the sender claims before any VM data moves.
-    let mut shared_files = Vec::new();
-    if start.shared_disk {
-        let dir = opts.shared_disk_dir.as_ref().ok_or_else(|| {
-            anyhow!("the sender has shared disks; this receiver takes them only with --shared-disk-dir DIR")
-        })?;
-        for d in &start.disks {
-            shared_files.push(open_shared(dir, &d.path, d.size)?);
-        }
-    }
+    let shared_files = shared_disks(&start, opts)?;
     // The receiver's fixed share of the pause window, measured now: the
     // median of three VM setups like the restore's (see fixed_us below).
     let vcpus = u8::try_from(start.vcpus).unwrap_or(u8::MAX);
@@ -653,7 +675,7 @@ fn prepare(
 
 /// Writes the queued bodies (decoded and written in parallel; a chunk
 /// appears at most once per round) and marks the digest blocks they touch.
-fn apply(targets: &mut [Target], bodies: &mut Vec<Vec<u8>>) -> Result<()> {
+pub(crate) fn apply(targets: &mut [Target], bodies: &mut Vec<Vec<u8>>) -> Result<()> {
     let touched: Vec<Vec<(usize, u64)>> = {
         let targets = &*targets;
         bodies
@@ -713,13 +735,7 @@ fn rehash(targets: &mut [Target]) -> Result<u64> {
 
 /// Commits the directory, resumes the guest from it, answers RUNNING and
 /// waits for the hand-over's confirmation.
-fn start(
-    l: &Listener,
-    id: [u8; SESSION_ID_LEN],
-    p: Prepared,
-    mut tx: Tx,
-    mut rx: Rx,
-) -> Result<Received> {
+fn start(l: &Listener, id: [u8; SESSION_ID_LEN], p: Prepared, tx: Tx, rx: Rx) -> Result<Received> {
     let mut r = Running {
         apply_us: p.apply_us,
         ..Running::default()
@@ -742,6 +758,22 @@ fn start(
             return Err(e.context("the migration failed; what was received is discarded"));
         }
     };
+    hand_over(l, id, vm, dir, committed, r, (tx, rx), (rounds, bytes))
+}
+
+/// The guest runs here from the committed directory: answers RUNNING and
+/// waits for DONE (an ABORT discards this copy; anything else keeps it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn hand_over(
+    l: &Listener,
+    id: [u8; SESSION_ID_LEN],
+    vm: Vm,
+    dir: VmDir,
+    committed: PathBuf,
+    mut r: Running,
+    (mut tx, mut rx): (Tx, Rx),
+    (rounds, bytes): (u32, u64),
+) -> Result<Received> {
     let first = vm.first_run().unwrap_or_else(Instant::now);
     r.delay_us = first.elapsed().as_micros() as u64;
     if let Err(e) = tx.send(Message::Running(r)) {
@@ -802,7 +834,7 @@ fn in_doubt(vm: Vm, dir: VmDir, why: String, stats: serde_json::Value) -> Receiv
     }
 }
 
-fn stats(rounds: u32, bytes: u64, r: &Running) -> serde_json::Value {
+pub(crate) fn stats(rounds: u32, bytes: u64, r: &Running) -> serde_json::Value {
     let ms = |us: u64| us as f64 / 1000.0;
     json!({
         "rounds": rounds,
@@ -860,7 +892,7 @@ fn resume(dir: &Path, r: &mut Running) -> Result<(Vm, VmDir)> {
 
 /// Removes a committed directory whose guest must not run (moved to a
 /// temporary name first, so nothing half-removed keeps the name).
-fn discard(dir: &Path) {
+pub(crate) fn discard(dir: &Path) {
     let tmp = kimberley_formats::fsutil::temp_sibling(dir);
     if std::fs::rename(dir, &tmp).is_ok() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -868,7 +900,7 @@ fn discard(dir: &Path) {
 }
 
 /// fsyncs the directory's files, itself and its parent.
-fn make_durable(dir: &Path) {
+pub(crate) fn make_durable(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             if let Ok(f) = File::open(e.path()) {

@@ -1,4 +1,5 @@
-//! `vmigrate`: live pre-copy migration of Kimberley microVMs (see
+//! `vmigrate`: live pre-copy migration of Kimberley VMs, microVMs and
+//! QEMU-backed Linux guests (see
 //! docs/MIGRATION.md). `run` and `recv` run a VM behind a control socket;
 //! `send` asks that process (the `migrate` request) to move it.
 
@@ -11,6 +12,9 @@ pub mod params;
 pub mod policy;
 pub mod protocol;
 pub mod source;
+mod stream_dest;
+pub mod stream_source;
+pub mod sums;
 mod writer;
 
 use std::sync::atomic::AtomicBool;

@@ -34,6 +34,18 @@ pub const MAX_REASON: usize = 4096;
 pub const MAX_VCPUS: u32 = 255;
 /// Chunk size (memory pages and disk blocks alike).
 pub const CHUNK: u64 = 4096;
+/// Largest boot file (kernel, initrd) a MACHINE may announce (1 GiB).
+pub const MAX_BOOT_FILE: u64 = 1 << 30;
+/// Longest machine description in MACHINE.
+pub const MAX_DESCRIPTION: usize = 64 << 10;
+/// Most hypervisor stream bytes one STREAM carries (decompressed).
+pub const MAX_STREAM_CHUNK: usize = 1 << 20;
+/// Bytes of guest memory one SUMS entry covers.
+pub const SUM_BLOCK: u64 = 64 << 10;
+/// Length of one SUMS entry (a truncated BLAKE3 hash).
+pub const SUM_LEN: usize = 16;
+/// Most entries in one SUMS message.
+pub const MAX_SUMS: usize = 1 << 16;
 
 /// Why bytes from the peer were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -155,6 +167,11 @@ pub enum Type {
     /// Sender → receiver (last, first and only message of a connection):
     /// how did session ID end?
     Query = 8,
+    /// Sender → receiver: the machine to start (hypervisor stream only).
+    Machine = 10,
+    /// Sender → receiver: the next bytes of the hypervisor's own migration
+    /// stream, compressed.
+    Stream = 11,
     /// Receiver → sender (last): the guest runs here.
     Running = 16,
     /// Receiver → sender (last): the receiver failed and discards.
@@ -163,6 +180,9 @@ pub enum Type {
     RoundAck = 18,
     /// Receiver → sender (last): the answer to QUERY.
     Outcome = 19,
+    /// Receiver → sender: hashes of the received memory (hypervisor
+    /// stream only), checked by the sender before COMMIT.
+    Sums = 20,
 }
 
 impl Type {
@@ -177,10 +197,13 @@ impl Type {
             6 => Type::Done,
             7 => Type::Abort,
             8 => Type::Query,
+            10 => Type::Machine,
+            11 => Type::Stream,
             16 => Type::Running,
             17 => Type::Error,
             18 => Type::RoundAck,
             19 => Type::Outcome,
+            20 => Type::Sums,
             _ => return None,
         })
     }
@@ -199,6 +222,9 @@ impl Type {
             Type::Error => "ERROR",
             Type::RoundAck => "ROUND_ACK",
             Type::Query => "QUERY",
+            Type::Machine => "MACHINE",
+            Type::Stream => "STREAM",
+            Type::Sums => "SUMS",
             Type::Outcome => "OUTCOME",
         }
     }
@@ -292,6 +318,9 @@ pub struct Start {
     pub vcpus: u32,
     /// The disks live on storage both hosts share: they are not copied.
     pub shared_disk: bool,
+    /// The VM travels as its hypervisor's own migration stream (MACHINE,
+    /// then STREAM messages) instead of pages and a state blob.
+    pub stream: bool,
     /// The disks, in device order.
     pub disks: Vec<DiskInfo>,
 }
@@ -337,6 +366,17 @@ impl Running {
     }
 }
 
+/// MACHINE: what the receiver starts the VM of a hypervisor stream on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineMsg {
+    /// Kernel size in bytes (1 ..= [`MAX_BOOT_FILE`]).
+    pub kernel_size: u64,
+    /// Initrd size in bytes (0: none).
+    pub initrd_size: u64,
+    /// The machine description (the manifest's `machine` member).
+    pub spec: kimberley_formats::vmdir::MachineSpec,
+}
+
 /// Length of a session id: the two hellos' nonces.
 pub const SESSION_ID_LEN: usize = 64;
 
@@ -379,6 +419,18 @@ pub enum Message {
     Query([u8; SESSION_ID_LEN]),
     /// The answer.
     Outcome(Outcome),
+    /// See [`MachineMsg`].
+    Machine(Box<MachineMsg>),
+    /// A compressed piece of the hypervisor's stream (one zstd frame).
+    Stream(Vec<u8>),
+    /// Hashes of consecutive [`SUM_BLOCK`]s of received memory, from block
+    /// `first` on.
+    Sums {
+        /// Index of the first block.
+        first: u64,
+        /// One [`SUM_LEN`]-byte hash per block (1 ..= [`MAX_SUMS`]).
+        sums: Vec<[u8; SUM_LEN]>,
+    },
 }
 
 impl Message {
@@ -397,13 +449,32 @@ impl Message {
             Message::RoundAck(_) => Type::RoundAck,
             Message::Query(_) => Type::Query,
             Message::Outcome(_) => Type::Outcome,
+            Message::Machine(_) => Type::Machine,
+            Message::Stream(_) => Type::Stream,
+            Message::Sums { .. } => Type::Sums,
         }
     }
 
     /// The plaintext body.
     pub fn encode(self) -> Vec<u8> {
         match self {
-            Message::Chunks(b) | Message::State(b) => b,
+            Message::Chunks(b) | Message::State(b) | Message::Stream(b) => b,
+            Message::Sums { first, sums } => {
+                let mut w = Writer::with_capacity(8 + sums.len() * SUM_LEN);
+                w.u64(first);
+                for h in &sums {
+                    w.raw(h);
+                }
+                w.into_inner()
+            }
+            Message::Machine(m) => {
+                let json = serde_json::to_vec(&m.spec).expect("plain data serialises");
+                let mut w = Writer::new();
+                w.u64(m.kernel_size);
+                w.u64(m.initrd_size);
+                w.bytes(&json);
+                w.into_inner()
+            }
             Message::Commit | Message::Done | Message::Abort => Vec::new(),
             Message::RoundEnd(n) => n.to_le_bytes().to_vec(),
             Message::Query(id) => id.to_vec(),
@@ -418,7 +489,7 @@ impl Message {
                 w.u64(s.memory_size);
                 w.u32(s.vcpus);
                 w.u32(s.disks.len() as u32);
-                w.u8(u8::from(s.shared_disk));
+                w.u8(u8::from(s.shared_disk) | (u8::from(s.stream) << 1));
                 w.zeros(3);
                 for d in &s.disks {
                     w.u64(d.size);
@@ -458,6 +529,23 @@ impl Message {
         let m = match ty {
             Type::Chunks => return Ok(Message::Chunks(body)),
             Type::State => return Ok(Message::State(body)),
+            Type::Stream => return Ok(Message::Stream(body)),
+            Type::Machine => Message::Machine(Box::new(decode_machine(&mut r)?)),
+            Type::Sums => {
+                let first = r.u64()?;
+                let n = (body.len() - 8.min(body.len())) / SUM_LEN;
+                if n == 0 || n > MAX_SUMS || !(body.len() - 8).is_multiple_of(SUM_LEN) {
+                    return Err(ProtocolError::Invalid(format!(
+                        "SUMS of {} bytes",
+                        body.len()
+                    )));
+                }
+                let mut sums = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sums.push(r.array::<SUM_LEN>()?);
+                }
+                Message::Sums { first, sums }
+            }
             Type::Error => {
                 if body.len() > MAX_REASON {
                     return Err(ProtocolError::Invalid("ERROR reason too long".into()));
@@ -502,7 +590,7 @@ fn decode_start(r: &mut Reader<'_>) -> Result<Start> {
     let vcpus = r.u32()?;
     let ndisks = r.count(MAX_DISKS, "START disk count")?;
     let flags = r.u8()?;
-    if flags > 1 {
+    if flags > 3 {
         return Err(ProtocolError::Reserved("START flags"));
     }
     r.zeros(3, "START")
@@ -517,7 +605,8 @@ fn decode_start(r: &mut Reader<'_>) -> Result<Start> {
             "START announces {vcpus} vCPUs"
         )));
     }
-    let shared_disk = flags == 1;
+    let shared_disk = flags & 1 == 1;
+    let stream = flags & 2 == 2;
     let mut disks = Vec::with_capacity(ndisks);
     for i in 0..ndisks {
         let size = r.u64()?;
@@ -541,7 +630,28 @@ fn decode_start(r: &mut Reader<'_>) -> Result<Start> {
         memory_size,
         vcpus,
         shared_disk,
+        stream,
         disks,
+    })
+}
+
+fn decode_machine(r: &mut Reader<'_>) -> Result<MachineMsg> {
+    let kernel_size = r.u64()?;
+    let initrd_size = r.u64()?;
+    if kernel_size == 0 || kernel_size > MAX_BOOT_FILE || initrd_size > MAX_BOOT_FILE {
+        return Err(ProtocolError::Invalid(format!(
+            "MACHINE announces a kernel of {kernel_size} bytes and an initrd of {initrd_size}"
+        )));
+    }
+    let json = r.bytes(MAX_DESCRIPTION, "MACHINE description")?;
+    let spec: kimberley_formats::vmdir::MachineSpec = serde_json::from_slice(json)
+        .map_err(|e| ProtocolError::Invalid(format!("MACHINE description: {e}")))?;
+    spec.validate()
+        .map_err(|e| ProtocolError::Invalid(format!("MACHINE description: {e}")))?;
+    Ok(MachineMsg {
+        kernel_size,
+        initrd_size,
+        spec,
     })
 }
 
@@ -549,12 +659,29 @@ fn decode_start(r: &mut Reader<'_>) -> Result<Start> {
 mod tests {
     use super::*;
 
+    fn machine() -> MachineMsg {
+        MachineMsg {
+            kernel_size: 1 << 20,
+            initrd_size: 0,
+            spec: kimberley_formats::vmdir::MachineSpec {
+                backend: "qemu".into(),
+                version: "7.2.19".into(),
+                machine_type: "pc-i440fx-7.2".into(),
+                accel: "tcg".into(),
+                cpu: "qemu64".into(),
+                cmdline: "console=ttyS0".into(),
+                devices: vec!["isa-serial".into()],
+            },
+        }
+    }
+
     fn all() -> Vec<Message> {
         vec![
             Message::Start(Start {
                 memory_size: 64 << 20,
                 vcpus: 2,
                 shared_disk: true,
+                stream: true,
                 disks: vec![DiskInfo {
                     size: 1 << 20,
                     path: "/srv/d.raw".into(),
@@ -564,6 +691,7 @@ mod tests {
                 memory_size: 4096,
                 vcpus: 1,
                 shared_disk: false,
+                stream: false,
                 disks: vec![],
             }),
             Message::Chunks(vec![1, 2, 3]),
@@ -592,6 +720,12 @@ mod tests {
             Message::Outcome(Outcome::Committed),
             Message::Outcome(Outcome::Aborted),
             Message::Outcome(Outcome::Unknown),
+            Message::Machine(Box::new(machine())),
+            Message::Stream(vec![4; 10]),
+            Message::Sums {
+                first: 3,
+                sums: vec![[1; SUM_LEN], [2; SUM_LEN]],
+            },
         ]
     }
 
@@ -638,6 +772,7 @@ mod tests {
                 memory_size: mem,
                 vcpus: 1,
                 shared_disk: shared,
+                stream: false,
                 disks: vec![DiskInfo {
                     size: 4096,
                     path: path.into(),
@@ -654,8 +789,26 @@ mod tests {
         b[12..16].copy_from_slice(&9u32.to_le_bytes());
         assert!(Message::decode(Type::Start, b).is_err());
         let mut b = start(false, "", 4096);
-        b[16] = 2;
+        b[16] = 4;
         assert!(Message::decode(Type::Start, b).is_err());
+        // MACHINE: no kernel, a huge initrd, an unknown or bad description.
+        let m = |f: &dyn Fn(&mut MachineMsg)| {
+            let mut m = machine();
+            f(&mut m);
+            Message::Machine(Box::new(m)).encode()
+        };
+        assert!(Message::decode(Type::Machine, m(&|m| m.kernel_size = 0)).is_err());
+        assert!(Message::decode(Type::Machine, m(&|m| m.initrd_size = MAX_BOOT_FILE + 1)).is_err());
+        assert!(Message::decode(Type::Machine, m(&|m| m.spec.cpu = String::new())).is_err());
+        let mut b = m(&|_| {});
+        let n = b.len();
+        b[n - 1] = b'x';
+        assert!(Message::decode(Type::Machine, b).is_err());
+        // SUMS: none, a partial hash, too many.
+        assert!(Message::decode(Type::Sums, vec![0; 8]).is_err());
+        assert!(Message::decode(Type::Sums, vec![0; 8 + SUM_LEN + 1]).is_err());
+        assert!(Message::decode(Type::Sums, vec![0; 4]).is_err());
+        assert!(Message::decode(Type::Sums, vec![0; 8 + (MAX_SUMS + 1) * SUM_LEN]).is_err());
         // Hellos.
         let h = Hello {
             role: Role::Sender,

@@ -80,16 +80,16 @@ impl Round {
     }
 }
 
-fn r3(x: f64) -> f64 {
+pub(crate) fn r3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn ms_since(t: Instant) -> f64 {
+pub(crate) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// Where chunks come from.
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     Memory(&'a dyn Migratable),
     Disk(&'a File),
 }
@@ -119,26 +119,26 @@ impl Source<'_> {
 }
 
 /// What a round sends from one target.
-struct Sent {
-    data: u64,
-    zero: u64,
+pub(crate) struct Sent {
+    pub(crate) data: u64,
+    pub(crate) zero: u64,
 }
 
-struct Session<'a, 'b> {
-    tx: Tx,
-    rx: Rx,
-    writer: Writer,
-    io: &'a mut MigrateIo<'b>,
-    deadline: Instant,
+pub(crate) struct Session<'a, 'b> {
+    pub(crate) tx: Tx,
+    pub(crate) rx: Rx,
+    pub(crate) writer: Writer,
+    pub(crate) io: &'a mut MigrateIo<'b>,
+    pub(crate) deadline: Instant,
     round: u32,
-    rtt_ms: f64,
-    key: [u8; 32],
+    pub(crate) rtt_ms: f64,
+    pub(crate) key: [u8; 32],
 }
 
 impl Session<'_, '_> {
     /// Fails on a cancel request, the deadline or a writer error. Only
     /// called before COMMIT.
-    fn check(&mut self) -> Result<()> {
+    pub(crate) fn check(&mut self) -> Result<()> {
         if self.io.cancelled() {
             bail!("cancelled");
         }
@@ -152,7 +152,7 @@ impl Session<'_, '_> {
     /// `skip_zero`, zero chunks are not sent at all (round 0: the receiver
     /// starts from zeros). With `shared`, no data travels: every index is
     /// sent as "changed in place" so the receiver re-hashes it.
-    fn send_chunks(
+    pub(crate) fn send_chunks(
         &mut self,
         src: &Source<'_>,
         target: u32,
@@ -226,7 +226,7 @@ impl Session<'_, '_> {
     /// Waits for the receiver's next message. With `cancellable`, a cancel
     /// request or the deadline ends the wait with an error. An ERROR from
     /// the receiver becomes [`ReceiverError`].
-    fn wait_msg(&mut self, limit: Duration, cancellable: bool) -> Result<Message> {
+    pub(crate) fn wait_msg(&mut self, limit: Duration, cancellable: bool) -> Result<Message> {
         let t0 = Instant::now();
         loop {
             if cancellable {
@@ -247,7 +247,7 @@ impl Session<'_, '_> {
         }
     }
 
-    fn send_msg(&mut self, m: Message) -> Result<()> {
+    pub(crate) fn send_msg(&mut self, m: Message) -> Result<()> {
         let f = self.tx.seal(m)?;
         self.writer.push(vec![f])
     }
@@ -255,7 +255,7 @@ impl Session<'_, '_> {
 
 /// The receiver said it failed (it discards what it received).
 #[derive(Debug)]
-struct ReceiverError(String);
+pub(crate) struct ReceiverError(String);
 
 impl std::fmt::Display for ReceiverError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,7 +267,7 @@ impl std::error::Error for ReceiverError {}
 
 /// Chunk indices of the data extents of a disk (every chunk if the file
 /// system cannot tell).
-fn disk_chunks(f: &File, size: u64) -> Vec<u64> {
+pub(crate) fn disk_chunks(f: &File, size: u64) -> Vec<u64> {
     let extents = data_extents(f, size).unwrap_or_else(|_| vec![(0, size)]);
     let mut out: Vec<u64> = Vec::new();
     for (a, b) in extents {
@@ -426,7 +426,7 @@ pub fn migrate(
 pub const RESOLVE_FOR: Duration = Duration::from_secs(20);
 
 /// What the receiver said of a session whose hand-over is in doubt.
-enum Resolution {
+pub(crate) enum Resolution {
     /// It took COMMIT: the guest runs there.
     Committed,
     /// It did not and never will (it said so, or its process is gone).
@@ -439,7 +439,7 @@ enum Resolution {
 /// [`RESOLVE_FOR`], whether session `id` committed. Only an authenticated
 /// answer counts: a refused connection may come from a firewall or a
 /// proxy in front of a receiver that runs the guest.
-fn resolve(to: &str, key: &[u8; 32], id: [u8; SESSION_ID_LEN]) -> Resolution {
+pub(crate) fn resolve(to: &str, key: &[u8; 32], id: [u8; SESSION_ID_LEN]) -> Resolution {
     let deadline = Instant::now() + RESOLVE_FOR;
     let mut last;
     loop {
@@ -482,7 +482,7 @@ fn ask(to: &str, key: &[u8; 32], id: [u8; SESSION_ID_LEN]) -> Result<Outcome> {
     }
 }
 
-fn connect<'a, 'b>(p: &Params, io: &'a mut MigrateIo<'b>) -> Result<Session<'a, 'b>> {
+pub(crate) fn connect<'a, 'b>(p: &Params, io: &'a mut MigrateIo<'b>) -> Result<Session<'a, 'b>> {
     let key = read_key_file(p)?;
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&p.to)
         .with_context(|| format!("resolving {}", p.to))?
@@ -652,6 +652,7 @@ fn precopy_and_switch(
         memory_size: vm.memory_size(),
         vcpus: vm.vcpus(),
         shared_disk: p.shared_disk,
+        stream: false,
         disks: infos,
     }))?;
     let (pause_ms, state_ms, state_bytes) = probe(vm, was_running)?;
@@ -925,14 +926,31 @@ pub fn handler() -> kimberley_machine::MigrateFn {
     Box::new(
         |m: &mut dyn Machine, params: &Value, io: &mut MigrateIo<'_>| {
             let backend = m.info().backend;
-            let vm = m.migratable().ok_or_else(|| {
-                MigrateError::Failed(format!(
-                    "live migration of {backend} VMs is not supported yet"
-                ))
-            })?;
             let p =
                 Params::from_json(params).map_err(|e| MigrateError::Failed(format!("{e:#}")))?;
-            migrate(vm, &p, io).map_err(|f| match f {
+            let was_running = !m.is_paused();
+            let r = if let Some(vm) = m.stream_migratable() {
+                let r = crate::stream_source::migrate(vm, &p, io);
+                // Its guest runs here again unless the hand-over is done
+                // or in doubt.
+                match r {
+                    Err(Failure::Kept(e)) if was_running && m.is_paused() => match m.resume() {
+                        Ok(()) => Err(Failure::Kept(e)),
+                        Err(re) => Err(Failure::Kept(anyhow!(
+                            "{e:#}; and the guest could not be resumed: {re}"
+                        ))),
+                    },
+                    r => r,
+                }
+            } else {
+                let vm = m.migratable().ok_or_else(|| {
+                    MigrateError::Failed(format!(
+                        "live migration of {backend} VMs is not supported"
+                    ))
+                })?;
+                migrate(vm, &p, io)
+            };
+            r.map_err(|f| match f {
                 Failure::Kept(e) => MigrateError::Failed(format!("{e:#}")),
                 Failure::InDoubt(e) => MigrateError::InDoubt(format!("{e:#}")),
             })

@@ -65,15 +65,23 @@ fn receiver(key: &Path, out: &Path, extra: &[&OsStr]) -> (Proc, String) {
 }
 
 /// Plays a sender that holds the key and announces one shared disk at
-/// `path` of `size` bytes; returns the receiver's answer within 3 s (None:
-/// it said nothing, i.e. it took the disk and waits for data).
-fn malicious_start(addr: &str, key: &[u8; 32], path: &str, size: u64) -> Option<Message> {
+/// `path` of `size` bytes (of a microVM, or with `stream` of a QEMU
+/// guest); returns the receiver's answer within 3 s (None: it said
+/// nothing, i.e. it took the disk and waits for data).
+fn malicious_start(
+    addr: &str,
+    key: &[u8; 32],
+    path: &str,
+    size: u64,
+    stream: bool,
+) -> Option<Message> {
     let s = TcpStream::connect(addr).unwrap();
     let (mut tx, mut rx) = channel::handshake_sender(s, key).unwrap();
     tx.send(Message::Start(Start {
         memory_size: 16 << 20,
         vcpus: 1,
         shared_disk: true,
+        stream,
         disks: vec![DiskInfo {
             size,
             path: path.into(),
@@ -138,10 +146,15 @@ fn sender_cannot_choose_host_files_as_shared_disks() {
             &dir_arg,
         ),
     ];
-    for (what, path, size, extra) in cases {
+    // Both receiving paths: the microVM's pages and QEMU's stream.
+    for ((what, path, size, extra), stream) in cases
+        .iter()
+        .flat_map(|c| [(c.clone(), false), (c.clone(), true)])
+    {
         let out = t.path().join("out");
         let (mut p, addr) = receiver(&key_path, &out, extra);
-        let m = malicious_start(&addr, &key, &path, size);
+        let m = malicious_start(&addr, &key, &path, size, stream);
+        let what = format!("{what} (stream: {stream})");
         let linked = std::fs::metadata(&secret).unwrap().nlink();
         assert!(
             matches!(&m, Some(Message::Error(_))),

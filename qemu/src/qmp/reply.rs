@@ -107,6 +107,63 @@ pub fn migration(ret: &Value) -> Result<Migration, Refused> {
     })
 }
 
+/// A live migration's counters from `query-migrate`'s return (`ram.*`,
+/// `cpu-throttle-percentage`); a counter QEMU does not report yet is 0,
+/// one that is not an unsigned integer is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// `ram.transferred`: stream bytes written.
+    pub transferred: u64,
+    /// `ram.remaining`: dirty bytes left.
+    pub remaining: u64,
+    /// `ram.dirty-sync-count`.
+    pub dirty_syncs: u64,
+    /// `ram.dirty-pages-rate` × `ram.page-size`: bytes dirtied per second.
+    pub dirty_rate: u64,
+    /// `ram.normal` + `ram.duplicate`: pages sent.
+    pub pages: u64,
+    /// `ram.duplicate`: zero pages sent as a flag.
+    pub zero_pages: u64,
+    /// `cpu-throttle-percentage` (auto-converge), at most 100.
+    pub throttle_pct: u32,
+}
+
+/// `query-migrate`'s status and counters.
+pub fn progress(ret: &Value) -> Result<(Migration, Progress), Refused> {
+    const C: &str = "query-migrate";
+    let m = migration(ret)?;
+    let ram = ret.get("ram");
+    let n = |k: &'static str| -> Result<u64, Refused> {
+        match ram.and_then(|r| r.get(k)) {
+            None => Ok(0),
+            Some(v) => v.as_u64().ok_or(Refused {
+                command: C,
+                why: Why::WrongType(k),
+            }),
+        }
+    };
+    let throttle = match ret.get("cpu-throttle-percentage") {
+        None => 0,
+        Some(v) => v.as_u64().filter(|&t| t <= 100).ok_or(Refused {
+            command: C,
+            why: Why::WrongType("cpu-throttle-percentage"),
+        })? as u32,
+    };
+    let (normal, zero) = (n("normal")?, n("duplicate")?);
+    Ok((
+        m,
+        Progress {
+            transferred: n("transferred")?,
+            remaining: n("remaining")?,
+            dirty_syncs: n("dirty-sync-count")?,
+            dirty_rate: n("dirty-pages-rate")?.saturating_mul(n("page-size")?),
+            pages: normal.saturating_add(zero),
+            zero_pages: zero,
+            throttle_pct: throttle,
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +192,39 @@ mod tests {
         );
         assert_eq!(w(json!({"qemu": 8})), Why::Missing("major"));
         assert_eq!(w(json!([1, 2, 3])), Why::Missing("major"));
+    }
+
+    #[test]
+    fn live_progress() {
+        let v = json!({"status": "active", "cpu-throttle-percentage": 30,
+            "ram": {"transferred": 1000, "remaining": 4096, "dirty-sync-count": 3,
+                    "dirty-pages-rate": 10, "page-size": 4096, "normal": 5, "duplicate": 7}});
+        let (m, p) = progress(&v).unwrap();
+        assert_eq!(m, Migration::Running("active".into()));
+        assert_eq!(
+            p,
+            Progress {
+                transferred: 1000,
+                remaining: 4096,
+                dirty_syncs: 3,
+                dirty_rate: 40960,
+                pages: 12,
+                zero_pages: 7,
+                throttle_pct: 30
+            }
+        );
+        assert_eq!(
+            progress(&json!({"status": "setup"})).unwrap().1,
+            Progress::default()
+        );
+        for bad in [
+            json!({"status": "active", "ram": {"transferred": -1}}),
+            json!({"status": "active", "ram": {"remaining": "x"}}),
+            json!({"status": "active", "cpu-throttle-percentage": 101}),
+            json!({"status": "act ive"}),
+        ] {
+            assert!(progress(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

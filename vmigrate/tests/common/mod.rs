@@ -5,6 +5,9 @@
 
 #[path = "../../../vmm/tests/common/ctl.rs"]
 pub mod ctl;
+#[path = "../../../qemu/tests/common/guest.rs"]
+pub mod linux_guest;
+pub mod proxy;
 #[path = "../../../vmm/tests/common/tools.rs"]
 pub mod tools;
 

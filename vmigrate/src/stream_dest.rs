@@ -1,0 +1,293 @@
+//! The receiving side of a hypervisor stream (QEMU): the machine
+//! description checked, the boot files received as round 0, a QEMU
+//! started on the new VM directory's files and fed the stream, and at
+//! COMMIT the directory committed (device state, digests) before the
+//! guest runs from it.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kimberley_formats::digest::BlockDigests;
+use kimberley_formats::sys::openat;
+use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
+use kimberley_machine::Machine;
+use kimberley_qemu::backend::IncomingFiles;
+use kimberley_qemu::{QemuBackend, QemuMachine};
+
+use crate::channel::{Rx, Tx};
+use crate::chunks::CHUNK;
+use crate::dest::{
+    apply, discard, hand_over, next, send_error, shared_disks, Listener, Options, Phase, Received,
+    SenderAborted, Target,
+};
+use crate::protocol::{
+    Message, RoundAck, Running, Start, MAX_STREAM_CHUNK, MAX_SUMS, SESSION_ID_LEN,
+};
+
+/// How long QEMU may take to finish loading the stream after COMMIT.
+const LOAD_WAIT: Duration = Duration::from_secs(60);
+/// A QEMU that takes no stream bytes for this long is given up on.
+const FEED_LIMIT: Duration = Duration::from_secs(60);
+
+/// The target a CHUNKS body names.
+fn chunks_target(body: &[u8]) -> Result<u32> {
+    Ok(crate::chunks::decode(body)
+        .context("protocol error")?
+        .target)
+}
+
+/// Everything received up to COMMIT: QEMU has been fed the whole stream.
+pub(crate) struct Prepared {
+    w: VmDirWriter,
+    name: String,
+    machine: QemuMachine,
+    apply_us: u64,
+    rounds: u32,
+    bytes: u64,
+}
+
+fn clone(t: &Target, what: &str) -> Result<std::fs::File> {
+    t.file
+        .try_clone()
+        .with_context(|| format!("duplicating the descriptor of {what}"))
+}
+
+pub(crate) fn prepare(
+    start: Start,
+    rx: &mut Rx,
+    tx: &mut Tx,
+    opts: &Options,
+    stop: &AtomicBool,
+    acked: &mut bool,
+) -> Result<Prepared> {
+    if !start.disks.is_empty() && !start.shared_disk {
+        bail!("this receiver takes the disks of a QEMU guest only as shared disks (--shared-disk)");
+    }
+    let shared_files = shared_disks(&start, opts)?;
+    let m = match next(rx, stop)? {
+        Message::Machine(m) => m,
+        other => bail!("protocol error: {} instead of MACHINE", other.ty().name()),
+    };
+    let backend = QemuBackend::default();
+    let mut w = VmDirWriter::create(&opts.out)?;
+    // Committed without fsync in the pause window; made durable after the
+    // hand-over.
+    w.set_sync(false);
+    let cfg = backend
+        .incoming_config(
+            &m.spec,
+            start.memory_size,
+            start.vcpus,
+            start.disks.len(),
+            m.initrd_size > 0,
+            w.path(),
+        )
+        .map_err(|e| anyhow!("this host cannot run the sender's VM: {e}"))?;
+    let name = opts
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vm".into());
+    let memory = w.create_file(&file_name(Kind::Memory, 0))?;
+    memory
+        .set_len(start.memory_size)
+        .context("sizing guest memory")?;
+    // Targets as the sender numbers them: memory (never sent as chunks),
+    // the disks (shared), the kernel, the initrd.
+    let mut targets = vec![Target {
+        file: memory,
+        chunks: start.memory_size / CHUNK as u64,
+        shared: false,
+        digests: BlockDigests::zeros(start.memory_size),
+    }];
+    for (i, f) in shared_files.into_iter().enumerate() {
+        let dst = w.path().join(file_name(Kind::Disk, i));
+        openat::link_open_file(&f, &dst).with_context(|| {
+            format!("linking the shared disk {} into the VM directory (it must be on the output's file system)", start.disks[i].path)
+        })?;
+        targets.push(Target {
+            file: f,
+            chunks: 0,
+            shared: true,
+            digests: BlockDigests::zeros(0),
+        });
+    }
+    let boot = [(Kind::Kernel, m.kernel_size), (Kind::Initrd, m.initrd_size)];
+    for (kind, size) in boot.into_iter().filter(|&(_, s)| s > 0) {
+        let f = w.create_file(&file_name(kind, 0))?;
+        f.set_len(size).context("sizing a boot file")?;
+        targets.push(Target {
+            file: f,
+            chunks: size.div_ceil(CHUNK as u64),
+            shared: false,
+            digests: BlockDigests::zeros(size),
+        });
+    }
+    let nd = start.disks.len();
+    let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut load_us = 0u64;
+    let mut qemu: Option<QemuMachine> = None;
+    let mut feed: Option<UnixStream> = None;
+    // The stream ended and SUMS went out: only repairs of memory (CHUNKS
+    // of target 0) and COMMIT may follow.
+    let mut summed = false;
+    let (mut rounds, mut bytes) = (0u32, 0u64);
+    loop {
+        match next(rx, stop)? {
+            Message::Chunks(b) if qemu.is_none() => {
+                bytes += b.len() as u64;
+                if chunks_target(&b)? == 0 {
+                    bail!("protocol error: guest memory before the stream");
+                }
+                pending.push(b);
+                apply(&mut targets, &mut pending)?;
+            }
+            Message::Chunks(b) if summed => {
+                bytes += b.len() as u64;
+                if chunks_target(&b)? != 0 {
+                    bail!("protocol error: CHUNKS other than guest memory after the stream");
+                }
+                pending.push(b);
+                apply(&mut targets, &mut pending)?;
+            }
+            Message::RoundEnd(1) if feed.is_some() => {
+                // The stream is complete: once QEMU has loaded it, the
+                // memory is hashed for the sender to check.
+                let t = Instant::now();
+                drop(feed.take());
+                let m = qemu.as_mut().expect("fed by a machine");
+                m.wait_incoming(LOAD_WAIT)
+                    .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
+                let sums = crate::sums::file_sums(&targets[0].file, start.memory_size)
+                    .context("hashing the received memory")?;
+                for (k, part) in sums.chunks(MAX_SUMS).enumerate() {
+                    tx.send(Message::Sums {
+                        first: (k * MAX_SUMS) as u64,
+                        sums: part.to_vec(),
+                    })?;
+                }
+                load_us = t.elapsed().as_micros() as u64;
+                summed = true;
+            }
+            Message::RoundEnd(0) if qemu.is_none() => {
+                let t = Instant::now();
+                apply(&mut targets, &mut pending)?;
+                let files = IncomingFiles {
+                    memory: clone(&targets[0], "memory")?,
+                    disks: targets[1..=nd]
+                        .iter()
+                        .map(|t| clone(t, "a disk"))
+                        .collect::<Result<_>>()?,
+                    kernel: clone(&targets[nd + 1], "the kernel")?,
+                    initrd: targets
+                        .get(nd + 2)
+                        .map(|t| clone(t, "the initrd"))
+                        .transpose()?,
+                };
+                let (machine, sock) = backend
+                    .incoming(&cfg, files, w.path())
+                    .map_err(|e| anyhow!("starting QEMU for the incoming guest: {e}"))?;
+                sock.set_write_timeout(Some(FEED_LIMIT))
+                    .context("configuring the migration socket")?;
+                qemu = Some(machine);
+                feed = Some(sock);
+                rounds += 1;
+                tx.send(Message::RoundAck(RoundAck {
+                    round: 0,
+                    apply_us: t.elapsed().as_micros() as u64,
+                    ..RoundAck::default()
+                }))?;
+                *acked = true;
+            }
+            Message::Stream(b) => {
+                let Some(sock) = feed.as_mut() else {
+                    bail!("protocol error: STREAM outside the stream");
+                };
+                bytes += b.len() as u64;
+                let plain = zstd::bulk::decompress(&b, MAX_STREAM_CHUNK).context(
+                    "protocol error: a STREAM that does not decompress to at most 1 MiB",
+                )?;
+                sock.write_all(&plain)
+                    .context("feeding the stream to QEMU (it refused the stream or stopped)")?;
+            }
+            Message::Commit if summed => {
+                let t = Instant::now();
+                apply(&mut targets, &mut pending)?;
+                return Ok(Prepared {
+                    w,
+                    name,
+                    machine: qemu.expect("summed after the stream"),
+                    apply_us: load_us + t.elapsed().as_micros() as u64,
+                    rounds,
+                    bytes,
+                });
+            }
+            Message::Abort => return Err(SenderAborted.into()),
+            other => bail!("protocol error: unexpected {}", other.ty().name()),
+        }
+    }
+}
+
+/// Waits for QEMU to have loaded the stream, commits the directory, lets
+/// the guest run from it, and hands over.
+pub(crate) fn start(
+    l: &Listener,
+    id: [u8; SESSION_ID_LEN],
+    p: Prepared,
+    tx: Tx,
+    rx: Rx,
+) -> Result<Received> {
+    let Prepared {
+        w,
+        name,
+        mut machine,
+        apply_us,
+        rounds,
+        bytes,
+    } = p;
+    let mut r = Running {
+        apply_us,
+        ..Running::default()
+    };
+    let t = Instant::now();
+    let committed: PathBuf = match machine.commit_incoming(w, &name, LOAD_WAIT) {
+        Ok(c) => c,
+        Err(e) => {
+            let e = anyhow!("committing the received guest: {e}");
+            l.set_phase(Phase::Aborted(id));
+            send_error(tx, rx, &e);
+            return Err(e.context("the migration failed; what was received is discarded"));
+        }
+    };
+    r.commit_us = t.elapsed().as_micros() as u64;
+    let t = Instant::now();
+    let resumed = machine
+        .resume()
+        .map_err(|e| anyhow!("resuming the guest: {e}"))
+        .and_then(|()| Ok(VmDir::open(&committed)?));
+    let dir = match resumed {
+        Ok(d) => d,
+        Err(e) => {
+            l.set_phase(Phase::Aborted(id));
+            drop(machine);
+            discard(&committed);
+            send_error(tx, rx, &e);
+            return Err(e.context("the migration failed; what was received is discarded"));
+        }
+    };
+    r.restore_us = t.elapsed().as_micros() as u64;
+    hand_over(
+        l,
+        id,
+        Box::new(machine),
+        dir,
+        committed,
+        r,
+        (tx, rx),
+        (rounds, bytes),
+    )
+}

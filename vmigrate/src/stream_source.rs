@@ -1,0 +1,534 @@
+//! The sending side for a machine whose hypervisor streams it (QEMU): the
+//! boot files as round 0, then the hypervisor's own live-migration stream
+//! (its pre-copy, auto-converge and switch-over), compressed and sealed
+//! into STREAM messages, then the same hand-over as the microVM's.
+
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kimberley_formats::sys::poll;
+use kimberley_machine::{StreamLimits, StreamMigratable, StreamPhase, StreamStatus};
+use serde_json::{json, Value};
+
+use crate::channel::Tx;
+use crate::params::Params;
+use crate::protocol::{DiskInfo, MachineMsg, Message, Running, Start, MAX_STREAM_CHUNK, SUM_LEN};
+use crate::source::{
+    connect, disk_chunks, ms_since, r3, resolve, Failure, ReceiverError, Resolution, Session,
+    Source, RUNNING_WAIT,
+};
+use crate::writer::Writer;
+
+/// zstd level of STREAM messages.
+const LEVEL: i32 = 1;
+/// How long to wait for more stream bytes before sending what was read.
+const GATHER: Duration = Duration::from_millis(2);
+/// How often the hypervisor's progress is asked while the stream flows.
+const STATUS_EVERY: Duration = Duration::from_millis(20);
+/// How long the hypervisor may take to report completion after the
+/// stream's end.
+const COMPLETION_WAIT: Duration = Duration::from_secs(30);
+
+/// One round as the hypervisor reports it (between dirty-log syncs).
+#[derive(Debug, Clone, Default)]
+struct Round {
+    pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+    ms: f64,
+    dirty_rate: u64,
+    throttle: u32,
+}
+
+impl Round {
+    fn json(&self, n: usize) -> Value {
+        json!({
+            "round": n,
+            "pages": self.pages,
+            "zero_pages": self.zero_pages,
+            "disk_blocks": 0,
+            "bytes": self.bytes,
+            "ms": r3(self.ms),
+            "dirty_rate": self.dirty_rate,
+            "throttle": self.throttle,
+        })
+    }
+}
+
+/// Migrates `vm` through its hypervisor's stream. `was_running`: the
+/// guest ran when the request came. On [`Failure::Kept`] the hypervisor's
+/// migration is cancelled and its settings are back (the caller resumes
+/// the guest if it is paused and ran before); on [`Failure::InDoubt`] the
+/// guest is paused and must be suspended, not resumed.
+pub fn migrate(
+    vm: &mut dyn StreamMigratable,
+    p: &Params,
+    io: &mut kimberley_machine::MigrateIo<'_>,
+) -> Result<Value, Failure> {
+    let t0 = Instant::now();
+    if !vm.disk_paths().is_empty() && !p.shared_disk {
+        return Err(Failure::Kept(anyhow!(
+            "this VM's disks cannot be copied by a live migration of its QEMU stream yet: put them on storage both hosts see and migrate with --shared-disk"
+        )));
+    }
+    let mut s = connect(p, io).map_err(Failure::Kept)?;
+    let (mut started, mut committed) = (false, false);
+    let r = stream_and_switch(vm, p, &mut s, t0, &mut started, &mut committed);
+    let e = match r {
+        Ok(v) => {
+            let _ = vm.end_stream();
+            return Ok(v);
+        }
+        Err(e) => e,
+    };
+    let whole = s.writer.cancel();
+    if !committed && whole {
+        let _ = s.send_msg(Message::Abort);
+        let _ = s.writer.flush();
+    }
+    let _ = s.tx.stream().shutdown(std::net::Shutdown::Both);
+    if started {
+        // A migration that has not completed is cancelled (QEMU restarts
+        // the guest if it ran); one that completed leaves it paused.
+        if let Err(ce) = vm.cancel_stream() {
+            return Err(Failure::Kept(
+                e.context(format!("and cancelling QEMU's migration failed: {ce}")),
+            ));
+        }
+        let _ = vm.end_stream();
+    }
+    if committed && e.downcast_ref::<ReceiverError>().is_none() {
+        s.io.progress(json!({"in_doubt": format!("{e:#}")}));
+        return match resolve(&p.to, &s.key, s.tx.session_id()) {
+            Resolution::Committed => Ok(json!({
+                "to": p.to,
+                "total_ms": r3(ms_since(t0)),
+                "hand_over": "confirmed by QUERY after the connection was lost",
+                "error": format!("{e:#}"),
+            })),
+            Resolution::NotCommitted(why) => Err(Failure::Kept(e.context(why))),
+            Resolution::Unknown(why) => Err(Failure::InDoubt(e.context(format!(
+                "the hand-over is in doubt: the receiver may be running the guest, and asking it failed ({why})"
+            )))),
+        };
+    }
+    Err(Failure::Kept(e))
+}
+
+/// Reads what the stream has now (up to [`MAX_STREAM_CHUNK`], waiting
+/// [`GATHER`] for more after each piece); `None` at its end.
+fn gather(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<usize>> {
+    buf.clear();
+    buf.resize(MAX_STREAM_CHUNK, 0);
+    let mut n = 0;
+    while n < MAX_STREAM_CHUNK {
+        match sock.read(&mut buf[n..]) {
+            Ok(0) => {
+                buf.truncate(n);
+                return Ok(if n == 0 { None } else { Some(n) });
+            }
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if n == 0 || !poll::readable_one(sock.as_raw_fd(), Some(GATHER))? {
+                    break;
+                }
+            }
+            Err(e) => return Err(e).context("reading QEMU's migration stream"),
+        }
+    }
+    buf.truncate(n);
+    Ok(Some(n))
+}
+
+/// Instant of a wall-clock time reported by the hypervisor (its pause).
+fn instant_of(t: SystemTime) -> Instant {
+    let now = Instant::now();
+    match SystemTime::now().duration_since(t) {
+        Ok(ago) => now.checked_sub(ago).unwrap_or(now),
+        Err(_) => now,
+    }
+}
+
+/// Carries the stream: reads it, compresses and seals each piece into a
+/// STREAM message and queues it for the wire, until its end or `halt`.
+fn pump(
+    mut sock: UnixStream,
+    tx: &mut Tx,
+    writer: &Writer,
+    halt: &AtomicBool,
+    raw: &AtomicU64,
+) -> Result<()> {
+    sock.set_nonblocking(true)
+        .context("configuring the migration socket")?;
+    let mut buf = Vec::new();
+    loop {
+        if halt.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if !poll::readable_one(sock.as_raw_fd(), Some(Duration::from_millis(20)))
+            .context("waiting for QEMU's migration stream")?
+        {
+            continue;
+        }
+        match gather(&mut sock, &mut buf)? {
+            None => return Ok(()),
+            Some(0) => {}
+            Some(n) => {
+                raw.fetch_add(n as u64, Ordering::SeqCst);
+                let z = zstd::bulk::compress(&buf[..n], LEVEL).context("compressing")?;
+                writer.push(vec![tx.seal(Message::Stream(z))?])?;
+            }
+        }
+    }
+}
+
+/// What following the hypervisor's migration found.
+struct Watched {
+    /// Its final status.
+    fin: StreamStatus,
+    /// The rounds before the last.
+    rounds: Vec<Round>,
+    /// `--max-rounds` made it switch over.
+    forced: bool,
+    /// When the guest was paused.
+    t_pause: Option<Instant>,
+    max_throttle: u32,
+    /// Pages, zero pages, wire bytes and time at the start of the last
+    /// round.
+    round_start: (u64, u64, u64, Instant),
+    /// The status before the last.
+    cur: StreamStatus,
+}
+
+/// Follows the hypervisor's migration until the stream's carrier is done
+/// (`done`) and the migration completed: reports rounds, applies
+/// `--max-rounds`, lets it switch over, and ends it on a cancel, the
+/// deadline or a writer error.
+fn watch(
+    vm: &mut dyn StreamMigratable,
+    p: &Params,
+    io: &mut kimberley_machine::MigrateIo<'_>,
+    writer: &Writer,
+    deadline: Instant,
+    done: &dyn Fn() -> bool,
+) -> Result<Watched> {
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut cur = StreamStatus {
+        phase: StreamPhase::Active,
+        transferred: 0,
+        remaining: 0,
+        dirty_syncs: 0,
+        dirty_rate: 0,
+        throttle_pct: 0,
+        pages: 0,
+        zero_pages: 0,
+    };
+    let mut round_start = (0u64, 0u64, writer.bytes(), Instant::now());
+    let mut forced = false;
+    let mut t_pause: Option<Instant> = None;
+    let mut max_throttle = 0u32;
+    let mut switched = false;
+    let mut ended: Option<Instant> = None;
+    loop {
+        let finished = done();
+        if finished {
+            ended.get_or_insert_with(Instant::now);
+        }
+        if !switched {
+            if io.cancelled() {
+                bail!("cancelled");
+            }
+            if Instant::now() > deadline {
+                bail!("the migration did not finish within --timeout");
+            }
+        }
+        writer.check()?;
+        let st = vm.stream_status().map_err(|e| anyhow!("{e}"))?;
+        if st.dirty_syncs > cur.dirty_syncs && cur.dirty_syncs > 0 {
+            // A round ended: what went since the last sync.
+            let r = Round {
+                pages: st.pages.saturating_sub(round_start.0),
+                zero_pages: st.zero_pages.saturating_sub(round_start.1),
+                bytes: writer.bytes() - round_start.2,
+                ms: ms_since(round_start.3),
+                dirty_rate: cur.dirty_rate,
+                throttle: cur.throttle_pct,
+            };
+            io.progress(json!({"round_done": r.json(rounds.len())}));
+            rounds.push(r);
+            round_start = (st.pages, st.zero_pages, writer.bytes(), Instant::now());
+        }
+        if st.throttle_pct != cur.throttle_pct {
+            io.progress(json!({"throttle": st.throttle_pct}));
+        }
+        max_throttle = max_throttle.max(st.throttle_pct);
+        if !forced && st.dirty_syncs > u64::from(p.max_rounds) + 1 {
+            vm.force_switch_over().map_err(|e| anyhow!("{e}"))?;
+            forced = true;
+        }
+        if let Some(at) = vm.stream_paused_at() {
+            t_pause = Some(instant_of(at));
+        }
+        match &st.phase {
+            StreamPhase::Active => {}
+            StreamPhase::SwitchOver => {
+                if !switched {
+                    t_pause.get_or_insert_with(Instant::now);
+                    let reason = if forced { "max_rounds" } else { "converged" };
+                    io.progress(json!({"stop_and_copy": reason}));
+                    // The last point a cancel or the deadline still counts
+                    // before QEMU finishes the stream.
+                    if io.cancelled() {
+                        bail!("cancelled");
+                    }
+                    vm.switch_over().map_err(|e| anyhow!("{e}"))?;
+                    switched = true;
+                }
+            }
+            StreamPhase::Device => {
+                t_pause.get_or_insert_with(Instant::now);
+            }
+            StreamPhase::Completed => {
+                t_pause.get_or_insert_with(Instant::now);
+                if finished {
+                    return Ok(Watched {
+                        fin: st,
+                        rounds,
+                        forced,
+                        t_pause,
+                        max_throttle,
+                        round_start,
+                        cur,
+                    });
+                }
+            }
+            StreamPhase::Failed(why) => bail!("QEMU's migration failed: {why}"),
+        }
+        if ended.is_some_and(|t| t.elapsed() > COMPLETION_WAIT) {
+            bail!("QEMU's migration stream ended but the migration did not complete");
+        }
+        cur = st;
+        std::thread::sleep(if t_pause.is_some() {
+            Duration::from_millis(2)
+        } else {
+            STATUS_EVERY
+        });
+    }
+}
+
+fn stream_and_switch(
+    vm: &mut dyn StreamMigratable,
+    p: &Params,
+    s: &mut Session<'_, '_>,
+    t0: Instant,
+    started: &mut bool,
+    committed: &mut bool,
+) -> Result<Value> {
+    let paths = vm.disk_paths();
+    let mut infos = Vec::new();
+    for d in &paths {
+        let f = kimberley_formats::fsutil::open_regular(d, false)
+            .with_context(|| format!("opening {}", d.display()))?;
+        let size = f.metadata().context("stat of a disk")?.len();
+        let path = std::fs::canonicalize(d)
+            .context("resolving a shared disk's path")?
+            .to_str()
+            .ok_or_else(|| anyhow!("a shared disk's path is not UTF-8"))?
+            .to_string();
+        infos.push(DiskInfo { size, path });
+    }
+    let ndisks = infos.len();
+    s.send_msg(Message::Start(Start {
+        memory_size: vm.memory_size(),
+        vcpus: vm.vcpus(),
+        shared_disk: p.shared_disk,
+        stream: true,
+        disks: infos,
+    }))?;
+    let boot = vm.boot_files().map_err(|e| anyhow!("{e}"))?;
+    let sizes: Vec<u64> = boot
+        .iter()
+        .map(|f| f.metadata().map(|m| m.len()))
+        .collect::<std::io::Result<_>>()
+        .context("stat of a boot file")?;
+    s.send_msg(Message::Machine(Box::new(MachineMsg {
+        kernel_size: sizes[0],
+        initrd_size: sizes.get(1).copied().unwrap_or(0),
+        spec: vm.description(),
+    })))?;
+    // Round 0: the boot files (the receiver starts its QEMU on them).
+    let t = Instant::now();
+    let b0 = s.writer.bytes();
+    for (j, (f, &size)) in boot.iter().zip(&sizes).enumerate() {
+        let idx = disk_chunks(f, size);
+        s.send_chunks(
+            &Source::Disk(f),
+            (1 + ndisks + j) as u32,
+            &idx,
+            true,
+            &mut |_, _| {},
+        )?;
+    }
+    s.send_msg(Message::RoundEnd(0))?;
+    s.writer.flush()?;
+    match s.wait_msg(Duration::from_secs(60), true)? {
+        Message::RoundAck(a) if a.round == 0 => {}
+        other => bail!(
+            "protocol error: {} instead of ROUND_ACK 0",
+            other.ty().name()
+        ),
+    }
+    let boot_round =
+        json!({"boot_files_bytes": s.writer.bytes() - b0, "boot_files_ms": r3(ms_since(t))});
+
+    // The stream: a thread carries it (QEMU holds its big lock while it
+    // writes the last part, so QMP answers only once that is read) while
+    // this one follows QEMU's progress.
+    let sock = vm
+        .start_stream(&StreamLimits {
+            downtime_ms: p.downtime_ms,
+        })
+        .map_err(|e| anyhow!("starting QEMU's migration: {e}"))?;
+    *started = true;
+    let halt = AtomicBool::new(false);
+    let raw = AtomicU64::new(0);
+    let deadline = s.deadline;
+    let (tx, writer, io) = (&mut s.tx, &s.writer, &mut *s.io);
+    let w = std::thread::scope(|sc| {
+        let pump_thread = sc.spawn(|| pump(sock, tx, writer, &halt, &raw));
+        let r = watch(vm, p, io, writer, deadline, &|| pump_thread.is_finished());
+        if r.is_err() {
+            // Stop the carrying: QEMU's migration cancelled closes its end;
+            // a writer stuck on a slow link drops what is queued.
+            halt.store(true, Ordering::SeqCst);
+            let _ = vm.cancel_stream();
+            let t = Instant::now();
+            while !pump_thread.is_finished() {
+                if t.elapsed() > Duration::from_secs(1) {
+                    writer.cancel();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let pumped = pump_thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the stream's thread panicked")));
+        let w = r?;
+        pumped?;
+        Ok::<_, anyhow::Error>(w)
+    })?;
+    let Watched {
+        fin,
+        rounds,
+        forced,
+        t_pause,
+        max_throttle,
+        round_start,
+        cur,
+    } = w;
+    let raw = raw.load(Ordering::SeqCst);
+    let (round_pages, round_zero, round_bytes, round_t) = round_start;
+    let t_pause = t_pause.unwrap_or_else(Instant::now);
+    let last = Round {
+        pages: fin.pages.saturating_sub(round_pages),
+        zero_pages: fin.zero_pages.saturating_sub(round_zero),
+        bytes: s.writer.bytes() - round_bytes,
+        ms: ms_since(round_t),
+        dirty_rate: cur.dirty_rate,
+        throttle: cur.throttle_pct,
+    };
+    // The stream is complete and the guest paused: what the receiver
+    // loaded is checked against this memory, block by block, and blocks
+    // that differ are sent again (QEMU 7.2 under TCG can miss guest writes
+    // in its dirty log).
+    s.send_msg(Message::RoundEnd(1))?;
+    s.writer.flush()?;
+    let t_check = Instant::now();
+    let mem = vm.memory_file().map_err(|e| anyhow!("{e}"))?;
+    let size = vm.memory_size();
+    let ours = crate::sums::file_sums(&mem, size).context("hashing guest memory")?;
+    let mut theirs: Vec<[u8; SUM_LEN]> = Vec::with_capacity(ours.len());
+    while theirs.len() < ours.len() {
+        match s.wait_msg(Duration::from_secs(60), true)? {
+            Message::Sums { first, sums } if first == theirs.len() as u64 => {
+                theirs.extend(sums);
+            }
+            other => bail!("protocol error: {} instead of SUMS", other.ty().name()),
+        }
+    }
+    if theirs.len() != ours.len() {
+        bail!("protocol error: SUMS for more memory than the guest has");
+    }
+    let repair = crate::sums::differing_pages(&ours, &theirs, size);
+    if !repair.is_empty() {
+        s.send_chunks(&Source::Disk(&mem), 0, &repair, false, &mut |_, _| {})?;
+    }
+    let check_ms = ms_since(t_check);
+    s.writer.flush()?;
+    let final_ms = ms_since(t_pause);
+    let t = Instant::now();
+    s.check()?;
+    s.send_msg(Message::Commit)?;
+    s.writer.flush()?;
+    *committed = true;
+    let state_send_ms = ms_since(t);
+    let running: Running = match s
+        .wait_msg(RUNNING_WAIT, false)
+        .context("waiting for the receiver to start the guest")?
+    {
+        Message::Running(r) => r,
+        other => bail!(
+            "protocol error: {} while waiting for RUNNING",
+            other.ty().name()
+        ),
+    };
+    let t_running = Instant::now();
+    let _ = s.send_msg(Message::Done);
+    let _ = s.writer.flush();
+    let wire_bytes = s.writer.bytes();
+    let total_pause = t_running.duration_since(t_pause).as_secs_f64() * 1000.0;
+    let downtime = (total_pause - running.delay_us as f64 / 1000.0).max(0.0);
+    let us = |v: u64| v as f64 / 1000.0;
+    let accounted = final_ms + state_send_ms + us(running.to_first_run_us());
+    let mut per_round: Vec<Value> = rounds.iter().enumerate().map(|(i, r)| r.json(i)).collect();
+    per_round.push(last.json(rounds.len()));
+    Ok(json!({
+        "to": p.to,
+        "total_ms": r3(ms_since(t0)),
+        "downtime_ms": r3(downtime),
+        "downtime_target_ms": p.downtime_ms,
+        "downtime_parts": {
+            "pause_ms": 0.0,
+            "state_ms": 0.0,
+            "dirty_fetch_ms": 0.0,
+            "final_pages_ms": r3(final_ms),
+            "state_send_ms": r3(state_send_ms),
+            "receiver_apply_ms": r3(us(running.apply_us)),
+            "receiver_hash_ms": r3(us(running.hash_us)),
+            "receiver_commit_ms": r3(us(running.commit_us)),
+            "restore_ms": r3(us(running.restore_us)),
+            "network_ms": r3((downtime - accounted).max(0.0)),
+        },
+        "downtime_estimate": null,
+        "measured_costs": {
+            "stream_bytes": raw,
+            "boot_files": boot_round,
+            "memory_check_ms": r3(check_ms),
+            "repaired_pages": repair.len(),
+        },
+        "bytes_on_wire": wire_bytes,
+        "rounds": per_round.len(),
+        "stop_reason": if forced { "max_rounds" } else { "converged" },
+        "throttled": max_throttle > 0,
+        "max_throttle_pct": max_throttle,
+        "state_bytes": 0,
+        "final_pages": last.pages,
+        "final_digest_blocks": running.blocks_hashed,
+        "per_round": per_round,
+    }))
+}
