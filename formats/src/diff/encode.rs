@@ -1,5 +1,5 @@
 //! Turns per-chunk decisions into records (coalescing runs) and cuts the
-//! record stream into segments of about the target size (1 MiB by default).
+//! record stream into segments of about the target size (4 MiB by default).
 
 use super::writer::Sink;
 use crate::error::Result;

@@ -27,6 +27,9 @@ use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY
 use crate::progress::Progress;
 use crate::vmdir::{total_size, VmDir};
 
+/// The default zstd level (FORMAT.md section 12.2 says why 8).
+pub const DEFAULT_LEVEL: i32 = 8;
+
 /// How to protect the overlay.
 #[derive(Debug, Clone)]
 pub enum Protection {
@@ -66,11 +69,12 @@ pub struct DiffOptions {
 }
 
 impl DiffOptions {
-    /// Defaults: level 3, all cores, 1 MiB segments, no parent.
+    /// Defaults: level [`DEFAULT_LEVEL`], all cores, [`TARGET_BODY`]
+    /// segments, no parent.
     pub fn new(protection: Protection) -> Self {
         DiffOptions {
             protection,
-            level: 3,
+            level: DEFAULT_LEVEL,
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),

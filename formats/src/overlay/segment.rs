@@ -8,8 +8,9 @@ use crate::vmdir::{Component, Kind};
 
 /// Largest decompressed segment body a reader accepts.
 pub const MAX_BODY: usize = 16 << 20;
-/// Target size of a data segment body.
-pub const TARGET_BODY: usize = 1 << 20;
+/// Target size of a data segment body (the reference encoder's default;
+/// FORMAT.md section 12.2 says why 4 MiB).
+pub const TARGET_BODY: usize = 4 << 20;
 
 fn corrupt(what: &str) -> Error {
     Error::Corrupt(format!("bad {what} segment"))
