@@ -6,6 +6,7 @@ pub mod exit;
 pub mod help;
 pub mod keys;
 pub mod machines;
+pub mod oci;
 pub mod man;
 pub mod output;
 pub mod progress;

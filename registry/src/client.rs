@@ -469,7 +469,7 @@ impl Client {
     pub fn upload_blob(
         &self,
         d: &Digest,
-        file: &File,
+        file: &dyn BlobSource,
         size: u64,
         progress: &dyn Fn(u64),
     ) -> Result<()> {
@@ -670,7 +670,32 @@ fn read_capped(resp: &mut Response<Body>, limit: u64, op: &str) -> Result<Vec<u8
     }
 }
 
-fn read_range(file: &File, offset: u64, n: u64, op: &str) -> Result<Vec<u8>> {
+/// What an upload reads from: a file, or bytes in memory.
+pub trait BlobSource {
+    /// Fills `buf` from `offset`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl BlobSource for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl BlobSource for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match self.get(start..).and_then(|s| s.get(..buf.len())) {
+            Some(s) => {
+                buf.copy_from_slice(s);
+                Ok(())
+            }
+            None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
+fn read_range(file: &dyn BlobSource, offset: u64, n: u64, op: &str) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; n as usize];
     file.read_exact_at(&mut buf, offset)
         .map_err(|e| Error::io(format!("{op}: reading the file"), e))?;
