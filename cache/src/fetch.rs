@@ -144,11 +144,15 @@ pub fn open_layer(
                 ing.restart()?;
                 Box::new(io::empty())
             };
-            Ok(Box::new(Tee {
-                head,
-                body: s.reader,
-                ing: Some(ing),
-            }))
+            // Large reads: each one is a write to the partial file.
+            Ok(Box::new(io::BufReader::with_capacity(
+                1 << 20,
+                Tee {
+                    head,
+                    body: s.reader,
+                    ing: Some(ing),
+                },
+            )))
         }
     }
 }

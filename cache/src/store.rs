@@ -152,6 +152,9 @@ impl WriteStore for BlobDir {
     }
 }
 
+/// Bytes between two starts of writeback of a blob being added.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
 /// A blob being added: appends to `HEX.partial`, hashing; [`Ingest::commit`]
 /// checks size and digest and renames it to `HEX`. The blob's lock is held
 /// until it is dropped.
@@ -202,7 +205,15 @@ impl Ingest {
         self.file
             .write_all(bytes)
             .ctx(|| format!("writing {}", pp.display()))?;
+        let before = self.hash.len();
         self.hash.absorb(bytes);
+        // Write back as it arrives, so that the fsync at the commit has
+        // little left to wait for.
+        if before / WRITEBACK_EVERY != self.hash.len() / WRITEBACK_EVERY {
+            kimberley_formats::sys::file::start_writeback(std::os::fd::AsRawFd::as_raw_fd(
+                &self.file,
+            ));
+        }
         Ok(())
     }
 

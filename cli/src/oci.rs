@@ -50,7 +50,9 @@ pub struct CacheArgs {
 impl CacheArgs {
     /// The directory.
     pub fn dir(&self) -> PathBuf {
-        self.cache.clone().unwrap_or_else(kimberley_cache::default_dir)
+        self.cache
+            .clone()
+            .unwrap_or_else(kimberley_cache::default_dir)
     }
 }
 
@@ -63,7 +65,9 @@ pub fn reference(s: &str) -> anyhow::Result<Reference> {
 /// digest exits [`exit::TAMPERED`]; a chain out of order [`exit::WRONG_BASE`].
 pub fn registry_error(e: kimberley_registry::Error) -> anyhow::Error {
     match &e {
-        kimberley_registry::Error::DigestMismatch { .. } => with_code(exit::TAMPERED, e.to_string()),
+        kimberley_registry::Error::DigestMismatch { .. } => {
+            with_code(exit::TAMPERED, e.to_string())
+        }
         kimberley_registry::Error::Chain(_) => with_code(exit::WRONG_BASE, e.to_string()),
         kimberley_registry::Error::Reference(..) => usage(e.to_string()),
         _ => anyhow::Error::new(e),
@@ -77,4 +81,17 @@ pub fn cache_error(e: kimberley_cache::Error) -> anyhow::Error {
         e if e.is_tampered() => with_code(exit::TAMPERED, e.to_string()),
         e => anyhow::Error::new(e),
     }
+}
+
+/// True if `e`'s chain holds a cache error for content that did not match
+/// its digest (also inside an I/O error, as a streamed layer reports it).
+pub fn tampered_in(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<kimberley_cache::Error>()
+            .is_some_and(|ce| ce.is_tampered())
+            || c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<kimberley_cache::Error>())
+                .is_some_and(|ce| ce.is_tampered())
+    })
 }

@@ -59,12 +59,59 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
         .collect()
 }
 
+/// The layers of the chain `r` names, from the cache or streaming from
+/// the registry into it.
+fn from_cache(
+    r: &str,
+    cache: &kimberley_cli::oci::CacheArgs,
+    registry: &kimberley_cli::oci::RegistryArgs,
+) -> Result<Vec<Input>> {
+    use kimberley_cli::oci::{cache_error, reference, registry_error};
+    let r = reference(r)?;
+    let cache =
+        kimberley_cache::Cache::open(&cache.dir(), kimberley_formats::sys::lock::Mode::Shared)
+            .map_err(cache_error)?;
+    let client =
+        kimberley_registry::Client::new(&r, &registry.options(), false).map_err(registry_error)?;
+    let (d, manifest) = match cache.resolve(&r).map_err(cache_error)? {
+        Some(d) => match cache.manifest(&d).map_err(cache_error)? {
+            Some(m) => (d, m),
+            None => return Err(kimberley_cache::Error::Missing(r.to_string()).into()),
+        },
+        None => {
+            let (d, m, _) =
+                kimberley_cache::fetch::manifest(&cache, &client, &r).map_err(cache_error)?;
+            cache.set_tag(&r, &d).map_err(cache_error)?;
+            (d, m)
+        }
+    };
+    cache.touch(&d).map_err(cache_error)?;
+    let n = manifest.layers.len();
+    manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, desc)| {
+            let reader = kimberley_cache::fetch::open_layer(&cache, Some(&client), desc)
+                .map_err(cache_error)?;
+            Ok(Input {
+                name: format!("{r} layer {} of {n}", i + 1),
+                reader,
+            })
+        })
+        .collect()
+}
+
 fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let threads = kimberley_cli::run::threads(a.threads);
     let base_path = a.base.expect("required by clap");
     let out = a.output.expect("required by clap");
-    check_stdin(&a.input, &a.keys)?;
+    if a.from.is_some() {
+        a.keys.check_stdin(false)?;
+    } else {
+        check_stdin(&a.input, &a.keys)?;
+    }
     let secret = a.keys.secret()?;
     let base = VmDir::open(&base_path)?;
     // Anything at `out`, a dangling symbolic link included, is refused
@@ -82,7 +129,10 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     } else {
         None
     };
-    let inputs = inputs(&a.input)?;
+    let inputs = match &a.from {
+        Some(r) => from_cache(r, &a.cache, &a.registry)?,
+        None => inputs(&a.input)?,
+    };
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
     let stats = apply::apply_chain(
@@ -96,7 +146,16 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
             sync: !a.no_sync,
         },
         &progress,
-    )?;
+    )
+    .map_err(|e| {
+        // A layer streamed from a registry that failed its digest.
+        let e = anyhow::Error::new(e);
+        if kimberley_cli::oci::tampered_in(&e) {
+            kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
+        } else {
+            e
+        }
+    })?;
     drop(reporter);
     if !a.quiet {
         let took = std::time::Duration::from_millis(stats.times.total_ms);

@@ -16,8 +16,8 @@ use kimberley_cli::progress as units;
 use kimberley_cli::run::{quiet_exit, with_code};
 use kimberley_formats::overlay::header::HEADER_LEN;
 use kimberley_formats::sys::lock::Mode;
-use kimberley_registry::manifest::{check_chain, ChainConfig, LayerInfo};
 use kimberley_registry::client::BlobSource;
+use kimberley_registry::manifest::{check_chain, ChainConfig, LayerInfo};
 use kimberley_registry::{Client, Digest, Manifest};
 
 use crate::cli::{FetchArgs, GcArgs, PushArgs};
@@ -27,13 +27,18 @@ fn layer(path: &Path) -> Result<(LayerInfo, File)> {
     let name = path.display().to_string();
     let f = kimberley_formats::fsutil::open_regular(path, false)
         .with_context(|| format!("opening {name}"))?;
-    let size = f.metadata().with_context(|| format!("checking {name}"))?.len();
+    let size = f
+        .metadata()
+        .with_context(|| format!("checking {name}"))?
+        .len();
     let mut header = Vec::with_capacity(HEADER_LEN);
     let mut hasher = kimberley_registry::Sha256Writer::new(std::io::sink());
     let mut buf = vec![0u8; 1 << 20];
     let mut r = &f;
     loop {
-        let n = r.read(&mut buf).with_context(|| format!("reading {name}"))?;
+        let n = r
+            .read(&mut buf)
+            .with_context(|| format!("reading {name}"))?;
         if n == 0 {
             break;
         }
@@ -47,9 +52,8 @@ fn layer(path: &Path) -> Result<(LayerInfo, File)> {
         anyhow::bail!("{name} changed while it was read");
     }
     let (digest, _) = hasher.finish();
-    let info = LayerInfo::from_header(&name, &header, digest, size).map_err(|e| {
-        with_code(exit::CORRUPT, e.to_string())
-    })?;
+    let info = LayerInfo::from_header(&name, &header, digest, size)
+        .map_err(|e| with_code(exit::CORRUPT, e.to_string()))?;
     Ok((info, f))
 }
 
@@ -86,9 +90,20 @@ pub fn push(a: PushArgs) -> Result<()> {
         &config as &dyn BlobSource,
         "the chain config".to_string(),
     ))
-    .chain(layers.iter().zip(&files).zip(&a.overlays).map(|((l, f), p)| {
-        (l.digest, l.size, f as &dyn BlobSource, p.display().to_string())
-    }));
+    .chain(
+        layers
+            .iter()
+            .zip(&files)
+            .zip(&a.overlays)
+            .map(|((l, f), p)| {
+                (
+                    l.digest,
+                    l.size,
+                    f as &dyn BlobSource,
+                    p.display().to_string(),
+                )
+            }),
+    );
     for (d, size, f, name) in all {
         if client.blob_size(&d).map_err(registry_error)?.is_some() {
             if !a.quiet {
@@ -210,7 +225,10 @@ pub fn fetch(a: FetchArgs) -> Result<()> {
     }
     if let Some(e) = first_err {
         // Printed above, per reference; the exit code is the first failure's.
-        return Err(with_code(kimberley_cli::run::exit_code(&e), format!("{e:#}")));
+        return Err(with_code(
+            kimberley_cli::run::exit_code(&e),
+            format!("{e:#}"),
+        ));
     }
     if changed {
         Ok(())

@@ -237,7 +237,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared, down: bool) {
                 let wait = {
                     let mut next = sh.next.lock().unwrap();
                     let now = Instant::now();
-                    let at = next.map_or(now, |t| t.max(now));
+                    // Sleeps overshoot: keep to the ideal schedule (catch
+                    // up), unless the link was idle (then start afresh).
+                    let at = match *next {
+                        Some(t) if t + Duration::from_millis(50) > now => t,
+                        _ => now,
+                    };
                     *next = Some(at + Duration::from_secs_f64(n as f64 / rate as f64));
                     at.saturating_duration_since(now)
                 };
