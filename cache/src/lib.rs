@@ -203,3 +203,30 @@ impl Cache {
         self.root.join("pins/sha256").join(d.hex()).exists()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_and_manifests() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(&t.path().join("c"), Mode::Shared).unwrap();
+        let r = Reference::parse("127.0.0.1:5000/apps/office:v1").unwrap();
+        assert_eq!(c.resolve(&r).unwrap(), None);
+        let d = c.put_manifest(b"{}").unwrap();
+        c.set_tag(&r, &d).unwrap();
+        assert_eq!(c.resolve(&r).unwrap(), Some(d));
+        assert_eq!(c.resolve(&r.with_digest(d)).unwrap(), Some(d));
+        let p = c.tag_path(&r).unwrap().unwrap();
+        assert!(p.ends_with("tags/127.0.0.1:5000/apps/office/v1"));
+        // Not a chain manifest: stored bytes, but refused when read.
+        assert!(c.manifest(&d).is_err());
+        // A hand-made reference cannot leave the tags directory.
+        let evil = Reference {
+            repository: "../../x".into(),
+            ..r
+        };
+        assert!(c.tag_path(&evil).is_err());
+    }
+}

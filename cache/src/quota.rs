@@ -50,8 +50,11 @@ fn remove(p: &Path) -> Result<()> {
     }
 }
 
+/// Manifests with their last use.
+type LastUse = Vec<(Digest, SystemTime)>;
+
 /// Manifests with their last use, and the blobs they name.
-fn manifests(cache: &Cache) -> Result<(Vec<(Digest, SystemTime)>, HashSet<Digest>)> {
+fn manifests(cache: &Cache) -> Result<(LastUse, HashSet<Digest>)> {
     let mut list = Vec::new();
     let mut named = HashSet::new();
     for (name, meta) in entries(&cache.manifests.dir)? {

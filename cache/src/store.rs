@@ -258,3 +258,100 @@ impl Ingest {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn store() -> (tempfile::TempDir, BlobDir) {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("blobs");
+        fs::create_dir(&dir).unwrap();
+        (t, BlobDir { dir })
+    }
+
+    fn ingest(s: &BlobDir, d: &Digest, size: u64) -> Ingest {
+        match s.begin(d, size).unwrap() {
+            Begin::Write(i) => i,
+            Begin::Present(_) => panic!("present"),
+        }
+    }
+
+    #[test]
+    fn a_blob_appears_only_verified() {
+        let (_t, s) = store();
+        let data = b"overlay bytes".to_vec();
+        let d = Digest::of(&data);
+        let mut i = ingest(&s, &d, data.len() as u64);
+        i.append(&data[..5]).unwrap();
+        assert!(!s.contains(&d));
+        i.append(&data[5..]).unwrap();
+        let mut f = i.commit().unwrap();
+        let mut back = Vec::new();
+        f.read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+        assert!(s.contains(&d) && !s.partial(&d).exists());
+        let mode = fs::metadata(s.path(&d)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            s.begin(&d, data.len() as u64).unwrap(),
+            Begin::Present(_)
+        ));
+    }
+
+    #[test]
+    fn mismatches_are_removed() {
+        let (_t, s) = store();
+        let d = Digest::of(b"the real bytes");
+        // Same size, other bytes.
+        let mut i = ingest(&s, &d, 14);
+        i.append(b"the fake bytes").unwrap();
+        let e = i.commit().err().unwrap();
+        assert!(e.is_tampered(), "{e}");
+        assert!(!s.contains(&d) && !s.partial(&d).exists());
+        // Too long: refused as it arrives.
+        let mut i = ingest(&s, &d, 14);
+        let e = i.append(b"the real bytes!").unwrap_err();
+        assert!(e.is_tampered(), "{e}");
+        assert!(!s.partial(&d).exists());
+        drop(i); // releases the blob's lock
+                 // Too short.
+        let mut i = ingest(&s, &d, 14);
+        i.append(b"the real").unwrap();
+        assert!(i.commit().err().unwrap().is_tampered());
+    }
+
+    #[test]
+    fn partial_downloads_resume() {
+        let (_t, s) = store();
+        let data: Vec<u8> = (0..10_000u32).map(|x| x as u8).collect();
+        let d = Digest::of(&data);
+        let mut i = ingest(&s, &d, data.len() as u64);
+        i.append(&data[..6000]).unwrap();
+        drop(i);
+        let mut i = ingest(&s, &d, data.len() as u64);
+        assert_eq!(i.offset(), 6000);
+        i.append(&data[6000..]).unwrap();
+        i.commit().unwrap();
+        assert_eq!(fs::read(s.path(&d)).unwrap(), data);
+    }
+
+    /// Attack: links planted in the cache are not followed: a blob name
+    /// that is a link is not read as the blob, and a partial download that
+    /// is a link does not write through it.
+    #[test]
+    fn planted_links_are_not_followed() {
+        let (t, s) = store();
+        let victim = t.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let d = Digest::of(b"precious");
+        std::os::unix::fs::symlink(&victim, s.path(&d)).unwrap();
+        assert!(s.open(&d).is_err());
+        assert!(!s.contains(&d));
+        let d2 = Digest::of(b"new blob");
+        std::os::unix::fs::symlink(&victim, s.partial(&d2)).unwrap();
+        assert!(s.begin(&d2, 8).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+}

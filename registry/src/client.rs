@@ -77,6 +77,10 @@ pub struct Client {
     actions: &'static str,
 }
 
+/// Sends one request with the `Authorization` value given (if any).
+type MakeRequest<'a> =
+    dyn FnMut(Option<&str>) -> std::result::Result<Response<Body>, ureq::Error> + 'a;
+
 fn status_detail(resp: &mut Response<Body>) -> String {
     let Ok(bytes) = resp
         .body_mut()
@@ -204,11 +208,7 @@ impl Client {
 
     /// Sends a request built by `make` (given the Authorization to use),
     /// authenticating once on a 401 challenge and sending it again.
-    fn send(
-        &self,
-        op: &str,
-        make: &mut dyn FnMut(Option<&str>) -> std::result::Result<Response<Body>, ureq::Error>,
-    ) -> Result<Response<Body>> {
+    fn send(&self, op: &str, make: &mut MakeRequest<'_>) -> Result<Response<Body>> {
         let auth = self.authorization.lock().expect("not poisoned").clone();
         let resp = make(auth.as_deref()).map_err(|e| Error::http(op, e))?;
         if resp.status() != StatusCode::UNAUTHORIZED {
