@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use kimberley_formats::apply::Input;
+use kimberley_formats::sys::lock::Mode;
 use kimberley_registry::{ClientOptions, Reference};
 
 use crate::exit;
@@ -94,4 +96,47 @@ pub fn tampered_in(e: &anyhow::Error) -> bool {
                 .and_then(|inner| inner.downcast_ref::<kimberley_cache::Error>())
                 .is_some_and(|ce| ce.is_tampered())
     })
+}
+
+/// The layers of the chain `r` names, in chain order, to apply
+/// (`dekimberlize --from`, `kimberlize diff --parent-from`): from the cache
+/// when it has the chain (no network: a cached tag is used as it is), else
+/// the manifest from the registry and the missing layers streamed from it,
+/// teed into the cache and checked against their digests at their end.
+pub fn chain_inputs(
+    r: &str,
+    cache: &CacheArgs,
+    registry: &RegistryArgs,
+) -> anyhow::Result<Vec<Input>> {
+    let r = reference(r)?;
+    let cache = kimberley_cache::Cache::open(&cache.dir(), Mode::Shared).map_err(cache_error)?;
+    let client =
+        kimberley_registry::Client::new(&r, &registry.options(), false).map_err(registry_error)?;
+    let (d, manifest) = match cache.resolve(&r).map_err(cache_error)? {
+        Some(d) => match cache.manifest(&d).map_err(cache_error)? {
+            Some(m) => (d, m),
+            None => return Err(kimberley_cache::Error::Missing(r.to_string()).into()),
+        },
+        None => {
+            let (d, m, _) =
+                kimberley_cache::fetch::manifest(&cache, &client, &r).map_err(cache_error)?;
+            cache.set_tag(&r, &d).map_err(cache_error)?;
+            (d, m)
+        }
+    };
+    cache.touch(&d).map_err(cache_error)?;
+    let n = manifest.layers.len();
+    manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, desc)| {
+            let reader = kimberley_cache::fetch::open_layer(&cache, Some(&client), desc)
+                .map_err(cache_error)?;
+            Ok(Input {
+                name: format!("{r} layer {} of {n}", i + 1),
+                reader,
+            })
+        })
+        .collect()
 }

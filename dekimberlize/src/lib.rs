@@ -59,49 +59,6 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
         .collect()
 }
 
-/// The layers of the chain `r` names, from the cache or streaming from
-/// the registry into it.
-fn from_cache(
-    r: &str,
-    cache: &kimberley_cli::oci::CacheArgs,
-    registry: &kimberley_cli::oci::RegistryArgs,
-) -> Result<Vec<Input>> {
-    use kimberley_cli::oci::{cache_error, reference, registry_error};
-    let r = reference(r)?;
-    let cache =
-        kimberley_cache::Cache::open(&cache.dir(), kimberley_formats::sys::lock::Mode::Shared)
-            .map_err(cache_error)?;
-    let client =
-        kimberley_registry::Client::new(&r, &registry.options(), false).map_err(registry_error)?;
-    let (d, manifest) = match cache.resolve(&r).map_err(cache_error)? {
-        Some(d) => match cache.manifest(&d).map_err(cache_error)? {
-            Some(m) => (d, m),
-            None => return Err(kimberley_cache::Error::Missing(r.to_string()).into()),
-        },
-        None => {
-            let (d, m, _) =
-                kimberley_cache::fetch::manifest(&cache, &client, &r).map_err(cache_error)?;
-            cache.set_tag(&r, &d).map_err(cache_error)?;
-            (d, m)
-        }
-    };
-    cache.touch(&d).map_err(cache_error)?;
-    let n = manifest.layers.len();
-    manifest
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, desc)| {
-            let reader = kimberley_cache::fetch::open_layer(&cache, Some(&client), desc)
-                .map_err(cache_error)?;
-            Ok(Input {
-                name: format!("{r} layer {} of {n}", i + 1),
-                reader,
-            })
-        })
-        .collect()
-}
-
 fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let threads = kimberley_cli::run::threads(a.threads);
@@ -130,7 +87,7 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         None
     };
     let inputs = match &a.from {
-        Some(r) => from_cache(r, &a.cache, &a.registry)?,
+        Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
         None => inputs(&a.input)?,
     };
     let progress = Arc::new(Progress::default());

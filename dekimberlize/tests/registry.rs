@@ -483,3 +483,39 @@ fn from_refuses_a_tampered_layer() {
     assert!(!dir.join(&hex).exists());
     assert!(!dir.join(format!("{hex}.partial")).exists());
 }
+
+/// `kimberlize diff --parent-from REF` makes a layer on top of a chain in
+/// a registry: byte for byte the layer `--parent FILE` makes (diffs are
+/// reproducible with a key file), and it pushes as the chain's next layer.
+#[test]
+fn diff_on_top_of_a_chain_in_a_registry() {
+    let Some(reg) = oci::Registry::start() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
+    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
+    ok(push(&format!("{}/apps/os:v1", reg.addr()), &[&l1]));
+    let new = t.path().join("new.ovl");
+    let cache = t.path().join("cache");
+    let o = kimberlize(&[
+        "diff".as_ref(),
+        "-q".as_ref(),
+        "--base".as_ref(),
+        p.base.as_os_str(),
+        "--parent-from".as_ref(),
+        format!("{}/apps/os:v1", reg.addr()).as_ref(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        "--launch".as_ref(),
+        p2.launch.as_os_str(),
+        "-k".as_ref(),
+        key.as_os_str(),
+        "-o".as_ref(),
+        new.as_os_str(),
+    ]);
+    ok(o);
+    assert!(std::fs::read(&new).unwrap() == std::fs::read(&l2).unwrap());
+    assert!(cached(&cache, &l1).exists());
+    ok(push(&format!("{}/apps/app:v1", reg.addr()), &[&l1, &new]));
+}

@@ -202,6 +202,8 @@ kimberlize build --base base --install examples/install.txt \\
         "kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
 kimberlize diff --base base --parent os.ovl --launch app -k overlay.key \\
     -o app-layer.ovl
+kimberlize diff --base base --parent-from registry.example.org/os:v1 \\
+    --launch app -k overlay.key -o app-layer.ovl
 kimberlize diff --base base --launch launch --no-encrypt \\
     --stats-json stats.json -o app.ovl",
     ),
@@ -320,6 +322,17 @@ pub struct DiffArgs {
     /// with the key or passphrase given, like dekimberlize reads them.
     #[arg(long, value_name = "OVL")]
     pub parent: Vec<PathBuf>,
+    /// Make the layer on top of the chain REF names (HOST[:PORT]/REPO[:TAG]
+    /// or ...@sha256:HEX), read from the cloudlet cache (--cache), or
+    /// streamed from the registry into it, like `dekimberlize --from`,
+    /// instead of --parent files. Push the new layer after the chain's
+    /// overlays (`kimberlize push REF2 ... NEW.ovl`).
+    #[arg(long, value_name = "REF", conflicts_with = "parent")]
+    pub parent_from: Option<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
     /// Worker threads (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,

@@ -97,9 +97,13 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     // A layered overlay is relative to base + parents: synthesise that
     // into a scratch directory next to the launch VM.
     let secret = kimberley_cli::keys::secret_of(&protection);
+    let parents = match &a.parent_from {
+        Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
+        None => parent_inputs(&a.parent)?,
+    };
     let chain = Chain::apply(
         base,
-        &a.parent,
+        parents,
         secret,
         a.read.policy(),
         threads,
@@ -127,6 +131,17 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     Ok(())
 }
 
+/// The parent overlay files named on the command line (`-`: stdin).
+pub(crate) fn parent_inputs(paths: &[std::path::PathBuf]) -> Result<Vec<Input>> {
+    paths
+        .iter()
+        .map(|p| {
+            let (name, reader) = open_input(p)?;
+            Ok(Input { name, reader })
+        })
+        .collect()
+}
+
 /// A base with parent overlays applied: the VM a layered overlay is
 /// relative to (`diff --parent`, `build --parent`).
 pub(crate) struct Chain {
@@ -146,7 +161,7 @@ impl Chain {
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
         base: VmDir,
-        parents: &[std::path::PathBuf],
+        parents: Vec<Input>,
         secret: Option<kimberley_formats::crypto::keys::Secret>,
         policy: kimberley_formats::crypto::ReadPolicy,
         threads: usize,
@@ -165,13 +180,8 @@ impl Chain {
         // overlay's header, its body by the apply.
         let t0 = Instant::now();
         let mut opened = Vec::new();
-        for p in parents {
-            let (name, reader) = open_input(p)?;
-            opened.push(Opened::open(
-                Input { name, reader },
-                secret.as_ref(),
-                &policy,
-            )?);
+        for input in parents {
+            opened.push(Opened::open(input, secret.as_ref(), &policy)?);
         }
         let last = opened.last().expect("parents is not empty");
         // One total for the whole run: every parent's launch VM, then the
@@ -191,8 +201,14 @@ impl Chain {
             threads,
             sync: false,
         };
-        apply::apply_opened(&base, opened, &dir, &opts, progress, t0)
-            .context("applying the parent overlays")?;
+        apply::apply_opened(&base, opened, &dir, &opts, progress, t0).map_err(|e| {
+            let e = anyhow::Error::new(e).context("applying the parent overlays");
+            if kimberley_cli::oci::tampered_in(&e) {
+                kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
+            } else {
+                e
+            }
+        })?;
         Ok(Chain {
             vm: VmDir::open(&dir)?,
             parent,
