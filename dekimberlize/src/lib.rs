@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use kimberley_cli::output::{open_input, write_json};
+use kimberley_cli::output::write_json;
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::run::usage;
 use kimberley_cli::schema::{versioned, JsonOutput};
@@ -50,13 +50,7 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
             "no overlay given: use -i FILE or pipe an overlay into stdin",
         ));
     }
-    paths
-        .iter()
-        .map(|p| {
-            let (name, reader) = open_input(p)?;
-            Ok(Input { name, reader })
-        })
-        .collect()
+    kimberley_cli::output::open_overlays(&paths)
 }
 
 fn run_apply(a: cli::ApplyArgs) -> Result<()> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kimberley_cli::output::{open_input, write_json, Output};
+use kimberley_cli::output::{write_json, Output};
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
@@ -99,7 +99,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let secret = kimberley_cli::keys::secret_of(&protection);
     let parents = match &a.parent_from {
         Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
-        None => parent_inputs(&a.parent)?,
+        None => kimberley_cli::output::open_overlays(&a.parent)?,
     };
     let chain = Chain::apply(
         base,
@@ -129,17 +129,6 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         eprintln!("{}", summary(&stats, a.output.as_deref(), None));
     }
     Ok(())
-}
-
-/// The parent overlay files named on the command line (`-`: stdin).
-pub(crate) fn parent_inputs(paths: &[std::path::PathBuf]) -> Result<Vec<Input>> {
-    paths
-        .iter()
-        .map(|p| {
-            let (name, reader) = open_input(p)?;
-            Ok(Input { name, reader })
-        })
-        .collect()
 }
 
 /// A base with parent overlays applied: the VM a layered overlay is
