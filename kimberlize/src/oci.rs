@@ -201,9 +201,13 @@ pub fn fetch(a: FetchArgs) -> Result<()> {
                 }
             }
             Err(e) => {
-                eprintln!("error: {r}: {e:#}");
+                let e = e.context(format!("fetching {r}"));
+                // The first failure is the run's (printed by main, and its
+                // exit code); later ones are printed here.
                 if first_err.is_none() {
-                    first_err = Some(e.context(format!("fetching {r}")));
+                    first_err = Some(e);
+                } else {
+                    eprintln!("error: {e:#}");
                 }
             }
         }
@@ -224,11 +228,7 @@ pub fn fetch(a: FetchArgs) -> Result<()> {
         }
     }
     if let Some(e) = first_err {
-        // Printed above, per reference; the exit code is the first failure's.
-        return Err(with_code(
-            kimberley_cli::run::exit_code(&e),
-            format!("{e:#}"),
-        ));
+        return Err(e);
     }
     if changed {
         Ok(())
