@@ -532,9 +532,20 @@ impl Client {
                             Ok(mut resp) => Err(unexpected(&op, &mut resp)),
                         };
                     }
-                    let (l, have) = self.upload_status(&op, &loc)?;
-                    loc = l;
-                    sent = have;
+                    // A registry that kept part of the cut chunk may refuse
+                    // the session (its state no longer matches): start a
+                    // new one from the beginning.
+                    match self.upload_status(&op, &loc) {
+                        Ok((l, have)) if have <= size => {
+                            loc = l;
+                            sent = have;
+                        }
+                        Ok(_) | Err(Error::NotFound { .. }) | Err(Error::Status { .. }) => {
+                            loc = self.start_upload(&op)?;
+                            sent = 0;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }

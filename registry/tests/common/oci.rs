@@ -136,6 +136,8 @@ struct Shared {
     up: AtomicU64,
     /// Cut every connection once `down` reaches this (0: never).
     cut_at: AtomicU64,
+    /// Cut the connection once `up` reaches this, once (0: never).
+    cut_up_at: AtomicU64,
     /// Bytes per second towards the clients (0: unlimited).
     rate: AtomicU64,
     stop: AtomicBool,
@@ -201,6 +203,12 @@ impl Proxy {
         self.shared.cut_at.store(n, Ordering::SeqCst);
     }
 
+    /// Cuts the connection that carries the clients' `n`th byte to the
+    /// registry, once (an upload cut in the middle).
+    pub fn cut_upload_once_after(&self, n: u64) {
+        self.shared.cut_up_at.store(n, Ordering::SeqCst);
+    }
+
     /// Limits what the registry sends to `bytes_per_sec` (0: unlimited).
     pub fn limit(&self, bytes_per_sec: u64) {
         self.shared.rate.store(bytes_per_sec, Ordering::SeqCst);
@@ -250,7 +258,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &Shared, down: bool) {
             }
             sh.down.fetch_add(n as u64, Ordering::SeqCst);
         } else {
-            sh.up.fetch_add(n as u64, Ordering::SeqCst);
+            let cut = sh.cut_up_at.load(Ordering::SeqCst);
+            let before = sh.up.fetch_add(n as u64, Ordering::SeqCst);
+            if cut > 0 && before + n as u64 >= cut {
+                sh.cut_up_at.store(0, Ordering::SeqCst);
+                let k = cut.saturating_sub(before) as usize;
+                let _ = to.write_all(&buf[..k]);
+                break;
+            }
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
