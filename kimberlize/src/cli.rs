@@ -123,8 +123,9 @@ pub enum Command {
     /// blob. Blobs the registry has are skipped; with --mount-from they are
     /// mounted from another repository of the same registry; others are
     /// uploaded in one request, or in --chunk-size chunks (a cut chunk is
-    /// resumed from where the registry says it stands). The manifest is
-    /// written last. Prints REF@sha256:... of the manifest on stdout.
+    /// resumed from where the registry says it stands, or the blob starts
+    /// again if the registry refuses the session; a rerun skips the blobs
+    /// that arrived). The manifest is written last. Prints REF@sha256:... of the manifest on stdout.
     Push(PushArgs),
     /// Bring overlay chains from registries into the cloudlet cache.
     ///
