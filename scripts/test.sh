@@ -12,6 +12,10 @@ fi
 if command -v qemu-system-x86_64 >/dev/null; then
     export KIMBERLEY_REQUIRE_QEMU=1
 fi
+# Likewise a registry test when Debian's docker-registry is installed.
+if [ -x /usr/bin/docker-registry ]; then
+    export KIMBERLEY_REQUIRE_REGISTRY=1
+fi
 
 # Test scratch on tmpfs when we can: this machine's disk makes fsync and
 # unlink of test images slow, and the tests create many.

@@ -26,6 +26,11 @@ pub const EXISTS: u8 = 6;
 pub const VMDIR: u8 = 7;
 pub const MISMATCH: u8 = 8;
 pub const VM: u8 = 9;
+/// `kimberlize fetch`: the cache already held everything (nothing new).
+pub const NOTHING_NEW: u8 = 10;
+/// Content from a registry did not match its digest (tampered, or
+/// corrupted on the way): it was removed from the cache.
+pub const TAMPERED: u8 = 11;
 /// `vmctl` could not get an answer, or got a refusal (`timeout(1)`'s
 /// convention: any other code of `vmctl exec` is the script's status).
 pub const VMCTL_FAILED: u8 = 125;
@@ -85,6 +90,14 @@ const C_VM: Code = Code {
     code: VM,
     meaning: "the VM failed (no usable /dev/kvm, guest crash, timeout, script error)",
 };
+const C_NOTHING_NEW: Code = Code {
+    code: NOTHING_NEW,
+    meaning: "fetch: nothing new: the cache already held every reference's manifest and blobs (not a failure)",
+};
+const C_TAMPERED: Code = Code {
+    code: TAMPERED,
+    meaning: "a blob or manifest from the registry did not match its digest (tampered, or corrupted on the way); it was removed from the cache",
+};
 
 const C_INTERRUPTED: Code = Code {
     code: INTERRUPTED,
@@ -110,13 +123,30 @@ const KIMBERLIZE: &[Code] = &[
     C_VMDIR,
     C_MISMATCH,
     C_VM,
+    C_NOTHING_NEW,
+    C_TAMPERED,
     C_INTERRUPTED,
     C_BROKEN_PIPE,
     C_TERMINATED,
 ];
-// The same failures as kimberlize (it applies parent chains, runs VMs);
-// a table of its own so that either can change alone.
-const DEKIMBERLIZE: &[Code] = KIMBERLIZE;
+// The same failures as kimberlize (it applies parent chains, runs VMs,
+// reads from registries), without fetch's "nothing new".
+const DEKIMBERLIZE: &[Code] = &[
+    C_SUCCESS,
+    C_ERROR,
+    C_USAGE,
+    C_CORRUPT,
+    C_AUTH,
+    C_WRONG_BASE,
+    C_EXISTS,
+    C_VMDIR,
+    C_MISMATCH,
+    C_VM,
+    C_TAMPERED,
+    C_INTERRUPTED,
+    C_BROKEN_PIPE,
+    C_TERMINATED,
+];
 // `run` and `recv` suspend a running VM on SIGINT/SIGTERM and exit 0; the
 // codes 130/143 are for the other moments (`send`, a `recv` that holds no
 // VM yet).

@@ -7,6 +7,7 @@ pub mod help;
 pub mod keys;
 pub mod machines;
 pub mod man;
+pub mod oci;
 pub mod output;
 pub mod progress;
 pub mod run;

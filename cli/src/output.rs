@@ -196,6 +196,18 @@ pub fn open_input(path: &Path) -> Result<(String, Box<dyn io::Read + Send>)> {
     }
 }
 
+/// Opens overlays named on the command line (`-`: stdin), in order, as
+/// inputs to apply.
+pub fn open_overlays(paths: &[std::path::PathBuf]) -> Result<Vec<kimberley_formats::apply::Input>> {
+    paths
+        .iter()
+        .map(|p| {
+            let (name, reader) = open_input(p)?;
+            Ok(kimberley_formats::apply::Input { name, reader })
+        })
+        .collect()
+}
+
 /// Writes `bytes` as the whole output `path` (see [`Output::create`]:
 /// `-` is stdout, streams are written in place; `force` replaces a regular
 /// file).

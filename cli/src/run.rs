@@ -52,6 +52,9 @@ pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
         kimberley_formats::cleanup::on_signals(program_name(), |sig| exit::for_signal(sig) as i32);
     match f() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<QuietExit>().is_some() => {
+            ExitCode::from(e.downcast_ref::<QuietExit>().map_or(exit::ERROR, |q| q.0))
+        }
         Err(e) => {
             if kimberley_formats::cleanup::interrupted() {
                 // The error is the interruption's doing (an EINTR, a
@@ -105,6 +108,24 @@ pub fn with_code(code: u8, msg: impl Into<String>) -> anyhow::Error {
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     with_code(exit::USAGE, msg)
 }
+
+/// Ends the run with `code`, one of [`exit`]'s that is not a failure
+/// (`kimberlize fetch`'s [`exit::NOTHING_NEW`]), printing nothing.
+pub fn quiet_exit(code: u8) -> anyhow::Error {
+    anyhow::Error::new(QuietExit(code))
+}
+
+/// What [`quiet_exit`] makes.
+#[derive(Debug)]
+pub struct QuietExit(pub u8);
+
+impl std::fmt::Display for QuietExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for QuietExit {}
 
 /// An error carrying its own exit code (made by [`with_code`]).
 #[derive(Debug)]

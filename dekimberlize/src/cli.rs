@@ -55,6 +55,8 @@ ssh laptop kimberlize diff --base base --launch app -k key \\
 dekimberlize --base base -i os-layer.ovl -i app-layer.ovl -k key -o app-vm
 dekimberlize --base base -i app.ovl -k overlay.key -o app-vm \\
     --run --control app.sock
+dekimberlize --base base --from registry.example.org/apps/office:v1 \\
+    -k overlay.key -o office-vm --run
 dekimberlize verify -i app.ovl -k overlay.key",
     ),
     (
@@ -95,8 +97,22 @@ pub struct ApplyArgs {
     pub base: Option<PathBuf>,
     /// Overlay to apply ("-" for stdin, the default). Repeat for a layered
     /// chain, in order from the base up.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", conflicts_with = "from")]
     pub input: Vec<PathBuf>,
+    /// Apply the chain REF names (HOST[:PORT]/REPO[:TAG] or
+    /// ...@sha256:HEX) from the cloudlet cache (--cache). A chain the cache
+    /// has (a cached tag, as `kimberlize fetch` left it) needs no network.
+    /// Otherwise the manifest comes from the registry, and layers the cache
+    /// lacks stream from it while they are applied, teed into the cache
+    /// (resuming a partial download); each is checked against its digest
+    /// when it ends, and one that does not match fails the run (exit 11)
+    /// with no output left and nothing kept in the cache.
+    #[arg(long, value_name = "REF")]
+    pub from: Option<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
     /// The launch VM directory to create (must not exist).
     #[arg(short, long, value_name = "VMDIR", required = true)]
     pub output: Option<PathBuf>,

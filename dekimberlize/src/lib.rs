@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use kimberley_cli::output::{open_input, write_json};
+use kimberley_cli::output::write_json;
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::run::usage;
 use kimberley_cli::schema::{versioned, JsonOutput};
@@ -50,13 +50,7 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
             "no overlay given: use -i FILE or pipe an overlay into stdin",
         ));
     }
-    paths
-        .iter()
-        .map(|p| {
-            let (name, reader) = open_input(p)?;
-            Ok(Input { name, reader })
-        })
-        .collect()
+    kimberley_cli::output::open_overlays(&paths)
 }
 
 fn run_apply(a: cli::ApplyArgs) -> Result<()> {
@@ -64,7 +58,11 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(a.threads);
     let base_path = a.base.expect("required by clap");
     let out = a.output.expect("required by clap");
-    check_stdin(&a.input, &a.keys)?;
+    if a.from.is_some() {
+        a.keys.check_stdin(false)?;
+    } else {
+        check_stdin(&a.input, &a.keys)?;
+    }
     let secret = a.keys.secret()?;
     let base = VmDir::open(&base_path)?;
     // Anything at `out`, a dangling symbolic link included, is refused
@@ -82,7 +80,10 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     } else {
         None
     };
-    let inputs = inputs(&a.input)?;
+    let inputs = match &a.from {
+        Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
+        None => inputs(&a.input)?,
+    };
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
     let stats = apply::apply_chain(
@@ -96,7 +97,16 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
             sync: !a.no_sync,
         },
         &progress,
-    )?;
+    )
+    .map_err(|e| {
+        // A layer streamed from a registry that failed its digest.
+        let e = anyhow::Error::new(e);
+        if kimberley_cli::oci::tampered_in(&e) {
+            kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
+        } else {
+            e
+        }
+    })?;
     drop(reporter);
     if !a.quiet {
         let took = std::time::Duration::from_millis(stats.times.total_ms);

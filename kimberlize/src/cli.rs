@@ -111,6 +111,42 @@ pub enum Command {
     ///   kimberlize inspect base
     ///   kimberlize inspect app.ovl -k overlay.key --json
     Inspect(InspectArgs),
+    /// Upload an overlay chain to an OCI registry as one artifact.
+    ///
+    /// REF is HOST[:PORT]/REPO[:TAG] (or ...@sha256:HEX, which must be the
+    /// digest of the manifest written). The overlays are given in chain
+    /// order: each one's parent must be the one before it (checked from
+    /// their headers, without the key; exit 5 otherwise). Each overlay is
+    /// one layer, byte for byte, addressed by its sha256, with annotations
+    /// read from its header (base, parent and result identities, sizes:
+    /// docs/FORMAT.md section 17), so chains that share a parent share its
+    /// blob. Blobs the registry has are skipped; with --mount-from they are
+    /// mounted from another repository of the same registry; others are
+    /// uploaded in one request, or in --chunk-size chunks (a cut chunk is
+    /// resumed from where the registry says it stands, or the blob starts
+    /// again if the registry refuses the session; a rerun skips the blobs
+    /// that arrived). The manifest is written last. Prints REF@sha256:... of the manifest on stdout.
+    Push(PushArgs),
+    /// Bring overlay chains from registries into the cloudlet cache.
+    ///
+    /// For cron jobs and timers (docs/CLOUDLET.md). For each REF: gets the
+    /// manifest (a digest REF the cache has needs no network), then every
+    /// blob the cache lacks. A cut download resumes with an HTTP Range from
+    /// where it stopped; every blob is checked against its digest and size
+    /// before it becomes visible, and one that does not match is deleted
+    /// and reported (exit 11). Two fetches of the same blob at once
+    /// download it once. Exits 0 if anything new arrived (a blob, or a tag
+    /// that moved), 10 if the cache already had everything. With --quota,
+    /// the least recently used chains that are not pinned are then evicted
+    /// until the cache fits.
+    Fetch(FetchArgs),
+    /// Clean the cloudlet cache: drop what no chain names, or fit a quota.
+    ///
+    /// Waits for the cache's other users (fetches, applies) to finish.
+    /// Removes blobs and partial downloads that no cached manifest names;
+    /// with --quota, first evicts the least recently used chains that are
+    /// not pinned until the cache's blobs take at most SIZE.
+    Gc(GcArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
     Completions(kimberley_cli::help::CompletionsArgs),
 }
@@ -167,6 +203,8 @@ kimberlize build --base base --install examples/install.txt \\
         "kimberlize diff --base base --launch launch -k overlay.key -o app.ovl
 kimberlize diff --base base --parent os.ovl --launch app -k overlay.key \\
     -o app-layer.ovl
+kimberlize diff --base base --parent-from registry.example.org/os:v1 \\
+    --launch app -k overlay.key -o app-layer.ovl
 kimberlize diff --base base --launch launch --no-encrypt \\
     --stats-json stats.json -o app.ovl",
     ),
@@ -174,6 +212,24 @@ kimberlize diff --base base --launch launch --no-encrypt \\
         "kimberlize inspect",
         "kimberlize inspect app.ovl
 kimberlize inspect app.ovl -k overlay.key --json",
+    ),
+    (
+        "kimberlize push",
+        "kimberlize push 127.0.0.1:5000/apps/office:v1 os.ovl app.ovl
+kimberlize push registry.example.org/apps/office:v2 os.ovl app2.ovl \\
+    --mount-from apps/base",
+    ),
+    (
+        "kimberlize fetch",
+        "kimberlize fetch registry.example.org/apps/office:v1
+kimberlize fetch --quiet --quota 20G --cache /var/cache/kimberley \\
+    registry.example.org/apps/office:v1 registry.example.org/apps/cad:v3
+kimberlize fetch --pin registry.example.org/apps/office@sha256:4f1c...",
+    ),
+    (
+        "kimberlize gc",
+        "kimberlize gc
+kimberlize gc --quota 10G --cache /var/cache/kimberley",
     ),
     (
         "kimberlize completions",
@@ -267,6 +323,17 @@ pub struct DiffArgs {
     /// with the key or passphrase given, like dekimberlize reads them.
     #[arg(long, value_name = "OVL")]
     pub parent: Vec<PathBuf>,
+    /// Make the layer on top of the chain REF names (HOST[:PORT]/REPO[:TAG]
+    /// or ...@sha256:HEX), read from the cloudlet cache (--cache), or
+    /// streamed from the registry into it, like `dekimberlize --from`,
+    /// instead of --parent files. Push the new layer after the chain's
+    /// overlays (`kimberlize push REF2 ... NEW.ovl`).
+    #[arg(long, value_name = "REF", conflicts_with = "parent")]
+    pub parent_from: Option<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
     /// Worker threads (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,
@@ -445,6 +512,70 @@ pub struct BuildArgs {
     /// atomically).
     #[arg(long, value_name = "FILE")]
     pub guest_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Where to push: HOST[:PORT]/REPO[:TAG] or ...@sha256:HEX.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// The overlays, in chain order (the first applies to a base VM, each
+    /// next one to the result of the one before).
+    #[arg(value_name = "OVERLAY", required = true)]
+    pub overlays: Vec<PathBuf>,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
+    /// Before uploading a blob the registry lacks, ask it to mount the blob
+    /// from this repository of the same registry (repeatable).
+    #[arg(long, value_name = "REPO")]
+    pub mount_from: Vec<String>,
+    /// Upload blobs larger than this in chunks of this size.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = chunk_size)]
+    pub chunk_size: u64,
+    /// No progress or summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// What to fetch: HOST[:PORT]/REPO[:TAG] or ...@sha256:HEX (repeatable).
+    #[arg(value_name = "REF", required = true)]
+    pub references: Vec<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
+    /// Afterwards, evict the least recently used chains that are not
+    /// pinned (never the ones just fetched) until the cache's blobs take at
+    /// most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = kimberley_cli::run::parse_size)]
+    pub quota: Option<u64>,
+    /// Pin the fetched chains: eviction keeps them.
+    #[arg(long)]
+    pub pin: bool,
+    /// Nothing on stderr but errors (for cron: the exit code says what
+    /// happened).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    /// Evict the least recently used chains that are not pinned until the
+    /// cache's blobs take at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = kimberley_cli::run::parse_size)]
+    pub quota: Option<u64>,
+    /// No summary on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Parses `--chunk-size`: 64 KiB to 1 GiB.
+fn chunk_size(s: &str) -> Result<u64, String> {
+    kimberley_cli::run::parse_size_in(s, 64 << 10, 1 << 30, 1)
 }
 
 #[derive(Debug, Args)]

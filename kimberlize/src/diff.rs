@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kimberley_cli::output::{open_input, write_json, Output};
+use kimberley_cli::output::{write_json, Output};
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::schema::{versioned, JsonOutput};
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
@@ -97,9 +97,13 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     // A layered overlay is relative to base + parents: synthesise that
     // into a scratch directory next to the launch VM.
     let secret = kimberley_cli::keys::secret_of(&protection);
+    let parents = match &a.parent_from {
+        Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
+        None => kimberley_cli::output::open_overlays(&a.parent)?,
+    };
     let chain = Chain::apply(
         base,
-        &a.parent,
+        parents,
         secret,
         a.read.policy(),
         threads,
@@ -146,7 +150,7 @@ impl Chain {
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
         base: VmDir,
-        parents: &[std::path::PathBuf],
+        parents: Vec<Input>,
         secret: Option<kimberley_formats::crypto::keys::Secret>,
         policy: kimberley_formats::crypto::ReadPolicy,
         threads: usize,
@@ -165,13 +169,8 @@ impl Chain {
         // overlay's header, its body by the apply.
         let t0 = Instant::now();
         let mut opened = Vec::new();
-        for p in parents {
-            let (name, reader) = open_input(p)?;
-            opened.push(Opened::open(
-                Input { name, reader },
-                secret.as_ref(),
-                &policy,
-            )?);
+        for input in parents {
+            opened.push(Opened::open(input, secret.as_ref(), &policy)?);
         }
         let last = opened.last().expect("parents is not empty");
         // One total for the whole run: every parent's launch VM, then the
@@ -191,8 +190,14 @@ impl Chain {
             threads,
             sync: false,
         };
-        apply::apply_opened(&base, opened, &dir, &opts, progress, t0)
-            .context("applying the parent overlays")?;
+        apply::apply_opened(&base, opened, &dir, &opts, progress, t0).map_err(|e| {
+            let e = anyhow::Error::new(e).context("applying the parent overlays");
+            if kimberley_cli::oci::tampered_in(&e) {
+                kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
+            } else {
+                e
+            }
+        })?;
         Ok(Chain {
             vm: VmDir::open(&dir)?,
             parent,

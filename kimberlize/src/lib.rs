@@ -5,6 +5,7 @@ pub mod cli;
 mod depfile;
 mod diff;
 mod inspect;
+mod oci;
 mod vm;
 
 use anyhow::Result;
@@ -19,6 +20,9 @@ pub fn main() -> Result<()> {
         cli::Command::Base(a) => vm::base(a),
         cli::Command::Build(a) => vm::build(a),
         cli::Command::Inspect(a) => inspect::inspect(a),
+        cli::Command::Push(a) => oci::push(a),
+        cli::Command::Fetch(a) => oci::fetch(a),
+        cli::Command::Gc(a) => oci::gc(a),
         cli::Command::Completions(a) => {
             kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
             Ok(())

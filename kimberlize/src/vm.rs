@@ -215,7 +215,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let base_size = kimberley_formats::vmdir::total_size(&base.manifest.components);
     let chain = Chain::apply(
         base,
-        &a.parent,
+        kimberley_cli::output::open_overlays(&a.parent)?,
         secret,
         a.read.policy(),
         threads,

@@ -4,6 +4,7 @@
 pub mod clone;
 pub mod cred;
 pub mod file;
+pub mod lock;
 pub mod openat;
 pub mod poll;
 pub mod punch;
