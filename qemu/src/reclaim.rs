@@ -2,7 +2,9 @@
 //! the `/bin/sh` script run through the agent and the reading of what it
 //! printed (pure; the guest, and so its output, is untrusted).
 
-use kimberley_machine::{Reclaim, Reclaimed, Trimmed};
+use kimberley_machine::Reclaim;
+/// What [`parse`] returns (the seam's types).
+pub use kimberley_machine::{Reclaimed, Trimmed};
 
 /// The first field of every line the script reports on.
 const TAG: &str = "kimberley-reclaim";
@@ -133,23 +135,10 @@ fn bytes_trimmed(out: &str) -> Option<u64> {
     None
 }
 
-/// Guest text made printable: control characters escaped, cut to
-/// [`MAX_TEXT`] bytes.
+/// Guest text made printable (control characters escaped), cut to
+/// [`MAX_TEXT`] bytes: the agent's own rule for what the guest says.
 fn clean(s: &str) -> String {
-    let mut o = String::new();
-    for c in s.chars() {
-        let e: String = if c.is_control() {
-            c.escape_default().collect()
-        } else {
-            c.to_string()
-        };
-        if o.len() + e.len() > MAX_TEXT {
-            o.push('…');
-            break;
-        }
-        o.push_str(&e);
-    }
-    o
+    crate::qga::reply::clean(s, MAX_TEXT)
 }
 
 #[cfg(test)]
