@@ -5,18 +5,25 @@
 #   b. resume of a synthesised VMDIR to the guest agent's first answer
 #      (`dekimberlize --run --stats-json`: first_answer_ms - restore_start_ms,
 #      restore_to_first_instruction_ms) at 256 MiB and 1 GiB;
-#   c. an application installed by its Debian package in the Debian base
-#      (1 GiB): install time (once), the whole-VM overlay against xdelta3
-#      and zstd --patch-from on the same memory and disk files, diff time
+#   c. applications installed by their Debian packages in the Debian base
+#      (1 GiB, init_on_free=1: linux-base.sh's default), one after another
+#      from the same base: install time (once), the whole-VM overlay (trim
+#      on, the default) against xdelta3 and zstd --patch-from on the same
+#      memory and disk files and against the .deb files apt downloaded
+#      (their total size, printed by the install script before `apt-get
+#      clean`), the overlay once more after `--drop-caches` (a second
+#      build from the launch VM that only drops the page cache), diff time
 #      against xdelta3's encode, and synthesis through a 100 Mbit/s pipe
-#      (`pv -L`) to the agent's first answer.
+#      (`pv -L`) to the agent's first answer. BENCHMARKS.md is rewritten
+#      after each application.
 # Writes raw rows as TSV under the work dir and rewrites the
 # <!-- bench-linux:begin/end --> section of BENCHMARKS.md.
 #
 # Environment (all optional):
 #   RUNS=3            runs per measurement (the app install runs once)
 #   PARTS="a b c"     which parts to run
-#   APP=abiword       the Debian package of part c
+#   APPS=abiword      the Debian packages of part c, one section each
+#                     (e.g. APPS="abiword gnumeric gimp"; APP=X is APPS=X)
 #   RATE=12500000     pipe rate for the synthesis row in bytes/s (100 Mbit/s)
 #   BENCH_DIR=DIR     work dir (default: <repo>/bench-out/linux)
 #   BENCH_MD=FILE     Markdown file to update (default: <repo>/BENCHMARKS.md)
@@ -35,14 +42,15 @@ fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cmd_env=""
-for v in RUNS PARTS APP RATE BENCH_DIR BENCH_MD NO_BUILD ACCEL LINUX_ARTIFACTS REPORT_ONLY; do
+for v in RUNS PARTS APP APPS RATE BENCH_DIR BENCH_MD NO_BUILD ACCEL LINUX_ARTIFACTS REPORT_ONLY; do
     if [[ -n ${!v+x} ]]; then cmd_env+="$v=${!v} "; fi
 done
 BENCH_CMD="${cmd_env}scripts/bench-linux.sh"
 
 RUNS=${RUNS:-3}
 PARTS=${PARTS:-a b c}
-APP=${APP:-abiword}
+APPS=${APPS:-${APP:-abiword}}
+APP=
 RATE=${RATE:-12500000}
 ACCEL=${ACCEL:-auto}
 BENCH_DIR=${BENCH_DIR:-$ROOT/bench-out/linux}
@@ -196,17 +204,35 @@ part_ab() {
 # c. the application in the Debian base.
 
 C_NOTE=""
+BASE_C=
 part_c() {
-    local base=$W/debian-1G launch=$W/debian-launch r
-    timed c-base "$ROOT/scripts/linux-base.sh" -o "$base" --memory 1G --accel "$ACCEL" --artifacts "$ART" ||
+    BASE_C=$W/debian-1G
+    timed c-base "$ROOT/scripts/linux-base.sh" -o "$BASE_C" --memory 1G --accel "$ACCEL" --artifacts "$ART" ||
         die "linux-base.sh (Debian) failed: $(tail -n 3 "$LOGS/c-base.err" | tr '\n' ' ')"
     rec c "debian 1G" base_s 1 "$T_WALL" s "linux-base.sh -o (root image cached after the first run)"
+    accel_used=$(grep -m1 'Linux base VM ready and suspended' "$LOGS/c-base.err" | sed -E 's/.*suspended \(([a-z]+):.*/\1/') || true
     ver_kernel=$(cat "$ART/kernel-release" 2>/dev/null || echo "?")
+    for APP in $APPS; do
+        part_c_app
+        rec meta qemu accel 1 0 - "${accel_used:-$ACCEL}"
+        rec meta guest kernel 1 0 - "${ver_kernel:-?}"
+        [[ -z $C_NOTE ]] || rec meta "$APP" check 1 0 - "$C_NOTE"
+        C_NOTE=
+        write_report
+    done
+}
+
+# part_c_app: $APP in the base $BASE_C (logs under LOGS/c-$APP-*).
+part_c_app() {
+    local base=$BASE_C launch=$W/debian-launch r L=c-$APP
+    rm -rf "$launch" "$launch-dc"
     cat >"$W/app-install.sh" <<EOF
 set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q $APP
+# What apt downloaded (count, bytes), before it is deleted.
+echo "kimberley-debs \$(ls /var/cache/apt/archives/*.deb | wc -l) \$(du -cb /var/cache/apt/archives/*.deb | tail -n 1 | cut -f1)"
 apt-get clean
 EOF
     # The app keeps running headless: AbiWord's command plugin reads
@@ -222,38 +248,44 @@ EOF
     else
         printf 'true\n' >"$W/app-resume.sh"
     fi
-    timed c-build "$KIMB" build --base "$base" --install "$W/app-install.sh" --resume "$W/app-resume.sh" --net user \
-        --timeout 3600 -k "$KEY" -o "$W/app-build.ovl" --launch-out "$launch" --stats-json "$LOGS/c-build.json" -q ||
-        die "kimberlize build ($APP) failed: $(tail -n 5 "$LOGS/c-build.err" | tr '\n' ' ')"
-    rec c "$APP" install_s 1 "$(json "$LOGS/c-build.json" 'j["install_ms"] / 1000')" s "apt-get update + install, once"
+    timed "$L-build" "$KIMB" build --base "$base" --install "$W/app-install.sh" --resume "$W/app-resume.sh" --net user \
+        --timeout 3600 -k "$KEY" -o "$W/app-build.ovl" --launch-out "$launch" --stats-json "$LOGS/$L-build.json" -q ||
+        die "kimberlize build ($APP) failed: $(tail -n 5 "$LOGS/$L-build.err" | tr '\n' ' ')"
+    rm -f "$W/app-build.ovl"
+    rec c "$APP" install_s 1 "$(json "$LOGS/$L-build.json" 'j["install_ms"] / 1000')" s "apt-get update + install, once"
     rec c "$APP" build_total_s 1 "$T_WALL" s "kimberlize build, once"
-    rec c "$APP" build_suspend_ms 1 "$(json "$LOGS/c-build.json" 'j["suspend_ms"]')" ms
+    rec c "$APP" build_suspend_ms 1 "$(json "$LOGS/$L-build.json" 'j["suspend_ms"]')" ms
+    rec c "$APP" trimmed_bytes 1 "$(json "$LOGS/$L-build.json" '(j.get("reclaim") or {}).get("trimmed_bytes") or "NA"')" B "fstrim in the guest before the suspend"
+    local debs
+    debs=$(grep -m1 '^kimberley-debs ' "$LOGS/$L-build.err") || die "no kimberley-debs line in $LOGS/$L-build.err"
+    rec c "$APP" deb_count 1 "$(cut -d' ' -f2 <<<"$debs")" - "packages downloaded"
+    rec c "$APP" deb_bytes 1 "$(cut -d' ' -f3 <<<"$debs")" B ".deb files downloaded (du -cb)"
     local disks=() f comps="memory.raw"
     for f in "$launch"/disk*.raw; do disks+=("${f##*/}"); done
     comps+=" ${disks[*]}"
     local ovl=$W/app.ovl
     for ((r = 1; r <= RUNS; r++)); do
         rm -f "$ovl"
-        timed "c-diff-$r" "$KIMB" diff --base "$base" --launch "$launch" -k "$KEY" -o "$ovl" -q
+        timed "$L-diff-$r" "$KIMB" diff --base "$base" --launch "$launch" -k "$KEY" -o "$ovl" -q
         rec c "$APP" kimberlize_diff_s "$r" "$T_WALL" s
         rec c "$APP" kimberlize_ovl_bytes "$r" "$(stat -c %s "$ovl")" B
         local xs=0 xt=0 zs=0 zt=0 zok=1 zn=""
         for f in $comps; do
-            timed "c-xd3-$f-$r" xdelta3 -e -f -s "$base/$f" "$launch/$f" "$W/x.xd3" ||
-                die "xdelta3 on $f failed: $(tail -n 2 "$LOGS/c-xd3-$f-$r.err")"
+            timed "$L-xd3-$f-$r" xdelta3 -e -f -s "$base/$f" "$launch/$f" "$W/x.xd3" ||
+                die "xdelta3 on $f failed: $(tail -n 2 "$LOGS/$L-xd3-$f-$r.err")"
             xs=$((xs + $(stat -c %s "$W/x.xd3")))
             xt=$(awk -v a="$xt" -v b="$T_WALL" 'BEGIN { print a + b }')
             rec c "$APP" "xdelta3_s:$f" "$r" "$T_WALL" s
             rec c "$APP" "xdelta3_bytes:$f" "$r" "$(stat -c %s "$W/x.xd3")" B
-            if timed "c-zstd-$f-$r" zstd -f -q -T0 --long=31 --patch-from="$base/$f" "$launch/$f" -o "$W/z.zst"; then
+            if timed "$L-zstd-$f-$r" zstd -f -q -T0 --long=31 --patch-from="$base/$f" "$launch/$f" -o "$W/z.zst"; then
                 zs=$((zs + $(stat -c %s "$W/z.zst")))
                 zt=$(awk -v a="$zt" -v b="$T_WALL" 'BEGIN { print a + b }')
                 rec c "$APP" "zstd_s:$f" "$r" "$T_WALL" s
                 rec c "$APP" "zstd_bytes:$f" "$r" "$(stat -c %s "$W/z.zst")" B
             else
                 zok=0
-                zn="$f: $(grep -v -e '^Command exited' -e '^[[:space:]]*$' "$LOGS/c-zstd-$f-$r.err" | tail -n 1 | cut -c1-160)"
-                grep -qiE "larger than|can't handle|too large" "$LOGS/c-zstd-$f-$r.err" && zn="refused: $zn" || zn="failed: $zn"
+                zn="$f: $(grep -v -e '^Command exited' -e '^[[:space:]]*$' "$LOGS/$L-zstd-$f-$r.err" | tail -n 1 | cut -c1-160)"
+                grep -qiE "larger than|can't handle|too large" "$LOGS/$L-zstd-$f-$r.err" && zn="refused: $zn" || zn="failed: $zn"
                 rec c "$APP" "zstd_s:$f" "$r" NA s "$zn"
             fi
             rm -f "$W/x.xd3" "$W/z.zst"
@@ -267,28 +299,40 @@ EOF
             rec c "$APP" zstd_total_bytes "$r" NA B "$zn"
         fi
     done
+    # The page cache dropped too: a second build from the launch VM that
+    # only drops it (--drop-caches) before suspending, diffed against the
+    # base.
+    printf 'true\n' >"$W/true.sh"
+    timed "$L-dc-build" "$KIMB" build --base "$launch" --install "$W/true.sh" --resume "$W/true.sh" --drop-caches \
+        --launch-out "$launch-dc" -q ||
+        die "kimberlize build --drop-caches ($APP) failed: $(tail -n 5 "$LOGS/$L-dc-build.err" | tr '\n' ' ')"
+    timed "$L-dc-diff" "$KIMB" diff --base "$base" --launch "$launch-dc" -k "$KEY" -o "$W/app-dc.ovl" -q ||
+        die "kimberlize diff (--drop-caches launch VM) failed"
+    rec c "$APP" kimberlize_dc_ovl_bytes 1 "$(stat -c %s "$W/app-dc.ovl")" B "after --drop-caches"
+    rm -rf "$launch-dc" "$W/app-dc.ovl"
     # Synthesis at 100 Mbit/s: the overlay through `pv -L RATE` into
     # dekimberlize --run, to the agent's first answer.
     for ((r = 1; r <= RUNS; r++)); do
-        run_resumed "c-synth-$r" "$base" "$ovl" "$W/app-run" pv
-        local j=$LOGS/c-synth-$r.json
+        run_resumed "$L-synth-$r" "$base" "$ovl" "$W/app-run" pv
+        local j=$LOGS/$L-synth-$r.json
         rec c "$APP" synth_to_answer_s "$r" "$(json "$j" 'j["times"]["first_answer_ms"] / 1000')" s "pv -L $RATE | dekimberlize --run"
         rec c "$APP" resume_to_answer_ms "$r" "$(json "$j" 'j["times"]["first_answer_ms"] - j["times"]["restore_start_ms"]')" ms
     done
     # The application is there and runs after the resume.
     run_check "$base" "$ovl"
+    rm -rf "$launch" "$ovl" "$W/app-run"
 }
 
 # run_check BASE OVL: resume once more and ask the agent.
 run_check() {
     local sock=$W/check.sock out=$W/app-check pid i a
     rm -rf "$out"
-    "$DEKIMB" --base "$1" -i "$2" -k "$KEY" -o "$out" --run --control "$sock" --stats-json "$LOGS/c-check.json" \
-        >"$LOGS/c-check.out" 2>"$LOGS/c-check.err" &
+    "$DEKIMB" --base "$1" -i "$2" -k "$KEY" -o "$out" --run --control "$sock" --stats-json "$LOGS/c-$APP-check.json" \
+        >"$LOGS/c-$APP-check.out" 2>"$LOGS/c-$APP-check.err" &
     pid=$!
-    for ((i = 0; i < 1200; i++)); do [[ -s $LOGS/c-check.json ]] && break; sleep 0.1; done
+    for ((i = 0; i < 1200; i++)); do [[ -s $LOGS/c-$APP-check.json ]] && break; sleep 0.1; done
     a=$(ctl "$sock" "{\"cmd\":\"exec\",\"script\":\"dpkg-query -W -f '\${Status}' $APP; echo; pgrep -a -x $APP || true\"}" || true)
-    echo "$a" >"$LOGS/c-check.answer"
+    echo "$a" >"$LOGS/c-$APP-check.answer"
     ctl "$sock" '{"cmd":"stop"}' >/dev/null || true
     wait "$pid" || true
     C_NOTE="after resume, through the agent: $(python3 -c 'import json,sys
@@ -299,18 +343,6 @@ except Exception:
     log "$C_NOTE"
     rm -rf "$out"
 }
-
-if [[ -z ${REPORT_ONLY:-} ]]; then
-    if [[ " $PARTS " == *" a "* || " $PARTS " == *" b "* ]]; then part_ab; fi
-    if [[ " $PARTS " == *" c "* ]]; then part_c; fi
-    rec meta qemu accel 1 0 - "${accel_used:-$ACCEL}"
-    rec meta guest kernel 1 0 - "${ver_kernel:-?}"
-    [[ -z $C_NOTE ]] || rec meta "$APP" check 1 0 - "$C_NOTE"
-fi
-meta() { awk -F'\t' -v s="$1" -v m="$2" 'NR > 1 && $1 == "meta" && $2 == s && $3 == m { v = $8 } END { print v }' "$TSV"; }
-accel_used=$(meta qemu accel)
-ver_kernel=$(meta guest kernel)
-C_NOTE=$(meta "$APP" check)
 
 # ---------------------------------------------------------------------------
 # Report.
@@ -343,7 +375,13 @@ load_summary() {
         END { if (k) printf "1-minute load average at each row: mean %.1f, max %.1f on %d CPUs%s", s / k, m, n, (m > n ? " (the machine was shared: wall times are inflated)" : "") }' "$TSV"
 }
 
+meta() { awk -F'\t' -v s="$1" -v m="$2" 'NR > 1 && $1 == "meta" && $2 == s && $3 == m { v = $8 } END { print v }' "$TSV"; }
+
 SECTION=$BENCH_DIR/section-$STAMP.md
+# write_report: the section from the TSV so far, into BENCH_MD.
+write_report() {
+accel_used=$(meta qemu accel)
+ver_kernel=$(meta guest kernel)
 {
     echo "<!-- bench-linux:begin -->"
     echo "## Linux guests under QEMU: suspend, resume, an application's overlay"
@@ -376,7 +414,8 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         fi
         echo
     fi
-    if [[ " $PARTS " == *" c "* ]]; then
+    for APP in $(awk -F'\t' 'NR > 1 && $1 == "c" && $3 == "kimberlize_ovl_bytes" && !seen[$2]++ { print $2 }' "$TSV"); do
+        C_NOTE=$(meta "$APP" check)
         k=$(st med c "$APP" kimberlize_ovl_bytes)
         x=$(st med c "$APP" xdelta3_total_bytes)
         z=$(st med c "$APP" zstd_total_bytes)
@@ -401,9 +440,13 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         kd=$(st med c "$APP" kimberlize_diff_s)
         xd=$(st med c "$APP" xdelta3_total_s)
         zref=$(awk -F'\t' -v a="$APP" 'NR > 1 && $1 == "c" && $2 == a && $3 == "zstd_total_bytes" && $5 == "NA" { print $8; exit }' "$TSV")
+        db=$(st med c "$APP" deb_bytes)
+        kdc=$(st med c "$APP" kimberlize_dc_ovl_bytes)
+        # ratio A B TARGET: "**PASS** (0.42×)" if A <= TARGET × B.
+        ratio() { [[ $1 == NA || $2 == NA ]] && { echo –; return; }; echo "$(verdict "$(awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { print (a <= t * b) }')") ($(awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }')×)"; }
         echo "### c. $APP installed by its Debian package (Debian bookworm base, 1 GiB, \`scripts/linux-base.sh -o\`)"
         echo
-        echo "Install script: \`apt-get update && apt-get install -y $APP\` over QEMU user networking (run once). Peers run per component (memory.raw, then each disk) on the same base and launch files; sizes and times are summed over the components."
+        echo "Install script: \`apt-get update && apt-get install -y $APP\` over QEMU user networking (run once), then the size of the .deb files apt downloaded, then \`apt-get clean\`. The guest kernel runs with \`init_on_free=1\` (linux-base.sh's default) and \`kimberlize build\` trims its file systems before the suspend (the default). Peers run per component (memory.raw, then each disk) on the same base and launch files; sizes and times are summed over the components. $(awk -F'\t' -v a="$APP" 'NR > 1 && $1 == "c" && $2 == a && $7 != "" { s += $7; k++; if ($7 > m) m = $7 } END { if (k) printf "1-minute load average during these rows: mean %.1f, max %.1f.", s / k, m }' "$TSV")"
         echo
         echo "| measurement | value | target | result |"
         echo "|---|---|---|---|"
@@ -411,6 +454,11 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         echo "| whole \`kimberlize build\` (restore, install, resume script, suspend, diff) | $(cell c "$APP" build_total_s s) | — | — |"
         echo "| suspend of the 1 GiB launch VM (\`suspend_ms\`) | $(cell c "$APP" build_suspend_ms ms) | ≤ 200 ms | $(v=$(st med c "$APP" build_suspend_ms); [[ $v == NA ]] && echo – || verdict "$(awk -v a="$v" 'BEGIN { print (a <= 200) }')") |"
         echo "| Kimberley overlay (memory + disk + state, encrypted) | $(cell c "$APP" kimberlize_ovl_bytes B) | ≤ 0.9 × the smaller peer ($(fmt "$peer" B)) | $([[ $k == NA || $peer == NA ]] && echo – || echo "$(verdict "$(awk -v a="$k" -v b="$peer" 'BEGIN { print (a <= 0.9 * b) }')") ($(awk -v a="$k" -v b="$peer" 'BEGIN { printf "%.2f", a / b }')×)") |"
+        echo "| .deb files apt downloaded (\`du -cb\`, before \`apt-get clean\`) | $(cell c "$APP" deb_bytes B), $(st med c "$APP" deb_count) packages | — | — |"
+        echo "| trimmed by the guest's \`fstrim\` before the suspend (\`--stats-json\` \`reclaim.trimmed_bytes\`) | $(cell c "$APP" trimmed_bytes B) | — | — |"
+        echo "| Kimberley overlay against xdelta3's | $(fmt "$k" B) against $(fmt "$x" B) | ≤ 0.5 × | $(ratio "$k" "$x" 0.5) |"
+        echo "| Kimberley overlay against the .deb files | $(fmt "$k" B) against $(fmt "$db" B) | ≤ 1.2 × | $(ratio "$k" "$db" 1.2) |"
+        echo "| Kimberley overlay after \`--drop-caches\` too (a second build from the launch VM that drops the page cache), against xdelta3's / the .deb files | $(cell c "$APP" kimberlize_dc_ovl_bytes B) | ≤ 0.5 × / ≤ 1.2 × | $(ratio "$kdc" "$x" 0.5) / $(ratio "$kdc" "$db" 1.2) |"
         echo "| xdelta3 -e (default settings), sum of components | $(cell c "$APP" xdelta3_total_bytes B) | — | — |"
         echo "| zstd --patch-from --long=31 -T0, sum of components | $(cell c "$APP" zstd_total_bytes B) | — | ${zref:-} |"
         echo "| \`kimberlize diff\` time | $(cell c "$APP" kimberlize_diff_s s) | ≥ 10 × faster than xdelta3 | $([[ $kd == NA || $xd == NA ]] && echo – || echo "$(verdict "$(awk -v a="$kd" -v b="$xd" 'BEGIN { print (b >= 10 * a) }')") ($(awk -v a="$kd" -v b="$xd" 'BEGIN { printf "%.1f", b / a }')×)") |"
@@ -426,7 +474,7 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         printf '%s' "$comp_rows"
         echo
         [[ -n $C_NOTE ]] && echo "Check: $C_NOTE" && echo
-    fi
+    done
     echo "<!-- bench-linux:end -->"
 } >"$SECTION"
 
@@ -434,4 +482,13 @@ python3 "$ROOT/scripts/bench/update-section.py" bench-linux "$BENCH_MD" "$SECTIO
 cp "$SECTION" "$BENCH_DIR/section.md"
 log "results: $TSV"
 log "report: $BENCH_MD"
+}
+
+if [[ -z ${REPORT_ONLY:-} ]]; then
+    if [[ " $PARTS " == *" a "* || " $PARTS " == *" b "* ]]; then part_ab; fi
+    rec meta qemu accel 1 0 - "${accel_used:-$ACCEL}"
+    rec meta guest kernel 1 0 - "${ver_kernel:-?}"
+    if [[ " $PARTS " == *" c "* ]]; then part_c; fi
+fi
+write_report
 cat "$SECTION"

@@ -23,6 +23,10 @@
 #                            init; systemd needs --include systemd,udev)
 #         --include PKG,...  more Debian packages in the root
 #         --accel A          auto|kvm|tcg (default auto)
+#         --no-init-on-free  boot the Debian root without init_on_free=1
+#                            (by default its kernel zeroes pages as they are
+#                            freed, so freed memory diffs as zero: see
+#                            docs/QEMU.md "Freed blocks and pages")
 #         --timeout S        seconds to wait for the agent (default 60
 #                            busybox, 180 Debian)
 #       The Debian root is cached under the artifacts dir (default
@@ -71,6 +75,7 @@ init=own
 include=
 accel=auto
 timeout=
+init_on_free=1
 need() { [[ $# -ge 2 && -n $2 ]] || { echo "linux-base.sh: $1 needs a value" >&2; exit 2; }; }
 while (($#)); do
     case $1 in
@@ -84,6 +89,7 @@ while (($#)); do
     --accel) need "$@"; accel=$2; shift 2 ;;
     --timeout) need "$@"; timeout=$2; shift 2 ;;
     --busybox) busybox=1; shift ;;
+    --no-init-on-free) init_on_free=0; shift ;;
     -h|--help) usage 0 ;;
     *) echo "linux-base.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
     esac
@@ -550,7 +556,9 @@ else
     own) rinit=/usr/lib/kimberley/init ;;
     systemd) rinit=/lib/systemd/systemd ;;
     esac
-    args+=(--disk "$img" --append "root=/dev/vda rw init=$rinit quiet panic=-1" --timeout "${timeout:-180}")
+    append="root=/dev/vda rw init=$rinit quiet panic=-1"
+    ((init_on_free)) && append+=" init_on_free=1"
+    args+=(--disk "$img" --append "$append" --timeout "${timeout:-180}")
 fi
 echo "linux-base.sh: $kimb ${args[*]}" >&2
 t0=$(date +%s.%N)

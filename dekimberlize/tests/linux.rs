@@ -30,8 +30,8 @@ fn qemu() -> bool {
     kimberley_qemu::qemu_for_tests()
 }
 
-/// A Linux base VM (256 MiB, a 64 MiB empty disk, user networking) and a
-/// key, in a directory of the test's own.
+/// A Linux base VM (256 MiB, an empty disk, user networking) and a key,
+/// in a directory of the test's own.
 struct Linux {
     _slot: common::linux_guest::QemuSlot,
     t: tempfile::TempDir,
@@ -40,6 +40,11 @@ struct Linux {
 }
 
 fn linux() -> Linux {
+    linux_with_disk(64 << 20)
+}
+
+/// [`linux`] with an empty disk of `disk_size` bytes.
+fn linux_with_disk(disk_size: u64) -> Linux {
     let slot = common::linux_guest::qemu_slot();
     let a = common::linux_guest::artifacts();
     let (kernel, initrd) = (a.kernel, a.initrd);
@@ -51,7 +56,7 @@ fn linux() -> Linux {
     let disk = t.path().join("disk.raw");
     std::fs::File::create(&disk)
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(disk_size)
         .unwrap();
     let base = t.path().join("base");
     let o = ok(run(Command::new(bin("kimberlize"))
@@ -583,5 +588,93 @@ fn the_network_is_cut_off_unless_asked() {
     assert!(
         !e.contains("the-host-answers") && e.contains("install script failed"),
         "{e}"
+    );
+}
+
+/// Issue 10: an install script that "downloads" a large incompressible file
+/// onto a file system on the disk, "unpacks" (copies) it and deletes both.
+/// With trim (the default: `fstrim` through the agent before the suspend)
+/// the freed blocks are holes in the launch VM's disk and the overlay is
+/// smaller than the deleted file; with `--no-trim` it is not. (The data
+/// bypasses the page cache, `O_DIRECT`, so the guest's freed memory does
+/// not carry it: this test is about the disk.)
+#[test]
+fn trimmed_blocks_cost_nothing_in_the_overlay() {
+    if !qemu() {
+        return;
+    }
+    const FILE: u64 = 48 << 20;
+    let l = &linux_with_disk(160 << 20);
+    let t = scratch(l);
+    let install = format!(
+        "set -e\n\
+         mke2fs -q -F /dev/vda\n\
+         mkdir -p /mnt/data\n\
+         mount /dev/vda /mnt/data\n\
+         dd if=/dev/urandom of=/mnt/data/pkg.bin bs=1M count={} oflag=direct 2>/dev/null\n\
+         dd if=/mnt/data/pkg.bin of=/mnt/data/unpacked.bin bs=1M iflag=direct oflag=direct 2>/dev/null\n\
+         ls -l /mnt/data\n\
+         rm /mnt/data/pkg.bin /mnt/data/unpacked.bin\n\
+         echo deleted\n",
+        FILE >> 20
+    );
+    let built = |name: &str, extra: &[&str]| {
+        let ovl = t.path().join(format!("{name}.ovl"));
+        let launch = t.path().join(name);
+        let stats = t.path().join(format!("{name}.json"));
+        let mut args = vec![
+            "-o",
+            ovl.to_str().unwrap(),
+            "--launch-out",
+            launch.to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = ok(build(l, &l.base, &install, t.path(), &args));
+        let printed = lines(&o.stderr);
+        assert!(printed.iter().any(|l| l == "deleted"), "{printed:?}");
+        let stats: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        let v = VmDir::open(&launch).unwrap();
+        let disk = v.manifest.disk_indices()[0];
+        let f = v.open_component(disk).unwrap();
+        let data: u64 =
+            kimberley_formats::sparse::data_extents(&f, v.manifest.components[disk].size)
+                .unwrap()
+                .iter()
+                .map(|(a, b)| b - a)
+                .sum();
+        let size = std::fs::metadata(&ovl).unwrap().len();
+        std::fs::remove_dir_all(&launch).unwrap();
+        (size, data, stats, printed)
+    };
+    let (trimmed, trimmed_data, stats, printed) = built("trim", &["-v"]);
+    let (kept, kept_data, kept_stats, _) = built("no-trim", &["--no-trim"]);
+    eprintln!(
+        "overlay bytes: trimmed {trimmed} (disk data {trimmed_data}), \
+         --no-trim {kept} (disk data {kept_data}); deleted file {FILE}"
+    );
+    assert!(trimmed < FILE, "{trimmed} >= {FILE}");
+    assert!(kept >= FILE, "{kept} < {FILE}");
+    assert!(trimmed_data < FILE / 4, "{trimmed_data}");
+    assert!(kept_data >= 2 * FILE, "{kept_data}");
+    // What fstrim reported, in --stats-json and -v.
+    let r = &stats["reclaim"];
+    assert_eq!(r["applicable"], true, "{stats}");
+    // The disk's file system, once; not the initramfs or the tmpfs mounts.
+    assert_eq!(r["file_systems"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(r["file_systems"][0]["mount"], "/mnt/data", "{stats}");
+    assert!(r["trimmed_bytes"].as_u64().unwrap() >= 2 * FILE, "{stats}");
+    assert!(
+        printed
+            .iter()
+            .any(|p| p.starts_with("trimmed /mnt/data: ") && p.ends_with(" bytes)")),
+        "{printed:?}"
+    );
+    assert_eq!(
+        kept_stats["reclaim"],
+        serde_json::Value::Null,
+        "{kept_stats}"
     );
 }

@@ -163,6 +163,16 @@ fn build_synthesise_and_resume_where_it_was() {
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.p("build.json")).unwrap()).unwrap();
     assert_eq!(stats["schema"], 1, "{stats}");
+    // Trim is asked of every backend; the microVM's guest has no file
+    // system, and says so.
+    assert_eq!(stats["reclaim"]["applicable"], false, "{stats}");
+    assert!(
+        stats["reclaim"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("no file system"),
+        "{stats}"
+    );
     // The guest's output went to stderr, line by line.
     let printed = lines(&built.stderr);
     assert!(printed.contains(&"installing".to_string()), "{printed:?}");

@@ -1,7 +1,8 @@
 //! What the guest agent (and QMP) sends back (kimberley_qemu::qga::reply,
 //! kimberley_qemu::qmp::reply): no input may panic, and what is accepted
 //! stays in range. The first byte picks the parser; modes 0-5 take the
-//! rest as JSON, mode 6 as script output for the line assembler.
+//! rest as JSON, mode 6 as script output for the line assembler, mode 7 as
+//! the output of the reclaim script (kimberley_qemu::reclaim).
 #![no_main]
 
 use kimberley_qemu::qga::reply::{
@@ -9,6 +10,7 @@ use kimberley_qemu::qga::reply::{
     MAX_DESC, MAX_PID, UNKNOWN_STATUS,
 };
 use kimberley_qemu::qmp::reply::{migration, status, version, Migration, MAX_DETAIL};
+use kimberley_qemu::reclaim::{self, MAX_FILE_SYSTEMS, MAX_NOTES, MAX_TEXT};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -122,11 +124,32 @@ fn output(data: &[u8]) {
     }
 }
 
+/// Mode 7: the rest as the reclaim script's output lines: bounded counts,
+/// cleaned text.
+fn reclaimed(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    let r = reclaim::parse(&lines, i32::from(data.first().copied().unwrap_or(0)));
+    let _ = r.trimmed_bytes();
+    let reclaim::Reclaimed::Done { trimmed, notes, .. } = r else {
+        panic!("the QEMU guest's answer is always Done");
+    };
+    assert!(trimmed.len() <= MAX_FILE_SYSTEMS && notes.len() <= MAX_NOTES);
+    for t in &trimmed {
+        assert!(clean(&t.mount, MAX_TEXT), "mount {:?}", t.mount);
+        assert!(t.error.as_deref().is_none_or(|e| clean(e, MAX_TEXT)));
+    }
+    for n in &notes {
+        // A note is a cleaned mount, a fixed text and a cleaned message.
+        assert!(n.len() <= 2 * MAX_TEXT + 64 && !n.chars().any(char::is_control), "{n:?}");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    match mode % 7 {
+    match mode % 8 {
         4 => {
             let Some((&sel, json)) = rest.split_first() else {
                 return;
@@ -134,6 +157,7 @@ fuzz_target!(|data: &[u8]| {
             file(sel, json);
         }
         6 => output(rest),
+        7 => reclaimed(rest),
         m => json(m, rest),
     }
 });

@@ -494,13 +494,36 @@ pub struct BuildArgs {
     /// it the guest's network stays cut off from the host's.
     #[arg(long, value_enum)]
     pub net: Option<NetArg>,
-    /// Write statistics (script times, then the diff's) as JSON here.
+    /// Do not trim the guest's file systems before suspending the launch
+    /// VM. By default, after the resume script, `sync` and `fstrim` run on
+    /// every mounted file system of a Linux guest (QEMU), through its
+    /// agent, so the blocks it freed (downloaded packages, deleted files)
+    /// become holes in the disk and cost nothing in the overlay; a guest
+    /// without `fstrim`, or a file system that refuses it, is a note, not
+    /// a failure. The microVM's test guest has no file system: nothing is
+    /// trimmed there (its scripts discard with `disk-discard`).
+    #[arg(long)]
+    pub no_trim: bool,
+    /// Drop the guest's clean page cache before suspending the launch VM
+    /// (Linux guests: `sync; echo 3 > /proc/sys/vm/drop_caches`). Freed
+    /// pages diff as zero where the guest zeroes them (`init_on_free=1`,
+    /// the default of `scripts/linux-base.sh`): a smaller overlay, paid
+    /// for with page faults (file reads) after resume. Not applicable to
+    /// the microVM.
+    #[arg(long)]
+    pub drop_caches: bool,
+    /// Write statistics (script times, what was trimmed, then the diff's)
+    /// as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
     /// No progress bar or summary on stderr (the guest's output still goes
     /// there, unless --guest-log).
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Say what was trimmed, per file system, and whether the page cache
+    /// was dropped.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// How to report progress on stderr: auto (a bar on a terminal,
     /// nothing off one), bar, plain (log lines with time, stage and
     /// throughput, for cron and CI), none. A one-line summary ends every

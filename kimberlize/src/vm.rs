@@ -15,7 +15,7 @@ use kimberley_formats::diff::DiffOptions;
 use kimberley_formats::fsutil::{occupied, ScratchDir};
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter, MANIFEST};
-use kimberley_machine::{Machine, RestoreOptions};
+use kimberley_machine::{Machine, Reclaim, Reclaimed, RestoreOptions};
 use kimberley_vmm::{Vm, VmConfig};
 use serde_json::json;
 
@@ -267,6 +267,23 @@ pub fn build(a: BuildArgs) -> Result<()> {
         }
         times.push((what, t.elapsed().as_millis() as u64));
     }
+    let reclaimed = reclaim(
+        vm.as_mut(),
+        Reclaim {
+            trim: !a.no_trim,
+            drop_caches: a.drop_caches,
+        },
+        timeout,
+        &progress,
+        &|line| reporter.println(line),
+        if a.quiet {
+            0
+        } else if a.verbose {
+            2
+        } else {
+            1
+        },
+    )?;
     if let (Some(e), Some((_, p))) = (log_error, &guest_log) {
         return Err(
             anyhow::Error::new(e).context(format!("writing the guest's output to {}", p.display()))
@@ -314,6 +331,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
             "install_ms": times[0].1,
             "resume_ms": times[1].1,
             "suspend_ms": suspend_ms,
+            "reclaim": reclaimed.as_ref().map(reclaim_json),
             "diff": stats,
             "total_ms": t0.elapsed().as_millis() as u64,
         });
@@ -323,6 +341,101 @@ pub fn build(a: BuildArgs) -> Result<()> {
         eprintln!("{}", summary(&stats, a.output.as_deref(), Some(scripts)));
     }
     Ok(())
+}
+
+/// Before the suspend: asks the guest to give back what it freed (`what`;
+/// nothing if nothing is asked). Notes are printed unless `say` is 0, what
+/// was trimmed with `say` 2 (`-v`).
+fn reclaim(
+    vm: &mut dyn Machine,
+    what: Reclaim,
+    timeout: Duration,
+    progress: &Progress,
+    println: &dyn Fn(&str),
+    say: u8,
+) -> Result<Option<(Reclaimed, u64)>> {
+    if !what.any() {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let doing = match (what.trim, what.drop_caches) {
+        (true, false) => "trimming the guest's file systems",
+        (false, _) => "dropping the guest's page cache",
+        (true, true) => "trimming the guest's file systems and dropping its page cache",
+    };
+    progress.stage(doing);
+    let r = vm.agent().reclaim(what, timeout).map_err(|e| match e {
+        kimberley_machine::Error::Timeout(t) => vm_failure(format!(
+            "{doing} timed out after {} s (--timeout) and was stopped",
+            t.as_secs()
+        )),
+        e => vm_error(e).context(doing),
+    })?;
+    let ms = t.elapsed().as_millis() as u64;
+    match &r {
+        Reclaimed::NotApplicable(why) if say >= 2 => println(&format!("note: not {doing}: {why}")),
+        Reclaimed::NotApplicable(_) => {}
+        Reclaimed::Done {
+            trimmed,
+            caches_dropped,
+            notes,
+        } => {
+            if say >= 1 {
+                for n in notes {
+                    println(&format!("note: {n}"));
+                }
+            }
+            if say >= 2 {
+                for t in trimmed.iter().filter(|t| t.error.is_none()) {
+                    println(&match t.bytes {
+                        Some(b) => format!(
+                            "trimmed {}: {} ({b} bytes)",
+                            t.mount,
+                            kimberley_cli::progress::bytes(b)
+                        ),
+                        None => format!("trimmed {} (the guest did not say how much)", t.mount),
+                    });
+                }
+                if what.trim && trimmed.is_empty() && notes.is_empty() {
+                    println("trimmed nothing: the guest has no mounted file system on a disk");
+                }
+                if *caches_dropped {
+                    println("dropped the guest's page cache");
+                }
+            }
+        }
+    }
+    Ok(Some((r, ms)))
+}
+
+/// `build --stats-json`'s `reclaim` member (docs/JSON.md).
+fn reclaim_json((r, ms): &(Reclaimed, u64)) -> serde_json::Value {
+    match r {
+        Reclaimed::NotApplicable(why) => json!({
+            "applicable": false,
+            "trimmed_bytes": null,
+            "file_systems": [],
+            "caches_dropped": false,
+            "notes": [why],
+            "ms": ms,
+        }),
+        Reclaimed::Done {
+            trimmed,
+            caches_dropped,
+            notes,
+        } => json!({
+            "applicable": true,
+            "trimmed_bytes": r.trimmed_bytes(),
+            "file_systems": trimmed.iter().map(|t| json!({
+                "mount": t.mount,
+                "trimmed_bytes": t.bytes,
+                "error": t.error,
+            })).collect::<Vec<_>>(),
+            "caches_dropped": caches_dropped,
+            "notes": notes,
+            "ms": ms,
+        }),
+    }
 }
 
 /// The writer of `--launch-out DIR`: a new directory, or with `--force` a

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::Result;
+use crate::reclaim::{Reclaim, Reclaimed};
 
 /// The result of a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,4 +32,12 @@ pub trait GuestAgent {
         on_line: &mut dyn FnMut(&str),
         timeout: Duration,
     ) -> Result<ScriptOutcome>;
+
+    /// Before a suspend whose VM is diffed: asks the guest to give back
+    /// what it freed (`what`), within `timeout`. Every backend answers:
+    /// one whose guest has nothing of the kind (no file system, no page
+    /// cache) says [`Reclaimed::NotApplicable`]. What the guest cannot do
+    /// (no `fstrim`, a file system refusing it) is a note in the answer,
+    /// not an `Err`; `Err` is an agent that failed or ran past `timeout`.
+    fn reclaim(&mut self, what: Reclaim, timeout: Duration) -> Result<Reclaimed>;
 }

@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod control;
 mod error;
 pub mod migrate;
+pub mod reclaim;
 pub mod signals;
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ pub use bitmap::Bitmap;
 pub use control::{ControlSocket, Ending, Hooks, MigrateError, MigrateFn, MigrateIo, SnapshotFn};
 pub use error::{Error, Result};
 pub use migrate::{Migratable, StreamLimits, StreamMigratable, StreamPhase, StreamStatus};
+pub use reclaim::{Reclaim, Reclaimed, Trimmed};
 pub use signals::stop_on_signals;
 
 /// What a running machine reports about itself (the control socket's

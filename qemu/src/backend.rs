@@ -17,8 +17,8 @@ use kimberley_formats::vmdir::{
     file_name, Component, Kind, MachineSpec, Manifest, VmDir, VmDirWriter,
 };
 use kimberley_machine::{
-    Backend, GuestAgent, Machine, MachineInfo, MemorySource, Placement, RestoreOptions,
-    ScriptOutcome,
+    Backend, GuestAgent, Machine, MachineInfo, MemorySource, Placement, Reclaim, Reclaimed,
+    RestoreOptions, ScriptOutcome,
 };
 
 use crate::accel::{self, AccelChoice};
@@ -716,6 +716,21 @@ impl GuestAgent for QemuMachine {
                 status: o.status,
                 lines: o.lines,
             }),
+            Err(e) => Err(self.guest_error(e).into()),
+        }
+    }
+
+    fn reclaim(&mut self, what: Reclaim, timeout: Duration) -> MResult<Reclaimed> {
+        if self.vm.is_paused() {
+            return Err(kimberley_machine::Error::Paused);
+        }
+        self.agent_ready()?;
+        match self
+            .vm
+            .agent()
+            .exec(&crate::reclaim::script(what), &mut |_| {}, timeout)
+        {
+            Ok(o) => Ok(crate::reclaim::parse(&o.lines, o.status)),
             Err(e) => Err(self.guest_error(e).into()),
         }
     }

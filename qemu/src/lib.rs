@@ -12,6 +12,7 @@ mod error;
 pub mod process;
 pub mod qga;
 pub mod qmp;
+pub mod reclaim;
 mod sys;
 pub mod vm;
 mod wire;

@@ -11,7 +11,7 @@ use kimberley_formats::fsutil::copy_sparse;
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
 use kimberley_machine::{
     Backend, Bitmap, GuestAgent, Machine, MachineInfo, MemorySource, Migratable, Placement,
-    RestoreOptions, ScriptOutcome,
+    Reclaim, Reclaimed, RestoreOptions, ScriptOutcome,
 };
 
 use crate::error::Error;
@@ -132,6 +132,14 @@ impl GuestAgent for Vm {
         timeout: Duration,
     ) -> MResult<ScriptOutcome> {
         Ok(Vm::run_script(self, script, on_line, timeout)?)
+    }
+
+    /// The test guest has no file system and no page cache: its disk
+    /// discards are its own (`disk-discard`), so nothing is asked of it.
+    fn reclaim(&mut self, _what: Reclaim, _timeout: Duration) -> MResult<Reclaimed> {
+        Ok(Reclaimed::NotApplicable(
+            "the microVM's test guest has no file system or page cache to trim or drop".into(),
+        ))
     }
 }
 
