@@ -520,6 +520,17 @@ impl Client {
                     tries = 0;
                     progress(sent);
                 }
+                // After a cut, a registry that kept part of the cut chunk
+                // (docker-registry 2.8) may refuse the session it reported
+                // as resumable: start a new one from the beginning.
+                Ok(mut resp) if resp.status().as_u16() == 404 && tries > 0 => {
+                    tries += 1;
+                    if tries >= CHUNK_TRIES {
+                        return Err(unexpected(&op, &mut resp));
+                    }
+                    loc = self.start_upload(&op)?;
+                    sent = 0;
+                }
                 Ok(mut resp) if resp.status().as_u16() != 416 => {
                     return Err(unexpected(&op, &mut resp))
                 }
