@@ -103,7 +103,7 @@ Layers: examples/layers/Makefile (base 64M memory, 256M disk; OS layer 16 MiB of
 | 2b. \`build --base os-vm\` (a base that contains the parent) | $(ms "$dir_us") | $(mm direct.ms) | — | — | — |
 | 2. build --parent / build on the parent's launch VM | $ratio | — | ≤ 1.1 | $ratio | $(verdict "$ratio" 1.1) |
 
-Row 2 is the cost of \`--parent\`: 2a applies the parent chain (decodes os.ovl and writes the chain's launch VM into a scratch directory next to the launch VM, \`kimberlize diff --parent\`'s code) before it resumes it; 2b resumes a directory that already holds that VM. Everything after the resume is the same work. In release builds the apply took 260 – 330 ms of a 1.4 – 1.9 s build (\`--stats-json\`: \`total_ms\` less the stages), and the suspend that follows was 100 – 200 ms slower (probably the kernel writing back the scratch directory's unsynced pages meanwhile; not verified). The target asks for the chain to be applied while the base is read; that needs the apply and the diff's base index fused in kimberley-formats, which is not done yet.
+Row 2 is the cost of \`--parent\`: 2a applies the parent chain (decodes os.ovl and writes the chain's launch VM into a scratch directory next to the launch VM, \`kimberlize diff --parent\`'s code) before it resumes it; 2b resumes a directory that already holds that VM. Everything after the resume is the same work, so the difference of the medians is what applying the parent costs (a standalone \`dekimberlize --no-sync\` of os.ovl took 140 – 300 ms on a loaded machine on 2026-12-01). The target asks for the chain to be applied while the base is read; that needs the apply and the diff's base index fused in kimberley-formats, which is not done yet.
 <!-- bench-make:end -->
 MD
 )
