@@ -91,7 +91,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let page = (i.wrapping_mul(2_654_435_761) % (span >> 12)) << 12;
                 let mut b = [0u8; 8];
                 let t = Instant::now();
-                vm.memory().read(cold + page, &mut b).map(|()| t.elapsed().as_nanos() as u64)
+                vm.memory()
+                    .read(cold + page, &mut b)
+                    .map(|()| t.elapsed().as_nanos() as u64)
             })
             .collect::<Result<_, _>>()?;
         trips.sort_unstable();
