@@ -124,6 +124,16 @@ pub(crate) struct Sent {
     pub(crate) zero: u64,
 }
 
+/// The source's share of a migration's pause, in ms (`downtime_parts`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SourceParts {
+    pub pause_ms: f64,
+    pub state_ms: f64,
+    pub dirty_fetch_ms: f64,
+    pub final_pages_ms: f64,
+    pub state_send_ms: f64,
+}
+
 pub(crate) struct Session<'a, 'b> {
     pub(crate) tx: Tx,
     pub(crate) rx: Rx,
@@ -226,6 +236,54 @@ impl Session<'_, '_> {
     /// Waits for the receiver's next message. With `cancellable`, a cancel
     /// request or the deadline ends the wait with an error. An ERROR from
     /// the receiver becomes [`ReceiverError`].
+    /// After COMMIT: waits for the receiver's RUNNING and says DONE (the
+    /// guest runs on the receiver: this side never resumes it again,
+    /// whatever happens). Returns the downtime (pause start to RUNNING,
+    /// less the receiver's reply delay), the `downtime_parts` of
+    /// `--stats-json` (docs/MIGRATION.md) from `parts`, the source's share,
+    /// the bytes sent and the receiver's answer.
+    pub(crate) fn hand_over(
+        &mut self,
+        t_pause: Instant,
+        parts: &SourceParts,
+    ) -> Result<(f64, Value, u64, Running)> {
+        let running: Running = match self
+            .wait_msg(RUNNING_WAIT, false)
+            .context("waiting for the receiver to start the guest")?
+        {
+            Message::Running(r) => r,
+            other => bail!(
+                "protocol error: {} while waiting for RUNNING",
+                other.ty().name()
+            ),
+        };
+        let t_running = Instant::now();
+        let _ = self.send_msg(Message::Done);
+        let _ = self.writer.flush();
+        let total_pause = t_running.duration_since(t_pause).as_secs_f64() * 1000.0;
+        let downtime = (total_pause - running.delay_us as f64 / 1000.0).max(0.0);
+        let us = |v: u64| v as f64 / 1000.0;
+        let accounted = parts.pause_ms
+            + parts.state_ms
+            + parts.dirty_fetch_ms
+            + parts.final_pages_ms
+            + parts.state_send_ms
+            + us(running.to_first_run_us());
+        let json = json!({
+            "pause_ms": r3(parts.pause_ms),
+            "state_ms": r3(parts.state_ms),
+            "dirty_fetch_ms": r3(parts.dirty_fetch_ms),
+            "final_pages_ms": r3(parts.final_pages_ms),
+            "state_send_ms": r3(parts.state_send_ms),
+            "receiver_apply_ms": r3(us(running.apply_us)),
+            "receiver_hash_ms": r3(us(running.hash_us)),
+            "receiver_commit_ms": r3(us(running.commit_us)),
+            "restore_ms": r3(us(running.restore_us)),
+            "network_ms": r3((downtime - accounted).max(0.0)),
+        });
+        Ok((downtime, json, self.writer.bytes(), running))
+    }
+
     pub(crate) fn wait_msg(&mut self, limit: Duration, cancellable: bool) -> Result<Message> {
         let t0 = Instant::now();
         loop {
@@ -855,27 +913,16 @@ fn stop_and_copy(
     // unless it says ERROR or answers a QUERY with "aborted".
     *committed = true;
     let state_send_ms = ms_since(t);
-    let running: Running = match s
-        .wait_msg(RUNNING_WAIT, false)
-        .context("waiting for the receiver to start the guest")?
-    {
-        Message::Running(r) => r,
-        other => bail!(
-            "protocol error: {} while waiting for RUNNING",
-            other.ty().name()
-        ),
-    };
-    let t_running = Instant::now();
-    // The guest runs on the receiver: this side never resumes it again,
-    // whatever happens.
-    let _ = s.send_msg(Message::Done);
-    let _ = s.writer.flush();
-    let wire_bytes = s.writer.bytes();
-    let total_pause = t_running.duration_since(t_pause).as_secs_f64() * 1000.0;
-    let downtime = (total_pause - running.delay_us as f64 / 1000.0).max(0.0);
-    let us = |v: u64| v as f64 / 1000.0;
-    let accounted =
-        pause_ms + state_ms + fetch_ms + final_ms + state_send_ms + us(running.to_first_run_us());
+    let (downtime, parts, wire_bytes, running) = s.hand_over(
+        t_pause,
+        &SourceParts {
+            pause_ms,
+            state_ms,
+            dirty_fetch_ms: fetch_ms,
+            final_pages_ms: final_ms,
+            state_send_ms,
+        },
+    )?;
     let mut per_round: Vec<Value> = rounds
         .iter()
         .enumerate()
@@ -887,18 +934,7 @@ fn stop_and_copy(
         "total_ms": r3(ms_since(t0)),
         "downtime_ms": r3(downtime),
         "downtime_target_ms": p.downtime_ms,
-        "downtime_parts": {
-            "pause_ms": r3(pause_ms),
-            "state_ms": r3(state_ms),
-            "dirty_fetch_ms": r3(fetch_ms),
-            "final_pages_ms": r3(final_ms),
-            "state_send_ms": r3(state_send_ms),
-            "receiver_apply_ms": r3(us(running.apply_us)),
-            "receiver_hash_ms": r3(us(running.hash_us)),
-            "receiver_commit_ms": r3(us(running.commit_us)),
-            "restore_ms": r3(us(running.restore_us)),
-            "network_ms": r3((downtime - accounted).max(0.0)),
-        },
+        "downtime_parts": parts,
         "downtime_estimate": {
             "source_ms": r3(est.source_ms),
             "final_pages_ms": r3(est.final_chunks_ms),

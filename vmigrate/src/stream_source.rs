@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 
 use crate::channel::Tx;
 use crate::params::Params;
-use crate::protocol::{DiskInfo, MachineMsg, Message, Running, Start, MAX_STREAM_CHUNK, SUM_LEN};
+use crate::protocol::{DiskInfo, MachineMsg, Message, Start, MAX_STREAM_CHUNK, SUM_LEN};
 use crate::source::{
     connect, disk_chunks, ms_since, r3, resolve, Failure, ReceiverError, Resolution, Session,
-    Source, RUNNING_WAIT,
+    Source, SourceParts,
 };
 use crate::writer::Writer;
 
@@ -477,24 +477,14 @@ fn stream_and_switch(
     s.writer.flush()?;
     *committed = true;
     let state_send_ms = ms_since(t);
-    let running: Running = match s
-        .wait_msg(RUNNING_WAIT, false)
-        .context("waiting for the receiver to start the guest")?
-    {
-        Message::Running(r) => r,
-        other => bail!(
-            "protocol error: {} while waiting for RUNNING",
-            other.ty().name()
-        ),
-    };
-    let t_running = Instant::now();
-    let _ = s.send_msg(Message::Done);
-    let _ = s.writer.flush();
-    let wire_bytes = s.writer.bytes();
-    let total_pause = t_running.duration_since(t_pause).as_secs_f64() * 1000.0;
-    let downtime = (total_pause - running.delay_us as f64 / 1000.0).max(0.0);
-    let us = |v: u64| v as f64 / 1000.0;
-    let accounted = final_ms + state_send_ms + us(running.to_first_run_us());
+    let (downtime, parts, wire_bytes, running) = s.hand_over(
+        t_pause,
+        &SourceParts {
+            final_pages_ms: final_ms,
+            state_send_ms,
+            ..SourceParts::default()
+        },
+    )?;
     let mut per_round: Vec<Value> = rounds.iter().enumerate().map(|(i, r)| r.json(i)).collect();
     per_round.push(last.json(rounds.len()));
     Ok(json!({
@@ -502,18 +492,7 @@ fn stream_and_switch(
         "total_ms": r3(ms_since(t0)),
         "downtime_ms": r3(downtime),
         "downtime_target_ms": p.downtime_ms,
-        "downtime_parts": {
-            "pause_ms": 0.0,
-            "state_ms": 0.0,
-            "dirty_fetch_ms": 0.0,
-            "final_pages_ms": r3(final_ms),
-            "state_send_ms": r3(state_send_ms),
-            "receiver_apply_ms": r3(us(running.apply_us)),
-            "receiver_hash_ms": r3(us(running.hash_us)),
-            "receiver_commit_ms": r3(us(running.commit_us)),
-            "restore_ms": r3(us(running.restore_us)),
-            "network_ms": r3((downtime - accounted).max(0.0)),
-        },
+        "downtime_parts": parts,
         "downtime_estimate": null,
         "measured_costs": {
             "stream_bytes": raw,

@@ -205,9 +205,14 @@ fn serve(uffd: Uffd, start: u64, size: u64, source: Arc<dyn PageSource>, s: &Sha
     // kernel, cannot even take a signal while it waits) are let go with
     // zero pages; nothing the guest computes from them is kept.
     while !s.stop.load(Ordering::Relaxed) {
-        if !matches!(poll::readable(&[uffd.as_raw_fd()], Some(STOP_POLL)), Ok(r) if r.first() == Some(&true))
-        {
-            continue;
+        match poll::readable(&[uffd.as_raw_fd()], Some(STOP_POLL)) {
+            Ok(r) if r.first() == Some(&true) => {}
+            Ok(_) => continue,
+            // Not a reason to spin: wait as if nothing came.
+            Err(_) => {
+                std::thread::sleep(STOP_POLL);
+                continue;
+            }
         }
         while let Ok(Some(f)) = uffd.read_fault() {
             let _ = uffd.zero(f.addr, PAGE as u64);
