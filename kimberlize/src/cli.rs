@@ -451,9 +451,11 @@ pub struct BuildArgs {
     /// Resume the launch VM of BASE plus this parent overlay instead of
     /// BASE (repeat for a chain, in order), and write the layer that
     /// applies on top of the chain: `dekimberlize --base BASE -i P1 -i P2
-    /// -i OVL` gives the launch VM. The chain is applied in a scratch
-    /// directory that is removed. Parents are read with the key or
-    /// passphrase given (the same one seals the new layer).
+    /// -i OVL` gives the launch VM. The last parent is applied in memory
+    /// over the base's files (the ones before it, and one whose changes
+    /// exceed 512 MiB, in a scratch directory that is removed); nothing is
+    /// kept. Parents are read with the key or passphrase given (the same
+    /// one seals the new layer).
     #[arg(long, value_name = "OVL")]
     pub parent: Vec<PathBuf>,
     /// Overlay output ("-" for stdout; absent: stdout, or no overlay at
