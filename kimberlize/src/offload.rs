@@ -135,11 +135,7 @@ fn resolve(
             ms(t0)
         );
     }
-    let addrs = f
-        .addresses
-        .iter()
-        .map(|ip| SocketAddr::new(*ip, f.port))
-        .collect();
+    let addrs = f.addresses.clone();
     let name = a.server_name.clone().unwrap_or_else(|| f.host.clone());
     Ok((addrs, name, format!("{} ({}:{})", f.name, f.host, f.port)))
 }

@@ -3,10 +3,10 @@
 //! cloudlets. Only a hint of where to connect: trust is the TLS check's.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
-use mdns_sd::{ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo};
+use mdns_sd::{ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
 
 use crate::api::Info;
 
@@ -105,8 +105,9 @@ pub struct Found {
     /// Its host name (without the final dot): the name its certificate
     /// is checked against.
     pub host: String,
-    /// Its addresses.
-    pub addresses: Vec<IpAddr>,
+    /// Its addresses with the port (IPv4 first; an IPv6 one with the
+    /// interface it was seen on as its scope).
+    pub addresses: Vec<SocketAddr>,
     /// Its port.
     pub port: u16,
     /// Its API version (0 if it gave none).
@@ -117,7 +118,19 @@ pub struct Found {
 
 fn found(r: &ResolvedService) -> Found {
     let get = |k: &str| r.get_property_val_str(k).map(str::to_string);
-    let mut addresses: Vec<IpAddr> = r.addresses.iter().map(|a| a.to_ip_addr()).collect();
+    let mut addresses: Vec<SocketAddr> = r
+        .addresses
+        .iter()
+        .map(|a| match a {
+            ScopedIp::V6(v6) => SocketAddr::V6(SocketAddrV6::new(
+                *v6.addr(),
+                r.port,
+                0,
+                v6.scope_id().index,
+            )),
+            other => SocketAddr::new(other.to_ip_addr(), r.port),
+        })
+        .collect();
     // IPv4 first, then in a stable order.
     addresses.sort_by_key(|a| (a.is_ipv6(), *a));
     Found {

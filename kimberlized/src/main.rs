@@ -43,7 +43,12 @@ fn run() -> anyhow::Result<()> {
             .mdns_host
             .clone()
             .unwrap_or_else(|| format!("{name}.local."));
-        Some(discovery::advertise(&name, &host, addr.port(), &info)?)
+        let advert = discovery::advertise(&name, &host, addr.port(), &info)?;
+        log::info(
+            "advertised",
+            json!({"name": name, "host": host, "service": kimberlized::SERVICE_TYPE}),
+        );
+        Some(advert)
     };
     server::serve(listener, config, mgr.clone(), stop);
     log::info("stopping", json!({}));

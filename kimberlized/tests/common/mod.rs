@@ -113,7 +113,7 @@ impl Pki {
         let server = ca.issue(
             dir,
             "cloudlet",
-            &["127.0.0.1", "cloudlet.test", "10.77.0.1"],
+            &["127.0.0.1", "cloudlet.local", "10.77.0.1"],
             false,
         );
         let device = ca.issue(dir, "device", &["device"], true);
