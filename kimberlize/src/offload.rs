@@ -177,7 +177,7 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
     let client = Client::new(cfg, addrs, tls::server_name(&name)?);
     let mut overlay = std::fs::File::open(&a.overlay)
         .with_context(|| format!("opening {}", a.overlay.display()))?;
-    let quiet = a.quiet || a.json;
+    let quiet = a.quiet;
     let started = client
         .start(&key, &mut overlay, len, |ev| {
             if !quiet {

@@ -334,24 +334,39 @@ fn create(
         }
     }
     let received = len - left;
+    let received_ms = t0.elapsed().as_millis() as u64;
     drop(tx);
     if left == 0 && !finished {
-        // Sent before the synthesis finishes, after its earlier lines.
+        // The `received` line comes right after `accepted` (the first
+        // line, which sends the head; waited for if it is not there yet),
+        // before whatever followed it.
         let mut pending = Vec::new();
+        if !head_sent {
+            match erx.recv() {
+                Ok(ev) => pending.push(ev),
+                Err(_) => finished = true,
+            }
+        }
         while let Ok(ev) = erx.try_recv() {
             pending.push(ev);
         }
+        let received = Progress::Received {
+            bytes: received,
+            ms: received_ms,
+        };
+        let mut said = false;
         for ev in pending {
-            if !relay(r.get_mut(), ev, &mut head_sent) {
+            let accepted = matches!(ev, Progress::Accepted { .. });
+            if head_sent && !accepted && !said && !finished {
+                said = true;
+                finished = !relay(r.get_mut(), received.clone(), &mut head_sent);
+            }
+            if !finished && !relay(r.get_mut(), ev, &mut head_sent) {
                 finished = true;
             }
         }
-        if head_sent && !finished {
-            let ev = Progress::Received {
-                bytes: received,
-                ms: t0.elapsed().as_millis() as u64,
-            };
-            relay(r.get_mut(), ev, &mut head_sent);
+        if head_sent && !said && !finished {
+            relay(r.get_mut(), received, &mut head_sent);
         }
     }
     while !finished {

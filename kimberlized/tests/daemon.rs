@@ -451,3 +451,73 @@ fn sigterm_suspends_sessions_and_a_restart_lists_them() {
     c.delete(id, false).unwrap();
     assert!(d.session_dirs().is_empty());
 }
+
+#[test]
+fn the_key_never_crosses_the_wire_in_clear() {
+    if !kvm() {
+        return;
+    }
+    if kimberley_formats::sys::cred::euid() != 0 {
+        assert!(
+            std::env::var("KIMBERLEY_REQUIRE_KVM").as_deref() != Ok("1"),
+            "the capture needs root"
+        );
+        return;
+    }
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    app(t);
+    let pki = Pki::new(t);
+    let d = Daemon::start(t, &pki, &t.join("base"), &[]);
+    let key = key_of(t);
+    let hex = kimberley_formats::digest::hex(&key);
+    let text = std::fs::read_to_string(t.join("key")).unwrap();
+    let secrets: Vec<Vec<u8>> = vec![
+        key.to_vec(),
+        hex.clone().into_bytes(),
+        hex.to_uppercase().into_bytes(),
+        text.trim().as_bytes().to_vec(),
+        b"Kimberley-Key".to_vec(),
+    ];
+
+    // The capture sees what plain HTTP would have carried (the daemon
+    // refuses it, but the bytes went out).
+    let cap = capture::Capture::start("lo");
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.write_all(format!("POST /v1/sessions HTTP/1.1\r\nKimberley-Key: {hex}\r\n\r\n").as_bytes())
+        .unwrap();
+    let _ = s.read_to_end(&mut Vec::new());
+    let plain = cap.finish();
+    assert!(
+        capture::contains(&plain, hex.as_bytes()),
+        "the capture saw nothing"
+    );
+
+    // Through TLS: the whole upload is seen, the key in no form.
+    let cap = capture::Capture::start("lo");
+    let v = ok_json(&offload(
+        t,
+        d.addr,
+        &pki.device.0,
+        &pki.device.1,
+        &pki.ca.pem,
+    ));
+    let wire = cap.finish();
+    let overlay = std::fs::metadata(t.join("app.ovl")).unwrap().len() as usize;
+    assert!(
+        wire.len() > overlay,
+        "captured {} bytes of a {overlay}-byte upload",
+        wire.len()
+    );
+    for s in &secrets {
+        assert!(
+            !capture::contains(&wire, s),
+            "{:?} crossed the wire",
+            String::from_utf8_lossy(s)
+        );
+    }
+    d.client(&pki.device_id())
+        .delete(v["session"].as_str().unwrap(), false)
+        .unwrap();
+}

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod capture;
 #[path = "../../../vmm/tests/common/ctl.rs"]
 pub mod ctl;
 #[path = "../../../vmm/tests/common/tools.rs"]
