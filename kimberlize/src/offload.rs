@@ -24,8 +24,15 @@ use serde_json::json;
 #[derive(Debug, Args)]
 pub struct OffloadArgs {
     /// The overlay to run on the cloudlet.
-    #[arg(value_name = "OVERLAY")]
-    pub overlay: PathBuf,
+    #[arg(value_name = "OVERLAY", required_unless_present = "from")]
+    pub overlay: Option<PathBuf>,
+    /// Instead of uploading an overlay, have the cloudlet apply the chain
+    /// REF names (HOST[:PORT]/REPO[:TAG] or ...@sha256:HEX) from its
+    /// cloudlet cache, fetching what it lacks from the registry (one the
+    /// cloudlet allows). Discovery then picks the first cloudlet seen:
+    /// the cloudlet checks the base.
+    #[arg(long, value_name = "REF", conflicts_with = "overlay")]
+    pub from: Option<String>,
     /// The cloudlet's address. Without it, cloudlets are discovered with
     /// DNS-SD (_kimberley._tcp) for up to --discover-timeout, and the
     /// first that holds the overlay's base is used (its TLS certificate is
@@ -87,7 +94,7 @@ fn client_error(e: ClientError) -> anyhow::Error {
 /// a label for messages.
 fn resolve(
     a: &OffloadArgs,
-    opened: &Opened,
+    opened: Option<&Opened>,
     t0: Instant,
 ) -> Result<(Vec<SocketAddr>, String, String)> {
     if let Some(c) = &a.cloudlet {
@@ -109,10 +116,12 @@ fn resolve(
     }
     let holds = |f: &Found| {
         f.api == kimberlized::API_VERSION
-            && f.bases
-                .iter()
-                .filter_map(|b| from_hex(b))
-                .any(|id| opened.applies_to(&id))
+            && opened.is_none_or(|o| {
+                f.bases
+                    .iter()
+                    .filter_map(|b| from_hex(b))
+                    .any(|id| o.applies_to(&id))
+            })
     };
     let seen = discovery::browse(Duration::from_secs_f64(a.discover_timeout), holds)?;
     let Some(f) = seen.iter().find(|f| holds(f)) else {
@@ -153,38 +162,51 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
         }
         None => return Err(usage("offload needs the overlay's key: give -k KEYFILE")),
     };
-    let file = std::fs::File::open(&a.overlay)
-        .with_context(|| format!("opening {}", a.overlay.display()))?;
-    let len = file.metadata().context("the overlay's size")?.len();
-    // The header authenticates with the key here first: a wrong key or
-    // another file never reaches a cloudlet.
-    let opened = Opened::open(
-        Input {
-            name: a.overlay.display().to_string(),
-            reader: Box::new(file),
-        },
-        Some(&Secret::Key(key)),
-        &ReadPolicy::default(),
-    )?;
-    let (addrs, name, label) = resolve(&a, &opened, t0)?;
-    drop(opened);
-    let discovery_ms = ms(t0);
     let cfg = tls::client_config(&tls::Identity {
         cert: a.cert.clone(),
         key: a.key.clone(),
         ca: a.ca.clone(),
     })?;
-    let client = Client::new(cfg, addrs, tls::server_name(&name)?);
-    let mut overlay = std::fs::File::open(&a.overlay)
-        .with_context(|| format!("opening {}", a.overlay.display()))?;
-    let quiet = a.quiet;
-    let started = client
-        .start(&key, &mut overlay, len, |ev| {
-            if !quiet {
-                eprintln!("{}", describe(ev));
-            }
-        })
-        .map_err(client_error)?;
+    let show = |ev: &Progress| {
+        if !a.quiet {
+            eprintln!("{}", describe(ev));
+        }
+    };
+    let (started, client, len) = match (&a.overlay, &a.from) {
+        (Some(path), _) => {
+            let open =
+                || std::fs::File::open(path).with_context(|| format!("opening {}", path.display()));
+            let file = open()?;
+            let len = file.metadata().context("the overlay's size")?.len();
+            // The header authenticates with the key here first: a wrong
+            // key or another file never reaches a cloudlet.
+            let opened = Opened::open(
+                Input {
+                    name: path.display().to_string(),
+                    reader: Box::new(file),
+                },
+                Some(&Secret::Key(key)),
+                &ReadPolicy::default(),
+            )?;
+            let (addrs, name, label) = resolve(&a, Some(&opened), t0)?;
+            drop(opened);
+            let discovery_ms = ms(t0);
+            let client = Client::new(cfg, addrs, tls::server_name(&name)?);
+            let started = client
+                .start(&key, &mut open()?, len, show)
+                .map_err(client_error)?;
+            (started, (client, label, discovery_ms), Some(len))
+        }
+        (None, Some(r)) => {
+            let (addrs, name, label) = resolve(&a, None, t0)?;
+            let discovery_ms = ms(t0);
+            let client = Client::new(cfg, addrs, tls::server_name(&name)?);
+            let started = client.start_from(&key, r, show).map_err(client_error)?;
+            (started, (client, label, discovery_ms), None)
+        }
+        (None, None) => return Err(usage("give an OVERLAY or --from REF")),
+    };
+    let (client, label, discovery_ms) = client;
     let server_ms = |f: fn(&Progress) -> Option<u64>| started.events.iter().find_map(f);
     let times = json!({
         "discovery_ms": discovery_ms,
@@ -206,6 +228,7 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
                 "session": started.session,
                 "url": url,
                 "overlay_bytes": len,
+                "from": a.from,
                 "times": times,
             }),
         )?;

@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 /// `POST /v1/sessions`; it only ever travels inside the mutually
 /// authenticated TLS session.
 pub const KEY_HEADER: &str = "Kimberley-Key";
+/// Request header naming an overlay chain (`HOST[:PORT]/REPO[:TAG]` or
+/// `...@sha256:HEX`) for `POST /v1/sessions` without a body: the daemon
+/// applies it from its cloudlet cache (fetching what the cache lacks from
+/// the registry, which must be one it allows).
+pub const FROM_HEADER: &str = "Kimberley-From";
 /// JSON bodies.
 pub const JSON: &str = "application/json";
 /// A body of JSON lines (the progress of `POST /v1/sessions`).
@@ -88,6 +93,9 @@ pub enum Reason {
     Corrupt,
     /// The upload ended before its Content-Length.
     UploadCut,
+    /// The reference cannot be served: a registry the daemon does not
+    /// allow, or neither the cache nor the registry has the chain.
+    Reference,
     /// The VM failed to resume or answer, or a control request failed.
     Vm,
     /// The session is not in a state that allows the request.
@@ -107,6 +115,7 @@ impl Reason {
             Reason::LimitDisk => 507,
             Reason::NoBase | Reason::Auth | Reason::Corrupt => 422,
             Reason::UploadCut => 400,
+            Reason::Reference => 422,
             Reason::Vm => 502,
             Reason::State => 409,
             Reason::Internal => 500,

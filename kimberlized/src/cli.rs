@@ -69,6 +69,16 @@ pub struct Cli {
     /// Do not advertise with DNS-SD.
     #[arg(long)]
     pub no_mdns: bool,
+    /// A registry (`HOST[:PORT]`) whose references devices may ask for
+    /// (repeat for more); chains come from the cloudlet cache (--cache),
+    /// what it lacks from the registry. Without it, references are
+    /// refused: only uploads are served.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub allow_registry: Vec<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
     /// Worker threads for synthesis (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,

@@ -223,6 +223,26 @@ impl Client {
         key: &[u8; 32],
         overlay: &mut dyn Read,
         len: u64,
+        on_event: impl FnMut(&Progress),
+    ) -> Result<Started, ClientError> {
+        self.begin(key, Ok((overlay, len)), on_event)
+    }
+
+    /// `POST /v1/sessions` for the chain `reference` names, which the
+    /// daemon applies from its cloudlet cache; as [`Client::start`].
+    pub fn start_from(
+        &self,
+        key: &[u8; 32],
+        reference: &str,
+        on_event: impl FnMut(&Progress),
+    ) -> Result<Started, ClientError> {
+        self.begin(key, Err(reference), on_event)
+    }
+
+    fn begin(
+        &self,
+        key: &[u8; 32],
+        source: Result<(&mut dyn Read, u64), &str>,
         mut on_event: impl FnMut(&Progress),
     ) -> Result<Started, ClientError> {
         let t0 = Instant::now();
@@ -230,20 +250,27 @@ impl Client {
         let mut tls = self.connect()?;
         let bind_ms = ms();
         let key_hex = kimberley_formats::digest::hex(key);
-        let head = http::request_head(
-            "POST",
-            "/v1/sessions",
-            &self.host,
-            &[("Content-Type", api::OVERLAY), (api::KEY_HEADER, &key_hex)],
-            Some(len),
-        );
+        let mut headers = vec![(api::KEY_HEADER, key_hex.as_str())];
+        let len = match &source {
+            Ok((_, len)) => {
+                headers.push(("Content-Type", api::OVERLAY));
+                Some(*len)
+            }
+            Err(r) => {
+                headers.push((api::FROM_HEADER, r));
+                None
+            }
+        };
+        let head = http::request_head("POST", "/v1/sessions", &self.host, &headers, len);
         tls.write_all(&head).map_err(|e| self.io(e))?;
-        let sent = std::io::copy(&mut overlay.take(len), &mut tls).map_err(|e| self.io(e))?;
-        if sent != len {
-            return Err(self.io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the overlay ended after {sent} of {len} bytes"),
-            )));
+        if let Ok((overlay, len)) = source {
+            let sent = std::io::copy(&mut overlay.take(len), &mut tls).map_err(|e| self.io(e))?;
+            if sent != len {
+                return Err(self.io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the overlay ended after {sent} of {len} bytes"),
+                )));
+            }
         }
         tls.flush().map_err(|e| self.io(e))?;
         let upload_ms = ms();

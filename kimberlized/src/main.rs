@@ -27,7 +27,19 @@ fn run() -> anyhow::Result<()> {
         max_memory: a.max_memory,
         max_disk: a.max_disk,
     };
-    let mgr = session::Manager::open(&a.state_dir, &a.base, limits, threads, name.clone())?;
+    let references = session::References {
+        allowed: a.allow_registry.clone(),
+        cache: a.cache.clone(),
+        registry: a.registry.clone(),
+    };
+    let mgr = session::Manager::open(
+        &a.state_dir,
+        &a.base,
+        limits,
+        threads,
+        name.clone(),
+        references,
+    )?;
     let listener = std::net::TcpListener::bind(a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr().context("the listening address")?;

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::api::{self, ErrorBody, Progress, Reason};
 use crate::http::{self, Request};
 use crate::log;
-use crate::session::{self, Manager, NewSession, Refusal, Upload};
+use crate::session::{self, Manager, NewSession, Refusal, Source, Upload};
 
 /// Longest JSON request body (control requests, `DELETE`'s body).
 const MAX_JSON: u64 = 1 << 20;
@@ -235,13 +235,19 @@ fn create(
     r: &mut BufReader<Tls>,
 ) -> Result<(), Refusal> {
     let t0 = Instant::now();
-    let len = req
-        .content_length()
-        .map_err(|e| bad(e.to_string()))?
-        .ok_or((
-            Reason::BadRequest,
-            "the overlay must be sent with a Content-Length".to_string(),
-        ))?;
+    let from = req.header(api::FROM_HEADER).map(str::to_string);
+    let len = req.content_length().map_err(|e| bad(e.to_string()))?;
+    let len = match (&from, len) {
+        (None, Some(n)) => n,
+        (Some(_), None | Some(0)) => 0,
+        (None, None) => return Err(bad("the overlay must be sent with a Content-Length")),
+        (Some(_), Some(_)) => {
+            return Err(bad(format!(
+                "a request with {} has no body",
+                api::FROM_HEADER
+            )))
+        }
+    };
     // The key is checked before anything else happens.
     let key = req
         .header(api::KEY_HEADER)
@@ -273,7 +279,10 @@ fn create(
         owner: owner.to_string(),
         key: Secret::Key(key),
         reservation,
-        upload: Upload::new(rx),
+        source: match from.clone() {
+            Some(r) => Source::Reference(r),
+            None => Source::Upload(Upload::new(rx)),
+        },
         cut: cut.clone(),
         t0,
     };
@@ -336,7 +345,7 @@ fn create(
     let received = len - left;
     let received_ms = t0.elapsed().as_millis() as u64;
     drop(tx);
-    if left == 0 && !finished {
+    if left == 0 && !finished && from.is_none() {
         // The `received` line comes right after `accepted` (the first
         // line, which sends the head; waited for if it is not there yet),
         // before whatever followed it.

@@ -152,9 +152,21 @@ impl Session {
     }
 }
 
+/// Where chains named by reference come from.
+#[derive(Debug, Clone)]
+pub struct References {
+    /// The registries (`HOST[:PORT]`) devices may name.
+    pub allowed: Vec<String>,
+    /// The cloudlet cache.
+    pub cache: kimberley_cli::oci::CacheArgs,
+    /// How to reach registries.
+    pub registry: kimberley_cli::oci::RegistryArgs,
+}
+
 /// The daemon's bases, limits and sessions.
 #[derive(Debug)]
 pub struct Manager {
+    references: References,
     state_dir: PathBuf,
     bases: Vec<Base>,
     limits: Limits,
@@ -226,6 +238,7 @@ impl Manager {
         limits: Limits,
         threads: usize,
         name: String,
+        references: References,
     ) -> Result<Arc<Manager>, SetupError> {
         let sd = |e| SetupError::StateDir(state_dir.to_path_buf(), e);
         private_dir(state_dir).map_err(sd)?;
@@ -247,6 +260,7 @@ impl Manager {
             threads,
             table: Mutex::new(Table::default()),
             name,
+            references,
         };
         for e in std::fs::read_dir(&sessions).map_err(sd)?.flatten() {
             let dir = e.path();
@@ -397,6 +411,32 @@ impl Manager {
         s.set_state(State::Suspended);
     }
 
+    /// The layers of the chain `r` names, from the cloudlet cache (and
+    /// the registry for what it lacks), if `r`'s registry is allowed.
+    fn chain(&self, r: &str) -> Result<Vec<Input>, Refusal> {
+        let refused = |e: String| (Reason::Reference, e);
+        let parsed = kimberley_cli::oci::reference(r).map_err(|e| refused(format!("{e:#}")))?;
+        if !self
+            .references
+            .allowed
+            .iter()
+            .any(|a| *a == parsed.registry)
+        {
+            return Err(refused(format!(
+                "references to {} are not served here (--allow-registry)",
+                parsed.registry
+            )));
+        }
+        kimberley_cli::oci::chain_inputs(r, &self.references.cache, &self.references.registry)
+            .map_err(|e| {
+                if kimberley_cli::oci::tampered_in(&e) {
+                    (Reason::Corrupt, format!("{e:#}"))
+                } else {
+                    refused(format!("{e:#}"))
+                }
+            })
+    }
+
     /// Session `id` if `owner` made it.
     pub fn get(&self, id: &str, owner: &str) -> Result<Arc<Session>, Refusal> {
         let s = self.table().sessions.get(id).cloned();
@@ -532,6 +572,14 @@ fn reason_of(e: &kimberley_formats::Error, cut: bool) -> Reason {
     }
 }
 
+/// Where a session's overlay comes from.
+pub enum Source {
+    /// Uploaded in the request body.
+    Upload(Upload),
+    /// A chain in the cloudlet cache (or its registry).
+    Reference(String),
+}
+
 /// Everything a new session needs from its request.
 pub struct NewSession {
     /// The client certificate's fingerprint.
@@ -541,7 +589,7 @@ pub struct NewSession {
     /// Its place among `max_sessions`.
     pub reservation: Reservation,
     /// The overlay.
-    pub upload: Upload,
+    pub source: Source,
     /// Set by the connection when the upload was cut.
     pub cut: Arc<AtomicBool>,
     /// When the request was accepted.
@@ -605,19 +653,27 @@ fn synthesise(
 ) -> Result<(Arc<Session>, PathBuf), Refusal> {
     let t0 = new.t0;
     let secret = new.key;
-    let opened = Opened::open(
-        Input {
+    let inputs = match new.source {
+        Source::Upload(u) => vec![Input {
             name: "the upload".into(),
-            reader: Box::new(new.upload),
-        },
-        Some(&secret),
-        &ReadPolicy::default(),
-    )
-    .map_err(|e| (reason_of(&e, new.cut.load(Ordering::SeqCst)), e.to_string()))?;
+            reader: Box::new(u),
+        }],
+        Source::Reference(r) => mgr.chain(&r)?,
+    };
+    let mut chain = Vec::new();
+    for input in inputs {
+        chain.push(
+            Opened::open(input, Some(&secret), &ReadPolicy::default())
+                .map_err(|e| (reason_of(&e, new.cut.load(Ordering::SeqCst)), e.to_string()))?,
+        );
+    }
+    let (Some(first), Some(opened)) = (chain.first(), chain.last()) else {
+        return Err((Reason::Corrupt, "the chain has no overlay".into()));
+    };
     let base = mgr
         .bases
         .iter()
-        .find(|b| opened.applies_to(&b.identity))
+        .find(|b| first.applies_to(&b.identity))
         .ok_or_else(|| {
             (
                 Reason::NoBase,
@@ -646,14 +702,7 @@ fn synthesise(
         // Soft state: complete and checked, not worth an fsync.
         sync: false,
     };
-    match apply::apply_opened(
-        &base.dir,
-        vec![opened],
-        &vm,
-        &opts,
-        &ApplyProgress::default(),
-        t0,
-    ) {
+    match apply::apply_opened(&base.dir, chain, &vm, &opts, &ApplyProgress::default(), t0) {
         Ok(stats) => {
             log::info(
                 "session.synthesised",
