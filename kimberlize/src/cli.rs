@@ -244,10 +244,13 @@ kimberlize gc --quota 10G --cache /var/cache/kimberley",
     ),
     (
         "kimberlize offload",
-        "kimberlize offload app.ovl -k overlay.key --cloudlet cloudlet1.example.org:7466 \\
+        "kimberlize offload app.ovl -k overlay.key \\
+    --cloudlet cloudlet1.example.org:7466 \\
     --cert device.pem --key device.key --ca operator-ca.pem
-kimberlize offload app.ovl -k overlay.key --cert device.pem --key device.key \\
-    --ca operator-ca.pem --json",
+kimberlize offload app.ovl -k overlay.key --json \\
+    --cert device.pem --key device.key --ca operator-ca.pem
+kimberlize offload --from registry.example.org/apps/office:v1 \\
+    -k overlay.key --cert device.pem --key device.key --ca operator-ca.pem",
     ),
     (
         "kimberlize completions",
