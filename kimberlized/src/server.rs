@@ -5,7 +5,7 @@
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,8 +27,13 @@ const MAX_JSON: u64 = 1 << 20;
 const CHUNK: usize = 256 << 10;
 /// Pieces in flight between the connection and the synthesis.
 const IN_FLIGHT: usize = 16;
-/// A peer silent for this long (handshake, head, upload) is cut.
+/// A peer silent for this long (head, upload) is cut.
 const IDLE: Duration = Duration::from_secs(60);
+/// The handshake's time limit per read: an unauthenticated peer holds a
+/// connection thread no longer.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed at once (logged).
+const MAX_CONNECTIONS: usize = 256;
 /// How often the accept loop looks at the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -43,11 +48,23 @@ pub fn serve(
     stop: Arc<AtomicBool>,
 ) {
     let _ = listener.set_nonblocking(true);
+    let open = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((tcp, peer)) => {
-                let (tls, mgr) = (tls.clone(), mgr.clone());
-                std::thread::spawn(move || connection(tcp, peer, tls, mgr));
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    log::warn(
+                        "connection.refused",
+                        json!({"peer": peer, "why": "too many connections"}),
+                    );
+                    continue;
+                }
+                let (tls, mgr, open) = (tls.clone(), mgr.clone(), open.clone());
+                std::thread::spawn(move || {
+                    connection(tcp, peer, tls, mgr);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let _ = poll::readable_one(listener.as_raw_fd(), Some(TICK));
@@ -62,7 +79,7 @@ pub fn serve(
 
 fn connection(tcp: TcpStream, peer: SocketAddr, cfg: Arc<ServerConfig>, mgr: Arc<Manager>) {
     let _ = tcp.set_nonblocking(false);
-    let _ = tcp.set_read_timeout(Some(IDLE));
+    let _ = tcp.set_read_timeout(Some(HANDSHAKE));
     let _ = tcp.set_write_timeout(Some(IDLE));
     let _ = tcp.set_nodelay(true);
     let conn = match ServerConnection::new(cfg) {
@@ -88,6 +105,7 @@ fn connection(tcp: TcpStream, peer: SocketAddr, cfg: Arc<ServerConfig>, mgr: Arc
             json!({"peer": peer, "error": "no client certificate"}),
         );
     };
+    let _ = tls.sock.set_read_timeout(Some(IDLE));
     let mut r = BufReader::new(tls);
     let req = match http::read_head(&mut r) {
         Ok(Some(h)) => http::parse_request(&h),

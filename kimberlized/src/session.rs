@@ -416,12 +416,7 @@ impl Manager {
     fn chain(&self, r: &str) -> Result<Vec<Input>, Refusal> {
         let refused = |e: String| (Reason::Reference, e);
         let parsed = kimberley_cli::oci::reference(r).map_err(|e| refused(format!("{e:#}")))?;
-        if !self
-            .references
-            .allowed
-            .iter()
-            .any(|a| *a == parsed.registry)
-        {
+        if !self.references.allowed.contains(&parsed.registry) {
             return Err(refused(format!(
                 "references to {} are not served here (--allow-registry)",
                 parsed.registry

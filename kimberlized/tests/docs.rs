@@ -7,7 +7,8 @@ use std::path::Path;
 use kimberlized::api::Reason;
 
 fn page() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CLOUDLET.md")).unwrap()
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CLOUDLET.md"))
+        .unwrap()
 }
 
 #[test]
@@ -16,7 +17,10 @@ fn the_unit_matches_the_page_and_parses() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cloudlet/kimberlized.service"),
     )
     .unwrap();
-    assert!(page().contains(&format!("```ini\n{unit}```")), "the unit differs from the page");
+    assert!(
+        page().contains(&format!("```ini\n{unit}```")),
+        "the unit differs from the page"
+    );
     let joined = unit.replace("\\\n", " ");
     let exec = joined
         .lines()
