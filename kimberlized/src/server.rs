@@ -209,6 +209,14 @@ fn route(
             session::stop(mgr, &s, true)?;
             ok(r, &s.info())
         }
+        ("POST", ["v1", "sessions", id, "resume"])
+            if mgr.get(id, owner)?.state() == api::State::Suspended =>
+        {
+            let s = mgr.get(id, owner)?;
+            json_body(req, r)?;
+            session::revive(mgr, &s)?;
+            ok(r, &s.info())
+        }
         ("POST", ["v1", "sessions", id, op @ ("status" | "pause" | "resume" | "exec")]) => {
             let s = mgr.get(id, owner)?;
             let body = json_body(req, r)?;

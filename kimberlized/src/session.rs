@@ -802,6 +802,78 @@ pub fn control(s: &Session, req: &Value, timeout: Duration) -> Result<Value, Ref
     serde_json::from_str(&answer).map_err(|e| (Reason::Vm, format!("bad control answer: {e}")))
 }
 
+/// Resumes the VM of the suspended session `s` (kept by `stop`, or by a
+/// daemon that stopped) if the limits allow one more running VM; returns
+/// once the guest answered. A VM that fails to come back is discarded
+/// with its session (it may have run: its directory is no longer the
+/// suspended VM).
+pub fn revive(mgr: &Arc<Manager>, s: &Arc<Session>) -> Result<(), Refusal> {
+    {
+        let t = mgr.table();
+        if s.state() != State::Suspended {
+            return Err((Reason::State, format!("session {} is not suspended", s.id)));
+        }
+        let n = t.active().count() + t.reserved;
+        if n >= mgr.limits.max_sessions {
+            return Err((
+                Reason::LimitSessions,
+                format!(
+                    "this cloudlet runs {n} session(s) already, its limit (--max-sessions {})",
+                    mgr.limits.max_sessions
+                ),
+            ));
+        }
+        let used: u64 = t.active().map(|s| s.memory).sum();
+        if used.saturating_add(s.memory) > mgr.limits.max_memory {
+            return Err((
+                Reason::LimitMemory,
+                format!(
+                    "the VM needs {} of memory; {} of this cloudlet's {} (--max-memory) are in use",
+                    kimberley_cli::run::human_size(s.memory),
+                    kimberley_cli::run::human_size(used),
+                    kimberley_cli::run::human_size(mgr.limits.max_memory)
+                ),
+            ));
+        }
+        // Under the table's lock: counted as active from here.
+        s.set_state(State::Resuming);
+    }
+    s.stop.store(false, Ordering::SeqCst);
+    s.discard.store(false, Ordering::SeqCst);
+    let fail = |r: Refusal| {
+        mgr.discard(s);
+        log::warn("session.discarded", json!({"session": s.id, "error": r.1}));
+        Err(r)
+    };
+    if let Err(e) = s.record(false) {
+        return fail((Reason::Internal, format!("recording the session: {e}")));
+    }
+    let sock = match ControlSocket::bind(Some(&s.sock()), "kimberlized") {
+        Ok(sock) => sock,
+        Err(e) => return fail((Reason::Internal, format!("binding the control socket: {e}"))),
+    };
+    let vm = s.dir.join(VM);
+    // Nobody reads these: the request's answer says how it went.
+    let (events, _ignored) = std::sync::mpsc::sync_channel(8);
+    let t0 = Instant::now();
+    match start_vm(s, &vm, t0, &events) {
+        Ok(machine) => {
+            s.set_state(State::Running);
+            log::info(
+                "session.ready",
+                json!({"session": s.id, "client": s.owner, "ms": ms(t0), "revived": true}),
+            );
+            let (mgr, s) = (mgr.clone(), s.clone());
+            std::thread::spawn(move || serve(&mgr, &s, &vm, machine, sock));
+            Ok(())
+        }
+        Err(r) => {
+            drop(sock);
+            fail(r)
+        }
+    }
+}
+
 /// Stops session `s`'s VM: suspended into the state directory (`keep`)
 /// or discarded with its directory. Returns once done.
 pub fn stop(mgr: &Manager, s: &Arc<Session>, keep: bool) -> Result<(), Refusal> {

@@ -416,7 +416,7 @@ fn two_sessions_at_once() {
 }
 
 #[test]
-fn sigterm_suspends_sessions_and_a_restart_lists_them() {
+fn sigterm_suspends_sessions_and_they_come_back_after_a_restart() {
     if !kvm() {
         return;
     }
@@ -448,6 +448,18 @@ fn sigterm_suspends_sessions_and_a_restart_lists_them() {
         Err(ClientError::Refused { body, .. }) => assert_eq!(body.reason, Reason::State),
         other => panic!("{other:?}"),
     }
+    // It comes back where it was: the app's region, the counter running.
+    let back: kimberlized::api::SessionInfo = c
+        .call("POST", &format!("/v1/sessions/{id}/resume"), None)
+        .unwrap();
+    assert_eq!(back.state, State::Running);
+    check_guest(&c, id);
+    // Stopped again (kept), then removed.
+    let kept: kimberlized::api::SessionInfo = c
+        .call("POST", &format!("/v1/sessions/{id}/stop"), None)
+        .unwrap();
+    assert_eq!(kept.state, State::Suspended);
+    assert_eq!(d.session_dirs().len(), 1);
     c.delete(id, false).unwrap();
     assert!(d.session_dirs().is_empty());
 }
