@@ -14,6 +14,7 @@ pub enum Tool {
     Dekimberlize,
     Vmigrate,
     Vmctl,
+    Kimberlized,
 }
 
 pub const SUCCESS: u8 = 0;
@@ -187,6 +188,20 @@ const VMCTL: &[Code] = &[
     C_TERMINATED,
 ];
 
+// The daemon suspends its sessions' VMs on SIGINT/SIGTERM and exits 0.
+const KIMBERLIZED: &[Code] = &[
+    Code {
+        code: SUCCESS,
+        meaning: "stopped by SIGINT/SIGTERM, every running session's VM suspended into the state directory",
+    },
+    Code {
+        code: ERROR,
+        meaning: "error: the address cannot be bound, the state directory cannot be made private, TLS files unusable",
+    },
+    C_USAGE,
+    C_VMDIR,
+];
+
 /// The codes `tool` can exit with.
 pub fn table(tool: Tool) -> &'static [Code] {
     match tool {
@@ -194,6 +209,7 @@ pub fn table(tool: Tool) -> &'static [Code] {
         Tool::Dekimberlize => DEKIMBERLIZE,
         Tool::Vmigrate => VMIGRATE,
         Tool::Vmctl => VMCTL,
+        Tool::Kimberlized => KIMBERLIZED,
     }
 }
 

@@ -147,6 +147,17 @@ pub enum Command {
     /// with --quota, first evicts the least recently used chains that are
     /// not pinned until the cache's blobs take at most SIZE.
     Gc(GcArgs),
+    /// Run an overlay on a cloudlet: bind to its kimberlized, upload, resume.
+    ///
+    /// Binds over mutual TLS (this device's --cert, the cloudlet's
+    /// certificate checked against --ca before anything is sent), uploads
+    /// the overlay with its key (-k, inside the TLS session only), and
+    /// waits while the cloudlet synthesises the launch VM and resumes it,
+    /// until the guest answers. Prints the session's address and the
+    /// timings (discovery, bind, transfer, synthesis, first answer).
+    /// Without --cloudlet, discovers cloudlets with DNS-SD and picks one
+    /// holding the overlay's base. docs/CLOUDLET.md has the API.
+    Offload(crate::offload::OffloadArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
     Completions(kimberley_cli::help::CompletionsArgs),
 }
@@ -230,6 +241,16 @@ kimberlize fetch --pin registry.example.org/apps/office@sha256:4f1c...",
         "kimberlize gc",
         "kimberlize gc
 kimberlize gc --quota 10G --cache /var/cache/kimberley",
+    ),
+    (
+        "kimberlize offload",
+        "kimberlize offload app.ovl -k overlay.key \\
+    --cloudlet cloudlet1.example.org:7466 \\
+    --cert device.pem --key device.key --ca operator-ca.pem
+kimberlize offload app.ovl -k overlay.key --json \\
+    --cert device.pem --key device.key --ca operator-ca.pem
+kimberlize offload --from registry.example.org/apps/office:v1 \\
+    -k overlay.key --cert device.pem --key device.key --ca operator-ca.pem",
     ),
     (
         "kimberlize completions",
