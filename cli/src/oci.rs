@@ -98,8 +98,18 @@ pub fn tampered_in(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The cache's file of `r`'s tag (None for a digest reference, which
+/// never moves): what a Makefile rule built on `r` depends on, since
+/// `kimberlize fetch` replaces it when the tag moves.
+pub fn tag_file(r: &str, cache: &CacheArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let r = reference(r)?;
+    let cache = kimberley_cache::Cache::open(&cache.dir(), Mode::Shared).map_err(cache_error)?;
+    cache.tag_path(&r).map_err(cache_error)
+}
+
 /// The layers of the chain `r` names, in chain order, to apply
-/// (`dekimberlize --from`, `kimberlize diff --parent-from`): from the cache
+/// (`dekimberlize --from`, `kimberlize diff --parent-from`,
+/// `kimberlize build --parent-from`): from the cache
 /// when it has the chain (no network: a cached tag is used as it is), else
 /// the manifest from the registry and the missing layers streamed from it,
 /// teed into the cache and checked against their digests at their end.

@@ -519,3 +519,68 @@ fn diff_on_top_of_a_chain_in_a_registry() {
     assert!(cached(&cache, &l1).exists());
     ok(push(&format!("{}/apps/app:v1", reg.addr()), &[&l1, &new]));
 }
+
+/// `kimberlize build --parent-from REF` builds a layer on top of a chain in
+/// a registry (KVM): byte for byte the layer `build --parent FILE` makes,
+/// and its depfile names the cache's file of the tag, which `kimberlize
+/// fetch` replaces when the tag moves.
+#[test]
+fn build_on_top_of_a_chain_in_a_registry() {
+    if !common::kvm() {
+        return;
+    }
+    let Some(reg) = oci::Registry::start() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let d = |n: &str| t.path().join(n);
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/layers");
+    common::make_base(&d("base"), "64M", "256M");
+    common::keygen(&d("key"));
+    let build = |layer: &str, extra: &[&OsStr]| {
+        let mut c = Command::new(common::bin("kimberlize"));
+        c.args(["build", "-q", "--progress", "none", "--base"])
+            .arg(d("base"))
+            .arg("--install")
+            .arg(ex.join(format!("{layer}-install.txt")))
+            .arg("--resume")
+            .arg(ex.join(format!("{layer}-resume.txt")))
+            .arg("-k")
+            .arg(d("key"))
+            .args(extra);
+        run(&mut c)
+    };
+    ok(build("os", &["-o".as_ref(), d("os.ovl").as_os_str()]));
+    let r = format!("{}/apps/os:v1", reg.addr());
+    ok(push(&r, &[&d("os.ovl")]));
+    ok(build(
+        "app",
+        &[
+            "--parent".as_ref(),
+            d("os.ovl").as_os_str(),
+            "-o".as_ref(),
+            d("a.ovl").as_os_str(),
+        ],
+    ));
+    ok(build(
+        "app",
+        &[
+            "--parent-from".as_ref(),
+            r.as_ref(),
+            "--cache".as_ref(),
+            d("cache").as_os_str(),
+            "--depfile".as_ref(),
+            d("b.d").as_os_str(),
+            "-o".as_ref(),
+            d("b.ovl").as_os_str(),
+        ],
+    ));
+    assert!(std::fs::read(d("a.ovl")).unwrap() == std::fs::read(d("b.ovl")).unwrap());
+    let deps = std::fs::read_to_string(d("b.d")).unwrap();
+    let tag = d("cache").join("tags").join(reg.addr()).join("apps/os/v1");
+    assert!(tag.exists(), "{}", tag.display());
+    assert!(
+        deps.contains(&tag.display().to_string().replace(':', "\\:")),
+        "{deps}"
+    );
+}

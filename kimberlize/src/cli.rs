@@ -479,6 +479,17 @@ pub struct BuildArgs {
     /// one seals the new layer).
     #[arg(long, value_name = "OVL")]
     pub parent: Vec<PathBuf>,
+    /// Build on top of the chain REF names (HOST[:PORT]/REPO[:TAG] or
+    /// ...@sha256:HEX), read from the cloudlet cache (--cache), or
+    /// streamed from the registry into it, instead of --parent files.
+    /// Push the new layer after the chain's overlays (`kimberlize push
+    /// REF2 ... NEW.ovl`).
+    #[arg(long, value_name = "REF", conflicts_with = "parent")]
+    pub parent_from: Option<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
     /// Overlay output ("-" for stdout; absent: stdout, or no overlay at
     /// all with --launch-out). Written atomically.
     #[arg(short, long, value_name = "FILE")]

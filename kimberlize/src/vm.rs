@@ -216,7 +216,10 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let t_parents = Instant::now();
     let chain = Chain::apply(
         base,
-        kimberley_cli::output::open_overlays(&a.parent)?,
+        match &a.parent_from {
+            Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
+            None => kimberley_cli::output::open_overlays(&a.parent)?,
+        },
         secret,
         a.read.policy(),
         threads,
@@ -491,6 +494,9 @@ fn depfile_text(a: &BuildArgs) -> Result<String> {
     };
     let mut deps = vec![a.base.join(MANIFEST)];
     deps.extend(a.parent.iter().cloned());
+    if let Some(r) = &a.parent_from {
+        deps.extend(kimberley_cli::oci::tag_file(r, &a.cache)?);
+    }
     deps.push(a.install.clone());
     deps.push(a.resume.clone());
     // A key changes the overlay's bytes (section 7.7), so it is an input;
