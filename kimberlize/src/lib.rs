@@ -23,6 +23,7 @@ pub fn main() -> Result<()> {
         cli::Command::Push(a) => oci::push(a),
         cli::Command::Fetch(a) => oci::fetch(a),
         cli::Command::Gc(a) => oci::gc(a),
+        cli::Command::Cache(a) => oci::cache(a),
         cli::Command::Completions(a) => {
             kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
             Ok(())
