@@ -12,7 +12,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 
 use kimberley_formats::fsutil::{sync_dir, PRIVATE_FILE_MODE};
-use kimberley_formats::sys::file::write_back;
+use kimberley_formats::sys::file::start_writeback_range;
 use kimberley_formats::sys::lock::{flock, Mode};
 use kimberley_registry::{Digest, Sha256Writer};
 
@@ -158,10 +158,6 @@ impl WriteStore for BlobDir {
 
 /// Bytes between two starts of writeback of a blob being added.
 const WRITEBACK_EVERY: u64 = 8 << 20;
-/// Windows of [`WRITEBACK_EVERY`] bytes a download may leave being written
-/// back before it waits for the oldest (so that the dirty pages stay
-/// bounded and the final fsync has little left).
-const WRITEBACK_AHEAD: u64 = 8;
 /// Buffers in flight in [`Ingest::append_from`] (its memory: this many
 /// times [`PIPE_BUF_LEN`]).
 const PIPE_BUFS: usize = 8;
@@ -267,8 +263,8 @@ impl Ingest {
     /// Appends everything `src` yields, like [`Ingest::append`] but with
     /// reading, hashing and writing on three threads (the caller's reads,
     /// two workers hash and write), through a bounded queue of buffers so
-    /// that memory stays flat; writeback runs in windows behind the
-    /// writes. `got` is told the bytes received so far in this call. What
+    /// that memory stays flat; writeback starts window by window as the
+    /// writes go, so the final fsync has little left. `got` is told the bytes received so far in this call. What
     /// arrived before a failing read is kept (a later run resumes after
     /// it); after any error the ingest is to be dropped (a new
     /// [`WriteStore::begin`] rereads the partial file).
@@ -429,10 +425,11 @@ fn read_chunks(
 }
 
 /// Writes the chunks in order to `file` (from offset `start`), starting
-/// writeback window by window and waiting for the window
-/// [`WRITEBACK_AHEAD`] behind. After a failure it only recycles what
-/// still comes (so the reader never waits for a buffer that will not
-/// return) and reports the failure at the end.
+/// the writeback of each [`WRITEBACK_EVERY`] window as soon as it is
+/// written, without waiting for it (waiting stalled the pipeline on a
+/// busy disk, which is kept busy either way). After a failure it only
+/// recycles what still comes (so the reader never waits for a buffer that
+/// will not return) and reports the failure at the end.
 fn write_chunks(
     mut file: &File,
     start: u64,
@@ -453,10 +450,7 @@ fn write_chunks(
                 let before = off / WRITEBACK_EVERY;
                 off += c.len as u64;
                 for w in before..off / WRITEBACK_EVERY {
-                    write_back(fd, w * WRITEBACK_EVERY, WRITEBACK_EVERY, false);
-                    if let Some(old) = w.checked_sub(WRITEBACK_AHEAD) {
-                        write_back(fd, old * WRITEBACK_EVERY, WRITEBACK_EVERY, true);
-                    }
+                    start_writeback_range(fd, w * WRITEBACK_EVERY, WRITEBACK_EVERY);
                 }
             }
         }

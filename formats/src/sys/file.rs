@@ -1,5 +1,5 @@
 //! File status flags (`fcntl(2)` `F_GETFL`/`F_SETFL`), duplicating a
-//! descriptor (`F_DUPFD_CLOEXEC`) and writing back early
+//! descriptor (`F_DUPFD_CLOEXEC`) and starting writeback early
 //! (`sync_file_range(2)`).
 
 use std::io;
@@ -55,29 +55,21 @@ pub fn start_writeback(fd: RawFd) {
     }
 }
 
-/// Writes bytes `off..off + len` of `fd` back to disk: starts their
-/// writeback (`SYNC_FILE_RANGE_WRITE`), and with `wait` also waits for it
-/// to end (`WAIT_BEFORE | WRITE | WAIT_AFTER`), which bounds the dirty
-/// pages a large sequential write leaves for its final fsync. It does not
-/// make the data durable (no metadata, no disk cache flush: fsync does),
-/// and its failure is harmless (that fsync reports real errors), so it is
-/// ignored.
-pub fn write_back(fd: RawFd, off: u64, len: u64, wait: bool) {
+/// Starts writing bytes `off..off + len` of `fd` back to disk without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over that range: a
+/// large sequential write starts each window's writeback as it completes,
+/// so the final fsync has little left). It does not make the data durable
+/// (fsync does), and its failure is harmless (that fsync reports real
+/// errors), so it is ignored.
+pub fn start_writeback_range(fd: RawFd, off: u64, len: u64) {
     let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
         return;
     };
-    let flags = if wait {
-        libc::SYNC_FILE_RANGE_WAIT_BEFORE
-            | libc::SYNC_FILE_RANGE_WRITE
-            | libc::SYNC_FILE_RANGE_WAIT_AFTER
-    } else {
-        libc::SYNC_FILE_RANGE_WRITE
-    };
     // SAFETY: sync_file_range on a descriptor the caller holds open, with
-    // offsets by value; it borrows no memory. An invalid `fd` makes it
-    // fail with EBADF.
+    // offsets by value; it only starts writeback and borrows no memory.
+    // An invalid `fd` makes it fail with EBADF.
     unsafe {
-        libc::sync_file_range(fd, off, len, flags);
+        libc::sync_file_range(fd, off, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
