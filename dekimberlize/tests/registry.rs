@@ -520,6 +520,36 @@ fn diff_on_top_of_a_chain_in_a_registry() {
     ok(push(&format!("{}/apps/app:v1", reg.addr()), &[&l1, &new]));
 }
 
+/// A two-layer chain under a key pushed as `REGISTRY/apps/NAME:v1`, with
+/// the pairs it was made from and an empty cache's path.
+struct Pushed {
+    t: tempfile::TempDir,
+    p: Pair,
+    p2: Pair,
+    key: PathBuf,
+    l1: PathBuf,
+    r: String,
+    cache: PathBuf,
+}
+
+fn pushed_chain(reg: &oci::Registry, name: &str) -> Pushed {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
+    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
+    let r = format!("{}/apps/{name}:v1", reg.addr());
+    ok(push(&r, &[&l1, &l2]));
+    let cache = t.path().join("cache");
+    Pushed {
+        t,
+        p,
+        p2,
+        key,
+        l1,
+        r,
+        cache,
+    }
+}
+
 /// `kimberlize cache add-base` (prints the identity).
 fn add_base(cache: &Path, vm: &Path) -> Output {
     let mut c = Command::new(common::bin("kimberlize"));
@@ -571,12 +601,15 @@ fn from_finds_the_base_in_the_cache() {
     let Some(reg) = oci::Registry::start() else {
         return;
     };
-    let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup_with(t.path(), &PairSpec::default());
-    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
-    let r = format!("{}/apps/bases:v1", reg.addr());
-    ok(push(&r, &[&l1, &l2]));
-    let cache = t.path().join("cache");
+    let Pushed {
+        t,
+        p,
+        p2,
+        key,
+        r,
+        cache,
+        ..
+    } = pushed_chain(&reg, "bases");
     // Before the base is added: a clear error, nothing written.
     let out0 = t.path().join("out0");
     let o = apply_from_cached_base(&r, &cache, Some(&key), &out0);
@@ -633,12 +666,15 @@ fn a_tampered_base_in_the_cache_is_refused() {
     let Some(reg) = oci::Registry::start() else {
         return;
     };
-    let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup_with(t.path(), &PairSpec::default());
-    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
-    let r = format!("{}/apps/tb:v1", reg.addr());
-    ok(push(&r, &[&l1, &l2]));
-    let cache = t.path().join("cache");
+    let Pushed {
+        t,
+        p,
+        p2,
+        key,
+        r,
+        cache,
+        ..
+    } = pushed_chain(&reg, "tb");
     ok(fetch(&cache, &r, &["-q"]));
     let o = ok(add_base(&cache, &p.base));
     let id = String::from_utf8(o.stdout).unwrap().trim().to_string();
@@ -714,12 +750,15 @@ fn quota_eviction_leaves_bases() {
     let Some(reg) = oci::Registry::start() else {
         return;
     };
-    let t = tempfile::tempdir().unwrap();
-    let (p, key) = setup_with(t.path(), &PairSpec::default());
-    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
-    let r = format!("{}/apps/q:v1", reg.addr());
-    ok(push(&r, &[&l1, &l2]));
-    let cache = t.path().join("cache");
+    let Pushed {
+        t,
+        p,
+        p2,
+        key,
+        l1,
+        r,
+        cache,
+    } = pushed_chain(&reg, "q");
     ok(fetch(&cache, &r, &["-q"]));
     let id = String::from_utf8(ok(add_base(&cache, &p.base)).stdout).unwrap();
     let id = id.trim();
