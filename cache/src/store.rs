@@ -161,8 +161,12 @@ const WRITEBACK_EVERY: u64 = 8 << 20;
 /// Buffers in flight in [`Ingest::append_from`] (its memory: this many
 /// times [`PIPE_BUF_LEN`]).
 const PIPE_BUFS: usize = 8;
-/// The size of one of them: one read fills it, one write empties it.
+/// The size of one of them: reads fill it, writes of [`WRITE_LEN`] empty it.
 const PIPE_BUF_LEN: usize = 1 << 20;
+/// The most one write(2) of a download copies into the page cache. Larger
+/// writes cost far more kernel time here (a 1 GiB fetch: about 2 s of
+/// system time with 1 MiB writes, 0.4 s with 128 KiB ones).
+const WRITE_LEN: usize = 128 << 10;
 
 /// Bytes read from a download, shared by its hasher and its writer.
 struct Chunk {
@@ -443,7 +447,10 @@ fn write_chunks(
     let mut off = start;
     for c in chunks {
         if res.is_ok() {
-            res = file.write_all(c.bytes());
+            res = c
+                .bytes()
+                .chunks(WRITE_LEN)
+                .try_for_each(|b| file.write_all(b));
             if res.is_err() {
                 failed.store(true, Ordering::Relaxed);
             } else {
