@@ -30,7 +30,8 @@ pub const VM: u8 = 9;
 /// `kimberlize fetch`: the cache already held everything (nothing new).
 pub const NOTHING_NEW: u8 = 10;
 /// Content from a registry did not match its digest (tampered, or
-/// corrupted on the way): it was removed from the cache.
+/// corrupted on the way), or a base VM in the cache no longer matched its
+/// identity and digests: it was removed from the cache.
 pub const TAMPERED: u8 = 11;
 /// `vmctl` could not get an answer, or got a refusal (`timeout(1)`'s
 /// convention: any other code of `vmctl exec` is the script's status).
@@ -97,7 +98,7 @@ const C_NOTHING_NEW: Code = Code {
 };
 const C_TAMPERED: Code = Code {
     code: TAMPERED,
-    meaning: "a blob or manifest from the registry did not match its digest (tampered, or corrupted on the way); it was removed from the cache",
+    meaning: "a blob or manifest from the registry did not match its digest (tampered, or corrupted on the way), or a base VM in the cache no longer matched its identity and digests; it was removed from the cache",
 };
 
 const C_INTERRUPTED: Code = Code {

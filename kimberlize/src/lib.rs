@@ -25,6 +25,7 @@ pub fn main() -> Result<()> {
         cli::Command::Fetch(a) => oci::fetch(a),
         cli::Command::Gc(a) => oci::gc(a),
         cli::Command::Offload(a) => offload::offload(a),
+        cli::Command::Cache(a) => oci::cache(a),
         cli::Command::Completions(a) => {
             kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
             Ok(())
