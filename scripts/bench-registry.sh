@@ -8,7 +8,10 @@
 #   2. a fetch of a chain the cache has, by tag (one manifest GET) and by
 #      digest (no network): wall time, target <= 50 ms;
 #   3. max RSS of the cold fetch for both sizes: target flat in overlay size;
-#   4. dekimberlize --from with an empty cache (streamed apply), for context.
+#   4. dekimberlize --from with an empty cache (streamed apply), for context;
+#   5. peers in the same rounds: curl of the same blob into a file, fsynced
+#      (no digest check), curl into /dev/null (the registry's own rate on
+#      this machine) and dd of 1 GiB of zeros with conv=fsync (the disk's).
 # Rewrites the <!-- bench-registry:begin/end --> section of BENCHMARKS.md.
 #
 # Environment (all optional):
@@ -107,9 +110,34 @@ stats() { # numbers on stdin -> "median min max"
     sort -n | awk '{a[NR]=$1} END {printf "%s %s %s\n", a[int((NR+1)/2)], a[1], a[NR]}'
 }
 
-log "cold fetches of $big_bytes bytes"
-cold=() rss_big=() rss_small=()
+blob_url() { # NAME -> the URL of its overlay's blob
+    local d
+    d=$(sha256sum "$W/$1/l.ovl" | cut -d' ' -f1)
+    echo "http://$R/v2/bench/$1/blobs/sha256:$d"
+}
+BIG_URL=$(blob_url big)
+rate() { # BYTES NS -> MB/s
+    awk -v b="$1" -v n="$2" 'BEGIN {printf "%.0f", b / (n / 1e9) / 1e6}'
+}
+
+log "cold fetches of $big_bytes bytes, and the peers"
+cold=() rss_big=() rss_small=() curl_file=() curl_null=() disk=()
 for i in $(seq "$RUNS"); do
+    rm -f "$W/peer.blob"
+    sync
+    t0=$(date +%s%N)
+    curl -fs -o "$W/peer.blob" "$BIG_URL"
+    sync -f "$W/peer.blob"
+    curl_file+=("$(rate "$big_bytes" $(($(date +%s%N) - t0)))")
+    rm -f "$W/peer.blob"
+    t0=$(date +%s%N)
+    curl -fs -o /dev/null "$BIG_URL"
+    curl_null+=("$(rate "$big_bytes" $(($(date +%s%N) - t0)))")
+    sync
+    t0=$(date +%s%N)
+    dd if=/dev/zero of="$W/peer.dd" bs=1M count=1024 conv=fsync status=none
+    disk+=("$(rate $((1 << 30)) $(($(date +%s%N) - t0)))")
+    rm -f "$W/peer.dd"
     rm -rf "$W/cache"
     sync
     /usr/bin/time -f '%e %M' -o "$W/time" "$KIMB" fetch -q --cache "$W/cache" "$R/bench/big:v1"
@@ -141,6 +169,9 @@ read -r dig_med dig_min dig_max < <(printf '%s\n' "${by_digest[@]}" | stats)
 read -r rb_med _ _ < <(printf '%s\n' "${rss_big[@]}" | stats)
 read -r rs_med _ _ < <(printf '%s\n' "${rss_small[@]}" | stats)
 read -r from_med from_min from_max < <(printf '%s\n' "${from[@]}" | stats)
+read -r cf_med cf_min cf_max < <(printf '%s\n' "${curl_file[@]}" | stats)
+read -r cn_med cn_min cn_max < <(printf '%s\n' "${curl_null[@]}" | stats)
+read -r dk_med dk_min dk_max < <(printf '%s\n' "${disk[@]}" | stats)
 verdict() { if awk "BEGIN {exit !($1)}"; then echo '**PASS**'; else echo '**MISS**'; fi; }
 
 section=$(cat <<MD
@@ -158,6 +189,11 @@ Debian's docker-registry $(dpkg-query -W -f='${Version}' docker-registry 2>/dev/
 | 2b. fetch of a cached chain by digest (no network) | ${dig_med} ms | ${dig_min} – ${dig_max} ms | ≤ 50 ms | $(verdict "$dig_med <= 50") |
 | 3. max RSS of the cold fetch: $big_bytes vs $small_bytes bytes | $((rb_med / 1024)) MiB vs $((rs_med / 1024)) MiB | — | flat in overlay size | $(verdict "$rb_med <= $rs_med * 1.25 + 4096") |
 | 4. \`dekimberlize --from\`, empty cache (streamed apply, \`--no-sync\`) | ${from_med} ms | ${from_min} – ${from_max} ms | — | — |
+| 5a. peer: \`curl -o FILE\` of the same blob, fsynced, no digest check | ${cf_med} MB/s | ${cf_min} – ${cf_max} MB/s | — | fetch / curl: $(awk -v a="$cold_med" -v b="$cf_med" 'BEGIN {printf "%.2f", a / b}') |
+| 5b. peer: \`curl -o /dev/null\` of the same blob (the registry's rate here) | ${cn_med} MB/s | ${cn_min} – ${cn_max} MB/s | — | — |
+| 5c. the disk: \`dd\` of 1 GiB of zeros, \`conv=fsync\` | ${dk_med} MB/s | ${dk_min} – ${dk_max} MB/s | — | — |
+
+Rows 1, 5a, 5b and 5c run in the same rounds, so they share the machine's state; 1 and 5a write to the same disk and wait for it (fsync), so 5c bounds both.
 <!-- bench-registry:end -->
 MD
 )
