@@ -61,10 +61,16 @@ pub struct DaemonArgs {
     /// PEM: the daemon's private key.
     #[arg(long, value_name = "PEM", required = true)]
     pub key: Option<PathBuf>,
-    /// PEM: the CA whose certificates identify devices (only they are
-    /// served).
-    #[arg(long, value_name = "PEM", required = true)]
+    /// PEM: the CA whose certificates identify devices (only they, and
+    /// pinned ones, are served).
+    #[arg(long, value_name = "PEM", required_unless_present = "client_pin")]
     pub client_ca: Option<PathBuf>,
+    /// Serve the device whose certificate has this SHA-256 fingerprint (64
+    /// hex digits, ':' allowed; `openssl x509 -noout -fingerprint
+    /// -sha256`), whoever issued it (repeat for more). With --client-ca,
+    /// either suffices; without it, only pinned devices are served.
+    #[arg(long, value_name = "SHA256", value_parser = crate::tls::parse_pin)]
+    pub client_pin: Vec<crate::tls::Pin>,
     /// Sessions with a running or starting VM at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub max_sessions: usize,
@@ -116,6 +122,11 @@ pub const EXAMPLES: kimberley_cli::help::Examples = &[
 kimberlized --base /srv/kimberley/bases/debian12 \\
     --cert cloudlet.pem --key cloudlet.key --client-ca devices-ca.pem \\
     --cache /var/cache/kimberley --allow-registry registry.example.org
+
+# Serve one device by its certificate's fingerprint instead of a CA:
+fp=$(openssl x509 -in device.pem -noout -fingerprint -sha256 | cut -d= -f2)
+kimberlized --base base --cert cloudlet.pem --key cloudlet.key \\
+    --client-pin \"$fp\"
 
 # A trial on one machine: any port, no DNS-SD, a scratch state directory:
 kimberlized --listen 127.0.0.1:0 --no-mdns --state-dir /tmp/kd-state \\

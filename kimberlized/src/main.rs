@@ -25,16 +25,18 @@ fn run() -> anyhow::Result<()> {
 /// Runs the daemon until SIGINT/SIGTERM.
 fn daemon(a: cli::DaemonArgs) -> anyhow::Result<()> {
     // clap requires them without a subcommand.
-    let (Some(cert), Some(key), Some(ca)) = (a.cert.clone(), a.key.clone(), a.client_ca.clone())
-    else {
-        return Err(kimberley_cli::run::usage(
-            "--cert, --key and --client-ca are required",
-        ));
+    let (Some(cert), Some(key)) = (a.cert.clone(), a.key.clone()) else {
+        return Err(kimberley_cli::run::usage("--cert and --key are required"));
     };
     let threads = kimberley_cli::run::threads(a.threads);
     let stop = kimberley_machine::stop_on_signals(Arc::new(AtomicBool::new(false)))
         .map_err(kimberley_cli::vm::vm_error)?;
-    let config = tls::server_config(&tls::Identity { cert, key, ca })?;
+    let config = tls::server_config(&tls::Identity {
+        cert,
+        key,
+        ca: a.client_ca.clone(),
+        pins: a.client_pin.clone(),
+    })?;
     let name = a.name.clone().unwrap_or_else(discovery::host_name);
     let limits = api::Limits {
         max_sessions: a.max_sessions,
