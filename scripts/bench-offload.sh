@@ -263,6 +263,12 @@ target_ms=$(awk -v t="$transfer_ms" 'BEGIN {printf "%.0f", 1.1 * t + 1000}')
 div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 verdict() { if awk "BEGIN {exit !($1)}"; then echo '**PASS**'; else echo '**MISS**'; fi; }
 rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+# A 1-minute load above half the cores at either end: say so.
+quiet=""
+if awk -v a="${load_start%% *}" -v b="${load_end%% *}" -v n="$(nproc)" 'BEGIN {exit !(a > n / 2 || b > n / 2)}'; then
+    quiet=" **The machine was not quiet** (other work ran beside the benchmark): times may be noisy."
+fi
 [[ -z $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] || rev+=", with uncommitted changes"
 
 section=$(cat <<MD
@@ -272,7 +278,7 @@ section=$(cat <<MD
 _Written by \`scripts/bench-offload.sh\`; rerun it rather than editing this section._
 
 Measured on $(date -u '+%Y-%m-%d %H:%M UTC') (repo $rev): $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/{print $2}') GiB RAM, Linux $(uname -r), binaries from \`${BIN_DIR#"$ROOT"/}\`.
-Command: \`$BENCH_CMD\` ($RUNS runs; median, min – max). Load average at start / end: $load_start / $(cut -d' ' -f1-3 /proc/loadavg).
+Command: \`$BENCH_CMD\` ($RUNS runs; median, min – max). Load average at start / end: $load_start / $load_end.$quiet
 
 - Link: kimberlized in one network namespace, \`kimberlize offload --cloudlet\` in another, joined by a veth pair shaped on both ends with tc tbf (\`$tbf\`); no proxy.
 - Overlay: $ovl_bytes bytes (launch VM --memory $MEM --disk $MEM; $text text + $rand random in memory, $disk random on disk, as \`bench-vm.sh\` row 3), uploaded with its key over mutual TLS 1.3. Its transfer time at exactly ${RATE} Mbit/s: $(secs "$transfer_ms"); the target is offload start → first answer ≤ 1.1 × that + 1 s = $(secs "$target_ms").
