@@ -19,6 +19,7 @@ use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
+use kimberley_formats::sys::lock::{self, Mode};
 use kimberley_formats::vmdir::patched::{Patches, Piece};
 use kimberley_machine::{Bitmap, MemorySource};
 
@@ -75,6 +76,12 @@ pub struct Vm {
     clock_origin: Option<ClockOrigin>,
     /// The next save writes canonical state ([`Vm::pause_reproducibly`]).
     canonical_save: bool,
+    /// The memory file mapped copy-on-write and its block hashes, when the
+    /// VM was restored from a VMDIR that way (`vmdir::restore`).
+    origin: Option<crate::vstate::origin::Origin>,
+    /// The memory file restored from, opened anew and holding a shared
+    /// lock while the VM lives (None for a booted VM).
+    memory_lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -275,6 +282,8 @@ impl Vm {
             ticker: None,
             clock_origin: None,
             canonical_save: false,
+            origin: None,
+            memory_lock: None,
         }
     }
 
@@ -345,6 +354,16 @@ impl Vm {
             ));
         }
         runner::install_kick_handler();
+        // A shared lock for as long as the VM maps or reads the memory file
+        // (the lock goes with the open file, which the mapping or the lazy
+        // source keeps): a suspend in place updates the file only when no
+        // other VM holds it (`vmdir::save_in_place`).
+        // The lock is taken on a description of its own: the caller's
+        // descriptor may be a duplicate another VM's restore shares (e.g.
+        // from the same `VmDir`), and duplicates share one lock.
+        let memory_lock = lock::reopen(&memory.file)
+            .and_then(|f| lock::flock(&f, Mode::Shared, true).map(|()| f))
+            .map_err(|e| Error::io(format!("locking {}", memory.path.display()), e))?;
         let mut kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
         let mem = match source {
@@ -395,6 +414,7 @@ impl Vm {
             snap.partial_line,
         );
         vm.clock_origin = Some(origin);
+        vm.memory_lock = Some(memory_lock);
         Ok(vm)
     }
 
@@ -671,6 +691,36 @@ impl Vm {
     /// Guest memory (for migration tools).
     pub fn memory(&self) -> &Memory {
         &self.memory
+    }
+
+    /// Records where the VM's memory is mapped copy-on-write from (see
+    /// [`crate::vstate::origin::Origin`]).
+    pub(crate) fn set_origin(&mut self, o: crate::vstate::origin::Origin) {
+        self.origin = Some(o);
+    }
+
+    /// The memory file's description holding the VM's shared lock.
+    pub(crate) fn memory_lock(&self) -> Option<&std::fs::File> {
+        self.memory_lock.as_ref()
+    }
+
+    /// The memory file the VM's memory is mapped from, if recorded.
+    pub(crate) fn origin_mut(&mut self) -> Option<&mut crate::vstate::origin::Origin> {
+        self.origin.as_mut()
+    }
+
+    /// Guest memory and the file it is mapped from, if recorded.
+    pub(crate) fn memory_and_origin(
+        &mut self,
+    ) -> (&Memory, Option<&mut crate::vstate::origin::Origin>) {
+        (&self.memory, self.origin.as_mut())
+    }
+
+    /// Whether the memory file's block hashes are ready (a suspend then
+    /// rehashes only the blocks the VM wrote; otherwise it waits for
+    /// them). False when the VM has no recorded memory file.
+    pub fn memory_hashed(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.hashed())
     }
 
     /// Turns dirty-page logging on or off. Turning it on clears the
