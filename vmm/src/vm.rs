@@ -354,13 +354,12 @@ impl Vm {
             ));
         }
         runner::install_kick_handler();
-        // A shared lock for as long as the VM maps or reads the memory file
-        // (the lock goes with the open file, which the mapping or the lazy
-        // source keeps): a suspend in place updates the file only when no
-        // other VM holds it (`vmdir::save_in_place`).
-        // The lock is taken on a description of its own: the caller's
-        // descriptor may be a duplicate another VM's restore shares (e.g.
-        // from the same `VmDir`), and duplicates share one lock.
+        // A shared lock for as long as the VM lives (it maps or reads the
+        // memory file): a suspend in place updates the file only when no
+        // other VM holds it (`vmdir::save_in_place`). It is taken on an
+        // open file description of its own, kept in `memory_lock`: the
+        // caller's descriptor may be a duplicate another VM's restore
+        // shares (e.g. from the same `VmDir`), and duplicates share a lock.
         let memory_lock = lock::reopen(&memory.file)
             .and_then(|f| lock::flock(&f, Mode::Shared, true).map(|()| f))
             .map_err(|e| Error::io(format!("locking {}", memory.path.display()), e))?;
