@@ -6,7 +6,7 @@
 # fresh data and is suspended (`{"cmd":"stop"}` does `save_in_place`):
 #   - back into its own directory, once the memory file's block hashes
 #     (computed in the background after the restore) are ready, and right
-#     after its writes (the suspend then waits for the hashes);
+#     after its writes (the suspend then hashes what is left itself);
 #   - into a new directory (`save_into`).
 # Each suspended VM is resumed and its regions' checksums compared, and the
 # directory's digests verified, inside the example. "Before" is the same
@@ -114,7 +114,7 @@ lines = [
     "",
     f"After a restore a background thread (nice 19) hashes the memory file "
     f"(ready {cell(col('after', 'in_place', 'hashed_ms'), ms)} after the restore starts, under this load); "
-    "a suspend before that waits for it (the early row; before, the whole memory was written, read back "
+    "a suspend before that hashes the blocks the thread has not reached itself, on all cores (the early row; before, the whole memory was written, read back "
     "and hashed). Into a new directory on ext4 (no reflinks) the whole memory is still written and "
     "fsynced, as before; only the read-back hashing is saved. Before has no early row: the old code "
     "does the same work whenever the stop comes, so its in-place cell applies.",

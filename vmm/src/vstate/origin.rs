@@ -2,11 +2,12 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kimberley_formats::digest::{
-    block_count, block_hash, block_len, zero_block_hash, ComponentHasher, Digest, BLOCK,
+    block_count, block_hash, block_len, zero_block_hash, BlockDigests, ComponentHasher, Digest,
+    BLOCK,
 };
 use kimberley_formats::sys::lock::{flock, Mode};
 
@@ -22,8 +23,13 @@ pub struct Origin {
     /// The description holding the VM's shared lock on the file.
     lock: Option<File>,
     size: u64,
+    /// The digest the manifest gives the file.
+    digest: Digest,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Option<Vec<Digest>>>>,
+    /// Filled by the background thread; a suspend that comes first hashes
+    /// the blocks still marked itself, on all cores.
+    progress: Arc<Mutex<BlockDigests>>,
+    thread: Option<JoinHandle<()>>,
     hashes: Option<Vec<Digest>>,
 }
 
@@ -33,14 +39,17 @@ impl Origin {
     /// `lock` is the description holding the VM's shared lock on it.
     pub fn start(file: File, lock: Option<File>, size: u64, digest: Digest) -> Origin {
         let stop = Arc::new(AtomicBool::new(false));
+        let mut d = BlockDigests::zeros(size);
+        // Until the data extents are known every block is to be hashed.
+        d.mark_all();
+        let progress = Arc::new(Mutex::new(d));
         let thread = file.try_clone().ok().and_then(|f| {
-            let stop = stop.clone();
+            let (stop, progress) = (stop.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("memory-hash".into())
                 .spawn(move || {
                     kimberley_formats::sys::sched::lower_priority();
-                    let h = hash_file(&f, size, &stop)?;
-                    (digest_of(size, &h) == digest).then_some(h)
+                    hash_file(&f, size, &stop, &progress);
                 })
                 .ok()
         });
@@ -48,7 +57,9 @@ impl Origin {
             file,
             lock,
             size,
+            digest,
             stop,
+            progress,
             thread,
             hashes: None,
         }
@@ -64,7 +75,18 @@ impl Origin {
     /// match the manifest's digest.
     pub fn hashes(&mut self) -> Option<&mut Vec<Digest>> {
         if let Some(t) = self.thread.take() {
-            self.hashes = t.join().ok().flatten();
+            // Stops it at the next block; what is left is hashed here.
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = t.join();
+            let mut d = match self.progress.lock() {
+                Ok(d) => d,
+                Err(p) => p.into_inner(),
+            };
+            self.hashes = d
+                .rehash(&self.file)
+                .ok()
+                .filter(|_| digest_of(self.size, d.hashes()) == self.digest)
+                .map(|_| d.hashes().to_vec());
         }
         self.hashes.as_mut()
     }
@@ -139,33 +161,48 @@ pub fn hash_block(bytes: &[u8]) -> Digest {
     }
 }
 
-/// Block hashes of `f` (`size` bytes; holes are not read), one block at a
-/// time; None on a read error or when `stop` is set.
-fn hash_file(f: &File, size: u64, stop: &AtomicBool) -> Option<Vec<Digest>> {
-    let n = block_count(size);
-    let mut hashes: Vec<Digest> = (0..n)
-        .map(|i| zero_block_hash(block_len(size, i)))
-        .collect();
-    let extents = kimberley_formats::sparse::data_extents(f, size).ok()?;
-    let mut buf = vec![0u8; BLOCK as usize];
-    let mut last = None;
-    for (start, end) in extents {
+/// Hashes the data blocks of `f` (`size` bytes; holes are not read) into
+/// `progress`, one block at a time, until done, a read fails or `stop` is
+/// set; unmarks the hole blocks first.
+fn hash_file(f: &File, size: u64, stop: &AtomicBool, progress: &Mutex<BlockDigests>) {
+    let Ok(extents) = kimberley_formats::sparse::data_extents(f, size) else {
+        return;
+    };
+    let mut data = vec![false; block_count(size) as usize];
+    for &(start, end) in &extents {
         let mut b = start / BLOCK;
         while b * BLOCK < end {
-            if last != Some(b) {
-                if stop.load(Ordering::Relaxed) {
-                    return None;
-                }
-                let len = block_len(size, b);
-                kimberley_formats::fsutil::read_at_zero_padded(f, &mut buf[..len], b * BLOCK, size)
-                    .ok()?;
-                hashes[b as usize] = hash_block(&buf[..len]);
-                last = Some(b);
-            }
+            data[b as usize] = true;
             b += 1;
         }
     }
-    Some(hashes)
+    {
+        let Ok(mut d) = progress.lock() else { return };
+        for (b, &has_data) in data.iter().enumerate() {
+            if !has_data {
+                d.set(b as u64, zero_block_hash(block_len(size, b as u64)));
+            }
+        }
+    }
+    let mut buf = vec![0u8; BLOCK as usize];
+    for (b, &has_data) in data.iter().enumerate() {
+        if !has_data {
+            continue;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let b = b as u64;
+        let len = block_len(size, b);
+        if kimberley_formats::fsutil::read_at_zero_padded(f, &mut buf[..len], b * BLOCK, size)
+            .is_err()
+        {
+            return;
+        }
+        let h = hash_block(&buf[..len]);
+        let Ok(mut d) = progress.lock() else { return };
+        d.set(b, h);
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +226,24 @@ mod tests {
         assert_eq!(digest_of(size, &h), d);
         let mut wrong = Origin::start(f, None, size, [0; 32]);
         assert!(wrong.hashes().is_none());
+    }
+
+    #[test]
+    fn hashes_asked_for_early_are_finished_in_the_foreground() {
+        // Large enough that the background thread is usually still busy.
+        let f = tempfile::tempfile().unwrap();
+        let size = 48 * BLOCK;
+        f.set_len(size).unwrap();
+        let mut img = vec![0u8; size as usize];
+        for b in (0..48).step_by(2) {
+            let off = b * BLOCK + 4096;
+            f.write_all_at(&[b as u8 + 1; 8192], off).unwrap();
+            img[off as usize..off as usize + 8192].fill(b as u8 + 1);
+        }
+        let d = kimberley_formats::digest::digest_bytes(&img);
+        let mut o = Origin::start(f, None, size, d);
+        let h = o.hashes().unwrap().clone();
+        assert_eq!(digest_of(size, &h), d);
     }
 
     #[test]
