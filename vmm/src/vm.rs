@@ -360,9 +360,19 @@ impl Vm {
         // open file description of its own, kept in `memory_lock`: the
         // caller's descriptor may be a duplicate another VM's restore
         // shares (e.g. from the same `VmDir`), and duplicates share a lock.
-        let memory_lock = lock::reopen(&memory.file)
-            .and_then(|f| lock::flock(&f, Mode::Shared, true).map(|()| f))
-            .map_err(|e| Error::io(format!("locking {}", memory.path.display()), e))?;
+        // Without /proc the caller's descriptor is locked instead, and
+        // this VM never updates the file in place (no `memory_lock`).
+        let locking = |e| Error::io(format!("locking {}", memory.path.display()), e);
+        let memory_lock = match lock::reopen(&memory.file) {
+            Ok(f) => {
+                lock::flock(&f, Mode::Shared, true).map_err(locking)?;
+                Some(f)
+            }
+            Err(_) => {
+                lock::flock(&memory.file, Mode::Shared, true).map_err(locking)?;
+                None
+            }
+        };
         let mut kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
         let mem = match source {
@@ -413,7 +423,7 @@ impl Vm {
             snap.partial_line,
         );
         vm.clock_origin = Some(origin);
-        vm.memory_lock = Some(memory_lock);
+        vm.memory_lock = memory_lock;
         Ok(vm)
     }
 
