@@ -6,8 +6,8 @@
 #   scripts/bench-ram.sh BASE_MEMORY LAUNCH_MEMORY
 #
 # Imports each image alone into a VMDIR (`kimberlize import --memory`),
-# then per run: kimberlize diff at the default options and at --level 3
-# (the pre-revision-5 default level; the 4 MiB segments stay), dekimberlize
+# then per run: kimberlize diff at the default options and at each of
+# LEVELS (3: the pre-revision-5 default level; 19: the smallest), dekimberlize
 # (durable and --no-sync), xdelta3 -e/-d, zstd --patch-from at levels 3
 # and 19, every decoded image compared with the launch image (cmp). Writes
 # raw results as TSV under the work dir and rewrites the
@@ -21,6 +21,7 @@
 #   LABEL=TEXT        what the images are, for the report
 #   NO_BUILD=1        use the release binaries as they are
 #   ZSTD19=0          skip zstd --patch-from -19
+#   LEVELS="3 19"     the other zstd levels kimberlize diff is measured at
 #   KIMB_BEFORE=FILE  also time another kimberlize build (e.g. an older
 #                     commit's release binary) with its default options
 #   CMD_TIMEOUT=3600  seconds before any one measured command is killed
@@ -38,7 +39,7 @@ LAUNCH_IMG=$(realpath "$2")
 [[ -f $BASE_IMG && -f $LAUNCH_IMG ]] || { echo "error: $1 and $2 must be files" >&2; exit 2; }
 
 cmd_env=""
-for v in RUNS BENCH_DIR BENCH_MD LABEL NO_BUILD ZSTD19 CMD_TIMEOUT KIMB_BEFORE; do
+for v in RUNS BENCH_DIR BENCH_MD LABEL NO_BUILD ZSTD19 LEVELS CMD_TIMEOUT KIMB_BEFORE; do
     if [[ -n ${!v+x} ]]; then cmd_env+="$v=${!v@Q} "; fi
 done
 BENCH_CMD="${cmd_env}scripts/bench-ram.sh $1 $2"
@@ -48,6 +49,7 @@ BENCH_DIR=${BENCH_DIR:-$ROOT/bench-out/ram}
 BENCH_MD=${BENCH_MD:-$ROOT/BENCHMARKS.md}
 LABEL=${LABEL:-$(basename "$(dirname "$BASE_IMG")")/$(basename "$BASE_IMG") → $(basename "$(dirname "$LAUNCH_IMG")")/$(basename "$LAUNCH_IMG")}
 ZSTD19=${ZSTD19:-1}
+LEVELS=${LEVELS:-3 19}
 CMD_TIMEOUT=${CMD_TIMEOUT:-3600}
 REL=${CARGO_TARGET_DIR:-$ROOT/target}/release
 KIMB=$REL/kimberlize
@@ -121,8 +123,10 @@ for r in $(seq 1 "$RUNS"); do
         op kimberlize "diff (KIMB_BEFORE)" "$r" "$O/kb.ovl" "" -- \
             "$KIMB_BEFORE" diff --base "$BENCH_DIR/base.vm" --launch "$BENCH_DIR/launch.vm" -o "$O/kb.ovl" --key-file "$KEY" -q
     fi
-    op kimberlize "diff --level 3" "$r" "$O/k3.ovl" "" -- \
-        "$KIMB" diff --base "$BENCH_DIR/base.vm" --launch "$BENCH_DIR/launch.vm" -o "$O/k3.ovl" --key-file "$KEY" --level 3 -q
+    for lv in $LEVELS; do
+        op kimberlize "diff --level $lv" "$r" "$O/k$lv.ovl" "" -- \
+            "$KIMB" diff --base "$BENCH_DIR/base.vm" --launch "$BENCH_DIR/launch.vm" -o "$O/k$lv.ovl" --key-file "$KEY" --level "$lv" -q
+    done
     op dekimberlize apply "$r" "$O/k.vm/memory.raw" "$O/k.vm/memory.raw" -- \
         "$DEKIMB" --base "$BENCH_DIR/base.vm" -i "$O/k.ovl" -o "$O/k.vm" --key-file "$KEY" -q
     rm -rf "$O/k.vm"
@@ -171,7 +175,6 @@ chunks=$(python3 -c 'import json, sys; c = json.load(open(sys.argv[1]))["chunks"
 
 ROWS=(
     "kimberlize|diff|kimberlize diff (defaults, encrypted)"
-    "kimberlize|diff --level 3|kimberlize diff --level 3 (the previous default level)"
     "kimberlize|diff (KIMB_BEFORE)|kimberlize diff of KIMB_BEFORE (its defaults)"
     "dekimberlize|apply|dekimberlize (durable; verified)"
     "dekimberlize|apply --no-sync|dekimberlize --no-sync (verified)"
@@ -181,6 +184,16 @@ ROWS=(
     "zstd|decode -3|zstd -d --patch-from (verified)"
     "zstd|encode -19|zstd -19 --patch-from --long=31 -T0"
 )
+
+at=1
+for lv in $LEVELS; do
+    case $lv in
+        3) label="kimberlize diff --level 3 (the previous default level)" ;;
+        *) label="kimberlize diff --level $lv" ;;
+    esac
+    ROWS=("${ROWS[@]:0:at}" "kimberlize|diff --level $lv|$label" "${ROWS[@]:at}")
+    at=$((at + 1))
+done
 
 SECTION=$BENCH_DIR/section-$STAMP.md
 {
@@ -243,6 +256,21 @@ SECTION=$BENCH_DIR/section-$STAMP.md
         v=$(awk -v m="$m" 'BEGIN { print (m >= 10) ? "PASS" : "MISS" }')
         echo "| diff ≥ 10 × faster than xdelta3 (wall) | $(secs "$kt") vs $(secs "$xt") → ${m} × (CPU: $(secs "$kc") vs $(secs "$xc") → $(ratio "$xc" "$kc") ×) | $v |"
     fi
+    # The same two targets for each other level (the default is the one
+    # above): what a user who asks for a smaller overlay gets.
+    for lv in $LEVELS; do
+        ks=$(stat_of med kimberlize "diff --level $lv" 8)
+        kt=$(stat_of med kimberlize "diff --level $lv" 5)
+        [[ $ks == NA || $peer == NA ]] && continue
+        m=$(ratio "$ks" "$peer")
+        v=$(awk -v m="$m" 'BEGIN { print (m <= 0.9) ? "PASS" : "MISS" }')
+        echo "| --level $lv: overlay ≤ 0.9 × min(xdelta3, zstd --patch-from) | $(mb "$ks") vs $(mb "$peer") → ${m} × | $v |"
+        if [[ $kt != NA && $xt != NA ]]; then
+            m=$(ratio "$xt" "$kt")
+            v=$(awk -v m="$m" 'BEGIN { print (m >= 10) ? "PASS" : "MISS" }')
+            echo "| --level $lv: diff ≥ 10 × faster than xdelta3 (wall) | $(secs "$kt") vs $(secs "$xt") → ${m} × | $v |"
+        fi
+    done
     echo "<!-- bench-ram:end -->"
 } >"$SECTION"
 
