@@ -120,12 +120,51 @@ pub struct Identity {
     pub pins: Vec<Pin>,
 }
 
+/// The handshake's signature checks, which pinning leaves as rustls does
+/// them: a pinned certificate's holder still proves it has the key.
+#[derive(Debug)]
+struct Signatures(Arc<CryptoProvider>);
+
+impl Signatures {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Client certificates: pinned ones, else those chaining to the CA.
 #[derive(Debug)]
 struct ClientVerifier {
     ca: Option<Arc<dyn ClientCertVerifier>>,
     pins: Vec<Pin>,
-    provider: Arc<CryptoProvider>,
+    sigs: Signatures,
 }
 
 impl ClientCertVerifier for ClientVerifier {
@@ -165,12 +204,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.sigs.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -179,18 +213,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.sigs.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.sigs.schemes()
     }
 }
 
@@ -200,7 +227,7 @@ impl ClientCertVerifier for ClientVerifier {
 struct ServerVerifier {
     ca: Option<Arc<WebPkiServerVerifier>>,
     pins: Vec<Pin>,
-    provider: Arc<CryptoProvider>,
+    sigs: Signatures,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -231,12 +258,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.sigs.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -245,18 +267,11 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.sigs.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.sigs.schemes()
     }
 }
 
@@ -277,7 +292,7 @@ pub fn server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier = Arc::new(ClientVerifier {
         ca,
         pins: id.pins.clone(),
-        provider: provider(),
+        sigs: Signatures(provider()),
     });
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -304,7 +319,7 @@ pub fn client_config(id: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = Arc::new(ServerVerifier {
         ca,
         pins: id.pins.clone(),
-        provider: provider(),
+        sigs: Signatures(provider()),
     });
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
