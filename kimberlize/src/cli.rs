@@ -340,6 +340,15 @@ pub struct DiffArgs {
     /// zstd level (1 fast … 19 small).
     #[arg(long, default_value_t = kimberley_formats::diff::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub level: i32,
+    /// Write the launch chunks FILE lists first, in its order, and mark
+    /// where they end, so that a reader can resume the guest early
+    /// (overlay version 2; the file format is FORMAT.md section 12.5).
+    #[arg(long, value_name = "FILE")]
+    pub working_set: Option<PathBuf>,
+    /// Overlay format version to write: 2 (with a coverage map, the
+    /// default) or 1 (for readers older than the map).
+    #[arg(long, value_name = "N", default_value_t = kimberley_formats::overlay::header::VERSION, value_parser = clap::value_parser!(u16).range(1..=2))]
+    pub overlay_version: u16,
     /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,

@@ -33,7 +33,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let mut out = json!({
         "schema": JsonOutput::InspectOverlay.version(),
         "file": name,
-        "version": kimberley_formats::overlay::header::VERSION,
+        "version": header.version,
         "protection": match header.protection {
             KeyMaterial::None => "none (BLAKE3 integrity only)".to_string(),
             KeyMaterial::KeyFile => "ChaCha20-Poly1305, key file".to_string(),

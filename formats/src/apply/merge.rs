@@ -1,7 +1,12 @@
 //! Builds the output components in one sequential pass: the base's data
 //! extents are copied (holes stay holes), records replace chunks, and every
 //! byte of the result is hashed and checked against the launch digest.
+//! The working-set segments of a version-2 overlay come first and out of
+//! position order: their records are written where they belong at once,
+//! and the sequential pass later hashes those ranges from the output
+//! instead of copying the base over them.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -65,6 +70,9 @@ pub struct Merge<'a> {
     /// Start writeback every this many bytes (0: never).
     writeback_every: u64,
     unsynced: u64,
+    /// Byte ranges already written by working-set records:
+    /// (component, start) → end.
+    done: BTreeMap<(usize, u64), u64>,
 }
 
 /// Writeback is started after this many bytes, so the final fsync finds
@@ -115,6 +123,7 @@ impl<'a> Merge<'a> {
             progress,
             writeback_every: 0,
             unsynced: 0,
+            done: BTreeMap::new(),
         })
     }
 
@@ -126,6 +135,13 @@ impl<'a> Merge<'a> {
 
     /// Applies one segment's records.
     pub fn segment(&mut self, seg: Segment) -> Result<()> {
+        if seg.working_set {
+            for r in &seg.records {
+                count(&mut self.stats.chunks, r);
+                self.apply_in_place(r, &seg.body)?;
+            }
+            return Ok(());
+        }
         for r in &seg.records {
             count(&mut self.stats.chunks, r);
             self.advance(usize::from(r.comp), r.start * CHUNK)?;
@@ -163,8 +179,101 @@ impl<'a> Merge<'a> {
         self.copy_base(off)
     }
 
-    /// Copies base data (same position) from `self.pos` up to `to`.
+    /// Completes `[self.pos, to)`: base data, except where working-set
+    /// records already wrote the result, which is hashed from the output.
     fn copy_base(&mut self, to: u64) -> Result<()> {
+        let cur = self.cur;
+        let ranges: Vec<(u64, u64)> = self
+            .done
+            .range((cur, 0)..(cur, to))
+            .map(|(&(_, a), &b)| (a, b))
+            .filter(|&(_, b)| b > self.pos)
+            .collect();
+        for (a, b) in ranges {
+            self.copy_base_only(a.max(self.pos))?;
+            let b = b.min(to);
+            self.hash_written(self.pos, b)?;
+            self.progress.advance(b - self.pos);
+            self.pos = b;
+        }
+        self.copy_base_only(to)
+    }
+
+    /// Hashes result bytes `[a, b)` of the current component that are
+    /// already in the output file.
+    fn hash_written(&mut self, a: u64, b: u64) -> Result<()> {
+        let size = self.launch[self.cur].size;
+        let mut at = a;
+        while at < b {
+            let n = ((b - at) as usize).min(self.scratch.len());
+            let mut buf = std::mem::take(&mut self.scratch);
+            let rd = read_at_zero_padded(&self.out[self.cur], &mut buf[..n], at, size)
+                .ctx(|| "reading back the launch VM".into());
+            if rd.is_ok() {
+                if let Some(h) = self.hasher.as_mut() {
+                    h.feed(at, &buf[..n]);
+                }
+            }
+            self.scratch = buf;
+            rd?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Applies a working-set record where it belongs, now (its output
+    /// range is hashed when the sequential pass reaches it).
+    fn apply_in_place(&mut self, r: &Record, body: &[u8]) -> Result<()> {
+        let comp = usize::from(r.comp);
+        let size = self.launch[comp].size;
+        let end_chunk = r.start + u64::from(r.count);
+        let (start, end) = (r.start * CHUNK, (end_chunk * CHUNK).min(size));
+        let file = &self.out[comp];
+        let write = |data: &[u8], off: u64| {
+            file.write_all_at(data, off)
+                .ctx(|| "writing the launch VM".into())
+        };
+        match &r.op {
+            // The output is a fresh sparse file: zeros are a hole.
+            Op::Zero => {}
+            Op::Literal(range) => write(&body[range.clone()], start)?,
+            Op::Delta(range) => {
+                let len = chunk_len(size, r.start);
+                let mut chunk = vec![0u8; len];
+                if let Some(p) = self.paired[comp] {
+                    read_at_zero_padded(&self.base_files[p], &mut chunk, start, self.base_sizes[p])
+                        .ctx(|| "reading the base".into())?;
+                }
+                delta::apply(&body[range.clone()], &mut chunk);
+                write(&chunk, start)?;
+            }
+            &Op::RefBase { comp: sc, chunk } | &Op::RefSelf { comp: sc, chunk } => {
+                // A self reference copies chunks written earlier in the
+                // stream (the coverage check made sure of it).
+                let (src, ssize) = if matches!(r.op, Op::RefSelf { .. }) {
+                    (
+                        &self.out[usize::from(sc)],
+                        self.launch[usize::from(sc)].size,
+                    )
+                } else {
+                    (
+                        &self.base_files[usize::from(sc)],
+                        self.base_sizes[usize::from(sc)],
+                    )
+                };
+                let mut buf = vec![0u8; (end - start) as usize];
+                read_at_zero_padded(src, &mut buf, chunk * CHUNK, ssize)
+                    .ctx(|| "reading a copy source".into())?;
+                write(&buf, start)?;
+            }
+        }
+        self.stats.written_bytes += if r.op == Op::Zero { 0 } else { end - start };
+        self.done.insert((comp, start), end);
+        Ok(())
+    }
+
+    /// Copies base data (same position) from `self.pos` up to `to`.
+    fn copy_base_only(&mut self, to: u64) -> Result<()> {
         let from = self.pos;
         if to <= from {
             return Ok(());
