@@ -12,22 +12,22 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use kimberley_formats::crypto::keys::{Argon2Params, Secret};
+use kimberley_formats::crypto::{reader_keys, sealer_for, ReadPolicy, Sealer};
 use kimberley_formats::diff::{diff, DiffOptions, Parent, Protection};
 use kimberley_formats::digest::hex;
+use kimberley_formats::overlay::frame::SegmentKind;
 use kimberley_formats::overlay::frame::{FrameHeader, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::{Header, HEADER_LEN, VERSION_1};
-use kimberley_formats::progress::Progress;
-use kimberley_formats::testkit::{copy_vmdir, make_pair, PairSpec};
-use kimberley_formats::vmdir::VmDir;
-use kimberley_formats::working_set;
-use std::io::Cursor;
-use kimberley_formats::crypto::{reader_keys, sealer_for, ReadPolicy, Sealer};
-use kimberley_formats::overlay::frame::SegmentKind;
 use kimberley_formats::overlay::io::{compress, seal_frame, FrameReader, FrameWriter};
 use kimberley_formats::overlay::map::{CoverageMap, Location, MapRange, SegmentInfo};
 use kimberley_formats::overlay::record::{self, Geometry, Op, Record};
 use kimberley_formats::overlay::segment::{ChunkStats, Index, IndexEntry, ManifestSegment};
 use kimberley_formats::overlay::Pos;
+use kimberley_formats::progress::Progress;
+use kimberley_formats::testkit::{copy_vmdir, make_pair, PairSpec};
+use kimberley_formats::vmdir::VmDir;
+use kimberley_formats::working_set;
+use std::io::Cursor;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/vectors")
@@ -397,8 +397,12 @@ fn body_of(recs: &[Record], body: &[u8]) -> Vec<u8> {
         match &r.op {
             Op::Zero => w.zero(r.comp, r.start, r.count),
             Op::Literal(b) => w.literal(r.comp, r.start, r.count, &body[b.clone()]),
-            &Op::RefBase { comp, chunk } => w.reference(r.comp, r.start, r.count, false, comp, chunk),
-            &Op::RefSelf { comp, chunk } => w.reference(r.comp, r.start, r.count, true, comp, chunk),
+            &Op::RefBase { comp, chunk } => {
+                w.reference(r.comp, r.start, r.count, false, comp, chunk)
+            }
+            &Op::RefSelf { comp, chunk } => {
+                w.reference(r.comp, r.start, r.count, true, comp, chunk)
+            }
             Op::Delta(b) => w.delta(r.comp, r.start, &body[b.clone()]),
         }
     }
@@ -436,8 +440,14 @@ fn true_map(p: &Parts, ws: u32) -> CoverageMap {
 fn put_together(p: &Parts, map: &[u8]) -> Vec<u8> {
     let mut fw = FrameWriter::new(Vec::new(), &p.header).unwrap();
     let s = &p.sealer;
-    fw.write_frame(&seal_frame(s, 0, SegmentKind::Manifest, false, compress(&p.manifest, 3)))
-        .unwrap();
+    fw.write_frame(&seal_frame(
+        s,
+        0,
+        SegmentKind::Manifest,
+        false,
+        compress(&p.manifest, 3),
+    ))
+    .unwrap();
     fw.write_frame(&seal_frame(s, 1, SegmentKind::Map, false, compress(map, 3)))
         .unwrap();
     let mut entries = Vec::new();
@@ -461,7 +471,13 @@ fn put_together(p: &Parts, map: &[u8]) -> Vec<u8> {
         stats: p.stats,
     }
     .encode();
-    let frame = seal_frame(s, fw.next_counter(), SegmentKind::Index, true, compress(&ix, 3));
+    let frame = seal_frame(
+        s,
+        fw.next_counter(),
+        SegmentKind::Index,
+        true,
+        compress(&ix, 3),
+    );
     let at = fw.write_frame(&frame).unwrap();
     fw.finish(at).unwrap().0
 }
@@ -561,11 +577,19 @@ fn generate_v2() {
                 .map(|r| (k, r))
         })
         .expect("the vectors have a self reference");
-    let Op::RefSelf { comp: sc, chunk: sk } = r.op else {
+    let Op::RefSelf {
+        comp: sc,
+        chunk: sk,
+    } = r.op
+    else {
         unreachable!()
     };
     let j = (0..n)
-        .find(|&j| records(&fwd, &fwd.data[j]).iter().any(|x| x.comp == sc && x.start <= sk && sk < x.start + u64::from(x.count)))
+        .find(|&j| {
+            records(&fwd, &fwd.data[j])
+                .iter()
+                .any(|x| x.comp == sc && x.start <= sk && sk < x.start + u64::from(x.count))
+        })
         .expect("the source is delivered");
     if j == k {
         let body = fwd.data[k].clone();

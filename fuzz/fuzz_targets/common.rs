@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! header   192 bytes (bytes 160..192, the MAC, are recomputed)
-//! segment* kind u8 (1 + kind % 3), flags u8, len u32 LE, body[len]
+//! segment* kind u8 (1 + kind % 4), flags u8, len u32 LE, body[len]
 //!          flags bit 0: last segment; bit 1: rewrite the index entries'
 //!          counter/offset/frame_len/body_len to the frames actually written
 //!          (when the first segment is a manifest that decodes, the header's
@@ -55,7 +55,7 @@ pub fn fix_header(bytes: &mut [u8]) -> Option<Sealer> {
 /// structured segment, when that is a manifest that decodes, so mutated
 /// manifests (other geometries) still open.
 fn fix_result_id(header: &mut [u8], segments: &[u8]) {
-    if segments.len() < 6 || segments[0] % 3 != 0 {
+    if segments.len() < 6 || segments[0] % 4 != 0 {
         return;
     }
     let len = u32::from_le_bytes(segments[2..6].try_into().unwrap()) as usize;
@@ -109,13 +109,14 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
     };
     let mut rest = &payload[HEADER_LEN..];
     let mut counter = 0u64;
-    // (offset, frame_len, body_len) of data frames written.
-    let mut data_frames: Vec<(u64, u32, u32)> = Vec::new();
+    // (counter, offset, frame_len, body_len) of data frames written.
+    let mut data_frames: Vec<(u64, u64, u32, u32)> = Vec::new();
     while rest.len() >= 6 {
-        let kind = match rest[0] % 3 {
+        let kind = match rest[0] % 4 {
             0 => SegmentKind::Manifest,
             1 => SegmentKind::Data,
-            _ => SegmentKind::Index,
+            2 => SegmentKind::Index,
+            _ => SegmentKind::Map,
         };
         let flags = rest[1];
         let last = flags & 1 != 0;
@@ -125,10 +126,8 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         rest = &rest[6 + len..];
         if kind == SegmentKind::Index && flags & 2 != 0 {
             if let Ok(mut ix) = Index::decode(&body) {
-                for (e, (k, &(off, flen, blen))) in
-                    ix.entries.iter_mut().zip(data_frames.iter().enumerate())
-                {
-                    e.counter = k as u64 + 1;
+                for (e, &(c, off, flen, blen)) in ix.entries.iter_mut().zip(data_frames.iter()) {
+                    e.counter = c;
                     e.offset = off;
                     e.frame_len = flen;
                     e.body_len = blen;
@@ -138,7 +137,12 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         }
         let frame = seal_frame(&sealer, counter, kind, last, compress(&body, 1));
         if kind == SegmentKind::Data {
-            data_frames.push((out.len() as u64, frame.len() as u32, body.len() as u32));
+            data_frames.push((
+                counter,
+                out.len() as u64,
+                frame.len() as u32,
+                body.len() as u32,
+            ));
         }
         let offset = out.len() as u64;
         out.extend_from_slice(&frame);
@@ -173,6 +177,7 @@ pub fn to_structured(overlay: &[u8]) -> Option<Vec<u8>> {
             SegmentKind::Manifest => 0u8,
             SegmentKind::Data => 1,
             SegmentKind::Index => 2,
+            SegmentKind::Map => 3,
         };
         let last = f.header.last;
         let body = f.open(&sealer).ok()?;

@@ -87,7 +87,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "encrypted: give --key-file or --passphrase-file to authenticate and show contents"
         );
         out["bytes"] = json!(fr.bytes_read);
-        out["segments"] = json!(frames.saturating_sub(2));
+        // Not data segments: the manifest, the index, and in version 2
+        // the coverage map.
+        let others = if header.has_map() { 3 } else { 2 };
+        out["segments"] = json!(frames.saturating_sub(others));
         out["frame_bytes_median"] = json!(sizes.get(sizes.len() / 2));
     }
     if a.json {

@@ -236,6 +236,15 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
                 s.put("overlay_parts", &format!("{name}.manifest"), &part(3, &body))
             }
             SegmentKind::Index => s.put("overlay_parts", &format!("{name}.index"), &part(4, &body)),
+            SegmentKind::Map => {
+                // coverage_map mode 0: launch sizes (count, 3 bytes each), then the body.
+                let mut g = vec![(geo.launch.len() - 1) as u8];
+                for &sz in &geo.launch {
+                    g.extend_from_slice(&u24(sz));
+                }
+                g.extend_from_slice(&body);
+                s.put("coverage_map", &format!("{name}.map"), &with(0, &g));
+            }
             SegmentKind::Data if body.len() <= 64 << 10 => {
                 for large in [false, true] {
                     let mut g = vec![(geo.launch.len() - 1) as u8];
@@ -259,7 +268,7 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
                     let sel = if large { 6 } else { 5 };
                     s.put("overlay_parts", &format!("{name}.rec{k}.{sel}"), &part(sel, &g));
                 }
-                for (i, rec) in record::parse(&body, &geo, (0, 0))
+                for (i, rec) in record::parse(&body, &geo, Some((0, 0)))
                     .unwrap()
                     .iter()
                     .enumerate()
