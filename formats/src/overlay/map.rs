@@ -218,6 +218,12 @@ impl CoverageMap {
         }
     }
 
+    /// Where byte `offset` of launch component `comp` comes from (a
+    /// guest-physical address of the memory, a disk offset).
+    pub fn locate_offset(&self, comp: u8, offset: u64) -> Location {
+        self.locate(comp, offset / crate::chunk::CHUNK)
+    }
+
     /// Where data segment `s` is, given `data_start`, the offset just
     /// after the map's frame (where the first data segment starts).
     pub fn segment_span(&self, s: u32, data_start: u64) -> Option<SegmentSpan> {
@@ -437,6 +443,8 @@ mod tests {
         assert_eq!(m.locate(0, 0), Location::Zero);
         assert_eq!(m.locate(0, 3), Location::Unchanged);
         assert_eq!(m.locate(0, 7), Location::InSegment(0));
+        assert_eq!(m.locate_offset(0, 7 * 4096 + 4095), Location::InSegment(0));
+        assert_eq!(m.locate_offset(0, 8 * 4096), Location::Unchanged);
         assert_eq!(m.locate(1, 0), Location::InSegment(1));
         assert_eq!(m.locate(2, 0), Location::Unchanged);
         let sp = m.segment_span(1, 1000).unwrap();
