@@ -403,6 +403,28 @@ fn diff_orders_by_a_working_set_file_and_refuses_a_bad_one() {
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(std::fs::read(&v1).unwrap()[8], 1);
+    // Version 1 by default, and never with a working set.
+    let dflt = t.path().join("default.ovl");
+    let o = diff(&p.base, &p.launch, &dflt, &["-k".as_ref(), key.as_os_str()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(std::fs::read(&dflt).unwrap()[8], 1);
+    let both = t.path().join("both.ovl");
+    let o = diff(
+        &p.base,
+        &p.launch,
+        &both,
+        &[
+            "-k".as_ref(),
+            key.as_os_str(),
+            "--working-set".as_ref(),
+            ws.as_os_str(),
+            "--overlay-version".as_ref(),
+            "1".as_ref(),
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("needs overlay version 2"), "{}", stderr(&o));
+    assert!(!both.exists());
     // A malformed file, and one naming a chunk the launch VM lacks: usage
     // errors naming the file, and no output.
     for (name, text, why) in [

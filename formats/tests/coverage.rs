@@ -37,6 +37,7 @@ fn opts(ws: Vec<Pos>) -> DiffOptions {
         threads: 2,
         segment_bytes: 16 << 10,
         working_set: ws,
+        version: VERSION_MAP,
         ..DiffOptions::new(Protection::Key(KEY))
     }
 }

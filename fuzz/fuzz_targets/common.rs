@@ -10,6 +10,7 @@
 //! segment* kind u8 (1 + kind % 4), flags u8, len u32 LE, body[len]
 //!          flags bit 0: last segment; bit 1: rewrite the index entries'
 //!          counter/offset/frame_len/body_len to the frames actually written
+//!          (on a coverage map: its segment entries' frame lengths)
 //!          (when the first segment is a manifest that decodes, the header's
 //!          result identity is set to match it)
 //! rest     after the last segment: empty = a correct footer is written;
@@ -108,6 +109,7 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         return out;
     };
     let mut rest = &payload[HEADER_LEN..];
+    let data_lens = data_frame_lens(rest, &sealer);
     let mut counter = 0u64;
     // (counter, offset, frame_len, body_len) of data frames written.
     let mut data_frames: Vec<(u64, u64, u32, u32)> = Vec::new();
@@ -124,6 +126,16 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         let len = len.min(rest.len() - 6);
         let mut body = rest[6..6 + len].to_vec();
         rest = &rest[6 + len..];
+        if kind == SegmentKind::Map && flags & 2 != 0 {
+            // The coverage map lists every data segment's frame length
+            // (FORMAT.md section 10.5): entry i's first u32 at 8 + 12 i.
+            for (i, &len) in data_lens.iter().enumerate() {
+                let at = 8 + 12 * i;
+                if let Some(f) = body.get_mut(at..at + 4) {
+                    f.copy_from_slice(&len.to_le_bytes());
+                }
+            }
+        }
         if kind == SegmentKind::Index && flags & 2 != 0 {
             if let Ok(mut ix) = Index::decode(&body) {
                 for (e, &(c, off, flen, blen)) in ix.entries.iter_mut().zip(data_frames.iter()) {
@@ -163,6 +175,25 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The frame lengths the data segments of a structured payload get.
+fn data_frame_lens(mut rest: &[u8], sealer: &Sealer) -> Vec<u32> {
+    let mut out = Vec::new();
+    while rest.len() >= 6 {
+        let len = u32::from_le_bytes(rest[2..6].try_into().unwrap()) as usize;
+        let len = len.min(rest.len() - 6);
+        if rest[0] % 4 == 1 {
+            let c = compress(&rest[6..6 + len], 1);
+            out.push((FRAME_HEADER_LEN + c.len() + sealer.overhead()) as u32);
+        }
+        let last = rest[1] & 1 != 0;
+        rest = &rest[6 + len..];
+        if last {
+            break;
+        }
+    }
+    out
+}
+
 /// Inverse of [`build_structured`] for a valid overlay: header, then each
 /// segment's decompressed body (used by `seedgen`).
 pub fn to_structured(overlay: &[u8]) -> Option<Vec<u8>> {
@@ -182,7 +213,7 @@ pub fn to_structured(overlay: &[u8]) -> Option<Vec<u8>> {
         let last = f.header.last;
         let body = f.open(&sealer).ok()?;
         out.push(kind);
-        out.push(if last { 1 | 2 } else { 0 });
+        out.push(if last || kind == 3 { u8::from(last) | 2 } else { 0 });
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
     }

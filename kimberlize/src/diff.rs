@@ -141,7 +141,11 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         level: a.level,
         threads,
         parent,
-        version: a.overlay_version,
+        version: a.overlay_version.unwrap_or(if a.working_set.is_some() {
+            kimberley_formats::overlay::header::VERSION_MAP
+        } else {
+            kimberley_formats::overlay::header::DEFAULT_VERSION
+        }),
         working_set,
         ..DiffOptions::new(protection)
     };

@@ -22,7 +22,7 @@ use crate::crypto::keys::{commit_id, derived_salt, random, Argon2Params, KeyMate
 use crate::crypto::{sealer_for, writer_keys};
 use crate::error::{Error, Result};
 use crate::le;
-use crate::overlay::header::{Header, VERSION, VERSION_1, VERSION_MAP};
+use crate::overlay::header::{Header, DEFAULT_VERSION, VERSION_1, VERSION_MAP};
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
 use crate::overlay::Pos;
 use crate::progress::Progress;
@@ -67,8 +67,8 @@ pub struct DiffOptions {
     pub parent: Option<Parent>,
     /// Target size of a data segment body (default [`TARGET_BODY`]).
     pub segment_bytes: usize,
-    /// Overlay format version to write: [`VERSION_MAP`] (the default,
-    /// with a coverage map) or [`VERSION_1`].
+    /// Overlay format version to write: [`VERSION_1`] (the default,
+    /// [`DEFAULT_VERSION`]) or [`VERSION_MAP`] (with a coverage map).
     pub version: u16,
     /// Launch chunks to write first, in first-touch order (version 2;
     /// FORMAT.md section 12.5); empty for none.
@@ -87,7 +87,7 @@ impl DiffOptions {
                 .unwrap_or(1),
             parent: None,
             segment_bytes: TARGET_BODY,
-            version: VERSION,
+            version: DEFAULT_VERSION,
             working_set: Vec::new(),
         }
     }

@@ -7,8 +7,12 @@ use crate::le::{LeError, Reader};
 
 /// First bytes of every overlay.
 pub const MAGIC: [u8; 8] = *b"KIMBOVL\0";
-/// The newest format version (written by default; FORMAT.md section 10.5).
+/// The newest format version this build reads and writes (FORMAT.md
+/// section 10.5).
 pub const VERSION: u16 = 2;
+/// The version written when none is asked for: version 1 until version
+/// 2's overhead is shown small enough to make it the default.
+pub const DEFAULT_VERSION: u16 = VERSION_1;
 /// The first format version: no coverage map.
 pub const VERSION_1: u16 = 1;
 /// The version with a coverage map after the manifest segment.
