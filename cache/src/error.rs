@@ -20,6 +20,13 @@ pub enum Error {
         digest: String,
         why: String,
     },
+    /// A base VM in the cache that no longer matches its identity or its
+    /// digests: it was removed from the cache.
+    #[error("the cached base VM {identity} does not match its identity ({why}); it was removed from the cache")]
+    TamperedBase { identity: String, why: String },
+    /// A VM directory (a base being added or used) failed.
+    #[error(transparent)]
+    Vm(#[from] kimberley_formats::Error),
     /// The registry side failed.
     #[error(transparent)]
     Registry(#[from] kimberley_registry::Error),
@@ -46,7 +53,7 @@ impl Error {
     /// True if this is (or wraps) a digest mismatch of downloaded content.
     pub fn is_tampered(&self) -> bool {
         match self {
-            Error::Tampered { .. } => true,
+            Error::Tampered { .. } | Error::TamperedBase { .. } => true,
             Error::Registry(r) => r.is_digest_mismatch(),
             _ => false,
         }

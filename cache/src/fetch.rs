@@ -92,30 +92,16 @@ pub fn fetch(
 }
 
 /// Downloads the rest of `ing`'s blob into it (from its offset, with
-/// `Range`); `got` is told the bytes received in this call.
+/// `Range`), reading, hashing and writing in parallel
+/// ([`Ingest::append_from`]); `got` is told the bytes received in this
+/// call.
 fn download(client: &Client, ing: &mut Ingest, got: &mut dyn FnMut(u64)) -> Result<()> {
-    let d = ing_digest(ing);
+    let d = ing.digest();
     let mut s = client.get_blob(&d, ing.offset())?;
     if s.start != ing.offset() {
         ing.restart()?;
     }
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = match s.reader.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io(format!("downloading blob {d}"), e)),
-        };
-        ing.append(&buf[..n])?;
-        n_total += n as u64;
-        got(n_total);
-    }
-}
-
-fn ing_digest(ing: &Ingest) -> Digest {
-    ing.digest()
+    ing.append_from(&mut s.reader, got)
 }
 
 /// A layer to read: the cache's complete blob, or the registry's bytes

@@ -10,8 +10,12 @@
 //! DIR/manifests/sha256/HEX      manifests by digest; mtime = last use (LRU)
 //! DIR/tags/REGISTRY/REPO/TAG    "sha256:HEX\n", replaced by rename
 //! DIR/pins/sha256/HEX           a manifest that eviction keeps
+//! DIR/bases/IDENTITY/           a base VM directory (read-only copies), by its identity
+//!                               in hex; never evicted, checked again whenever used
+//! DIR/bases/.IDENTITY.tmp-PID-N a base being added or removed
 //! ```
 
+pub mod bases;
 pub mod error;
 pub mod fetch;
 pub mod quota;
@@ -66,7 +70,13 @@ impl Cache {
     /// for fetching and applying, `Exclusive` for gc and eviction (waits
     /// for the others).
     pub fn open(root: &Path, mode: Mode) -> Result<Cache> {
-        for sub in ["blobs/sha256", "manifests/sha256", "tags", "pins/sha256"] {
+        for sub in [
+            "blobs/sha256",
+            "manifests/sha256",
+            "tags",
+            "pins/sha256",
+            "bases",
+        ] {
             mkdir_private(&root.join(sub))?;
         }
         let lp = root.join("lock");
@@ -201,6 +211,99 @@ impl Cache {
     /// True if manifest `d` is pinned.
     pub fn pinned(&self, d: &Digest) -> bool {
         self.root.join("pins/sha256").join(d.hex()).exists()
+    }
+}
+
+/// A chain the cache holds (`kimberlize cache list`).
+#[derive(Debug, Clone)]
+pub struct ChainEntry {
+    /// Its manifest's digest.
+    pub digest: Digest,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Its last use (the LRU clock).
+    pub last_use: std::time::SystemTime,
+    /// Eviction keeps it.
+    pub pinned: bool,
+    /// The tags that point at it (`REGISTRY/REPO:TAG`).
+    pub tags: Vec<String>,
+    /// Every blob it names is in the cache.
+    pub complete: bool,
+}
+
+/// A tag file: the tag (`REGISTRY/REPO:TAG`), its path, and the digest it
+/// names (None if unreadable).
+pub type TagEntry = (String, PathBuf, Option<Digest>);
+
+impl Cache {
+    /// Every tag file under `DIR/tags`, sorted.
+    pub fn tags(&self) -> Result<Vec<TagEntry>> {
+        let top = self.root.join("tags");
+        let mut out = Vec::new();
+        let mut stack = vec![top.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+                let e = e.ctx(|| format!("listing {}", dir.display()))?;
+                let p = e.path();
+                let t = e.file_type().ctx(|| format!("checking {}", p.display()))?;
+                if t.is_dir() {
+                    stack.push(p);
+                } else if t.is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+                    let rel = p.strip_prefix(&top).unwrap_or(&p);
+                    let name = match (rel.parent(), rel.file_name()) {
+                        (Some(repo), Some(tag)) => {
+                            format!("{}:{}", repo.display(), tag.to_string_lossy())
+                        }
+                        _ => rel.display().to_string(),
+                    };
+                    let d = fs::read_to_string(&p)
+                        .ok()
+                        .and_then(|s| Digest::parse(s.trim()).ok());
+                    out.push((name, p, d));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The chains the cache holds (manifests that read as chains), least
+    /// recently used first.
+    pub fn chains(&self) -> Result<Vec<ChainEntry>> {
+        let tags = self.tags()?;
+        let dir = &self.manifests.dir;
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
+            let e = e.ctx(|| format!("listing {}", dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(d) = Digest::parse(&format!("sha256:{name}")) else {
+                continue;
+            };
+            let Ok(Some(manifest)) = self.manifest(&d) else {
+                continue;
+            };
+            let last_use = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            let complete = std::iter::once(&manifest.config)
+                .chain(&manifest.layers)
+                .all(|x| self.blobs.contains(&x.digest));
+            out.push(ChainEntry {
+                digest: d,
+                last_use,
+                pinned: self.pinned(&d),
+                tags: tags
+                    .iter()
+                    .filter(|(_, _, t)| *t == Some(d))
+                    .map(|(n, _, _)| n.clone())
+                    .collect(),
+                complete,
+                manifest,
+            });
+        }
+        out.sort_by_key(|c| c.last_use);
+        Ok(out)
     }
 }
 

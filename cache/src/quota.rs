@@ -130,16 +130,9 @@ pub fn evict(cache: &Cache, quota: u64, keep: &[Digest]) -> Result<Report> {
 
 /// Removes every tag that points at `d`.
 fn untag(cache: &Cache, d: &Digest) -> Result<()> {
-    let want = d.to_string();
-    let mut stack = vec![cache.root.join("tags")];
-    while let Some(dir) = stack.pop() {
-        for (name, meta) in entries(&dir)? {
-            let p = dir.join(&name);
-            if meta.is_dir() {
-                stack.push(p);
-            } else if fs::read_to_string(&p).is_ok_and(|s| s.trim() == want) {
-                remove(&p)?;
-            }
+    for (_, p, t) in cache.tags()? {
+        if t == Some(*d) {
+            remove(&p)?;
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ pub enum Tool {
     Dekimberlize,
     Vmigrate,
     Vmctl,
+    Kimberlized,
 }
 
 pub const SUCCESS: u8 = 0;
@@ -29,7 +30,8 @@ pub const VM: u8 = 9;
 /// `kimberlize fetch`: the cache already held everything (nothing new).
 pub const NOTHING_NEW: u8 = 10;
 /// Content from a registry did not match its digest (tampered, or
-/// corrupted on the way): it was removed from the cache.
+/// corrupted on the way), or a base VM in the cache no longer matched its
+/// identity and digests: it was removed from the cache.
 pub const TAMPERED: u8 = 11;
 /// `vmctl` could not get an answer, or got a refusal (`timeout(1)`'s
 /// convention: any other code of `vmctl exec` is the script's status).
@@ -96,7 +98,7 @@ const C_NOTHING_NEW: Code = Code {
 };
 const C_TAMPERED: Code = Code {
     code: TAMPERED,
-    meaning: "a blob or manifest from the registry did not match its digest (tampered, or corrupted on the way); it was removed from the cache",
+    meaning: "a blob or manifest from the registry did not match its digest (tampered, or corrupted on the way), or a base VM in the cache no longer matched its identity and digests; it was removed from the cache",
 };
 
 const C_INTERRUPTED: Code = Code {
@@ -187,6 +189,20 @@ const VMCTL: &[Code] = &[
     C_TERMINATED,
 ];
 
+// The daemon suspends its sessions' VMs on SIGINT/SIGTERM and exits 0.
+const KIMBERLIZED: &[Code] = &[
+    Code {
+        code: SUCCESS,
+        meaning: "stopped by SIGINT/SIGTERM, every running session's VM suspended into the state directory",
+    },
+    Code {
+        code: ERROR,
+        meaning: "error: the address cannot be bound, the state directory cannot be made private, TLS files unusable",
+    },
+    C_USAGE,
+    C_VMDIR,
+];
+
 /// The codes `tool` can exit with.
 pub fn table(tool: Tool) -> &'static [Code] {
     match tool {
@@ -194,6 +210,7 @@ pub fn table(tool: Tool) -> &'static [Code] {
         Tool::Dekimberlize => DEKIMBERLIZE,
         Tool::Vmigrate => VMIGRATE,
         Tool::Vmctl => VMCTL,
+        Tool::Kimberlized => KIMBERLIZED,
     }
 }
 

@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use kimberley_formats::apply::Input;
+use kimberley_formats::apply::{Input, Opened};
 use kimberley_formats::sys::lock::Mode;
-use kimberley_registry::{ClientOptions, Reference};
+use kimberley_formats::vmdir::VmDir;
+use kimberley_registry::manifest::ANN_CHAIN_BASE;
+use kimberley_registry::{ClientOptions, Manifest, Reference};
 
 use crate::exit;
 use crate::run::{usage, with_code};
@@ -80,6 +82,8 @@ pub fn registry_error(e: kimberley_registry::Error) -> anyhow::Error {
 pub fn cache_error(e: kimberley_cache::Error) -> anyhow::Error {
     match e {
         kimberley_cache::Error::Registry(r) => registry_error(r),
+        // A VM directory's error keeps its own exit code.
+        kimberley_cache::Error::Vm(f) => anyhow::Error::new(f),
         e if e.is_tampered() => with_code(exit::TAMPERED, e.to_string()),
         e => anyhow::Error::new(e),
     }
@@ -98,16 +102,39 @@ pub fn tampered_in(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The cache's file of `r`'s tag (None for a digest reference, which
+/// never moves): what a Makefile rule built on `r` depends on, since
+/// `kimberlize fetch` replaces it when the tag moves.
+pub fn tag_file(r: &str, cache: &CacheArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let r = reference(r)?;
+    let cache = kimberley_cache::Cache::open(&cache.dir(), Mode::Shared).map_err(cache_error)?;
+    cache.tag_path(&r).map_err(cache_error)
+}
+
+/// A chain to apply from the cache: its layers' readers, in chain order,
+/// and its manifest.
+pub struct Chain {
+    pub inputs: Vec<Input>,
+    pub manifest: Manifest,
+}
+
 /// The layers of the chain `r` names, in chain order, to apply
-/// (`dekimberlize --from`, `kimberlize diff --parent-from`): from the cache
-/// when it has the chain (no network: a cached tag is used as it is), else
-/// the manifest from the registry and the missing layers streamed from it,
-/// teed into the cache and checked against their digests at their end.
+/// (`dekimberlize --from`, `kimberlize diff --parent-from`, `kimberlize
+/// build --parent-from`): see
+/// [`open_chain`].
 pub fn chain_inputs(
     r: &str,
     cache: &CacheArgs,
     registry: &RegistryArgs,
 ) -> anyhow::Result<Vec<Input>> {
+    Ok(open_chain(r, cache, registry)?.inputs)
+}
+
+/// The chain `r` names, to apply: from the cache when it has the chain (no
+/// network: a cached tag is used as it is), else the manifest from the
+/// registry and the missing layers streamed from it, teed into the cache
+/// and checked against their digests at their end.
+pub fn open_chain(r: &str, cache: &CacheArgs, registry: &RegistryArgs) -> anyhow::Result<Chain> {
     let r = reference(r)?;
     let cache = kimberley_cache::Cache::open(&cache.dir(), Mode::Shared).map_err(cache_error)?;
     let client =
@@ -126,7 +153,7 @@ pub fn chain_inputs(
     };
     cache.touch(&d).map_err(cache_error)?;
     let n = manifest.layers.len();
-    manifest
+    let inputs = manifest
         .layers
         .iter()
         .enumerate()
@@ -138,5 +165,46 @@ pub fn chain_inputs(
                 reader,
             })
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Chain { inputs, manifest })
+}
+
+/// The base VM in the cache that the chain's first overlay (opened, so
+/// with its keys) applies to, checked again before it is returned (every
+/// digest: a base that fails is removed and the error exits
+/// [`exit::TAMPERED`]). None in the cache: an error naming the identity
+/// the chain's annotations give (for an encrypted chain, a keyed
+/// commitment to it), exit [`exit::VMDIR`].
+pub fn cached_base(
+    cache: &CacheArgs,
+    first: &Opened,
+    manifest: &Manifest,
+) -> anyhow::Result<VmDir> {
+    let dir = cache.dir();
+    let c = kimberley_cache::Cache::open(&dir, Mode::Shared).map_err(cache_error)?;
+    match c
+        .find_base(&|id| first.applies_to(id))
+        .map_err(cache_error)?
+    {
+        Some(id) => c.open_base(&id).map_err(cache_error),
+        None => {
+            let named = manifest
+                .annotations
+                .get(ANN_CHAIN_BASE)
+                .map(String::as_str)
+                .unwrap_or("(not annotated)");
+            let what = if first.keys.is_some() {
+                format!("the base VM this encrypted chain commits to ({named}, keyed)")
+            } else {
+                format!("base VM {named}")
+            };
+            Err(with_code(
+                exit::VMDIR,
+                format!(
+                    "{what} is not in the cache {}: add it with `kimberlize cache add-base VMDIR`, or give --base",
+                    dir.display()
+                ),
+            ))
+        }
+    }
 }

@@ -21,6 +21,8 @@ pub enum JsonOutput {
     SendStats,
     /// `vmigrate recv --stats-json`.
     RecvStats,
+    /// `kimberlize offload --json`.
+    Offload,
 }
 
 impl JsonOutput {
@@ -34,7 +36,8 @@ impl JsonOutput {
             | JsonOutput::BuildStats
             | JsonOutput::ApplyStats
             | JsonOutput::SendStats
-            | JsonOutput::RecvStats => 1,
+            | JsonOutput::RecvStats
+            | JsonOutput::Offload => 1,
         }
     }
 }

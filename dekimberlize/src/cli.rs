@@ -92,8 +92,11 @@ pub fn parse() -> Cli {
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// The base VM directory the overlay was made from.
-    #[arg(long, value_name = "VMDIR", required = true)]
+    /// The base VM directory the overlay was made from. With --from it may
+    /// be left out: the base is then the one in the cache (`kimberlize
+    /// cache add-base`) that the chain's first overlay names, checked
+    /// against every digest before it is used.
+    #[arg(long, value_name = "VMDIR", required_unless_present = "from")]
     pub base: Option<PathBuf>,
     /// Overlay to apply ("-" for stdin, the default). Repeat for a layered
     /// chain, in order from the base up.

@@ -56,7 +56,6 @@ fn inputs(paths: &[PathBuf]) -> Result<Vec<Input>> {
 fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let threads = kimberley_cli::run::threads(a.threads);
-    let base_path = a.base.expect("required by clap");
     let out = a.output.expect("required by clap");
     if a.from.is_some() {
         a.keys.check_stdin(false)?;
@@ -64,7 +63,9 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         check_stdin(&a.input, &a.keys)?;
     }
     let secret = a.keys.secret()?;
-    let base = VmDir::open(&base_path)?;
+    // --base wins; without it (only with --from) the cache's base is
+    // looked up once the chain's first header is open.
+    let given_base = a.base.as_deref().map(VmDir::open).transpose()?;
     // Anything at `out`, a dangling symbolic link included, is refused
     // (and the output is committed without replacing anything).
     if kimberley_formats::fsutil::occupied(&out) {
@@ -80,33 +81,52 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     } else {
         None
     };
-    let inputs = match &a.from {
-        Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
-        None => inputs(&a.input)?,
+    let opts = ApplyOptions {
+        secret,
+        policy: a.read.policy(),
+        threads,
+        sync: !a.no_sync,
+    };
+    // The stats count from the opening of the first header, as apply_chain's do.
+    let t_open = std::time::Instant::now();
+    let (base, opened) = match (&a.from, given_base) {
+        (Some(r), base) => {
+            let chain = kimberley_cli::oci::open_chain(r, &a.cache, &a.registry)?;
+            let opened = chain
+                .inputs
+                .into_iter()
+                .map(|i| Opened::open(i, opts.secret.as_ref(), &opts.policy))
+                .collect::<Result<Vec<_>, _>>()?;
+            let base = match (base, opened.first()) {
+                (Some(b), _) => b,
+                (None, Some(first)) => {
+                    kimberley_cli::oci::cached_base(&a.cache, first, &chain.manifest)?
+                }
+                (None, None) => return Err(usage("the chain has no layers")),
+            };
+            (base, opened)
+        }
+        (None, Some(base)) => {
+            let opened = inputs(&a.input)?
+                .into_iter()
+                .map(|i| Opened::open(i, opts.secret.as_ref(), &opts.policy))
+                .collect::<Result<Vec<_>, _>>()?;
+            (base, opened)
+        }
+        (None, None) => return Err(usage("--base VMDIR is needed (or --from REF)")),
     };
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
-    let stats = apply::apply_chain(
-        &base,
-        inputs,
-        &out,
-        &ApplyOptions {
-            secret,
-            policy: a.read.policy(),
-            threads,
-            sync: !a.no_sync,
-        },
-        &progress,
-    )
-    .map_err(|e| {
-        // A layer streamed from a registry that failed its digest.
-        let e = anyhow::Error::new(e);
-        if kimberley_cli::oci::tampered_in(&e) {
-            kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
-        } else {
-            e
-        }
-    })?;
+    let stats =
+        apply::apply_opened(&base, opened, &out, &opts, &progress, t_open).map_err(|e| {
+            // A layer streamed from a registry that failed its digest.
+            let e = anyhow::Error::new(e);
+            if kimberley_cli::oci::tampered_in(&e) {
+                kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
+            } else {
+                e
+            }
+        })?;
     drop(reporter);
     if !a.quiet {
         let took = std::time::Duration::from_millis(stats.times.total_ms);

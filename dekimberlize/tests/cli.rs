@@ -423,7 +423,11 @@ fn diff_orders_by_a_working_set_file_and_refuses_a_bad_one() {
         ],
     );
     assert_eq!(code(&o), 2, "{}", stderr(&o));
-    assert!(stderr(&o).contains("needs overlay version 2"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("needs overlay version 2"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!both.exists());
     // A malformed file, and one naming a chunk the launch VM lacks: usage
     // errors naming the file, and no output.

@@ -100,24 +100,31 @@ fn interrupted_diff_removes_its_partial_overlay() {
 fn interrupted_layered_diff_removes_its_scratch_directory() {
     let t = tempfile::tempdir().unwrap();
     let (p, key) = setup_with(t.path(), &big());
-    // A parent that changes nothing: the layered diff applies it into a
-    // scratch directory next to the launch VM, then diffs all of it.
+    // Two parents that change nothing: the layered diff applies the first
+    // into a scratch directory next to the launch VM (the last is held in
+    // memory over it), then diffs all of it.
     let parent = t.path().join("parent.ovl");
-    let o = Command::new(bin("kimberlize"))
-        .args(["diff", "-q", "--base"])
-        .arg(&p.base)
-        .arg("--launch")
-        .arg(&p.base)
-        .arg("-k")
-        .arg(&key)
-        .arg("-o")
-        .arg(&parent)
-        .output()
-        .unwrap();
-    ok(o);
+    let parent2 = t.path().join("parent2.ovl");
+    for (out, over) in [(&parent, None), (&parent2, Some(&parent))] {
+        let mut c = Command::new(bin("kimberlize"));
+        c.args(["diff", "-q", "--base"])
+            .arg(&p.base)
+            .arg("--launch")
+            .arg(&p.base)
+            .arg("-k")
+            .arg(&key)
+            .arg("-o")
+            .arg(out);
+        if let Some(o) = over {
+            c.arg("--parent").arg(o);
+        }
+        ok(c.output().unwrap());
+    }
     let mut child = diff_cmd(&p, &key)
         .arg("--parent")
         .arg(&parent)
+        .arg("--parent")
+        .arg(&parent2)
         .args(["--level", "19", "-j", "1", "-o"])
         .arg(t.path().join("child.ovl"))
         .stdin(Stdio::null())

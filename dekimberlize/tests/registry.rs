@@ -519,3 +519,342 @@ fn diff_on_top_of_a_chain_in_a_registry() {
     assert!(cached(&cache, &l1).exists());
     ok(push(&format!("{}/apps/app:v1", reg.addr()), &[&l1, &new]));
 }
+
+/// `kimberlize build --parent-from REF` builds a layer on top of a chain in
+/// a registry (KVM): byte for byte the layer `build --parent FILE` makes,
+/// and its depfile names the cache's file of the tag, which `kimberlize
+/// fetch` replaces when the tag moves.
+#[test]
+fn build_on_top_of_a_chain_in_a_registry() {
+    if !common::kvm() {
+        return;
+    }
+    let Some(reg) = oci::Registry::start() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let d = |n: &str| t.path().join(n);
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/layers");
+    common::make_base(&d("base"), "64M", "256M");
+    common::keygen(&d("key"));
+    let build = |layer: &str, extra: &[&OsStr]| {
+        let mut c = Command::new(common::bin("kimberlize"));
+        c.args(["build", "-q", "--progress", "none", "--base"])
+            .arg(d("base"))
+            .arg("--install")
+            .arg(ex.join(format!("{layer}-install.txt")))
+            .arg("--resume")
+            .arg(ex.join(format!("{layer}-resume.txt")))
+            .arg("-k")
+            .arg(d("key"))
+            .args(extra);
+        run(&mut c)
+    };
+    ok(build("os", &["-o".as_ref(), d("os.ovl").as_os_str()]));
+    let r = format!("{}/apps/os:v1", reg.addr());
+    ok(push(&r, &[&d("os.ovl")]));
+    ok(build(
+        "app",
+        &[
+            "--parent".as_ref(),
+            d("os.ovl").as_os_str(),
+            "-o".as_ref(),
+            d("a.ovl").as_os_str(),
+        ],
+    ));
+    ok(build(
+        "app",
+        &[
+            "--parent-from".as_ref(),
+            r.as_ref(),
+            "--cache".as_ref(),
+            d("cache").as_os_str(),
+            "--depfile".as_ref(),
+            d("b.d").as_os_str(),
+            "-o".as_ref(),
+            d("b.ovl").as_os_str(),
+        ],
+    ));
+    assert!(std::fs::read(d("a.ovl")).unwrap() == std::fs::read(d("b.ovl")).unwrap());
+    let deps = std::fs::read_to_string(d("b.d")).unwrap();
+    let tag = d("cache").join("tags").join(reg.addr()).join("apps/os/v1");
+    assert!(tag.exists(), "{}", tag.display());
+    assert!(
+        deps.contains(&tag.display().to_string().replace(':', "\\:")),
+        "{deps}"
+    );
+}
+
+/// A two-layer chain under a key pushed as `REGISTRY/apps/NAME:v1`, with
+/// the pairs it was made from and an empty cache's path.
+struct Pushed {
+    t: tempfile::TempDir,
+    p: Pair,
+    p2: Pair,
+    key: PathBuf,
+    l1: PathBuf,
+    r: String,
+    cache: PathBuf,
+}
+
+fn pushed_chain(reg: &oci::Registry, name: &str) -> Pushed {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup_with(t.path(), &PairSpec::default());
+    let (l1, l2, p2) = two_layers(t.path(), &p, &key);
+    let r = format!("{}/apps/{name}:v1", reg.addr());
+    ok(push(&r, &[&l1, &l2]));
+    let cache = t.path().join("cache");
+    Pushed {
+        t,
+        p,
+        p2,
+        key,
+        l1,
+        r,
+        cache,
+    }
+}
+
+/// `kimberlize cache add-base` (prints the identity).
+fn add_base(cache: &Path, vm: &Path) -> Output {
+    let mut c = Command::new(common::bin("kimberlize"));
+    c.args(["cache", "add-base", "-q", "--cache"])
+        .arg(cache)
+        .arg(vm);
+    run(&mut c)
+}
+
+/// `dekimberlize --from REF` without --base: the cache's base.
+fn apply_from_cached_base(r: &str, cache: &Path, key: Option<&Path>, out: &Path) -> Output {
+    let mut c = Command::new(common::bin("dekimberlize"));
+    c.args(["-q", "--no-sync", "--from", r, "--cache"])
+        .arg(cache)
+        .arg("-o")
+        .arg(out);
+    if let Some(k) = key {
+        c.arg("-k").arg(k);
+    }
+    run(&mut c)
+}
+
+/// Every file of VM directory `a` equals `b`'s, the manifest included.
+fn identical_dirs(a: &Path, b: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b));
+    for n in names(a) {
+        assert!(
+            std::fs::read(a.join(&n)).unwrap() == std::fs::read(b.join(&n)).unwrap(),
+            "{n:?} differs"
+        );
+    }
+}
+
+/// A base kept in the cache by identity: `dekimberlize --from` without
+/// --base finds it (an encrypted chain, through its keyed commitment) and
+/// writes the launch VM the --base path writes, byte for byte; a cache
+/// without the base says which one it needs (for an unencrypted chain,
+/// its identity) and exits 7.
+#[test]
+fn from_finds_the_base_in_the_cache() {
+    let Some(reg) = oci::Registry::start() else {
+        return;
+    };
+    let Pushed {
+        t,
+        p,
+        p2,
+        key,
+        r,
+        cache,
+        ..
+    } = pushed_chain(&reg, "bases");
+    // Before the base is added: a clear error, nothing written.
+    let out0 = t.path().join("out0");
+    let o = apply_from_cached_base(&r, &cache, Some(&key), &out0);
+    assert_eq!(code(&o), exit::VMDIR as i32, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("kimberlize cache add-base"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out0.exists());
+
+    let o = ok(add_base(&cache, &p.base));
+    let id = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    assert_eq!(id.len(), 64, "{id}");
+    assert!(cache.join("bases").join(&id).join("manifest.json").exists());
+    // A second base does not confuse the lookup.
+    ok(add_base(&cache, &p2.base));
+    let out = t.path().join("out");
+    ok(apply_from_cached_base(&r, &cache, Some(&key), &out));
+    same_vm(&out, &p2.launch);
+    let out_base = t.path().join("out-base");
+    ok(apply_from(&p.base, &r, &cache, &key, &out_base));
+    identical_dirs(&out, &out_base);
+    // --base still wins: a wrong one is refused even though the cache
+    // holds the right one.
+    let o = apply_from(&p2.base, &r, &cache, &key, &t.path().join("out-wrong"));
+    assert_eq!(code(&o), exit::WRONG_BASE as i32, "{}", stderr(&o));
+
+    // Unencrypted: the error names the base's identity.
+    let plain = t.path().join("plain.ovl");
+    ok(common::diff(
+        &p.base,
+        &p.launch,
+        &plain,
+        &["--no-encrypt".as_ref()],
+    ));
+    let rp = format!("{}/apps/plain:v1", reg.addr());
+    ok(push(&rp, &[&plain]));
+    let empty = t.path().join("empty-cache");
+    let o = apply_from_cached_base(&rp, &empty, None, &t.path().join("out-plain"));
+    assert_eq!(code(&o), exit::VMDIR as i32, "{}", stderr(&o));
+    assert!(stderr(&o).contains(&id), "{}", stderr(&o));
+    let o = apply_from_cached_base(&rp, &cache, None, &t.path().join("out-plain"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    same_vm(&t.path().join("out-plain"), &p.launch);
+}
+
+/// Attack: a base modified in the cache after it was added is refused
+/// before anything is written (every digest is checked again when a base
+/// is used), removed from the cache, and reported (exit 11); adding it
+/// again brings it back.
+#[test]
+fn a_tampered_base_in_the_cache_is_refused() {
+    let Some(reg) = oci::Registry::start() else {
+        return;
+    };
+    let Pushed {
+        t,
+        p,
+        p2,
+        key,
+        r,
+        cache,
+        ..
+    } = pushed_chain(&reg, "tb");
+    ok(fetch(&cache, &r, &["-q"]));
+    let o = ok(add_base(&cache, &p.base));
+    let id = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    let dir = cache.join("bases").join(&id);
+    // One byte of every component file, where the first layer keeps the
+    // base's bytes or not: the check must not depend on where.
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.file_name().unwrap() == "manifest.json" {
+            continue;
+        }
+        let len = size(&path);
+        if len == 0 {
+            continue;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"\xa5", len - 1).unwrap();
+    }
+    let out = t.path().join("out");
+    let o = apply_from_cached_base(&r, &cache, Some(&key), &out);
+    assert_eq!(code(&o), exit::TAMPERED as i32, "{}", stderr(&o));
+    assert!(stderr(&o).contains(&id), "{}", stderr(&o));
+    assert!(!out.exists());
+    assert!(!dir.exists());
+    assert!(common::temps(&t.path().join("cache/bases")).is_empty());
+    // Added again, it is used.
+    ok(add_base(&cache, &p.base));
+    ok(apply_from_cached_base(&r, &cache, Some(&key), &out));
+    same_vm(&out, &p2.launch);
+}
+
+/// Four adds of the same base at once: every one succeeds with the same
+/// identity, one copy is kept, nothing temporary is left, and it verifies.
+#[test]
+fn concurrent_adds_of_a_base_are_safe() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, _) = setup_with(t.path(), &PairSpec::default());
+    let cache = t.path().join("cache");
+    let kids: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(common::bin("kimberlize"))
+                .args(["cache", "add-base", "-q", "--cache"])
+                .arg(&cache)
+                .arg(&p.base)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for k in kids {
+        let o = k.wait_with_output().unwrap();
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        ids.push(String::from_utf8(o.stdout).unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let names: Vec<_> = std::fs::read_dir(cache.join("bases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, [ids[0].trim()]);
+    identical_dirs(&cache.join("bases").join(ids[0].trim()), &p.base);
+}
+
+/// Quota eviction and gc leave bases alone; `cache list` shows chains,
+/// tags, pins and bases; `cache remove-base` removes one.
+#[test]
+fn quota_eviction_leaves_bases() {
+    let Some(reg) = oci::Registry::start() else {
+        return;
+    };
+    let Pushed {
+        t,
+        p,
+        p2,
+        key,
+        l1,
+        r,
+        cache,
+    } = pushed_chain(&reg, "q");
+    ok(fetch(&cache, &r, &["-q"]));
+    let id = String::from_utf8(ok(add_base(&cache, &p.base)).stdout).unwrap();
+    let id = id.trim();
+    let list = |cache: &Path| {
+        let mut c = Command::new(common::bin("kimberlize"));
+        c.args(["cache", "list", "--cache"]).arg(cache);
+        String::from_utf8(ok(run(&mut c)).stdout).unwrap()
+    };
+    let l = list(&cache);
+    assert!(l.contains("2 layers") && l.contains("apps/q:v1"), "{l}");
+    assert!(l.contains(id), "{l}");
+    let mut c = Command::new(common::bin("kimberlize"));
+    c.args(["gc", "-q", "--quota", "0", "--cache"]).arg(&cache);
+    ok(run(&mut c));
+    assert!(!cached(&cache, &l1).exists());
+    let l = list(&cache);
+    assert!(l.contains("chains (0") && l.contains(id), "{l}");
+    // Still usable: the chain comes back from the registry, the base from
+    // the cache.
+    let out = t.path().join("out");
+    ok(apply_from_cached_base(&r, &cache, Some(&key), &out));
+    same_vm(&out, &p2.launch);
+    let mut c = Command::new(common::bin("kimberlize"));
+    c.args(["cache", "remove-base", "-q", id, "--cache"])
+        .arg(&cache);
+    ok(run(&mut c));
+    assert!(!cache.join("bases").join(id).exists());
+    let o = {
+        let mut c = Command::new(common::bin("kimberlize"));
+        c.args(["cache", "remove-base", id, "--cache"]).arg(&cache);
+        run(&mut c)
+    };
+    assert_eq!(code(&o), exit::ERROR as i32, "{}", stderr(&o));
+}

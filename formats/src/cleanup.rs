@@ -215,10 +215,19 @@ fn remove_all() -> String {
         .filter(|e| e.kind == Kind::Scratch)
         .map(|e| e.tmp.as_path())
         .collect();
+    // A scratch directory's name is registered before it is made (by a
+    // directory renamed into it): it counts once it, or something made
+    // into it, exists.
+    let made = |s: &Path| {
+        r.entries
+            .values()
+            .any(|e| (e.tmp == s || e.dest.starts_with(s)) && crate::fsutil::occupied(&e.tmp))
+    };
+    let made: HashSet<&Path> = scratches.iter().copied().filter(|s| made(s)).collect();
     for e in r.entries.values() {
         remove(&e.tmp);
         match e.kind {
-            Kind::Scratch => scratch += 1,
+            Kind::Scratch => scratch += usize::from(made.contains(e.tmp.as_path())),
             // Something being made inside or into a scratch directory is
             // part of it.
             _ if scratches.iter().any(|s| e.dest.starts_with(s)) => {}

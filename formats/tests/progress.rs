@@ -84,8 +84,11 @@ fn diff_and_apply_plan_their_total_before_working() {
         overlay = diff::diff(&base, &launch, &opts, Vec::new(), p).unwrap().0;
     });
     let size = |d: &VmDir| kimberley_formats::vmdir::total_size(&d.manifest.components);
-    assert_eq!(diff::work(&base, &launch), size(&base) + size(&launch));
-    assert_fixed_total(&seen, diff::work(&base, &launch));
+    assert_eq!(
+        diff::work(&base.manifest, &launch),
+        size(&base) + size(&launch)
+    );
+    assert_fixed_total(&seen, diff::work(&base.manifest, &launch));
     let stages: Vec<&str> = seen.iter().map(|s| s.stage.as_str()).collect();
     assert!(stages.contains(&"diffing"), "{stages:?}");
 
@@ -115,7 +118,7 @@ fn a_front_end_plan_covers_the_whole_run() {
     let opts = DiffOptions::new(Protection::None);
     // A front end that does more (here: one extra stage of 1000 units
     // first) plans it all; the pipeline's own plan does not shrink it.
-    let whole = 1000 + diff::work(&base, &launch);
+    let whole = 1000 + diff::work(&base.manifest, &launch);
     let seen = watch(|p| {
         assert!(p.plan(whole));
         p.stage("before");

@@ -145,8 +145,26 @@ pub enum Command {
     /// Waits for the cache's other users (fetches, applies) to finish.
     /// Removes blobs and partial downloads that no cached manifest names;
     /// with --quota, first evicts the least recently used chains that are
-    /// not pinned until the cache's blobs take at most SIZE.
+    /// not pinned until the cache's blobs take at most SIZE. Base VMs are
+    /// left alone (`kimberlize cache remove-base` removes one).
     Gc(GcArgs),
+    /// Run an overlay on a cloudlet: bind to its kimberlized, upload, resume.
+    ///
+    /// Binds over mutual TLS (this device's --cert, the cloudlet's
+    /// certificate checked against --ca before anything is sent), uploads
+    /// the overlay with its key (-k, inside the TLS session only), and
+    /// waits while the cloudlet synthesises the launch VM and resumes it,
+    /// until the guest answers. Prints the session's address and the
+    /// timings (discovery, bind, transfer, synthesis, first answer).
+    /// Without --cloudlet, discovers cloudlets with DNS-SD and picks one
+    /// holding the overlay's base. docs/CLOUDLET.md has the API.
+    Offload(crate::offload::OffloadArgs),
+    /// Base VMs in the cloudlet cache, and what the cache holds.
+    ///
+    /// A cloudlet keeps its base VMs in the cache by identity, so that
+    /// `dekimberlize --from REF` finds the one a chain needs without --base
+    /// (docs/CLOUDLET.md). Bases are never evicted by a quota.
+    Cache(CacheArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
     Completions(kimberley_cli::help::CompletionsArgs),
 }
@@ -230,6 +248,35 @@ kimberlize fetch --pin registry.example.org/apps/office@sha256:4f1c...",
         "kimberlize gc",
         "kimberlize gc
 kimberlize gc --quota 10G --cache /var/cache/kimberley",
+    ),
+    (
+        "kimberlize offload",
+        "kimberlize offload app.ovl -k overlay.key \\
+    --cloudlet cloudlet1.example.org:7466 \\
+    --cert device.pem --key device.key --ca operator-ca.pem
+kimberlize offload app.ovl -k overlay.key --json \\
+    --cert device.pem --key device.key --ca operator-ca.pem
+kimberlize offload --from registry.example.org/apps/office:v1 \\
+    -k overlay.key --cert device.pem --key device.key --ca operator-ca.pem",
+    ),
+    (
+        "kimberlize cache",
+        "kimberlize cache add-base base
+kimberlize cache list --cache /var/cache/kimberley",
+    ),
+    (
+        "kimberlize cache add-base",
+        "kimberlize cache add-base base
+dekimberlize --from registry.example.org/apps/office:v1 -k overlay.key -o office-vm",
+    ),
+    (
+        "kimberlize cache list",
+        "kimberlize cache list
+kimberlize cache list --cache /var/cache/kimberley",
+    ),
+    (
+        "kimberlize cache remove-base",
+        "kimberlize cache remove-base 3f9a...e1 --cache /var/cache/kimberley",
     ),
     (
         "kimberlize completions",
@@ -462,11 +509,24 @@ pub struct BuildArgs {
     /// Resume the launch VM of BASE plus this parent overlay instead of
     /// BASE (repeat for a chain, in order), and write the layer that
     /// applies on top of the chain: `dekimberlize --base BASE -i P1 -i P2
-    /// -i OVL` gives the launch VM. The chain is applied in a scratch
-    /// directory that is removed. Parents are read with the key or
-    /// passphrase given (the same one seals the new layer).
+    /// -i OVL` gives the launch VM. The last parent is applied in memory
+    /// over the base's files (the ones before it, and one whose changes
+    /// exceed 512 MiB, in a scratch directory that is removed); nothing is
+    /// kept. Parents are read with the key or passphrase given (the same
+    /// one seals the new layer).
     #[arg(long, value_name = "OVL")]
     pub parent: Vec<PathBuf>,
+    /// Build on top of the chain REF names (HOST[:PORT]/REPO[:TAG] or
+    /// ...@sha256:HEX), read from the cloudlet cache (--cache), or
+    /// streamed from the registry into it, instead of --parent files.
+    /// Push the new layer after the chain's overlays (`kimberlize push
+    /// REF2 ... NEW.ovl`).
+    #[arg(long, value_name = "REF", conflicts_with = "parent")]
+    pub parent_from: Option<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
     /// Overlay output ("-" for stdout; absent: stdout, or no overlay at
     /// all with --launch-out). Written atomically.
     #[arg(short, long, value_name = "FILE")]
@@ -590,6 +650,61 @@ pub struct FetchArgs {
     pub pin: bool,
     /// Nothing on stderr but errors (for cron: the exit code says what
     /// happened).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Keep a base VM in the cache, under its identity.
+    ///
+    /// Copies VMDIR into DIR/bases/IDENTITY/ (sharing extents where the
+    /// file system can, holes kept; files read-only), checks every
+    /// component of the copy against its digest, and renames it into
+    /// place: a VMDIR that does not verify is refused (exit 7), and of two
+    /// adds of the same base at once one copies and the other finds it.
+    /// Prints the identity. The cache re-checks every digest of a base each
+    /// time it is used, and removes one that fails (exit 11).
+    AddBase(AddBaseArgs),
+    /// List the cache: chains (manifests) with their tags, layers, sizes,
+    /// last use and pins; base VMs with their identities and sizes; blobs.
+    List(ListArgs),
+    /// Remove base VMs from the cache, by identity (64 hex digits).
+    RemoveBase(RemoveBaseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddBaseArgs {
+    /// The base VM directory to keep.
+    #[arg(value_name = "VMDIR", required = true)]
+    pub vmdirs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    /// Print nothing but the identities.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveBaseArgs {
+    /// The identity of a base to remove (as `cache list` prints it).
+    #[arg(value_name = "IDENTITY", required = true)]
+    pub identities: Vec<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    /// No summary on stderr.
     #[arg(short, long)]
     pub quiet: bool,
 }

@@ -18,8 +18,9 @@ impl fmt::Display for Unrepresentable {
     }
 }
 
-/// One path as GNU Make reads it in a rule: spaces and `#` escaped with a
-/// backslash, `$` doubled. Newlines (and bytes that are not UTF-8) have no
+/// One path as GNU Make reads it in a rule: spaces, `#` and `:` (a
+/// registry's `HOST:PORT` in a cache path) escaped with a backslash, `$`
+/// doubled. Newlines (and bytes that are not UTF-8) have no
 /// escape and are refused.
 pub fn escape(p: &Path) -> Result<String, Unrepresentable> {
     let bad = || Unrepresentable(p.to_path_buf());
@@ -36,6 +37,7 @@ pub fn escape(p: &Path) -> Result<String, Unrepresentable> {
                 out.push(c);
             }
             '#' => out.push_str("\\#"),
+            ':' => out.push_str("\\:"),
             '$' => out.push_str("$$"),
             c => out.push(c),
         }
@@ -70,6 +72,10 @@ mod tests {
     fn escapes_what_make_reads_specially() {
         assert_eq!(escape(Path::new("a b/c#d$e")).unwrap(), "a\\ b/c\\#d$$e");
         assert_eq!(escape(Path::new("plain/x.ovl")).unwrap(), "plain/x.ovl");
+        assert_eq!(
+            escape(Path::new("tags/127.0.0.1:5000/os/v1")).unwrap(),
+            "tags/127.0.0.1\\:5000/os/v1"
+        );
     }
 
     #[test]

@@ -8,11 +8,12 @@ use anyhow::{Context, Result};
 use kimberley_cli::output::{write_json, Output};
 use kimberley_cli::progress::{self as units, Reporter};
 use kimberley_cli::schema::{versioned, JsonOutput};
-use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
+use kimberley_formats::apply::{self, ApplyOptions, Input, Opened, Patch, PATCH_BUDGET};
 use kimberley_formats::diff::{self, DiffOptions, Parent};
 use kimberley_formats::fsutil::ScratchDir;
 use kimberley_formats::progress::Progress;
 use kimberley_formats::vmdir::import::{import_with, CopyMethod, ImportOptions, ImportSpec};
+use kimberley_formats::vmdir::patched::Patched;
 use kimberley_formats::vmdir::{total_size, VmDir};
 
 use crate::cli::{DiffArgs, ImportArgs};
@@ -134,7 +135,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         &progress,
         total_size(&launch.manifest.components),
     )?;
-    let (effective, parent) = (&chain.vm, chain.parent);
+    let (effective, parent) = (chain.vm.base(), chain.parent);
 
     let out = Output::binary(a.output.as_deref(), a.force)?;
     let opts = DiffOptions {
@@ -164,18 +165,40 @@ pub fn diff(a: DiffArgs) -> Result<()> {
 /// relative to (`diff --parent`, `build --parent`).
 pub(crate) struct Chain {
     /// The chain's launch VM (the base itself when there are no parents).
-    pub vm: VmDir,
+    pub vm: ChainVm,
     /// The last parent, for the new overlay's header.
     pub parent: Option<Parent>,
-    /// Where the chain was applied (removed when dropped).
-    _scratch: Option<ScratchDir>,
+    /// Where all but the last parent were applied, and where the last is
+    /// written if it outgrows memory (removed when dropped).
+    _scratch: Vec<ScratchDir>,
+}
+
+/// A chain's launch VM.
+pub(crate) enum ChainVm {
+    /// A directory: the base itself.
+    Dir(VmDir),
+    /// The base (or the chain below the last parent, written out) plus
+    /// the last parent's changes, held in memory: never written out.
+    Patched(Patched),
+}
+
+impl ChainVm {
+    /// As the base of a diff.
+    pub fn base(&self) -> diff::Base<'_> {
+        match self {
+            ChainVm::Dir(d) => d.into(),
+            ChainVm::Patched(p) => p.into(),
+        }
+    }
 }
 
 impl Chain {
-    /// Applies `parents` (in chain order) to `base` into a scratch
-    /// directory next to `near`, read with `secret` under `policy`.
-    /// Plans `progress` for the applies, the diff's read of the chain's
-    /// launch VM and `more` units (what the caller reads besides).
+    /// Applies `parents` (in chain order) to `base`, read with `secret`
+    /// under `policy`: all but the last into a scratch directory next to
+    /// `near`, the last in memory over that (`apply::patch`), so the
+    /// chain's launch VM is never written out. Plans `progress` for the
+    /// applies, the diff's read of the chain's launch VM and `more` units
+    /// (what the caller reads besides).
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
         base: VmDir,
@@ -189,9 +212,9 @@ impl Chain {
     ) -> Result<Chain> {
         if parents.is_empty() {
             return Ok(Chain {
-                vm: base,
+                vm: ChainVm::Dir(base),
                 parent: None,
-                _scratch: None,
+                _scratch: Vec::new(),
             });
         }
         // Each parent is read once: its header for the plan and the new
@@ -210,34 +233,55 @@ impl Chain {
             depth: last.header.depth,
             result_id: last.result_identity(),
         });
-        let scratch = ScratchDir::next_to(near);
-        let dir = scratch.path().to_path_buf();
-        // Scratch: not worth an fsync.
+        // Checked as a whole before anything is applied.
+        apply::check_chain(&base, &opened).map_err(applying)?;
         let opts = ApplyOptions {
             secret,
             policy,
             threads,
+            // Scratch: not worth an fsync.
             sync: false,
         };
-        apply::apply_opened(&base, opened, &dir, &opts, progress, t0).map_err(|e| {
-            let e = anyhow::Error::new(e).context("applying the parent overlays");
-            if kimberley_cli::oci::tampered_in(&e) {
-                kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
-            } else {
-                e
-            }
-        })?;
+        let last = opened.pop().expect("parents is not empty");
+        let mut scratch = Vec::new();
+        let below = if opened.is_empty() {
+            base
+        } else {
+            let s = ScratchDir::next_to(near);
+            let dir = s.path().to_path_buf();
+            scratch.push(s);
+            apply::apply_opened(&base, opened, &dir, &opts, progress, t0).map_err(applying)?;
+            VmDir::open(&dir)?
+        };
+        let spill = ScratchDir::next_to(near);
+        let (vm, _) = apply::patch(below, last, &opts, progress, spill.path(), PATCH_BUDGET)
+            .map_err(applying)?;
+        scratch.push(spill);
         Ok(Chain {
-            vm: VmDir::open(&dir)?,
+            vm: match vm {
+                Patch::Memory(p) => ChainVm::Patched(p),
+                Patch::Written(d) => ChainVm::Dir(d),
+            },
             parent,
-            _scratch: Some(scratch),
+            _scratch: scratch,
         })
+    }
+}
+
+/// The error of applying parents, with exit 11 for a tampered blob from
+/// the cache.
+fn applying(e: kimberley_formats::Error) -> anyhow::Error {
+    let e = anyhow::Error::new(e).context("applying the parent overlays");
+    if kimberley_cli::oci::tampered_in(&e) {
+        kimberley_cli::run::with_code(kimberley_cli::exit::TAMPERED, format!("{e:#}"))
+    } else {
+        e
     }
 }
 
 /// Diffs into `out` and commits it.
 pub(crate) fn write_overlay(
-    base: &VmDir,
+    base: diff::Base<'_>,
     launch: &VmDir,
     out: Output,
     opts: &DiffOptions,

@@ -6,6 +6,7 @@ mod depfile;
 mod diff;
 mod inspect;
 mod oci;
+mod offload;
 mod vm;
 
 use anyhow::Result;
@@ -23,6 +24,8 @@ pub fn main() -> Result<()> {
         cli::Command::Push(a) => oci::push(a),
         cli::Command::Fetch(a) => oci::fetch(a),
         cli::Command::Gc(a) => oci::gc(a),
+        cli::Command::Offload(a) => offload::offload(a),
+        cli::Command::Cache(a) => oci::cache(a),
         cli::Command::Completions(a) => {
             kimberley_cli::help::completions(cli::command(), a.shell, &mut std::io::stdout())?;
             Ok(())

@@ -1,5 +1,5 @@
-//! `kimberlize push`, `fetch` and `gc`: overlay chains to and from OCI
-//! registries, and the cloudlet cache.
+//! `kimberlize push`, `fetch`, `gc` and `cache`: overlay chains to and
+//! from OCI registries, and the cloudlet cache with its base VMs.
 
 use std::fs::File;
 use std::io::Read;
@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use kimberley_cache::bases::Added;
 use kimberley_cache::fetch;
 use kimberley_cache::quota;
 use kimberley_cache::Cache;
@@ -20,7 +21,9 @@ use kimberley_registry::client::BlobSource;
 use kimberley_registry::manifest::{check_chain, ChainConfig, LayerInfo};
 use kimberley_registry::{Client, Digest, Manifest};
 
-use crate::cli::{FetchArgs, GcArgs, PushArgs};
+use crate::cli::{
+    AddBaseArgs, CacheArgs, CacheCommand, FetchArgs, GcArgs, ListArgs, PushArgs, RemoveBaseArgs,
+};
 
 /// Reads an overlay file: its header's annotations, digest and size.
 fn layer(path: &Path) -> Result<(LayerInfo, File)> {
@@ -257,5 +260,122 @@ pub fn gc(a: GcArgs) -> Result<()> {
             units::bytes(rep.usage)
         );
     }
+    Ok(())
+}
+
+pub fn cache(a: CacheArgs) -> Result<()> {
+    match a.command {
+        CacheCommand::AddBase(a) => add_base(a),
+        CacheCommand::List(a) => list(a),
+        CacheCommand::RemoveBase(a) => remove_base(a),
+    }
+}
+
+fn add_base(a: AddBaseArgs) -> Result<()> {
+    let dir = a.cache.dir();
+    let cache = Cache::open(&dir, Mode::Shared).map_err(cache_error)?;
+    for vm in &a.vmdirs {
+        let t = Instant::now();
+        let (id, added) = cache
+            .add_base(vm)
+            .map_err(cache_error)
+            .with_context(|| format!("adding {} to the cache", vm.display()))?;
+        let hex = kimberley_formats::digest::hex(&id);
+        println!("{hex}");
+        if !a.quiet {
+            match added {
+                Added::New => eprintln!(
+                    "{}: added as base {hex} ({})",
+                    vm.display(),
+                    units::duration(t.elapsed())
+                ),
+                Added::Present => eprintln!("{}: base {hex} is already in the cache", vm.display()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_base(a: RemoveBaseArgs) -> Result<()> {
+    let ids = a
+        .identities
+        .iter()
+        .map(|s| {
+            kimberley_formats::digest::from_hex(s)
+                .filter(|_| !s.bytes().any(|b| b.is_ascii_uppercase()))
+                .ok_or_else(|| {
+                    kimberley_cli::run::usage(format!(
+                        "{s:?} is not an identity (64 lower-case hex digits)"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dir = a.cache.dir();
+    let cache = Cache::open(&dir, Mode::Exclusive).map_err(cache_error)?;
+    for (id, s) in ids.iter().zip(&a.identities) {
+        if !cache.remove_base(id).map_err(cache_error)? {
+            return Err(anyhow::anyhow!(
+                "base {s} is not in the cache {}",
+                dir.display()
+            ));
+        }
+        if !a.quiet {
+            eprintln!("removed base {s}");
+        }
+    }
+    Ok(())
+}
+
+fn list(a: ListArgs) -> Result<()> {
+    let dir = a.cache.dir();
+    let cache = Cache::open(&dir, Mode::Shared).map_err(cache_error)?;
+    let chains = cache.chains().map_err(cache_error)?;
+    let bases = cache.bases().map_err(cache_error)?;
+    let mut out = format!("cache {}\n", dir.display());
+    out += &format!("chains ({}, least recently used first):\n", chains.len());
+    for c in &chains {
+        let size: u64 = c.manifest.layers.iter().map(|l| l.size).sum();
+        let ago = c.last_use.elapsed().unwrap_or_default();
+        let base = c
+            .manifest
+            .annotations
+            .get(kimberley_registry::manifest::ANN_CHAIN_BASE)
+            .map(String::as_str)
+            .unwrap_or("?");
+        let held = kimberley_formats::digest::from_hex(base)
+            .is_some_and(|id| bases.iter().any(|b| b.identity == id));
+        out += &format!(
+            "  {} {} layer{}, {}, last used {} ago{}{}\n    base {base}{}\n",
+            c.digest,
+            c.manifest.layers.len(),
+            if c.manifest.layers.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            units::bytes(size),
+            units::duration(ago),
+            if c.pinned { ", pinned" } else { "" },
+            if c.complete { "" } else { ", incomplete" },
+            if held { " (in the cache)" } else { "" },
+        );
+        for t in &c.tags {
+            out += &format!("    tag {t}\n");
+        }
+    }
+    out += &format!("bases ({}):\n", bases.len());
+    for b in &bases {
+        out += &format!(
+            "  {} {} {}\n",
+            kimberley_formats::digest::hex(&b.identity),
+            b.name.as_deref().unwrap_or("(unreadable)"),
+            b.bytes.map(units::bytes).unwrap_or_default()
+        );
+    }
+    out += &format!(
+        "blobs: {} in use\n",
+        units::bytes(quota::usage(&cache).map_err(cache_error)?)
+    );
+    print!("{out}");
     Ok(())
 }

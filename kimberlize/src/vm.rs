@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::cli::{AccelArg, BaseArgs, BuildArgs};
 use crate::depfile;
-use crate::diff::{summary, write_overlay, Chain};
+use crate::diff::{summary, write_overlay, Chain, ChainVm};
 
 /// How long a build waits for the guest to be idle before suspending it.
 const IDLE_WAIT: Duration = Duration::from_secs(2);
@@ -213,9 +213,13 @@ pub fn build(a: BuildArgs) -> Result<()> {
     // The chain's launch VM, applied next to the launch VM (nothing kept).
     let launch_name = format!("{}-launch", base.manifest.name);
     let base_size = kimberley_formats::vmdir::total_size(&base.manifest.components);
+    let t_parents = Instant::now();
     let chain = Chain::apply(
         base,
-        kimberley_cli::output::open_overlays(&a.parent)?,
+        match &a.parent_from {
+            Some(r) => kimberley_cli::oci::chain_inputs(r, &a.cache, &a.registry)?,
+            None => kimberley_cli::output::open_overlays(&a.parent)?,
+        },
         secret,
         a.read.policy(),
         threads,
@@ -223,7 +227,8 @@ pub fn build(a: BuildArgs) -> Result<()> {
         &progress,
         base_size,
     )?;
-    let effective = &chain.vm;
+    let parents_ms = t_parents.elapsed().as_millis() as u64;
+    let effective = chain.vm.base();
     progress.stage("resuming the base");
     // The launch VM runs on copies in `w` (the base is only read) and is
     // suspended into `w`.
@@ -232,8 +237,16 @@ pub fn build(a: BuildArgs) -> Result<()> {
         network: a.net.is_some(),
         ..RestoreOptions::copy_into(&w)
     };
-    let mut vm =
-        kimberley_cli::machines::restore(effective, opts).context("resuming the base VM")?;
+    // For a backend that restores only directories, a patched chain is
+    // written out here first.
+    let written_out = ScratchDir::next_to(&launch_path);
+    let mut vm = match &chain.vm {
+        ChainVm::Dir(d) => kimberley_cli::machines::restore(d, opts),
+        ChainVm::Patched(p) => {
+            kimberley_cli::machines::restore_patched(p, opts, written_out.path())
+        }
+    }
+    .context("resuming the base VM")?;
     let restore_ms = t_restore.elapsed().as_millis() as u64;
     let timeout = Duration::from_secs(a.timeout);
     let mut times = Vec::new();
@@ -327,6 +340,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     drop(reporter);
     if let Some(p) = &a.stats_json {
         let v = json!({
+            "parents_ms": parents_ms,
             "restore_ms": restore_ms,
             "install_ms": times[0].1,
             "resume_ms": times[1].1,
@@ -480,6 +494,9 @@ fn depfile_text(a: &BuildArgs) -> Result<String> {
     };
     let mut deps = vec![a.base.join(MANIFEST)];
     deps.extend(a.parent.iter().cloned());
+    if let Some(r) = &a.parent_from {
+        deps.extend(kimberley_cli::oci::tag_file(r, &a.cache)?);
+    }
     deps.push(a.install.clone());
     deps.push(a.resume.clone());
     // A key changes the overlay's bytes (section 7.7), so it is an input;

@@ -35,7 +35,7 @@ fn completions_complete() {
         subs.contains(&"build".to_string()) && subs.contains(&"base".to_string()),
         "{subs:?}"
     );
-    let opts = docs::bash_complete(&bin(), &["kimberlize", "build", "--ins"]);
+    let opts = docs::bash_complete(&bin(), &["kimberlize", "build", "--inst"]);
     assert_eq!(opts, ["--install"]);
 }
 

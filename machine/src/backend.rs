@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use kimberley_formats::vmdir::patched::Patched;
 use kimberley_formats::vmdir::{VmDir, VmDirWriter};
 
 use crate::error::Result;
@@ -115,6 +116,23 @@ pub trait Backend: Send + Sync {
     fn check(&self, dir: &VmDir) -> Result<()>;
     /// Restores `dir`; returns once the guest has run.
     fn restore(&self, dir: &VmDir, opts: RestoreOptions<'_>) -> Result<Box<dyn Machine>>;
+    /// True when [`Backend::restore_patched`] works (with
+    /// `Placement::CopyInto`, memory mapped from the file, no network).
+    fn patched_restore(&self) -> bool {
+        false
+    }
+    /// Restores `vm`, a base's files plus in-memory changes that were
+    /// never written out (`kimberlize build --parent`), into the
+    /// `Placement::CopyInto` directory of `opts`. Where
+    /// [`Backend::patched_restore`] is false, the caller writes `vm` out and
+    /// calls [`Backend::restore`] instead.
+    fn restore_patched(&self, vm: &Patched, opts: RestoreOptions<'_>) -> Result<Box<dyn Machine>> {
+        let _ = (vm, opts);
+        Err(crate::Error::Unsupported(format!(
+            "the {} backend restores only VM directories",
+            self.name()
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::FileExt;
+
 use kimberley_formats::fsutil::copy_sparse;
+use kimberley_formats::sys::punch::punch_hole;
+use kimberley_formats::vmdir::patched::{Patched, Piece};
 use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
 use kimberley_machine::{
     Backend, Bitmap, GuestAgent, Machine, MachineInfo, MemorySource, Migratable, Placement,
@@ -81,6 +85,93 @@ impl Backend for MicroVmBackend {
         vm.wait_first_exit(FIRST_RUN)?;
         Ok(Box::new(vm))
     }
+
+    fn patched_restore(&self) -> bool {
+        true
+    }
+
+    fn restore_patched(&self, vm: &Patched, opts: RestoreOptions<'_>) -> MResult<Box<dyn Machine>> {
+        let unsupported = |why: &str| Err(kimberley_machine::Error::Unsupported(why.into()));
+        if !opts.forwards.is_empty() || opts.network {
+            return unsupported(
+                "the microVM has no network: it cannot reach one, nor can ports be forwarded",
+            );
+        }
+        let Placement::CopyInto(w) = opts.placement else {
+            return unsupported("a patched VM runs on copies in a new directory only");
+        };
+        if opts.memory != MemorySource::PrivateFileMap {
+            return unsupported("a patched VM's memory is mapped from its base's file only");
+        }
+        let vm = restore_patched_copy(vm, w)?;
+        vm.wait_first_exit(FIRST_RUN)?;
+        Ok(Box::new(vm))
+    }
+}
+
+/// Restores `vm` to run on copies of its disks in `w`, made from the
+/// base's files with the patches written over them; memory is the base's
+/// file mapped copy-on-write with the memory patches written into it, so
+/// the base is never modified.
+fn restore_patched_copy(vm: &Patched, w: &VmDirWriter) -> crate::Result<Vm> {
+    let m = &vm.manifest;
+    let files = vm.open_files()?;
+    let mut disks = Vec::new();
+    for (k, i) in m.disk_indices().into_iter().enumerate() {
+        let name = file_name(Kind::Disk, k);
+        let dst = w.create_file(&name)?;
+        let size = m.components[i].size;
+        match &files[i] {
+            Some((src, bsize)) => {
+                copy_sparse(src, (*bsize).min(size), &dst, |_, _| Ok(()))?;
+                dst.set_len(size)
+                    .map_err(|e| Error::Io(format!("sizing {name}"), e))?;
+            }
+            None => dst
+                .set_len(size)
+                .map_err(|e| Error::Io(format!("sizing {name}"), e))?,
+        }
+        for (off, piece) in vm.patches[i].pieces() {
+            match piece {
+                Piece::Data(d) => dst.write_all_at(d, *off),
+                Piece::Zero(n) => punch_hole(&dst, *off, *n),
+            }
+            .map_err(|e| Error::Io(format!("writing {name}"), e))?;
+        }
+        disks.push(OpenedFile {
+            file: dst,
+            path: w.path().join(name),
+        });
+    }
+    let state_i = m
+        .state_index()
+        .ok_or_else(|| Error::Config(format!("{} has no state blob", vm.path().display())))?;
+    let state = vm.read_component(state_i)?;
+    // Memory is the first component (as `restore_copy` reads it).
+    let mem_i = 0;
+    let memory = match (&files[mem_i], vm.paired[mem_i]) {
+        (Some((_, bsize)), Some(b))
+            if m.components[mem_i].kind == Kind::Memory && *bsize == m.components[mem_i].size =>
+        {
+            OpenedFile {
+                file: vm.base.open_component(b)?,
+                path: vm.base.component_path(b),
+            }
+        }
+        _ => {
+            return Err(Error::Config(format!(
+                "{}: the launch VM's memory is not the size of its base's",
+                vm.path().display()
+            )))
+        }
+    };
+    Vm::restore_patched(
+        memory,
+        disks,
+        &state,
+        MemorySource::PrivateFileMap,
+        Some(&vm.patches[mem_i]),
+    )
 }
 
 /// Restores `dir` to run on copies of its disks in `w` (its memory is

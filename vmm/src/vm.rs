@@ -19,6 +19,7 @@ use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
+use kimberley_formats::vmdir::patched::{Patches, Piece};
 use kimberley_machine::{Bitmap, MemorySource};
 
 const TAG_VM: u32 = 1;
@@ -319,6 +320,19 @@ impl Vm {
         state: &[u8],
         source: MemorySource,
     ) -> Result<Vm> {
+        Self::restore_patched(memory, disks, state, source, None)
+    }
+
+    /// [`Vm::restore_opened_as`] with `memory_patches` written over guest
+    /// memory before the vCPUs start (a chain's launch VM held as its base
+    /// plus in-memory changes: `kimberlize build --parent`).
+    pub fn restore_patched(
+        memory: OpenedFile,
+        disks: Vec<OpenedFile>,
+        state: &[u8],
+        source: MemorySource,
+        memory_patches: Option<&Patches>,
+    ) -> Result<Vm> {
         let snap = decode_snapshot(state)?;
         if disks.len() != snap.blocks.len() {
             return Err(Error::StateMismatch(
@@ -343,6 +357,9 @@ impl Vm {
                 Memory::lazy(snap.memory_size, Arc::new(pages))?
             }
         };
+        if let Some(p) = memory_patches {
+            write_patches(&mem, p)?;
+        }
         kvm.set_memory(&mem)?;
         let msrs = msr_list(&kvm)?;
         let mut vcpus = Vec::new();
@@ -955,6 +972,26 @@ fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {
 /// Checks a state blob without restoring it.
 pub fn validate_state(blob: &[u8]) -> Result<()> {
     decode_snapshot(blob).map(|_| ())
+}
+
+/// Writes `p`'s replacements over guest memory (offsets are guest-physical
+/// addresses: the memory file is guest memory from address 0).
+fn write_patches(mem: &Memory, p: &Patches) -> Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    for (off, piece) in p.pieces() {
+        match piece {
+            Piece::Data(d) => mem.write(*off, d)?,
+            Piece::Zero(n) => {
+                let mut at = 0u64;
+                while at < *n {
+                    let k = (*n - at).min(ZEROS.len() as u64) as usize;
+                    mem.write(off + at, &ZEROS[..k])?;
+                    at += k as u64;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

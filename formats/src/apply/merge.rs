@@ -2,13 +2,13 @@
 //! extents are copied (holes stay holes), records replace chunks, and every
 //! byte of the result is hashed and checked against the launch digest.
 //! The working-set segments of a version-2 overlay come first and out of
-//! position order: their records are written where they belong at once,
-//! and the sequential pass later hashes those ranges from the output
-//! instead of copying the base over them.
+//! position order: their records are held and applied when the pass
+//! reaches their position (FORMAT.md section 10.5).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use super::decode::Segment;
 use crate::chunk::{chunk_len, CHUNK, CHUNK_SIZE};
@@ -21,6 +21,7 @@ use crate::overlay::record::{run_bytes, Op, Record};
 use crate::overlay::segment::{ChunkStats, ManifestSegment};
 use crate::progress::Progress;
 use crate::sparse::{data_extents, ExtentMap};
+use crate::vmdir::patched::{Patches, Piece};
 use crate::vmdir::{Component, VmDir};
 
 /// Coalesced output writes.
@@ -49,6 +50,18 @@ pub struct MergeStats {
     pub written_bytes: u64,
 }
 
+/// Makes the output files of a merge in memory that outgrew its budget.
+pub type Spill<'a> = Box<dyn FnOnce() -> Result<Vec<File>> + 'a>;
+
+/// Where the result goes.
+enum Out {
+    /// Into these files (created, sized, empty).
+    Files(Vec<File>),
+    /// Only what differs from the base, kept in memory (the base's bytes
+    /// are read and hashed, not copied).
+    Memory(Vec<Patches>),
+}
+
 /// The sequential applier.
 pub struct Merge<'a> {
     base_files: Vec<File>,
@@ -56,7 +69,7 @@ pub struct Merge<'a> {
     base_ext: Vec<ExtentMap>,
     launch: Vec<Component>,
     paired: Vec<Option<usize>>,
-    out: Vec<File>,
+    out: Out,
     /// Component being produced, and bytes of it finished.
     cur: usize,
     pos: u64,
@@ -70,9 +83,12 @@ pub struct Merge<'a> {
     /// Start writeback every this many bytes (0: never).
     writeback_every: u64,
     unsynced: u64,
-    /// Byte ranges already written by working-set records:
-    /// (component, start) → end.
-    done: BTreeMap<(usize, u64), u64>,
+    /// In memory: at most this many bytes, then `spill`.
+    budget: u64,
+    spill: Option<Spill<'a>>,
+    /// Records of working-set segments not applied yet, by launch
+    /// position: the segment and the record's index in it.
+    held: BTreeMap<(usize, u64), (Arc<Segment>, usize)>,
 }
 
 /// Writeback is started after this many bytes, so the final fsync finds
@@ -86,6 +102,39 @@ impl<'a> Merge<'a> {
         base: &VmDir,
         manifest: &ManifestSegment,
         out: Vec<File>,
+        progress: &'a Progress,
+    ) -> Result<Self> {
+        Self::with_out(base, manifest, Out::Files(out), progress)
+    }
+
+    /// Prepares to build `manifest`'s launch components as [`Patches`] over
+    /// `base`, in memory (see [`Merge::finish_patches`]). Once they would
+    /// hold more than `budget` bytes, `spill` is called for the output
+    /// files (created, sized, empty), what was built so far is written
+    /// into them and the rest goes there too.
+    pub fn in_memory(
+        base: &VmDir,
+        manifest: &ManifestSegment,
+        progress: &'a Progress,
+        budget: u64,
+        spill: Spill<'a>,
+    ) -> Result<Self> {
+        let n = manifest.launch.len();
+        let mut m = Self::with_out(
+            base,
+            manifest,
+            Out::Memory(vec![Patches::default(); n]),
+            progress,
+        )?;
+        m.budget = budget;
+        m.spill = Some(spill);
+        Ok(m)
+    }
+
+    fn with_out(
+        base: &VmDir,
+        manifest: &ManifestSegment,
+        out: Out,
         progress: &'a Progress,
     ) -> Result<Self> {
         let mut base_files = Vec::new();
@@ -123,7 +172,9 @@ impl<'a> Merge<'a> {
             progress,
             writeback_every: 0,
             unsynced: 0,
-            done: BTreeMap::new(),
+            budget: u64::MAX,
+            spill: None,
+            held: BTreeMap::new(),
         })
     }
 
@@ -136,22 +187,120 @@ impl<'a> Merge<'a> {
     /// Applies one segment's records.
     pub fn segment(&mut self, seg: Segment) -> Result<()> {
         if seg.working_set {
-            for r in &seg.records {
+            // Out of position order: applied when the pass gets there (the
+            // coverage check made sure no two records cover one chunk).
+            let seg = Arc::new(seg);
+            for (i, r) in seg.records.iter().enumerate() {
                 count(&mut self.stats.chunks, r);
-                self.apply_in_place(r, &seg.body)?;
+                let at = (usize::from(r.comp), r.start);
+                if at < (self.cur, self.pos.div_ceil(CHUNK)) {
+                    return Err(Error::Corrupt(format!(
+                        "segment {}: a working-set record behind the records already applied",
+                        seg.counter
+                    )));
+                }
+                self.held.insert(at, (Arc::clone(&seg), i));
             }
             return Ok(());
         }
         for r in &seg.records {
             count(&mut self.stats.chunks, r);
+            self.apply_held((usize::from(r.comp), r.start))?;
             self.advance(usize::from(r.comp), r.start * CHUNK)?;
             self.apply(r, &seg.body)?;
         }
         Ok(())
     }
 
+    /// Applies the held working-set records before launch position `to`.
+    fn apply_held(&mut self, to: (usize, u64)) -> Result<()> {
+        while let Some(e) = self.held.first_entry() {
+            if *e.key() >= to {
+                break;
+            }
+            let ((comp, start), (seg, i)) = e.remove_entry();
+            self.advance(comp, start * CHUNK)?;
+            self.apply(&seg.records[i], &seg.body)?;
+        }
+        Ok(())
+    }
+
     /// Finishes every remaining component and checks its digest.
     pub fn finish(mut self) -> Result<MergeStats> {
+        self.complete()?;
+        Ok(self.stats)
+    }
+
+    /// [`Merge::finish`] for [`Merge::in_memory`]: also returns the
+    /// patches, one list per launch component, checked like files are
+    /// (`None` when the merge spilled into files).
+    pub fn finish_patches(mut self) -> Result<(MergeStats, Option<Vec<Patches>>)> {
+        self.complete()?;
+        match self.out {
+            Out::Memory(p) => Ok((self.stats, Some(p))),
+            Out::Files(_) => Ok((self.stats, None)),
+        }
+    }
+
+    /// In memory, before `n` more bytes are kept: spills into files when
+    /// they would exceed the budget.
+    fn keep(&mut self, n: usize) -> Result<()> {
+        if matches!(self.out, Out::Memory(_))
+            && self.stats.written_bytes + n as u64 > self.budget
+            && self.spill.is_some()
+        {
+            self.spill_now()?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything built so far (components before the current one,
+    /// and the current one up to `pos`: the base's data with the patches
+    /// over it) into the spill's files, which take the rest.
+    fn spill_now(&mut self) -> Result<()> {
+        let make = self.spill.take().expect("checked by keep");
+        let files = make()?;
+        let Out::Memory(patches) = std::mem::replace(&mut self.out, Out::Files(files)) else {
+            unreachable!("only a merge in memory spills");
+        };
+        let Out::Files(files) = &self.out else {
+            unreachable!("just set");
+        };
+        let what = || "writing the launch VM".to_string();
+        // Not `self.scratch`: a caller of `emit` may hold it.
+        let mut buf = vec![0u8; COPY_PIECE as usize * CHUNK_SIZE];
+        for (c, list) in patches.iter().enumerate().take(self.cur + 1) {
+            let limit = if c == self.cur {
+                self.pos
+            } else {
+                self.launch[c].size
+            };
+            if let Some(b) = self.paired[c] {
+                for (x, y) in self.base_ext[b].data_in(0, limit.min(self.base_sizes[b])) {
+                    let mut at = x;
+                    while at < y {
+                        let n = ((y - at) as usize).min(buf.len());
+                        let piece = &mut buf[..n];
+                        read_at_zero_padded(&self.base_files[b], piece, at, self.base_sizes[b])
+                            .ctx(|| "reading the base".into())?;
+                        files[c].write_all_at(piece, at).ctx(what)?;
+                        at += n as u64;
+                    }
+                }
+            }
+            for (off, piece) in list.pieces() {
+                match piece {
+                    Piece::Data(d) => files[c].write_all_at(d, *off),
+                    Piece::Zero(n) => crate::sys::punch::punch_hole(&files[c], *off, *n),
+                }
+                .ctx(what)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<()> {
+        self.apply_held((usize::MAX, u64::MAX))?;
         let n = self.launch.len();
         if n > 0 {
             self.advance(n - 1, self.launch[n - 1].size)?;
@@ -163,7 +312,7 @@ impl<'a> Merge<'a> {
             .map(|c| crate::chunk::chunk_count(c.size))
             .sum();
         self.stats.chunks.unchanged = total.saturating_sub(self.stats.chunks.total());
-        Ok(self.stats)
+        Ok(())
     }
 
     /// Completes everything before byte `off` of component `comp`.
@@ -179,101 +328,8 @@ impl<'a> Merge<'a> {
         self.copy_base(off)
     }
 
-    /// Completes `[self.pos, to)`: base data, except where working-set
-    /// records already wrote the result, which is hashed from the output.
-    fn copy_base(&mut self, to: u64) -> Result<()> {
-        let cur = self.cur;
-        let ranges: Vec<(u64, u64)> = self
-            .done
-            .range((cur, 0)..(cur, to))
-            .map(|(&(_, a), &b)| (a, b))
-            .filter(|&(_, b)| b > self.pos)
-            .collect();
-        for (a, b) in ranges {
-            self.copy_base_only(a.max(self.pos))?;
-            let b = b.min(to);
-            self.hash_written(self.pos, b)?;
-            self.progress.advance(b - self.pos);
-            self.pos = b;
-        }
-        self.copy_base_only(to)
-    }
-
-    /// Hashes result bytes `[a, b)` of the current component that are
-    /// already in the output file.
-    fn hash_written(&mut self, a: u64, b: u64) -> Result<()> {
-        let size = self.launch[self.cur].size;
-        let mut at = a;
-        while at < b {
-            let n = ((b - at) as usize).min(self.scratch.len());
-            let mut buf = std::mem::take(&mut self.scratch);
-            let rd = read_at_zero_padded(&self.out[self.cur], &mut buf[..n], at, size)
-                .ctx(|| "reading back the launch VM".into());
-            if rd.is_ok() {
-                if let Some(h) = self.hasher.as_mut() {
-                    h.feed(at, &buf[..n]);
-                }
-            }
-            self.scratch = buf;
-            rd?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Applies a working-set record where it belongs, now (its output
-    /// range is hashed when the sequential pass reaches it).
-    fn apply_in_place(&mut self, r: &Record, body: &[u8]) -> Result<()> {
-        let comp = usize::from(r.comp);
-        let size = self.launch[comp].size;
-        let end_chunk = r.start + u64::from(r.count);
-        let (start, end) = (r.start * CHUNK, (end_chunk * CHUNK).min(size));
-        let file = &self.out[comp];
-        let write = |data: &[u8], off: u64| {
-            file.write_all_at(data, off)
-                .ctx(|| "writing the launch VM".into())
-        };
-        match &r.op {
-            // The output is a fresh sparse file: zeros are a hole.
-            Op::Zero => {}
-            Op::Literal(range) => write(&body[range.clone()], start)?,
-            Op::Delta(range) => {
-                let len = chunk_len(size, r.start);
-                let mut chunk = vec![0u8; len];
-                if let Some(p) = self.paired[comp] {
-                    read_at_zero_padded(&self.base_files[p], &mut chunk, start, self.base_sizes[p])
-                        .ctx(|| "reading the base".into())?;
-                }
-                delta::apply(&body[range.clone()], &mut chunk);
-                write(&chunk, start)?;
-            }
-            &Op::RefBase { comp: sc, chunk } | &Op::RefSelf { comp: sc, chunk } => {
-                // A self reference copies chunks written earlier in the
-                // stream (the coverage check made sure of it).
-                let (src, ssize) = if matches!(r.op, Op::RefSelf { .. }) {
-                    (
-                        &self.out[usize::from(sc)],
-                        self.launch[usize::from(sc)].size,
-                    )
-                } else {
-                    (
-                        &self.base_files[usize::from(sc)],
-                        self.base_sizes[usize::from(sc)],
-                    )
-                };
-                let mut buf = vec![0u8; (end - start) as usize];
-                read_at_zero_padded(src, &mut buf, chunk * CHUNK, ssize)
-                    .ctx(|| "reading a copy source".into())?;
-                write(&buf, start)?;
-            }
-        }
-        self.stats.written_bytes += if r.op == Op::Zero { 0 } else { end - start };
-        self.done.insert((comp, start), end);
-        Ok(())
-    }
-
     /// Copies base data (same position) from `self.pos` up to `to`.
-    fn copy_base_only(&mut self, to: u64) -> Result<()> {
+    fn copy_base(&mut self, to: u64) -> Result<()> {
         let from = self.pos;
         if to <= from {
             return Ok(());
@@ -288,8 +344,9 @@ impl<'a> Merge<'a> {
                     let mut buf = std::mem::take(&mut self.scratch);
                     read_at_zero_padded(&self.base_files[p], &mut buf[..n], at, bsize)
                         .ctx(|| "reading the base".into())?;
-                    self.emit(at, &buf[..n])?;
+                    let r = self.emit(at, &buf[..n], true);
                     self.scratch = buf;
+                    r?;
                     at += n as u64;
                 }
             }
@@ -300,10 +357,14 @@ impl<'a> Merge<'a> {
     }
 
     /// Writes (coalesced) and hashes result bytes at `off` of the current
-    /// component.
-    fn emit(&mut self, off: u64, data: &[u8]) -> Result<()> {
+    /// component; in memory, bytes `from_base` (at their base position) are
+    /// only hashed.
+    fn emit(&mut self, off: u64, data: &[u8], from_base: bool) -> Result<()> {
         if let Some(h) = self.hasher.as_mut() {
             h.feed(off, data);
+        }
+        if from_base && matches!(self.out, Out::Memory(_)) {
+            return Ok(());
         }
         if self.wbuf.is_empty() {
             self.wbuf_off = off;
@@ -322,7 +383,16 @@ impl<'a> Merge<'a> {
     }
 
     fn write_out(&mut self, off: u64, data: &[u8]) -> Result<()> {
-        self.out[self.cur]
+        self.keep(data.len())?;
+        let files = match &mut self.out {
+            Out::Files(f) => f,
+            Out::Memory(p) => {
+                p[self.cur].push(off, Piece::Data(data.to_vec()));
+                self.stats.written_bytes += data.len() as u64;
+                return Ok(());
+            }
+        };
+        files[self.cur]
             .write_all_at(data, off)
             .ctx(|| "writing the launch VM".into())?;
         self.stats.written_bytes += data.len() as u64;
@@ -330,18 +400,27 @@ impl<'a> Merge<'a> {
         if self.writeback_every > 0 && self.unsynced >= self.writeback_every {
             self.unsynced = 0;
             use std::os::fd::AsRawFd;
-            crate::sys::file::start_writeback(self.out[self.cur].as_raw_fd());
+            crate::sys::file::start_writeback(files[self.cur].as_raw_fd());
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
-        if !self.wbuf.is_empty() {
-            let buf = std::mem::take(&mut self.wbuf);
-            self.write_out(self.wbuf_off, &buf)?;
-            self.wbuf = buf;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
+        self.keep(self.wbuf.len())?;
+        if let Out::Memory(p) = &mut self.out {
+            // The buffer itself becomes the piece: no copy.
+            let data = std::mem::replace(&mut self.wbuf, Vec::with_capacity(WRITE_BUF));
+            self.stats.written_bytes += data.len() as u64;
+            p[self.cur].push(self.wbuf_off, Piece::Data(data));
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.wbuf);
+        self.write_out(self.wbuf_off, &buf)?;
+        self.wbuf = buf;
+        self.wbuf.clear();
         Ok(())
     }
 
@@ -366,11 +445,18 @@ impl<'a> Merge<'a> {
             Op::Zero => {
                 // The output is a fresh sparse file: leaving the range
                 // unwritten makes it zero (a hole), and gaps hash as zeros.
+                // In memory, the base's bytes there must be covered.
+                if matches!(self.out, Out::Memory(_)) {
+                    self.flush()?;
+                    if let Out::Memory(p) = &mut self.out {
+                        p[self.cur].push(start, Piece::Zero(end - start));
+                    }
+                }
             }
             Op::Literal(range) => {
                 let data = &body[range.clone()];
                 debug_assert_eq!(data.len(), run_bytes(size, r.start, end_chunk));
-                self.emit(start, data)?;
+                self.emit(start, data, false)?;
             }
             Op::Delta(range) => {
                 let len = chunk_len(size, r.start);
@@ -384,7 +470,7 @@ impl<'a> Merge<'a> {
                     None => chunk.fill(0),
                 }
                 delta::apply(&body[range.clone()], chunk);
-                let res = self.emit(start, chunk);
+                let res = self.emit(start, chunk, false);
                 self.scratch = buf;
                 res?;
             }
@@ -399,20 +485,15 @@ impl<'a> Merge<'a> {
                     let dst = (r.start + k) * CHUNK;
                     let n = run_bytes(size, r.start + k, r.start + k + piece);
                     let mut buf = std::mem::take(&mut self.scratch);
-                    let (file, fsize) = if is_self {
-                        (
-                            &self.out[usize::from(comp)],
-                            self.launch[usize::from(comp)].size,
+                    let rd = self
+                        .read_source(
+                            is_self,
+                            usize::from(comp),
+                            &mut buf[..n],
+                            (chunk + k) * CHUNK,
                         )
-                    } else {
-                        (
-                            &self.base_files[usize::from(comp)],
-                            self.base_sizes[usize::from(comp)],
-                        )
-                    };
-                    let rd = read_at_zero_padded(file, &mut buf[..n], (chunk + k) * CHUNK, fsize)
                         .ctx(|| "reading a copy source".into());
-                    let res = rd.and_then(|_| self.emit(dst, &buf[..n]));
+                    let res = rd.and_then(|_| self.emit(dst, &buf[..n], false));
                     self.scratch = buf;
                     res?;
                     k += piece;
@@ -422,5 +503,38 @@ impl<'a> Merge<'a> {
         self.progress.advance(end - start);
         self.pos = end;
         Ok(())
+    }
+
+    /// Reads a copy's source: base component `comp`, or (`is_self`) launch
+    /// component `comp` as built so far.
+    fn read_source(
+        &self,
+        is_self: bool,
+        comp: usize,
+        buf: &mut [u8],
+        off: u64,
+    ) -> std::io::Result<()> {
+        if !is_self {
+            return read_at_zero_padded(&self.base_files[comp], buf, off, self.base_sizes[comp]);
+        }
+        let size = self.launch[comp].size;
+        match &self.out {
+            Out::Files(f) => read_at_zero_padded(&f[comp], buf, off, size),
+            Out::Memory(p) => {
+                // The launch component so far: its base's bytes under what
+                // replaced them.
+                match self.paired[comp] {
+                    Some(b) => read_at_zero_padded(
+                        &self.base_files[b],
+                        buf,
+                        off,
+                        self.base_sizes[b].min(size),
+                    )?,
+                    None => buf.fill(0),
+                }
+                p[comp].overlay(buf, off);
+                Ok(())
+            }
+        }
     }
 }

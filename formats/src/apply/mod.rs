@@ -219,6 +219,86 @@ fn apply_one(
     Ok(stats)
 }
 
+/// The launch VM of [`patch`].
+#[derive(Debug)]
+pub enum Patch {
+    /// Held in memory over the base.
+    Memory(crate::vmdir::patched::Patched),
+    /// Written out (its changes outgrew the budget).
+    Written(VmDir),
+}
+
+/// How many changed bytes [`patch`] holds in memory by default before it
+/// writes the launch VM out instead.
+pub const PATCH_BUDGET: u64 = 512 << 20;
+
+/// Applies the overlay `o` (opened with `opts`' secret and policy) to
+/// `base` in memory: the result is `base`'s files plus what the overlay
+/// replaces, checked against the launch digests exactly as a written
+/// apply's files are, and never written out (`kimberlize build --parent`
+/// resumes it and diffs against it). When the changed bytes would exceed
+/// `budget`, the launch VM is written to `spill_to` (which must not exist;
+/// without fsync) instead, as [`apply_chain`] would.
+pub fn patch(
+    base: VmDir,
+    o: Opened,
+    opts: &ApplyOptions,
+    progress: &Progress,
+    spill_to: &Path,
+    budget: u64,
+) -> Result<(Patch, ApplyStats)> {
+    let t0 = Instant::now();
+    check_chain(&base, std::slice::from_ref(&o))?;
+    if crate::fsutil::occupied(spill_to) {
+        return Err(Error::Exists(spill_to.to_path_buf()));
+    }
+    let mut stats = ApplyStats {
+        overlays: 1,
+        ..Default::default()
+    };
+    let mut launch = o.manifest.launch_manifest();
+    launch.machine = base.manifest.machine.clone();
+    progress.stage("applying");
+    let writer = std::cell::RefCell::new(None);
+    let spill: merge::Spill<'_> = Box::new(|| {
+        let mut w = VmDirWriter::create(spill_to)?;
+        w.set_sync(opts.sync);
+        let mut files = Vec::new();
+        for (i, c) in launch.components.iter().enumerate() {
+            let f = w.create_file(&launch.file_name(i))?;
+            f.set_len(c.size)
+                .map_err(|e| Error::io(format!("sizing {}", launch.file_name(i)), e))?;
+            files.push(f);
+        }
+        *writer.borrow_mut() = Some(w);
+        Ok(files)
+    });
+    let mut m = merge::Merge::in_memory(&base, &o.manifest, progress, budget, spill)?;
+    let geo = o.geometry();
+    let dstats = decode::run(o, geo, opts.threads, None, |seg| m.segment(seg))?;
+    stats.times.receive_ms = dstats.receive_done.duration_since(t0).as_millis() as u64;
+    stats.times.decode_cpu_ms = dstats.decode_cpu_ms;
+    let (mstats, patches) = m.finish_patches()?;
+    if mstats.chunks != dstats.index.stats {
+        return Err(Error::Corrupt(
+            "the index's statistics do not match the records".into(),
+        ));
+    }
+    stats.launch_bytes = crate::vmdir::total_size(&launch.components);
+    let result = match (patches, writer.into_inner()) {
+        (Some(p), None) => Patch::Memory(crate::vmdir::patched::Patched::new(base, launch, p)),
+        (None, Some(w)) => Patch::Written(VmDir::open(&w.commit(&launch)?)?),
+        _ => unreachable!("a merge spills exactly when it made the files"),
+    };
+    stats.times.apply_ms = t0.elapsed().as_millis() as u64;
+    stats.times.total_ms = t0.elapsed().as_millis() as u64;
+    stats.overlay_bytes = dstats.bytes;
+    stats.segments = dstats.segments;
+    stats.chunks = mstats.chunks;
+    stats.written_bytes = mstats.written_bytes;
+    Ok((result, stats))
+}
+
 /// What `verify` found.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyReport {

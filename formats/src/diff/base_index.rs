@@ -1,6 +1,7 @@
 //! Reads the base once: verifies its component digests and indexes every
 //! non-zero chunk by fingerprint, so launch chunks equal to any base chunk
-//! are found.
+//! are found. The base is a VMDIR, or a chain's launch VM held as its base
+//! plus in-memory changes ([`Base::Patched`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +15,54 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::read_at_zero_padded;
 use crate::progress::Progress;
 use crate::sparse::{data_extents, ExtentMap};
+use crate::vmdir::manifest::Manifest;
+use crate::vmdir::patched::{Patched, Patches};
 use crate::vmdir::VmDir;
+
+/// The VM a diff is relative to.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    /// A VMDIR, verified against its manifest while it is indexed.
+    Dir(&'a VmDir),
+    /// A chain's launch VM never written out, already verified when its
+    /// patches were made (`apply::patch`).
+    Patched(&'a Patched),
+}
+
+impl<'a> From<&'a VmDir> for Base<'a> {
+    fn from(d: &'a VmDir) -> Self {
+        Base::Dir(d)
+    }
+}
+
+impl<'a> From<&'a Patched> for Base<'a> {
+    fn from(p: &'a Patched) -> Self {
+        Base::Patched(p)
+    }
+}
+
+impl Base<'_> {
+    /// Its manifest.
+    pub fn manifest(&self) -> &Manifest {
+        match self {
+            Base::Dir(d) => &d.manifest,
+            Base::Patched(p) => &p.manifest,
+        }
+    }
+
+    /// Its identity.
+    pub fn identity(&self) -> [u8; 32] {
+        self.manifest().identity()
+    }
+
+    /// What to call it in messages.
+    pub fn path(&self) -> std::path::PathBuf {
+        match self {
+            Base::Dir(d) => d.path.clone(),
+            Base::Patched(p) => p.path(),
+        }
+    }
+}
 
 /// Keys are already hashes: use them as they are.
 #[derive(Default, Clone, Copy)]
@@ -51,9 +99,12 @@ pub fn unpack(p: u64) -> (u8, u64) {
 pub const READ_BLOCK: usize = 8 << 20;
 
 /// The base, opened and indexed.
-pub struct BaseIndex {
-    /// Open component files.
-    pub files: Vec<File>,
+pub struct BaseIndex<'a> {
+    /// The file read under each component, with how much of it to read
+    /// (`None`: zeros).
+    files: Vec<Option<(File, u64)>>,
+    /// What replaces some of the files' bytes, one list per component.
+    patches: Option<&'a [Patches]>,
     /// Component sizes.
     pub sizes: Vec<u64>,
     /// Data extents per component.
@@ -64,27 +115,51 @@ pub struct BaseIndex {
     pub read_bytes: u64,
 }
 
-impl BaseIndex {
-    /// Reads, verifies and indexes `base`.
-    pub fn build(base: &VmDir, progress: &Progress) -> Result<BaseIndex> {
-        let n = base.manifest.components.len();
+impl<'a> BaseIndex<'a> {
+    /// Reads, verifies (a VMDIR) and indexes `base`.
+    pub fn build(base: Base<'a>, progress: &Progress) -> Result<BaseIndex<'a>> {
+        let manifest = base.manifest();
+        let n = manifest.components.len();
         let mut idx = BaseIndex {
             files: Vec::with_capacity(n),
+            patches: None,
             sizes: Vec::with_capacity(n),
             extents: Vec::with_capacity(n),
             map: FingerprintMap::default(),
             read_bytes: 0,
         };
-        for i in 0..n {
-            let f = base.open_component(i)?;
-            let size = base.manifest.components[i].size;
-            let ext = ExtentMap::new(
-                data_extents(&f, size)
-                    .ctx(|| format!("reading {}", base.component_path(i).display()))?,
-            );
-            idx.files.push(f);
-            idx.sizes.push(size);
-            idx.extents.push(ext);
+        let name = |i: usize| match base {
+            Base::Dir(d) => d.component_path(i).display().to_string(),
+            Base::Patched(p) => format!("{} (component {i})", p.path().display()),
+        };
+        match base {
+            Base::Dir(d) => {
+                for i in 0..n {
+                    let f = d.open_component(i)?;
+                    let size = manifest.components[i].size;
+                    let ext = ExtentMap::new(
+                        data_extents(&f, size).ctx(|| format!("reading {}", name(i)))?,
+                    );
+                    idx.files.push(Some((f, size)));
+                    idx.sizes.push(size);
+                    idx.extents.push(ext);
+                }
+            }
+            Base::Patched(p) => {
+                let files = p.open_files()?;
+                for i in 0..n {
+                    let size = manifest.components[i].size;
+                    idx.extents.push(ExtentMap::new(p.extents(i, &files)?));
+                    idx.sizes.push(size);
+                }
+                // Never read past the component from its base's file.
+                idx.files = files
+                    .into_iter()
+                    .zip(&idx.sizes)
+                    .map(|(f, &size)| f.map(|(f, fsize)| (f, fsize.min(size))))
+                    .collect();
+                idx.patches = Some(&p.patches);
+            }
         }
         progress.stage("indexing base");
         // Data extents can be small and many (a filesystem image): pieces
@@ -108,8 +183,8 @@ impl BaseIndex {
                         .min((size - pos) as usize);
                     let at = batch.buf.len();
                     batch.buf.resize(at + len, 0);
-                    read_at_zero_padded(&idx.files[i], &mut batch.buf[at..], pos, size)
-                        .ctx(|| format!("reading {}", base.component_path(i).display()))?;
+                    idx.read_at(i, &mut batch.buf[at..], pos)
+                        .ctx(|| format!("reading {}", name(i)))?;
                     hasher.feed(pos, &batch.buf[at..]);
                     batch.pieces.push((at, pos / CHUNK));
                     idx.read_bytes += len as u64;
@@ -125,23 +200,38 @@ impl BaseIndex {
             batch.index(&mut idx.map, i as u8, size);
             // Holes count as done: the run's total is the components' sizes.
             progress.advance(size.saturating_sub(read));
-            if hasher.finish() != base.manifest.components[i].digest {
-                return Err(Error::VmDir {
-                    path: base.path.clone(),
-                    why: format!(
-                        "{} does not match its manifest digest",
-                        base.manifest.file_name(i)
-                    ),
-                });
+            // A patched VM was checked when its patches were made.
+            if let Base::Dir(d) = base {
+                if hasher.finish() != manifest.components[i].digest {
+                    return Err(Error::VmDir {
+                        path: d.path.clone(),
+                        why: format!(
+                            "{} does not match its manifest digest",
+                            manifest.file_name(i)
+                        ),
+                    });
+                }
             }
         }
         Ok(idx)
     }
 
+    /// Reads `buf.len()` bytes of base component `comp` at `off` (zero past
+    /// its end).
+    pub fn read_at(&self, comp: usize, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        match &self.files[comp] {
+            Some((f, limit)) => read_at_zero_padded(f, buf, off, *limit)?,
+            None => buf.fill(0),
+        }
+        if let Some(p) = self.patches {
+            p[comp].overlay(buf, off);
+        }
+        Ok(())
+    }
+
     /// Reads base chunk `(comp, chunk)` into `buf` (zero past the end).
     pub fn read_chunk(&self, comp: u8, chunk: u64, buf: &mut [u8]) -> Result<()> {
-        let c = usize::from(comp);
-        read_at_zero_padded(&self.files[c], buf, chunk * CHUNK, self.sizes[c])
+        self.read_at(usize::from(comp), buf, chunk * CHUNK)
             .ctx(|| "reading the base".into())
     }
 }

@@ -53,9 +53,9 @@ pub fn paired(base: &Manifest, launch: &Manifest, i: usize) -> Option<usize> {
 
 /// Runs the launch pass, feeding decisions to `enc`.
 pub fn run(
-    base: &VmDir,
+    base: &Manifest,
     launch: &VmDir,
-    index: &BaseIndex,
+    index: &BaseIndex<'_>,
     enc: &mut SegmentBuilder<'_>,
     progress: &Progress,
 ) -> Result<ClassifyStats> {
@@ -76,7 +76,7 @@ pub fn run(
             data_extents(&files[i], size)
                 .ctx(|| format!("reading {}", launch.component_path(i).display()))?,
         );
-        let pair = paired(&base.manifest, &launch.manifest, i);
+        let pair = paired(base, &launch.manifest, i);
         let (bsize, bext) = match pair {
             Some(p) => (index.sizes[p], Some(&index.extents[p])),
             None => (0, None),
@@ -104,8 +104,12 @@ pub fn run(
             let b = &mut bbuf[..len];
             match (pair, bext) {
                 (Some(p), Some(e)) => {
-                    read_data(&index.files[p], e, b, pos, bsize, |_, _| {})
-                        .ctx(|| "reading the base".into())?;
+                    b.fill(0);
+                    for (x, y) in e.data_in(pos, end.min(bsize)) {
+                        index
+                            .read_at(p, &mut b[(x - pos) as usize..(y - pos) as usize], x)
+                            .ctx(|| "reading the base".into())?;
+                    }
                 }
                 _ => b.fill(0),
             }
@@ -211,7 +215,7 @@ fn read_data(
     Ok(n)
 }
 
-fn classify(lc: &[u8], bc: &[u8], index: &BaseIndex) -> Result<Class> {
+fn classify(lc: &[u8], bc: &[u8], index: &BaseIndex<'_>) -> Result<Class> {
     if lc == bc {
         return Ok(Class::Unchanged);
     }

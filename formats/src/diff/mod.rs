@@ -26,7 +26,9 @@ use crate::overlay::header::{Header, DEFAULT_VERSION, VERSION_1, VERSION_MAP};
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
 use crate::overlay::Pos;
 use crate::progress::Progress;
-use crate::vmdir::{total_size, VmDir};
+use crate::vmdir::{total_size, Manifest, VmDir};
+
+pub use base_index::Base;
 
 /// The default zstd level (FORMAT.md section 12.2 says why 8).
 pub const DEFAULT_LEVEL: i32 = 8;
@@ -129,27 +131,29 @@ pub struct DiffStats {
 
 /// The units of work [`diff`] reports to its [`Progress`]: the base's and
 /// the launch VM's sizes (the base is indexed, then the launch VM read).
-pub fn work(base: &VmDir, launch: &VmDir) -> u64 {
-    total_size(&base.manifest.components) + total_size(&launch.manifest.components)
+pub fn work(base: &Manifest, launch: &VmDir) -> u64 {
+    total_size(&base.components) + total_size(&launch.manifest.components)
 }
 
-/// Diffs `launch` against `base`, writing the overlay to `out`.
-pub fn diff<W: Write + Send>(
-    base: &VmDir,
+/// Diffs `launch` against `base` (a VMDIR, or a chain's launch VM held in
+/// memory: [`Base`]), writing the overlay to `out`.
+pub fn diff<'a, W: Write + Send>(
+    base: impl Into<Base<'a>>,
     launch: &VmDir,
     opts: &DiffOptions,
     out: W,
     progress: &Progress,
 ) -> Result<(W, DiffStats)> {
     let t0 = Instant::now();
+    let base: Base<'a> = base.into();
     let mut stats = DiffStats::default();
     // An overlay does not carry the machine: the launch VM gets its base's.
-    if launch.manifest.machine != base.manifest.machine {
+    if launch.manifest.machine != base.manifest().machine {
         return Err(Error::VmDir {
             path: launch.path.clone(),
             why: format!(
                 "made for another machine than its base {} (backend, version, machine type, accelerator, CPU, devices or kernel command line differ): an overlay can only relate VMs of one machine",
-                base.path.display()
+                base.path().display()
             ),
         });
     }
@@ -186,7 +190,7 @@ pub fn diff<W: Write + Send>(
         name: launch.manifest.name.clone(),
         vcpus: launch.manifest.vcpus,
         launch: launch.manifest.components.clone(),
-        base: base.manifest.components.clone(),
+        base: base.manifest().components.clone(),
     }
     .encode();
     let segment_bytes = opts.segment_bytes.clamp(4096, MAX_BODY / 2);
@@ -237,7 +241,7 @@ pub fn diff<W: Write + Send>(
     let sealer = sealer_for(&header, keys.as_ref());
 
     // A no-op when the front end planned a larger run (parents first).
-    progress.plan(work(base, launch));
+    progress.plan(work(base.manifest(), launch));
     let index = base_index::BaseIndex::build(base, progress)?;
     stats.base_read_bytes = index.read_bytes;
     stats.times.base_index_ms = t0.elapsed().as_millis() as u64;
@@ -249,7 +253,7 @@ pub fn diff<W: Write + Send>(
         if !opts.working_set.is_empty() {
             enc = enc.with_working_set(&opts.working_set);
         }
-        let cstats = classify::run(base, launch, &index, &mut enc, progress)?;
+        let cstats = classify::run(base.manifest(), launch, &index, &mut enc, progress)?;
         stats.launch_read_bytes = cstats.launch_read_bytes;
         stats.chunks = enc.finish()?;
         stats.times.classify_ms = t1.elapsed().as_millis() as u64;

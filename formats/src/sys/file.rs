@@ -55,6 +55,24 @@ pub fn start_writeback(fd: RawFd) {
     }
 }
 
+/// Starts writing bytes `off..off + len` of `fd` back to disk without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over that range: a
+/// large sequential write starts each window's writeback as it completes,
+/// so the final fsync has little left). It does not make the data durable
+/// (fsync does), and its failure is harmless (that fsync reports real
+/// errors), so it is ignored.
+pub fn start_writeback_range(fd: RawFd, off: u64, len: u64) {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range on a descriptor the caller holds open, with
+    // offsets by value; it only starts writeback and borrows no memory.
+    // An invalid `fd` makes it fail with EBADF.
+    unsafe {
+        libc::sync_file_range(fd, off, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

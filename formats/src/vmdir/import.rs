@@ -446,7 +446,7 @@ fn unsupported(e: &io::Error) -> bool {
 /// Copies `src` (`size` bytes) into the empty `dst`: shares its extents if
 /// the file system can, else copies its data extents in the kernel, else
 /// reads and writes them. Holes stay holes in the last two.
-fn copy_reflink(src: &File, size: u64, dst: &File) -> Result<CopyMethod> {
+pub fn copy_reflink(src: &File, size: u64, dst: &File) -> Result<CopyMethod> {
     for way in [Way::Clone, Way::Kernel] {
         match copy_via(way, src, size, dst) {
             Ok(m) => return Ok(m),

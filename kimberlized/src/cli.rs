@@ -1,0 +1,109 @@
+//! `kimberlized`'s command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The cloudlet daemon: binds devices over mutual TLS, synthesises their
+/// overlays against the base VMs it holds, runs the launch VMs.
+///
+/// Serves the HTTPS+JSON API of docs/CLOUDLET.md on --listen. Every client
+/// must present a certificate from --client-ca; the handshake fails
+/// otherwise and no request is read. A device uploads its overlay with the
+/// key in a request header (inside the TLS session only); the daemon picks
+/// the base the overlay was made from, checks the limits before anything
+/// is written, applies it into --state-dir while it arrives, resumes the
+/// launch VM and streams the progress back as JSON lines. Control requests
+/// (status, pause, resume, exec, stop) go to the VM's agent. Unless
+/// --no-mdns, it advertises itself with DNS-SD (_kimberley._tcp, TXT: API
+/// version and base identities); trust never comes from that
+/// advertisement.
+///
+/// Logs are JSON lines on stderr. SIGINT/SIGTERM suspend every running
+/// session's VM into the state directory, where the next start lists them
+/// as suspended.
+#[derive(Debug, Parser)]
+#[command(name = "kimberlized", version, long_version = kimberley_cli::version::long(&[]), about, long_about)]
+pub struct Cli {
+    /// Address and port to listen on (port 0: any; the `listening` log
+    /// line says which).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "[::]:7466")]
+    pub listen: SocketAddr,
+    /// State directory (made 0700): session directories with their launch
+    /// VMs and control sockets.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kimberley")]
+    pub state_dir: PathBuf,
+    /// A base VM directory the daemon holds (repeat for more); its
+    /// identity is computed at start.
+    #[arg(long, value_name = "VMDIR", required = true)]
+    pub base: Vec<PathBuf>,
+    /// PEM: the daemon's certificate (then intermediates); clients check
+    /// it against their CA and the name they dial.
+    #[arg(long, value_name = "PEM")]
+    pub cert: PathBuf,
+    /// PEM: the daemon's private key.
+    #[arg(long, value_name = "PEM")]
+    pub key: PathBuf,
+    /// PEM: the CA whose certificates identify devices (only they are
+    /// served).
+    #[arg(long, value_name = "PEM")]
+    pub client_ca: PathBuf,
+    /// Sessions with a running or starting VM at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub max_sessions: usize,
+    /// Guest memory of those VMs together (e.g. 8G).
+    #[arg(long, value_name = "SIZE", value_parser = kimberley_cli::run::parse_size, default_value = "4G")]
+    pub max_memory: u64,
+    /// Launch VM sizes of every session in the state directory together,
+    /// suspended ones included (e.g. 100G).
+    #[arg(long, value_name = "SIZE", value_parser = kimberley_cli::run::parse_size, default_value = "64G")]
+    pub max_disk: u64,
+    /// The DNS-SD instance name (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The host name DNS-SD advertises (default: NAME.local.); the
+    /// daemon's certificate should carry it.
+    #[arg(long, value_name = "HOST")]
+    pub mdns_host: Option<String>,
+    /// Do not advertise with DNS-SD.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// A registry (`HOST[:PORT]`) whose references devices may ask for
+    /// (repeat for more); chains come from the cloudlet cache (--cache),
+    /// what it lacks from the registry. Without it, references are
+    /// refused: only uploads are served.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub allow_registry: Vec<String>,
+    #[command(flatten)]
+    pub cache: kimberley_cli::oci::CacheArgs,
+    #[command(flatten)]
+    pub registry: kimberley_cli::oci::RegistryArgs,
+    /// Worker threads for synthesis (default: all cores).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// Examples (shown by `--help`).
+pub const EXAMPLES: kimberley_cli::help::Examples = &[(
+    "kimberlized",
+    "kimberlized --listen [::]:7466 --state-dir /var/lib/kimberley \\
+    --base /srv/kimberley/bases/debian12 --base /srv/kimberley/bases/microvm \\
+    --cert /etc/kimberley/cloudlet.pem --key /etc/kimberley/cloudlet.key \\
+    --client-ca /etc/kimberley/devices-ca.pem --max-sessions 8 --max-memory 16G",
+)];
+
+/// The command line with its examples and exit codes in the long help.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    kimberley_cli::help::decorate(
+        Cli::command(),
+        kimberley_cli::exit::Tool::Kimberlized,
+        EXAMPLES,
+    )
+}
+
+/// Parses the process's arguments.
+pub fn parse() -> Cli {
+    kimberley_cli::help::parse(command())
+}
