@@ -17,7 +17,7 @@ use kimberley_formats::diff::{diff, DiffOptions, Parent, Protection};
 use kimberley_formats::digest::hex;
 use kimberley_formats::overlay::frame::SegmentKind;
 use kimberley_formats::overlay::frame::{FrameHeader, FRAME_HEADER_LEN};
-use kimberley_formats::overlay::header::{Header, HEADER_LEN, VERSION_1};
+use kimberley_formats::overlay::header::{Header, HEADER_LEN, VERSION_1, VERSION_MAP};
 use kimberley_formats::overlay::io::{compress, seal_frame, FrameReader, FrameWriter};
 use kimberley_formats::overlay::map::{CoverageMap, Location, MapRange, SegmentInfo};
 use kimberley_formats::overlay::record::{self, Geometry, Op, Record};
@@ -63,6 +63,39 @@ fn golden_vectors_v2() {
         generate_v2();
     }
     check_dir(&dir().join("v2"));
+}
+
+/// The coverage map is sealed like every segment: one flipped bit in its
+/// frame (header or sealed bytes) fails authentication, under a key and
+/// without one (BLAKE3 integrity), before anything is written.
+#[test]
+fn a_flipped_bit_in_the_coverage_map_fails_authentication() {
+    let d = dir().join("v2");
+    for (name, sec) in [("ok-key.ovl", "key.bin"), ("ok-plain.ovl", "-")] {
+        let ovl = std::fs::read(d.join(name)).unwrap();
+        let (at, len) = frames(&ovl)[1];
+        let fh = FrameHeader::decode(ovl[at..at + FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(fh.kind, SegmentKind::Map, "{name}: the second frame is the map");
+        // A bit of the sealed body near its start, middle and end, and the
+        // frame header's last-flag (covered by the nonce).
+        for (i, bit) in [
+            (at + FRAME_HEADER_LEN, 0x01),
+            (at + len / 2, 0x10),
+            (at + len - 1, 0x80),
+            (at + 1, 0x01),
+        ] {
+            let mut bad = ovl.clone();
+            bad[i] ^= bit;
+            let t = tempfile::tempdir().unwrap();
+            let out = t.path().join("out");
+            let e = apply(&d.join("../base"), &[&bad], &out, secret(sec))
+                .err()
+                .unwrap_or_else(|| panic!("{name}: byte {i} flipped, accepted"));
+            let want = if i == at + 1 { 3 } else { 4 };
+            assert_eq!(e.exit_code(), want, "{name}: byte {i}: {e}");
+            assert!(!out.exists());
+        }
+    }
 }
 
 fn check_dir(d: &Path) {
@@ -498,6 +531,7 @@ fn generate_v2() {
             threads: 1,
             segment_bytes: 8 << 10,
             level: 3,
+            version: VERSION_MAP,
             working_set: ws,
             ..DiffOptions::new(prot)
         };
