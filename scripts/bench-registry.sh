@@ -4,11 +4,15 @@
 # dir), pushes a one-layer chain of SIZE random (incompressible) bytes and
 # one of SIZE/4, and measures:
 #   1. kimberlize fetch into an empty cache (sha256 checked): throughput,
-#      target >= 1 GB/s on loopback;
+#      target >= 1 GB/s on loopback; 1b. the same into a cache on tmpfs
+#      (SHM_DIR), where no disk bounds it;
 #   2. a fetch of a chain the cache has, by tag (one manifest GET) and by
 #      digest (no network): wall time, target <= 50 ms;
 #   3. max RSS of the cold fetch for both sizes: target flat in overlay size;
-#   4. dekimberlize --from with an empty cache (streamed apply), for context.
+#   4. dekimberlize --from with an empty cache (streamed apply), for context;
+#   5. peers in the same rounds: curl of the same blob into a file, fsynced
+#      (no digest check), curl into /dev/null (the registry's own rate on
+#      this machine) and dd of 1 GiB of zeros with conv=fsync (the disk's).
 # Rewrites the <!-- bench-registry:begin/end --> section of BENCHMARKS.md.
 #
 # Environment (all optional):
@@ -19,6 +23,8 @@
 #                     "-" prints the section instead)
 #   BIN_DIR=DIR       kimberlize/dekimberlize to use (default: a release build)
 #   NO_BUILD=1        do not build them
+#   SHM_DIR=DIR       a tmpfs for row 1b (default /dev/shm; skipped when it
+#                     lacks room for two copies of the larger overlay)
 set -euo pipefail
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
@@ -107,15 +113,53 @@ stats() { # numbers on stdin -> "median min max"
     sort -n | awk '{a[NR]=$1} END {printf "%s %s %s\n", a[int((NR+1)/2)], a[1], a[NR]}'
 }
 
-log "cold fetches of $big_bytes bytes"
-cold=() rss_big=() rss_small=()
+blob_url() { # NAME -> the URL of its overlay's blob
+    local d
+    d=$(sha256sum "$W/$1/l.ovl" | cut -d' ' -f1)
+    echo "http://$R/v2/bench/$1/blobs/sha256:$d"
+}
+BIG_URL=$(blob_url big)
+rate() { # BYTES NS -> MB/s
+    awk -v b="$1" -v n="$2" 'BEGIN {printf "%.0f", b / (n / 1e9) / 1e6}'
+}
+
+log "cold fetches of $big_bytes bytes, and the peers"
+cold=() shm=() rss_big=() rss_small=() curl_file=() curl_null=() disk=()
+SHM_DIR=${SHM_DIR:-/dev/shm}
+shm_cache=
+if [[ -d $SHM_DIR ]] && (($(df -B1 --output=avail "$SHM_DIR" | tail -1) > 2 * big_bytes)); then
+    shm_cache=$(mktemp -d -p "$SHM_DIR" kimberley-bench.XXXXXX)
+    trap 'kill $reg_pid 2>/dev/null || true; rm -rf "$shm_cache"; [[ -s $W/last.err ]] && cat "$W/last.err" >&2 || true' EXIT
+fi
 for i in $(seq "$RUNS"); do
+    rm -f "$W/peer.blob"
+    sync
+    t0=$(date +%s%N)
+    curl -fs -o "$W/peer.blob" "$BIG_URL"
+    sync -f "$W/peer.blob"
+    curl_file+=("$(rate "$big_bytes" $(($(date +%s%N) - t0)))")
+    rm -f "$W/peer.blob"
+    t0=$(date +%s%N)
+    curl -fs -o /dev/null "$BIG_URL"
+    curl_null+=("$(rate "$big_bytes" $(($(date +%s%N) - t0)))")
+    sync
+    t0=$(date +%s%N)
+    dd if=/dev/zero of="$W/peer.dd" bs=1M count=1024 conv=fsync status=none
+    disk+=("$(rate $((1 << 30)) $(($(date +%s%N) - t0)))")
+    rm -f "$W/peer.dd"
     rm -rf "$W/cache"
     sync
     /usr/bin/time -f '%e %M' -o "$W/time" "$KIMB" fetch -q --cache "$W/cache" "$R/bench/big:v1"
     read -r secs kib < "$W/time"
     cold+=("$(awk -v b="$big_bytes" -v s="$secs" 'BEGIN {printf "%.0f", b / s / 1e6}')")
     rss_big+=("$kib")
+    if [[ -n $shm_cache ]]; then
+        rm -rf "$shm_cache/c"
+        t0=$(date +%s%N)
+        "$KIMB" fetch -q --cache "$shm_cache/c" "$R/bench/big:v1"
+        shm+=("$(rate "$big_bytes" $(($(date +%s%N) - t0)))")
+        rm -rf "$shm_cache/c"
+    fi
     rm -rf "$W/cache-small"
     /usr/bin/time -f '%e %M' -o "$W/time" "$KIMB" fetch -q --cache "$W/cache-small" "$R/bench/small:v1"
     read -r _ kib < "$W/time"
@@ -142,6 +186,15 @@ read -r rb_med _ _ < <(printf '%s\n' "${rss_big[@]}" | stats)
 read -r rs_med _ _ < <(printf '%s\n' "${rss_small[@]}" | stats)
 read -r from_med from_min from_max < <(printf '%s\n' "${from[@]}" | stats)
 verdict() { if awk "BEGIN {exit !($1)}"; then echo '**PASS**'; else echo '**MISS**'; fi; }
+if ((${#shm[@]})); then
+    read -r sh_med sh_min sh_max < <(printf '%s\n' "${shm[@]}" | stats)
+    shm_row="| 1b. the same into a cache on tmpfs ($SHM_DIR): no disk | ${sh_med} MB/s | ${sh_min} – ${sh_max} MB/s | ≥ 1000 MB/s | $(verdict "$sh_med >= 1000") |"
+else
+    shm_row="| 1b. the same into a cache on tmpfs | not run: $SHM_DIR missing or too small | — | — | — |"
+fi
+read -r cf_med cf_min cf_max < <(printf '%s\n' "${curl_file[@]}" | stats)
+read -r cn_med cn_min cn_max < <(printf '%s\n' "${curl_null[@]}" | stats)
+read -r dk_med dk_min dk_max < <(printf '%s\n' "${disk[@]}" | stats)
 
 section=$(cat <<MD
 <!-- bench-registry:begin -->
@@ -154,10 +207,16 @@ Debian's docker-registry $(dpkg-query -W -f='${Version}' docker-registry 2>/dev/
 | measurement | median | min – max | target | result |
 |---|---|---|---|---|
 | 1. \`kimberlize fetch\`, empty cache, $big_bytes bytes, sha256 checked, fsynced | ${cold_med} MB/s | ${cold_min} – ${cold_max} MB/s | ≥ 1000 MB/s | $(verdict "$cold_med >= 1000") |
+${shm_row}
 | 2a. fetch of a cached chain by tag (one manifest GET) | ${tag_med} ms | ${tag_min} – ${tag_max} ms | ≤ 50 ms | $(verdict "$tag_med <= 50") |
 | 2b. fetch of a cached chain by digest (no network) | ${dig_med} ms | ${dig_min} – ${dig_max} ms | ≤ 50 ms | $(verdict "$dig_med <= 50") |
 | 3. max RSS of the cold fetch: $big_bytes vs $small_bytes bytes | $((rb_med / 1024)) MiB vs $((rs_med / 1024)) MiB | — | flat in overlay size | $(verdict "$rb_med <= $rs_med * 1.25 + 4096") |
 | 4. \`dekimberlize --from\`, empty cache (streamed apply, \`--no-sync\`) | ${from_med} ms | ${from_min} – ${from_max} ms | — | — |
+| 5a. peer: \`curl -o FILE\` of the same blob, fsynced, no digest check | ${cf_med} MB/s | ${cf_min} – ${cf_max} MB/s | — | fetch / curl: $(awk -v a="$cold_med" -v b="$cf_med" 'BEGIN {printf "%.2f", a / b}') |
+| 5b. peer: \`curl -o /dev/null\` of the same blob (the registry's rate here) | ${cn_med} MB/s | ${cn_min} – ${cn_max} MB/s | — | — |
+| 5c. the disk: \`dd\` of 1 GiB of zeros, \`conv=fsync\` | ${dk_med} MB/s | ${dk_min} – ${dk_max} MB/s | — | — |
+
+Rows 1, 5a, 5b and 5c run in the same rounds, so they share the machine's state; 1 and 5a write to the same disk and wait for it (fsync), so 5c bounds both.
 <!-- bench-registry:end -->
 MD
 )

@@ -116,7 +116,10 @@ build_artifacts() {
     command -v cpio >/dev/null || die "cpio not found (apt-get install cpio)"
     local bb
     bb=$(command -v busybox)
-    busybox --list | grep -qx modprobe || die "$bb is not busybox-static (no modprobe applet)"
+    # grep -q would stop reading at the match, and busybox, killed by
+    # SIGPIPE, would fail the pipeline under pipefail: read the whole list.
+    [[ $'\n'$(busybox --list)$'\n' == *$'\n'modprobe$'\n'* ]] ||
+        die "$bb is not busybox-static (no modprobe applet)"
 
     # Fast path: nothing changed since the last build, apt's package lists
     # included (asking apt-cache takes seconds).

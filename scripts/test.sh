@@ -23,7 +23,11 @@ if [ -z "${TMPDIR:-}" ] && [ "$(id -u)" = 0 ]; then
     scratch=/tmp/kimberley-test-scratch
     mkdir -p "$scratch"
     mountpoint -q "$scratch" || mount -t tmpfs -o size=8g,mode=1777 tmpfs "$scratch" || true
-    export TMPDIR="$scratch"
+    # A directory of this run's own, removed at its end: what a test's
+    # SIGKILLed child could not clean up (fault-matrix cells) goes with it.
+    TMPDIR=$(mktemp -d -p "$scratch" run.XXXXXX)
+    export TMPDIR
+    trap 'rm -rf "$TMPDIR"' EXIT
 fi
 
 cargo clippy --workspace --all-targets --locked -- -D warnings
