@@ -66,16 +66,24 @@ fn golden_vectors_v2() {
 }
 
 /// The coverage map is sealed like every segment: one flipped bit in its
-/// frame (header or sealed bytes) fails authentication, under a key and
-/// without one (BLAKE3 integrity), before anything is written.
+/// frame's sealed bytes fails authentication under a key (exit 4) and the
+/// BLAKE3 check without one (corrupt, exit 3, as for any segment), and a
+/// flipped *last* flag puts the frame out of place; nothing is written.
 #[test]
 fn a_flipped_bit_in_the_coverage_map_fails_authentication() {
     let d = dir().join("v2");
-    for (name, sec) in [("ok-key.ovl", "key.bin"), ("ok-plain.ovl", "-")] {
+    for (name, sec, sealed) in [
+        ("ok-key.ovl", "key.bin", (4, "does not authenticate")),
+        ("ok-plain.ovl", "-", (3, "BLAKE3")),
+    ] {
         let ovl = std::fs::read(d.join(name)).unwrap();
         let (at, len) = frames(&ovl)[1];
         let fh = FrameHeader::decode(ovl[at..at + FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
-        assert_eq!(fh.kind, SegmentKind::Map, "{name}: the second frame is the map");
+        assert_eq!(
+            fh.kind,
+            SegmentKind::Map,
+            "{name}: the second frame is the map"
+        );
         // A bit of the sealed body near its start, middle and end, and the
         // frame header's last-flag (covered by the nonce).
         for (i, bit) in [
@@ -91,8 +99,13 @@ fn a_flipped_bit_in_the_coverage_map_fails_authentication() {
             let e = apply(&d.join("../base"), &[&bad], &out, secret(sec))
                 .err()
                 .unwrap_or_else(|| panic!("{name}: byte {i} flipped, accepted"));
-            let want = if i == at + 1 { 3 } else { 4 };
-            assert_eq!(e.exit_code(), want, "{name}: byte {i}: {e}");
+            let want = if i == at + 1 {
+                (3, "out of place")
+            } else {
+                sealed
+            };
+            assert_eq!(e.exit_code(), want.0, "{name}: byte {i}: {e}");
+            assert!(e.to_string().contains(want.1), "{name}: byte {i}: {e}");
             assert!(!out.exists());
         }
     }

@@ -3,7 +3,8 @@
 //! decoder (what decodes re-encodes to the same bytes; queries and spans
 //! never panic), 1 the working-set parser (what parses encodes and
 //! re-parses equal, without repeats), 2 the map decoder followed by the
-//! coverage check of record bodies (never panics).
+//! coverage check of record bodies, each taken at the lengths its map
+//! entry lists (never panics).
 #![no_main]
 
 use kimberley_formats::overlay::map::{Coverage, CoverageMap, Location};
@@ -59,9 +60,15 @@ fn coverage(b: &[u8]) {
         base: sizes,
     };
     let mut c = Coverage::new(&m);
-    for body in recs.split(|&x| x == 0xff) {
+    for (i, body) in recs.split(|&x| x == 0xff).enumerate() {
         let Ok(rs) = record::parse(body, &geo, None) else { return };
-        if c.segment(0, body.len(), &rs).is_err() {
+        // The lengths as the map lists them (a frame is not built here),
+        // so that the record checks are reached.
+        let (frame_len, body_len) = m
+            .segments
+            .get(i)
+            .map_or((0, body.len()), |s| (u64::from(s.frame_len), s.body_len as usize));
+        if c.segment(frame_len, body_len, &rs).is_err() {
             return;
         }
     }

@@ -1,7 +1,8 @@
 //! Compression and sealing on worker threads, one ordered writer. A
-//! version-2 overlay's segments are compressed as they come, held, and
-//! sealed and written once the coverage map (which must precede them and
-//! list their lengths) is known: FORMAT.md section 10.5 says why.
+//! version-2 overlay's segments are compressed (and, without a working
+//! set, sealed) as they come, held, and written once the coverage map
+//! (which must precede them and list their lengths) is known: FORMAT.md
+//! section 10.5 says why.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -246,6 +247,12 @@ where
 {
     let threads = opts.threads.max(1);
     let level = opts.level;
+    // Without a working set the data segments keep the order they are
+    // made in, so each one's stream counter is known at once (the map
+    // takes counter 1): the workers seal them too, and only the writing
+    // waits for the map. A working set's segments are made last and go
+    // first, so then every data segment is sealed at the end.
+    let seal_early = opts.working_set.is_empty();
     type Done = (u64, SegmentKind, Vec<u8>, Option<Meta>);
     let (held, produced) = std::thread::scope(|s| {
         let (job_tx, job_rx) = bounded::<Job>(threads * 2);
@@ -260,7 +267,10 @@ where
             let done_tx = done_tx.clone();
             s.spawn(move || {
                 for job in job_rx {
-                    let c = compress(&job.body, level);
+                    let mut c = compress(&job.body, level);
+                    if seal_early && job.kind == SegmentKind::Data {
+                        c = seal_frame(sealer, job.counter + 1, job.kind, false, c);
+                    }
                     if done_tx.send((job.counter, job.kind, c, job.meta)).is_err() {
                         break;
                     }
@@ -316,7 +326,11 @@ where
     let infos: Vec<SegmentInfo> = data
         .iter()
         .map(|(c, m)| SegmentInfo {
-            frame_len: (FRAME_HEADER_LEN + c.len() + sealer.overhead()) as u32,
+            frame_len: if seal_early {
+                c.len()
+            } else {
+                FRAME_HEADER_LEN + c.len() + sealer.overhead()
+            } as u32,
             body_len: m.body_len,
             records: m.records,
         })
@@ -348,7 +362,11 @@ where
     let mut body_bytes = 0u64;
     for (c, m) in data {
         let counter = fw.next_counter();
-        let frame = seal_frame(sealer, counter, SegmentKind::Data, false, c);
+        let frame = if seal_early {
+            c
+        } else {
+            seal_frame(sealer, counter, SegmentKind::Data, false, c)
+        };
         let offset = fw.write_frame(&frame)?;
         body_bytes += u64::from(m.body_len);
         entries.push(IndexEntry {
