@@ -23,9 +23,7 @@
 
 use kimberley_formats::crypto::keys::{commit_id, derive};
 use kimberley_formats::crypto::Sealer;
-use kimberley_formats::overlay::frame::{
-    Footer, SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN,
-};
+use kimberley_formats::overlay::frame::{Footer, SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::{Header, HEADER_LEN, MAC_OFFSET};
 use kimberley_formats::overlay::io::{compress, seal_frame};
 use kimberley_formats::overlay::segment::{Index, ManifestSegment};
@@ -137,7 +135,9 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
             }
         }
         if kind == SegmentKind::Index && flags & 2 != 0 {
-            if let Ok(mut ix) = Index::decode(&body) {
+            // Any entry order: a version-2 index lists working-set
+            // segments out of position order (the reader checks it).
+            if let Ok(mut ix) = Index::decode_with(&body, usize::MAX) {
                 for (e, &(c, off, flen, blen)) in ix.entries.iter_mut().zip(data_frames.iter()) {
                     e.counter = c;
                     e.offset = off;
@@ -213,7 +213,11 @@ pub fn to_structured(overlay: &[u8]) -> Option<Vec<u8>> {
         let last = f.header.last;
         let body = f.open(&sealer).ok()?;
         out.push(kind);
-        out.push(if last || kind == 3 { u8::from(last) | 2 } else { 0 });
+        out.push(if last || kind == 3 {
+            u8::from(last) | 2
+        } else {
+            0
+        });
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
     }
