@@ -54,7 +54,7 @@ pub fn fix_header(bytes: &mut [u8]) -> Option<Sealer> {
 /// structured segment, when that is a manifest that decodes, so mutated
 /// manifests (other geometries) still open.
 fn fix_result_id(header: &mut [u8], segments: &[u8]) {
-    if segments.len() < 6 || segments[0] % 4 != 0 {
+    if segments.len() < 6 || !segments[0].is_multiple_of(4) {
         return;
     }
     let len = u32::from_le_bytes(segments[2..6].try_into().unwrap()) as usize;
