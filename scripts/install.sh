@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs kimberlize, dekimberlize, vmigrate and vmctl with their man pages and
+# Installs kimberlize, dekimberlize, vmigrate, vmctl and kimberlized with their man pages and
 # bash, zsh and fish completions.
 #
 #   scripts/install.sh [--prefix DIR] [--bin-dir DIR]
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-tools=(kimberlize dekimberlize vmigrate vmctl)
+tools=(kimberlize dekimberlize vmigrate vmctl kimberlized)
 
 prefix=/usr/local
 bin_dir=

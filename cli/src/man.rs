@@ -8,7 +8,13 @@ use crate::exit::{self, Tool};
 use crate::help::{examples_for, Examples};
 
 /// The suite's tools: each root page names the others under SEE ALSO.
-pub const TOOLS: &[&str] = &["kimberlize", "dekimberlize", "vmigrate", "vmctl"];
+pub const TOOLS: &[&str] = &[
+    "kimberlize",
+    "dekimberlize",
+    "vmigrate",
+    "vmctl",
+    "kimberlized",
+];
 
 /// The sections every page has, in order.
 pub const REQUIRED_SECTIONS: &[&str] = &[

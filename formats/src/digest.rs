@@ -112,6 +112,28 @@ impl BlockDigests {
         self.stale.fill(true);
     }
 
+    /// Whether block `i` is marked.
+    pub fn is_stale(&self, i: u64) -> bool {
+        self.stale.get(i as usize).copied().unwrap_or(false)
+    }
+
+    /// Sets the hash of block `i` (computed by the caller from its bytes)
+    /// and unmarks it.
+    pub fn set(&mut self, i: u64, hash: Digest) {
+        if let (Some(h), Some(s)) = (
+            self.hashes.get_mut(i as usize),
+            self.stale.get_mut(i as usize),
+        ) {
+            *h = hash;
+            *s = false;
+        }
+    }
+
+    /// The block hashes (those of marked blocks are out of date).
+    pub fn hashes(&self) -> &[Digest] {
+        &self.hashes
+    }
+
     /// Blocks marked since the last [`BlockDigests::rehash`].
     pub fn stale_count(&self) -> u64 {
         self.stale.iter().filter(|&&s| s).count() as u64

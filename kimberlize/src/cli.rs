@@ -257,7 +257,11 @@ kimberlize gc --quota 10G --cache /var/cache/kimberley",
 kimberlize offload app.ovl -k overlay.key --json \\
     --cert device.pem --key device.key --ca operator-ca.pem
 kimberlize offload --from registry.example.org/apps/office:v1 \\
-    -k overlay.key --cert device.pem --key device.key --ca operator-ca.pem",
+    -k overlay.key --cert device.pem --key device.key --ca operator-ca.pem
+# Trust one cloudlet by its certificate's SHA-256 fingerprint, not a CA
+# (openssl x509 -in cloudlet.pem -noout -fingerprint -sha256 prints it):
+kimberlize offload app.ovl -k overlay.key --cloudlet 10.0.0.7:7466 \\
+    --cert device.pem --key device.key --pin \"$CLOUDLET_FINGERPRINT\"",
     ),
     (
         "kimberlize cache",

@@ -50,10 +50,18 @@ pub struct OffloadArgs {
     /// PEM: this device's private key.
     #[arg(long, value_name = "PEM")]
     pub key: PathBuf,
-    /// PEM: the CA the cloudlet's certificate must chain to; any other
-    /// cloudlet is refused during the handshake, before the key is sent.
-    #[arg(long, value_name = "PEM")]
-    pub ca: PathBuf,
+    /// PEM: the CA the cloudlet's certificate must chain to (naming the
+    /// address dialled, or --server-name); any other cloudlet is refused
+    /// during the handshake, before the key is sent.
+    #[arg(long, value_name = "PEM", required_unless_present = "pin")]
+    pub ca: Option<PathBuf>,
+    /// Trust the cloudlet whose certificate has this SHA-256 fingerprint
+    /// (64 hex digits, ':' allowed; `openssl x509 -noout -fingerprint
+    /// -sha256`), whoever issued it and whatever names it carries (repeat
+    /// for more). With --ca, either suffices; without it, only pinned
+    /// cloudlets are trusted.
+    #[arg(long, value_name = "SHA256", value_parser = tls::parse_pin)]
+    pub pin: Vec<tls::Pin>,
     #[command(flatten)]
     pub keys: KeyArgs,
     /// How long to browse for cloudlets without --cloudlet.
@@ -166,6 +174,7 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
         cert: a.cert.clone(),
         key: a.key.clone(),
         ca: a.ca.clone(),
+        pins: a.pin.clone(),
     })?;
     let show = |ev: &Progress| {
         if !a.quiet {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 /// The cloudlet daemon: binds devices over mutual TLS, synthesises their
 /// overlays against the base VMs it holds, runs the launch VMs.
@@ -24,8 +24,24 @@ use clap::Parser;
 /// session's VM into the state directory, where the next start lists them
 /// as suspended.
 #[derive(Debug, Parser)]
-#[command(name = "kimberlized", version, long_version = kimberley_cli::version::long(&[]), about, long_about)]
+#[command(name = "kimberlized", version, long_version = kimberley_cli::version::long(&[("cloudlet API", crate::API_VERSION.to_string())]), about, long_about)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
+    Completions(kimberley_cli::help::CompletionsArgs),
+}
+
+/// The daemon's options (the command without a subcommand).
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
     /// Address and port to listen on (port 0: any; the `listening` log
     /// line says which).
     #[arg(long, value_name = "ADDR:PORT", default_value = "[::]:7466")]
@@ -40,15 +56,21 @@ pub struct Cli {
     pub base: Vec<PathBuf>,
     /// PEM: the daemon's certificate (then intermediates); clients check
     /// it against their CA and the name they dial.
-    #[arg(long, value_name = "PEM")]
-    pub cert: PathBuf,
+    #[arg(long, value_name = "PEM", required = true)]
+    pub cert: Option<PathBuf>,
     /// PEM: the daemon's private key.
-    #[arg(long, value_name = "PEM")]
-    pub key: PathBuf,
-    /// PEM: the CA whose certificates identify devices (only they are
-    /// served).
-    #[arg(long, value_name = "PEM")]
-    pub client_ca: PathBuf,
+    #[arg(long, value_name = "PEM", required = true)]
+    pub key: Option<PathBuf>,
+    /// PEM: the CA whose certificates identify devices (only they, and
+    /// pinned ones, are served).
+    #[arg(long, value_name = "PEM", required_unless_present = "client_pin")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve the device whose certificate has this SHA-256 fingerprint (64
+    /// hex digits, ':' allowed; `openssl x509 -noout -fingerprint
+    /// -sha256`), whoever issued it (repeat for more). With --client-ca,
+    /// either suffices; without it, only pinned devices are served.
+    #[arg(long, value_name = "SHA256", value_parser = crate::tls::parse_pin)]
+    pub client_pin: Vec<crate::tls::Pin>,
     /// Sessions with a running or starting VM at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub max_sessions: usize,
@@ -84,14 +106,49 @@ pub struct Cli {
     pub threads: Option<usize>,
 }
 
-/// Examples (shown by `--help`).
-pub const EXAMPLES: kimberley_cli::help::Examples = &[(
-    "kimberlized",
-    "kimberlized --listen [::]:7466 --state-dir /var/lib/kimberley \\
-    --base /srv/kimberley/bases/debian12 --base /srv/kimberley/bases/microvm \\
+/// Example blocks of every command, shown verbatim by `--help` and in the
+/// man pages.
+pub const EXAMPLES: kimberley_cli::help::Examples = &[
+    (
+        "kimberlized",
+        "kimberlized --listen [::]:7466 --state-dir /var/lib/kimberley \\
+    --base /srv/kimberley/bases/debian12 \\
+    --base /srv/kimberley/bases/microvm \\
     --cert /etc/kimberley/cloudlet.pem --key /etc/kimberley/cloudlet.key \\
-    --client-ca /etc/kimberley/devices-ca.pem --max-sessions 8 --max-memory 16G",
-)];
+    --client-ca /etc/kimberley/devices-ca.pem \\
+    --max-sessions 8 --max-memory 16G --max-disk 200G
+
+# Serve chains from the cloudlet cache too (kimberlize offload --from REF):
+kimberlized --base /srv/kimberley/bases/debian12 \\
+    --cert cloudlet.pem --key cloudlet.key --client-ca devices-ca.pem \\
+    --cache /var/cache/kimberley --allow-registry registry.example.org
+
+# Serve one device by its certificate's fingerprint instead of a CA:
+fp=$(openssl x509 -in device.pem -noout -fingerprint -sha256 | cut -d= -f2)
+kimberlized --base base --cert cloudlet.pem --key cloudlet.key \\
+    --client-pin \"$fp\"
+
+# A trial on one machine: any port, no DNS-SD, a scratch state directory:
+kimberlized --listen 127.0.0.1:0 --no-mdns --state-dir /tmp/kd-state \\
+    --base base --cert cloudlet.pem --key cloudlet.key --client-ca ca.pem
+
+# From a device: what the cloudlet holds, then its sessions:
+curl --cert device.pem --key device.key --cacert operator-ca.pem \\
+    https://cloudlet1.example.org:7466/v1/info
+curl --cert device.pem --key device.key --cacert operator-ca.pem \\
+    https://cloudlet1.example.org:7466/v1/sessions
+
+# Stop: every running session's VM is suspended into --state-dir:
+systemctl stop kimberlized        # or: kill -TERM PID",
+    ),
+    (
+        "kimberlized completions",
+        "source <(kimberlized completions bash)             # in ~/.bashrc
+kimberlized completions zsh > ~/.zfunc/_kimberlized
+kimberlized completions fish \\
+    > ~/.config/fish/completions/kimberlized.fish",
+    ),
+];
 
 /// The command line with its examples and exit codes in the long help.
 pub fn command() -> clap::Command {

@@ -12,14 +12,30 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let a = cli::parse();
+    let args = cli::parse();
+    match args.command {
+        Some(cli::Command::Completions(c)) => {
+            kimberley_cli::help::completions(cli::command(), c.shell, &mut std::io::stdout())?;
+            Ok(())
+        }
+        None => daemon(args.daemon),
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+fn daemon(a: cli::DaemonArgs) -> anyhow::Result<()> {
+    // clap requires them without a subcommand.
+    let (Some(cert), Some(key)) = (a.cert.clone(), a.key.clone()) else {
+        return Err(kimberley_cli::run::usage("--cert and --key are required"));
+    };
     let threads = kimberley_cli::run::threads(a.threads);
     let stop = kimberley_machine::stop_on_signals(Arc::new(AtomicBool::new(false)))
         .map_err(kimberley_cli::vm::vm_error)?;
     let config = tls::server_config(&tls::Identity {
-        cert: a.cert.clone(),
-        key: a.key.clone(),
+        cert,
+        key,
         ca: a.client_ca.clone(),
+        pins: a.client_pin.clone(),
     })?;
     let name = a.name.clone().unwrap_or_else(discovery::host_name);
     let limits = api::Limits {

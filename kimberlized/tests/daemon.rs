@@ -141,7 +141,8 @@ fn certificates_from_another_ca_are_refused_both_ways() {
     let c = d.client(&kimberlized::tls::Identity {
         cert: rc,
         key: rk,
-        ca: pki.ca.pem.clone(),
+        ca: Some(pki.ca.pem.clone()),
+        pins: vec![],
     });
     match c.info() {
         Err(ClientError::Handshake(..)) | Err(ClientError::Io(..)) | Err(ClientError::Http(..)) => {
@@ -242,7 +243,8 @@ fn a_session_belongs_to_the_device_that_made_it() {
     let other = d.client(&kimberlized::tls::Identity {
         cert: oc,
         key: ok,
-        ca: pki.ca.pem.clone(),
+        ca: Some(pki.ca.pem.clone()),
+        pins: vec![],
     });
     for r in [
         other.session(id).map(|_| Value::Null),

@@ -202,7 +202,9 @@ fn restore_copy(dir: &VmDir, w: &VmDirWriter, source: MemorySource) -> crate::Re
         file: dir.open_component(0)?,
         path: dir.component_path(0),
     };
-    Vm::restore_opened_as(memory, disks, &state, source)
+    let mut vm = Vm::restore_opened_as(memory, disks, &state, source)?;
+    vmdir::attach_origin(&mut vm, dir, source)?;
+    Ok(vm)
 }
 
 impl GuestAgent for Vm {

@@ -19,6 +19,7 @@ use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
+use kimberley_formats::sys::lock::{self, Mode};
 use kimberley_formats::vmdir::patched::{Patches, Piece};
 use kimberley_machine::{Bitmap, MemorySource};
 
@@ -75,6 +76,12 @@ pub struct Vm {
     clock_origin: Option<ClockOrigin>,
     /// The next save writes canonical state ([`Vm::pause_reproducibly`]).
     canonical_save: bool,
+    /// The memory file mapped copy-on-write and its block hashes, when the
+    /// VM was restored from a VMDIR that way (`vmdir::restore`).
+    origin: Option<crate::vstate::origin::Origin>,
+    /// The memory file restored from, opened anew and holding a shared
+    /// lock while the VM lives (None for a booted VM).
+    memory_lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -275,6 +282,8 @@ impl Vm {
             ticker: None,
             clock_origin: None,
             canonical_save: false,
+            origin: None,
+            memory_lock: None,
         }
     }
 
@@ -345,6 +354,25 @@ impl Vm {
             ));
         }
         runner::install_kick_handler();
+        // A shared lock for as long as the VM lives (it maps or reads the
+        // memory file): a suspend in place updates the file only when no
+        // other VM holds it (`vmdir::save_in_place`). It is taken on an
+        // open file description of its own, kept in `memory_lock`: the
+        // caller's descriptor may be a duplicate another VM's restore
+        // shares (e.g. from the same `VmDir`), and duplicates share a lock.
+        // Without /proc the caller's descriptor is locked instead, and
+        // this VM never updates the file in place (no `memory_lock`).
+        let locking = |e| Error::io(format!("locking {}", memory.path.display()), e);
+        let memory_lock = match lock::reopen(&memory.file) {
+            Ok(f) => {
+                lock::flock(&f, Mode::Shared, true).map_err(locking)?;
+                Some(f)
+            }
+            Err(_) => {
+                lock::flock(&memory.file, Mode::Shared, true).map_err(locking)?;
+                None
+            }
+        };
         let mut kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
         let mem = match source {
@@ -395,6 +423,7 @@ impl Vm {
             snap.partial_line,
         );
         vm.clock_origin = Some(origin);
+        vm.memory_lock = memory_lock;
         Ok(vm)
     }
 
@@ -671,6 +700,36 @@ impl Vm {
     /// Guest memory (for migration tools).
     pub fn memory(&self) -> &Memory {
         &self.memory
+    }
+
+    /// Records where the VM's memory is mapped copy-on-write from (see
+    /// [`crate::vstate::origin::Origin`]).
+    pub(crate) fn set_origin(&mut self, o: crate::vstate::origin::Origin) {
+        self.origin = Some(o);
+    }
+
+    /// The memory file's description holding the VM's shared lock.
+    pub(crate) fn memory_lock(&self) -> Option<&std::fs::File> {
+        self.memory_lock.as_ref()
+    }
+
+    /// The memory file the VM's memory is mapped from, if recorded.
+    pub(crate) fn origin_mut(&mut self) -> Option<&mut crate::vstate::origin::Origin> {
+        self.origin.as_mut()
+    }
+
+    /// Guest memory and the file it is mapped from, if recorded.
+    pub(crate) fn memory_and_origin(
+        &mut self,
+    ) -> (&Memory, Option<&mut crate::vstate::origin::Origin>) {
+        (&self.memory, self.origin.as_mut())
+    }
+
+    /// Whether the memory file's block hashes are ready (a suspend then
+    /// rehashes only the blocks the VM wrote; otherwise it waits for
+    /// them). False when the VM has no recorded memory file.
+    pub fn memory_hashed(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.hashed())
     }
 
     /// Turns dirty-page logging on or off. Turning it on clears the

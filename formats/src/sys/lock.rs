@@ -11,6 +11,21 @@ pub enum Mode {
     Exclusive,
 }
 
+/// A new open file description of the file `file` is open on (through
+/// `/proc/self/fd`, read-only): it holds a lock of its own, unlike a
+/// duplicated descriptor, which shares `file`'s. The same inode, never a
+/// file found again by its path.
+pub fn reopen(file: &File) -> io::Result<File> {
+    let f = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let (a, b) = (f.metadata()?, file.metadata()?);
+    if std::os::unix::fs::MetadataExt::ino(&a) != std::os::unix::fs::MetadataExt::ino(&b)
+        || std::os::unix::fs::MetadataExt::dev(&a) != std::os::unix::fs::MetadataExt::dev(&b)
+    {
+        return Err(io::Error::other("reopened a different file"));
+    }
+    Ok(f)
+}
+
 /// Takes the lock on `file`, waiting for it (`block`) or failing with
 /// `WouldBlock` if another holder has it. Interrupted waits are retried.
 pub fn flock(file: &File, mode: Mode, block: bool) -> io::Result<()> {
@@ -37,6 +52,21 @@ pub fn flock(file: &File, mode: Mode, block: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reopened_file_holds_its_own_lock() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        let a = t.reopen().unwrap();
+        let dup = a.try_clone().unwrap();
+        let fresh = reopen(&a).unwrap();
+        flock(&a, Mode::Shared, true).unwrap();
+        // A duplicate shares the lock (converting it), a reopened file not.
+        flock(&dup, Mode::Exclusive, false).unwrap();
+        flock(&dup, Mode::Shared, false).unwrap();
+        flock(&fresh, Mode::Shared, false).unwrap();
+        let e = flock(&a, Mode::Exclusive, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
 
     #[test]
     fn exclusive_excludes() {

@@ -126,7 +126,8 @@ impl Pki {
         tls::Identity {
             cert: self.device.0.clone(),
             key: self.device.1.clone(),
-            ca: self.ca.pem.clone(),
+            ca: Some(self.ca.pem.clone()),
+            pins: vec![],
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct Memory {
     mem: GuestMemoryMmap,
     host: *mut u8,
     size: usize,
+    /// Mapped MAP_PRIVATE from a memory file ([`Memory::private_file`]).
+    private_file: bool,
 }
 
 // SAFETY: `host` points into the mapping owned (through an Arc) by `mem`,
@@ -72,7 +74,9 @@ impl Memory {
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
         .map_err(|e| Error::Memory(format!("mmap {}: {e}", path.display())))?;
-        Self::from_region(region, size)
+        let mut m = Self::from_region(region, size)?;
+        m.private_file = true;
+        Ok(m)
     }
 
     /// Checks that `file` (named `path` in messages) is a regular file of
@@ -131,6 +135,7 @@ impl Memory {
             host,
             size,
             lazy: None,
+            private_file: false,
         })
     }
 
@@ -159,6 +164,34 @@ impl Memory {
         // SAFETY: the mapping covers `size` bytes at `host` and lives as long
         // as `self`; the caller guarantees no concurrent writers.
         unsafe { std::slice::from_raw_parts(self.host, self.size) }
+    }
+
+    /// The metadata of the memory file mapped MAP_PRIVATE (None for other
+    /// memory).
+    pub fn file_metadata(&self) -> Option<std::fs::Metadata> {
+        use vm_memory::GuestMemoryBackend;
+        if !self.private_file {
+            return None;
+        }
+        let r = self.mem.find_region(GuestAddress(0))?;
+        r.file_offset()?.file().metadata().ok()
+    }
+
+    /// For memory mapped MAP_PRIVATE from a memory file: one flag per page,
+    /// true where the page may differ from the file (it was copied on
+    /// write, by the guest, a device or the VMM: `/proc/self/pagemap`
+    /// says it is anonymous, present or swapped out). Pages not flagged
+    /// still are the file's. None for other memory.
+    pub fn pages_changed(&self) -> Result<Option<Vec<bool>>> {
+        use kimberley_formats::sys::pagemap;
+        if !self.private_file {
+            return Ok(None);
+        }
+        let e = pagemap::entries(self.host as usize, self.size / PAGE_SIZE, PAGE_SIZE)
+            .map_err(|e| Error::io("reading /proc/self/pagemap".to_string(), e))?;
+        Ok(Some(
+            e.into_iter().map(pagemap::differs_from_file).collect(),
+        ))
     }
 
     /// Writes `bytes` at guest-physical `addr` (bounds-checked).

@@ -3,5 +3,6 @@
 pub mod canonical;
 pub mod lazy;
 pub mod memory;
+pub mod origin;
 pub mod vcpu;
 pub mod vm;
