@@ -9,9 +9,10 @@ pub const COMMIT: &str = env!("KIMBERLEY_GIT_COMMIT");
 pub fn long(extra: &[(&str, String)]) -> String {
     use kimberley_formats::{overlay::header, vmdir::manifest};
     let mut s = format!(
-        "{} (commit {COMMIT})\noverlay format: {}\nVM directory manifest: {} (microVM), {} (with a machine description)",
+        "{} (commit {COMMIT})\noverlay format: {} (reads 1 and 2, writes {} unless asked)\nVM directory manifest: {} (microVM), {} (with a machine description)",
         env!("CARGO_PKG_VERSION"),
         header::VERSION,
+        header::DEFAULT_VERSION,
         manifest::VERSION,
         manifest::VERSION_MACHINE,
     );

@@ -350,3 +350,112 @@ fn refuses_to_write_an_overlay_to_a_terminal() {
         "{text}"
     );
 }
+
+#[test]
+fn diff_orders_by_a_working_set_file_and_refuses_a_bad_one() {
+    let t = tempfile::tempdir().unwrap();
+    let (p, key) = setup(t.path());
+    let ws = t.path().join("ws.txt");
+    std::fs::write(&ws, "kimberley-working-set 1\n1 7\n0 3\n# a comment\n0 1\n").unwrap();
+    let ovl = t.path().join("ws.ovl");
+    let o = diff(
+        &p.base,
+        &p.launch,
+        &ovl,
+        &[
+            "-k".as_ref(),
+            key.as_os_str(),
+            "--working-set".as_ref(),
+            ws.as_os_str(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let bytes = std::fs::read(&ovl).unwrap();
+    assert_eq!(
+        u16::from_le_bytes([bytes[8], bytes[9]]),
+        2,
+        "overlay version"
+    );
+    let out = t.path().join("out");
+    let d = run(Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&p.base)
+        .arg("-k")
+        .arg(&key)
+        .arg("-i")
+        .arg(&ovl)
+        .arg("-o")
+        .arg(&out));
+    assert_eq!(code(&d), 0, "{}", stderr(&d));
+    same_files(&out, &p.launch);
+    // Version 1 on request, without a working set.
+    let v1 = t.path().join("v1.ovl");
+    let o = diff(
+        &p.base,
+        &p.launch,
+        &v1,
+        &[
+            "-k".as_ref(),
+            key.as_os_str(),
+            "--overlay-version".as_ref(),
+            "1".as_ref(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(std::fs::read(&v1).unwrap()[8], 1);
+    // Version 1 by default, and never with a working set.
+    let dflt = t.path().join("default.ovl");
+    let o = diff(&p.base, &p.launch, &dflt, &["-k".as_ref(), key.as_os_str()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(std::fs::read(&dflt).unwrap()[8], 1);
+    let both = t.path().join("both.ovl");
+    let o = diff(
+        &p.base,
+        &p.launch,
+        &both,
+        &[
+            "-k".as_ref(),
+            key.as_os_str(),
+            "--working-set".as_ref(),
+            ws.as_os_str(),
+            "--overlay-version".as_ref(),
+            "1".as_ref(),
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("needs overlay version 2"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!both.exists());
+    // A malformed file, and one naming a chunk the launch VM lacks: usage
+    // errors naming the file, and no output.
+    for (name, text, why) in [
+        ("bad1.txt", "kimberley-working-set 1\n0 01\n", "line 2"),
+        ("bad2.txt", "0 1\n", "first line"),
+        (
+            "bad3.txt",
+            "kimberley-working-set 1\n0 99999999\n",
+            "does not have",
+        ),
+    ] {
+        let f = t.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        let out = t.path().join(format!("{name}.ovl"));
+        let o = diff(
+            &p.base,
+            &p.launch,
+            &out,
+            &[
+                "-k".as_ref(),
+                key.as_os_str(),
+                "--working-set".as_ref(),
+                f.as_os_str(),
+            ],
+        );
+        assert_eq!(code(&o), 2, "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(why), "{name}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
+}

@@ -26,5 +26,6 @@ pub mod sparse;
 pub mod sys;
 pub mod testkit;
 pub mod vmdir;
+pub mod working_set;
 
 pub use error::{Error, Result};

@@ -188,3 +188,58 @@ fn a_patch_over_its_budget_is_written_out_whole() {
         Patch::Memory(_)
     ));
 }
+
+#[test]
+fn a_version_2_parent_with_a_working_set_patches_in_memory_and_spilled() {
+    use kimberley_formats::chunk::chunk_count;
+    use kimberley_formats::overlay::header::VERSION_MAP;
+    let t = tempfile::tempdir().unwrap();
+    let p = make_pair(t.path(), &PairSpec::default()).unwrap();
+    // Every third chunk of every component, last first: the working-set
+    // segments come first and out of position order.
+    let launch = VmDir::open(&p.launch).unwrap();
+    let mut ws = Vec::new();
+    for (i, c) in launch.manifest.components.iter().enumerate().rev() {
+        for k in (0..chunk_count(c.size)).rev().step_by(3) {
+            ws.push((i as u8, k));
+        }
+    }
+    let dopts = DiffOptions {
+        threads: 2,
+        segment_bytes: 16 << 10,
+        version: VERSION_MAP,
+        working_set: ws,
+        ..DiffOptions::new(Protection::Key(KEY))
+    };
+    let (l1, stats) = diff_with(&p.base, &p.launch, &dopts);
+    assert!(stats.chunks.ref_self > 0, "{:?}", stats.chunks);
+    let map = Opened::open(
+        Input {
+            name: "l1".into(),
+            reader: Box::new(Cursor::new(l1.clone())),
+        },
+        Some(&Secret::Key(KEY)),
+        &ReadPolicy::default(),
+    )
+    .unwrap()
+    .map
+    .unwrap();
+    assert!(
+        map.ws_segments > 1,
+        "{} working-set segments",
+        map.ws_segments
+    );
+    let v = patch(&p.base, &l1).unwrap();
+    assert_eq!(v.identity(), launch.identity());
+    let out = t.path().join("out");
+    v.write_to(&out).unwrap();
+    assert_same_vm(&out, &p.launch);
+    let all = v.data_bytes();
+    for budget in [0, all / 2] {
+        match patch_within(&p.base, &l1, budget).unwrap() {
+            Patch::Written(d) => assert_same_vm(&d.path, &p.launch),
+            Patch::Memory(_) => panic!("{budget} of {all} bytes: kept in memory"),
+        }
+        std::fs::remove_dir_all(p.base.with_file_name("spill")).unwrap();
+    }
+}

@@ -46,7 +46,8 @@ fn identical_vms_give_an_empty_overlay() {
     });
     assert_eq!(s.chunks.total(), s.chunks.unchanged);
     assert_eq!(s.segments, 0);
-    assert!(s.overlay_bytes < 400, "{}", s.overlay_bytes);
+    // Header, manifest, an empty coverage map (version 2), index, footer.
+    assert!(s.overlay_bytes < 450, "{}", s.overlay_bytes);
 }
 
 #[test]

@@ -7,9 +7,10 @@
 //!
 //! ```text
 //! header   192 bytes (bytes 160..192, the MAC, are recomputed)
-//! segment* kind u8 (1 + kind % 3), flags u8, len u32 LE, body[len]
+//! segment* kind u8 (1 + kind % 4), flags u8, len u32 LE, body[len]
 //!          flags bit 0: last segment; bit 1: rewrite the index entries'
 //!          counter/offset/frame_len/body_len to the frames actually written
+//!          (on a coverage map: its segment entries' frame lengths)
 //!          (when the first segment is a manifest that decodes, the header's
 //!          result identity is set to match it)
 //! rest     after the last segment: empty = a correct footer is written;
@@ -22,9 +23,7 @@
 
 use kimberley_formats::crypto::keys::{commit_id, derive};
 use kimberley_formats::crypto::Sealer;
-use kimberley_formats::overlay::frame::{
-    Footer, SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN,
-};
+use kimberley_formats::overlay::frame::{Footer, SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN};
 use kimberley_formats::overlay::header::{Header, HEADER_LEN, MAC_OFFSET};
 use kimberley_formats::overlay::io::{compress, seal_frame};
 use kimberley_formats::overlay::segment::{Index, ManifestSegment};
@@ -55,7 +54,7 @@ pub fn fix_header(bytes: &mut [u8]) -> Option<Sealer> {
 /// structured segment, when that is a manifest that decodes, so mutated
 /// manifests (other geometries) still open.
 fn fix_result_id(header: &mut [u8], segments: &[u8]) {
-    if segments.len() < 6 || segments[0] % 3 != 0 {
+    if segments.len() < 6 || !segments[0].is_multiple_of(4) {
         return;
     }
     let len = u32::from_le_bytes(segments[2..6].try_into().unwrap()) as usize;
@@ -108,14 +107,16 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         return out;
     };
     let mut rest = &payload[HEADER_LEN..];
+    let data_lens = data_frame_lens(rest, &sealer);
     let mut counter = 0u64;
-    // (offset, frame_len, body_len) of data frames written.
-    let mut data_frames: Vec<(u64, u32, u32)> = Vec::new();
+    // (counter, offset, frame_len, body_len) of data frames written.
+    let mut data_frames: Vec<(u64, u64, u32, u32)> = Vec::new();
     while rest.len() >= 6 {
-        let kind = match rest[0] % 3 {
+        let kind = match rest[0] % 4 {
             0 => SegmentKind::Manifest,
             1 => SegmentKind::Data,
-            _ => SegmentKind::Index,
+            2 => SegmentKind::Index,
+            _ => SegmentKind::Map,
         };
         let flags = rest[1];
         let last = flags & 1 != 0;
@@ -123,12 +124,22 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         let len = len.min(rest.len() - 6);
         let mut body = rest[6..6 + len].to_vec();
         rest = &rest[6 + len..];
+        if kind == SegmentKind::Map && flags & 2 != 0 {
+            // The coverage map lists every data segment's frame length
+            // (FORMAT.md section 10.5): entry i's first u32 at 8 + 12 i.
+            for (i, &len) in data_lens.iter().enumerate() {
+                let at = 8 + 12 * i;
+                if let Some(f) = body.get_mut(at..at + 4) {
+                    f.copy_from_slice(&len.to_le_bytes());
+                }
+            }
+        }
         if kind == SegmentKind::Index && flags & 2 != 0 {
-            if let Ok(mut ix) = Index::decode(&body) {
-                for (e, (k, &(off, flen, blen))) in
-                    ix.entries.iter_mut().zip(data_frames.iter().enumerate())
-                {
-                    e.counter = k as u64 + 1;
+            // Any entry order: a version-2 index lists working-set
+            // segments out of position order (the reader checks it).
+            if let Ok(mut ix) = Index::decode_with(&body, usize::MAX) {
+                for (e, &(c, off, flen, blen)) in ix.entries.iter_mut().zip(data_frames.iter()) {
+                    e.counter = c;
                     e.offset = off;
                     e.frame_len = flen;
                     e.body_len = blen;
@@ -138,7 +149,12 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
         }
         let frame = seal_frame(&sealer, counter, kind, last, compress(&body, 1));
         if kind == SegmentKind::Data {
-            data_frames.push((out.len() as u64, frame.len() as u32, body.len() as u32));
+            data_frames.push((
+                counter,
+                out.len() as u64,
+                frame.len() as u32,
+                body.len() as u32,
+            ));
         }
         let offset = out.len() as u64;
         out.extend_from_slice(&frame);
@@ -159,6 +175,25 @@ pub fn build_structured(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The frame lengths the data segments of a structured payload get.
+fn data_frame_lens(mut rest: &[u8], sealer: &Sealer) -> Vec<u32> {
+    let mut out = Vec::new();
+    while rest.len() >= 6 {
+        let len = u32::from_le_bytes(rest[2..6].try_into().unwrap()) as usize;
+        let len = len.min(rest.len() - 6);
+        if rest[0] % 4 == 1 {
+            let c = compress(&rest[6..6 + len], 1);
+            out.push((FRAME_HEADER_LEN + c.len() + sealer.overhead()) as u32);
+        }
+        let last = rest[1] & 1 != 0;
+        rest = &rest[6 + len..];
+        if last {
+            break;
+        }
+    }
+    out
+}
+
 /// Inverse of [`build_structured`] for a valid overlay: header, then each
 /// segment's decompressed body (used by `seedgen`).
 pub fn to_structured(overlay: &[u8]) -> Option<Vec<u8>> {
@@ -173,11 +208,16 @@ pub fn to_structured(overlay: &[u8]) -> Option<Vec<u8>> {
             SegmentKind::Manifest => 0u8,
             SegmentKind::Data => 1,
             SegmentKind::Index => 2,
+            SegmentKind::Map => 3,
         };
         let last = f.header.last;
         let body = f.open(&sealer).ok()?;
         out.push(kind);
-        out.push(if last { 1 | 2 } else { 0 });
+        out.push(if last || kind == 3 {
+            u8::from(last) | 2
+        } else {
+            0
+        });
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
     }

@@ -103,13 +103,16 @@ fn geometry(r: &mut Bytes<'_>, large: bool) -> Geometry {
 fn records(b: &[u8], large: bool) {
     let mut r = Bytes(b);
     let geo = geometry(&mut r, large);
-    let after: Pos = (r.u8() % 4, r.uint(2));
+    let sel = r.u8();
+    let after: Pos = (sel % 4, r.uint(2));
+    // Bit 7: a version-2 working-set segment (records in any order).
+    let ordered = sel & 0x80 == 0;
     let body = r.0;
-    let Ok(recs) = record::parse(body, &geo, after) else { return };
+    let Ok(recs) = record::parse(body, &geo, ordered.then_some(after)) else { return };
     let mut prev = after;
     for rec in &recs {
         let size = geo.launch[usize::from(rec.comp)];
-        assert!(rec.start_pos() >= prev, "records out of order");
+        assert!(!ordered || rec.start_pos() >= prev, "records out of order");
         assert!(rec.count >= 1 && rec.count <= MAX_RUN);
         assert!(rec.start + u64::from(rec.count) <= chunk_count(size));
         prev = rec.end_pos();

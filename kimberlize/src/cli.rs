@@ -391,6 +391,17 @@ pub struct DiffArgs {
     /// zstd level (1 fast … 19 small).
     #[arg(long, default_value_t = kimberley_formats::diff::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub level: i32,
+    /// Write the launch chunks FILE lists first, in its order, and mark
+    /// where they end, so that a reader can resume the guest early
+    /// (implies --overlay-version 2; the file format is FORMAT.md
+    /// section 12.5).
+    #[arg(long, value_name = "FILE")]
+    pub working_set: Option<PathBuf>,
+    /// Overlay format version to write: 1 (the default; no coverage map)
+    /// or 2 (with a coverage map, for a reader that starts early; the
+    /// default with --working-set).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=2))]
+    pub overlay_version: Option<u16>,
     /// Write statistics (bytes, chunks by kind, stage times) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,

@@ -85,8 +85,31 @@ pub fn import(a: ImportArgs) -> Result<()> {
     Ok(())
 }
 
+/// Reads a working-set file (FORMAT.md section 12.5), refusing one over
+/// its cap before reading it whole.
+fn read_working_set(path: &std::path::Path) -> Result<Vec<kimberley_formats::overlay::Pos>> {
+    use kimberley_formats::working_set::{parse, MAX_WORKING_SET_BYTES};
+    use std::io::Read;
+    let usage = |why: String| {
+        anyhow::Error::new(kimberley_formats::error::Error::Usage(format!(
+            "{}: {why}",
+            path.display()
+        )))
+    };
+    let f = std::fs::File::open(path).map_err(|e| usage(e.to_string()))?;
+    let mut text = Vec::new();
+    f.take(MAX_WORKING_SET_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| usage(e.to_string()))?;
+    parse(&text).map_err(|e| usage(e.to_string()))
+}
+
 pub fn diff(a: DiffArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(a.threads);
+    let working_set = match &a.working_set {
+        Some(p) => read_working_set(p)?,
+        None => Vec::new(),
+    };
     a.keys
         .check_stdin(a.parent.iter().any(|p| p.as_os_str() == "-"))?;
     let protection = a.keys.protection()?;
@@ -119,6 +142,12 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         level: a.level,
         threads,
         parent,
+        version: a.overlay_version.unwrap_or(if a.working_set.is_some() {
+            kimberley_formats::overlay::header::VERSION_MAP
+        } else {
+            kimberley_formats::overlay::header::DEFAULT_VERSION
+        }),
+        working_set,
         ..DiffOptions::new(protection)
     };
     let stats = write_overlay(effective, &launch, out, &opts, &progress)?;

@@ -33,7 +33,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let mut out = json!({
         "schema": JsonOutput::InspectOverlay.version(),
         "file": name,
-        "version": kimberley_formats::overlay::header::VERSION,
+        "version": header.version,
         "protection": match header.protection {
             KeyMaterial::None => "none (BLAKE3 integrity only)".to_string(),
             KeyMaterial::KeyFile => "ChaCha20-Poly1305, key file".to_string(),
@@ -87,7 +87,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "encrypted: give --key-file or --passphrase-file to authenticate and show contents"
         );
         out["bytes"] = json!(fr.bytes_read);
-        out["segments"] = json!(frames.saturating_sub(2));
+        // Not data segments: the manifest, the index, and in version 2
+        // the coverage map.
+        let others = if header.has_map() { 3 } else { 2 };
+        out["segments"] = json!(frames.saturating_sub(others));
         out["frame_bytes_median"] = json!(sizes.get(sizes.len() / 2));
     }
     if a.json {

@@ -11,6 +11,7 @@ use super::open::Opened;
 use crate::error::{Error, Result};
 use crate::overlay::frame::SegmentKind;
 use crate::overlay::io::Frame;
+use crate::overlay::map::Coverage;
 use crate::overlay::record::{self, Geometry, Record};
 use crate::overlay::segment::{Index, IndexEntry};
 use crate::overlay::Pos;
@@ -25,11 +26,15 @@ pub struct Segment {
     pub body: Vec<u8>,
     /// Parsed records (byte ranges index `body`).
     pub records: Vec<Record>,
+    /// Carries the working set (version 2): its records may be in any
+    /// position order and are applied where they are.
+    pub working_set: bool,
 }
 
 enum Opened_ {
     Data(Segment, IndexEntry),
-    Index(Index),
+    /// The index body, decoded in order (it needs the map's mark).
+    Index(Vec<u8>),
 }
 
 /// Totals of a decode run.
@@ -47,17 +52,28 @@ pub struct DecodeStats {
     pub decode_cpu_ms: u64,
 }
 
-fn open_frame(frame: Frame, sealer: &crate::crypto::Sealer, geo: &Geometry) -> Result<Opened_> {
+/// Counters of the working-set segments: `[2, ws_end)` (empty in version 1).
+fn open_frame(
+    frame: Frame,
+    sealer: &crate::crypto::Sealer,
+    geo: &Geometry,
+    ws_end: u64,
+) -> Result<Opened_> {
     let (counter, kind, offset, frame_len) =
         (frame.counter, frame.header.kind, frame.offset, frame.len());
     let body = frame.open(sealer)?;
     match kind {
         SegmentKind::Data => {
-            let records = record::parse(&body, geo, (0, 0))
+            let working_set = counter < ws_end;
+            let after = (!working_set).then_some((0, 0));
+            let records = record::parse(&body, geo, after)
                 .map_err(|e| Error::Corrupt(format!("segment {counter}: {e}")))?;
-            let (first, end) = match (records.first(), records.last()) {
-                (Some(f), Some(l)) => (f.start_pos(), l.end_pos()),
-                _ => return Err(Error::Corrupt(format!("segment {counter} has no records"))),
+            // The span: the first record's start and last record's end,
+            // which in position order are the smallest and largest.
+            let first = records.iter().map(|r| r.start_pos()).min();
+            let end = records.iter().map(|r| r.end_pos()).max();
+            let (Some(first), Some(end)) = (first, end) else {
+                return Err(Error::Corrupt(format!("segment {counter} has no records")));
             };
             let entry = IndexEntry {
                 counter,
@@ -73,13 +89,14 @@ fn open_frame(frame: Frame, sealer: &crate::crypto::Sealer, geo: &Geometry) -> R
                     counter,
                     body,
                     records,
+                    working_set,
                 },
                 entry,
             ))
         }
-        SegmentKind::Index => Ok(Opened_::Index(Index::decode(&body)?)),
-        SegmentKind::Manifest => Err(Error::Corrupt(format!(
-            "segment {counter}: a second manifest"
+        SegmentKind::Index => Ok(Opened_::Index(body)),
+        SegmentKind::Manifest | SegmentKind::Map => Err(Error::Corrupt(format!(
+            "segment {counter}: a second manifest or map"
         ))),
     }
 }
@@ -95,8 +112,17 @@ pub fn run(
 ) -> Result<DecodeStats> {
     let threads = threads.max(1);
     let Opened {
-        sealer, mut reader, ..
+        sealer,
+        mut reader,
+        map,
+        ..
     } = o;
+    // Version 2: data segments start at counter 2, the working set's first.
+    let (first_counter, ws_end, ws) = match &map {
+        Some(m) => (2u64, 2 + u64::from(m.ws_segments), m.ws_segments as usize),
+        None => (1, 0, 0),
+    };
+    let mut coverage = map.as_ref().map(Coverage::new);
     let sealer = Arc::new(sealer);
     let geo = Arc::new(geo);
     let (ftx, frx) = bounded::<(u64, Result<Frame>)>(threads * 2);
@@ -141,7 +167,7 @@ pub fn run(
             for (counter, item) in frx {
                 let t = Instant::now();
                 let len = item.as_ref().map(|f| f.len()).unwrap_or(0);
-                let r = item.and_then(|f| open_frame(f, &sealer, &geo));
+                let r = item.and_then(|f| open_frame(f, &sealer, &geo, ws_end));
                 if dtx
                     .send((counter, r, len, t.elapsed().as_micros() as u64))
                     .is_err()
@@ -155,7 +181,7 @@ pub fn run(
     drop(frx);
 
     let mut pending: BTreeMap<u64, (Result<Opened_>, u64)> = BTreeMap::new();
-    let mut next = 1u64;
+    let mut next = first_counter;
     let mut prev_end: Pos = (0, 0);
     let mut seen: Vec<IndexEntry> = Vec::new();
     let mut cpu_us = 0u64;
@@ -173,17 +199,27 @@ pub fn run(
             }
             match r? {
                 Opened_::Data(seg, entry) => {
-                    if entry.first < prev_end {
-                        return Err(Error::Corrupt(format!(
-                            "segment {} overlaps the previous one",
-                            seg.counter
-                        )));
+                    if !seg.working_set {
+                        if entry.first < prev_end {
+                            return Err(Error::Corrupt(format!(
+                                "segment {} overlaps the previous one",
+                                seg.counter
+                            )));
+                        }
+                        prev_end = entry.end;
                     }
-                    prev_end = entry.end;
+                    if let Some(c) = coverage.as_mut() {
+                        c.segment(entry.frame_len.into(), seg.body.len(), &seg.records)?;
+                    }
                     seen.push(entry);
                     on_segment(seg)?;
                 }
-                Opened_::Index(ix) => break 'outer ix,
+                Opened_::Index(body) => {
+                    if let Some(c) = &coverage {
+                        c.finish()?;
+                    }
+                    break 'outer Index::decode_with(&body, ws)?;
+                }
             }
         }
     };

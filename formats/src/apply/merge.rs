@@ -1,9 +1,14 @@
 //! Builds the output components in one sequential pass: the base's data
 //! extents are copied (holes stay holes), records replace chunks, and every
 //! byte of the result is hashed and checked against the launch digest.
+//! The working-set segments of a version-2 overlay come first and out of
+//! position order: their records are held and applied when the pass
+//! reaches their position (FORMAT.md section 10.5).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use super::decode::Segment;
 use crate::chunk::{chunk_len, CHUNK, CHUNK_SIZE};
@@ -81,6 +86,9 @@ pub struct Merge<'a> {
     /// In memory: at most this many bytes, then `spill`.
     budget: u64,
     spill: Option<Spill<'a>>,
+    /// Records of working-set segments not applied yet, by launch
+    /// position: the segment and the record's index in it.
+    held: BTreeMap<(usize, u64), (Arc<Segment>, usize)>,
 }
 
 /// Writeback is started after this many bytes, so the final fsync finds
@@ -166,6 +174,7 @@ impl<'a> Merge<'a> {
             unsynced: 0,
             budget: u64::MAX,
             spill: None,
+            held: BTreeMap::new(),
         })
     }
 
@@ -177,10 +186,41 @@ impl<'a> Merge<'a> {
 
     /// Applies one segment's records.
     pub fn segment(&mut self, seg: Segment) -> Result<()> {
+        if seg.working_set {
+            // Out of position order: applied when the pass gets there (the
+            // coverage check made sure no two records cover one chunk).
+            let seg = Arc::new(seg);
+            for (i, r) in seg.records.iter().enumerate() {
+                count(&mut self.stats.chunks, r);
+                let at = (usize::from(r.comp), r.start);
+                if at < (self.cur, self.pos.div_ceil(CHUNK)) {
+                    return Err(Error::Corrupt(format!(
+                        "segment {}: a working-set record behind the records already applied",
+                        seg.counter
+                    )));
+                }
+                self.held.insert(at, (Arc::clone(&seg), i));
+            }
+            return Ok(());
+        }
         for r in &seg.records {
             count(&mut self.stats.chunks, r);
+            self.apply_held((usize::from(r.comp), r.start))?;
             self.advance(usize::from(r.comp), r.start * CHUNK)?;
             self.apply(r, &seg.body)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the held working-set records before launch position `to`.
+    fn apply_held(&mut self, to: (usize, u64)) -> Result<()> {
+        while let Some(e) = self.held.first_entry() {
+            if *e.key() >= to {
+                break;
+            }
+            let ((comp, start), (seg, i)) = e.remove_entry();
+            self.advance(comp, start * CHUNK)?;
+            self.apply(&seg.records[i], &seg.body)?;
         }
         Ok(())
     }
@@ -260,6 +300,7 @@ impl<'a> Merge<'a> {
     }
 
     fn complete(&mut self) -> Result<()> {
+        self.apply_held((usize::MAX, u64::MAX))?;
         let n = self.launch.len();
         if n > 0 {
             self.advance(n - 1, self.launch[n - 1].size)?;

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::overlay::frame::SegmentKind;
 use crate::overlay::header::Header;
 use crate::overlay::io::FrameReader;
+use crate::overlay::map::{CoverageMap, Location, SegmentSpan};
 use crate::overlay::record::Geometry;
 use crate::overlay::segment::ManifestSegment;
 use crate::vmdir::VmDir;
@@ -27,6 +28,11 @@ pub struct Opened {
     pub manifest: ManifestSegment,
     /// The keys (None for an unencrypted overlay).
     pub keys: Option<OverlayKeys>,
+    /// The coverage map (version 2; FORMAT.md section 10.5).
+    pub map: Option<CoverageMap>,
+    /// Offset of the first data segment (just after the map, or the
+    /// manifest in version 1): [`CoverageMap::segment_span`]'s base.
+    pub data_start: u64,
     /// The rest of the stream.
     pub reader: FrameReader<Box<dyn Read + Send>>,
 }
@@ -90,14 +96,44 @@ impl Opened {
                 "manifest does not match the header's result identity".into(),
             ));
         }
+        let map = if header.has_map() {
+            let frame = reader
+                .next_frame()?
+                .ok_or_else(|| Error::Truncated("no coverage map segment".into()))?;
+            if frame.header.kind != SegmentKind::Map {
+                return Err(Error::Corrupt(
+                    "second segment of a version-2 overlay is not the coverage map".into(),
+                ));
+            }
+            let body = frame.open(&sealer)?;
+            let launch: Vec<u64> = manifest.launch.iter().map(|c| c.size).collect();
+            Some(CoverageMap::decode(&body, &launch, sealer.overhead())?)
+        } else {
+            None
+        };
         Ok(Opened {
             name: name.to_string(),
             header,
             sealer,
             manifest,
             keys,
+            map,
+            data_start: reader.bytes_read,
             reader,
         })
+    }
+
+    /// Where chunk `chunk` of launch component `comp` comes from, once
+    /// the coverage map has been read: `None` for a version-1 overlay
+    /// (no map: nothing is known before the index).
+    pub fn locate(&self, comp: u8, chunk: u64) -> Option<Location> {
+        self.map.as_ref().map(|m| m.locate(comp, chunk))
+    }
+
+    /// Data segment `s`'s counter, offset and frame length, for a reader
+    /// that seeks (version 2).
+    pub fn segment_span(&self, s: u32) -> Option<SegmentSpan> {
+        self.map.as_ref()?.segment_span(s, self.data_start)
     }
 
     /// The identity of the VM this overlay produces.

@@ -100,6 +100,7 @@ mod tests {
 
     fn header(protection: KeyMaterial) -> Header {
         Header {
+            version: crate::overlay::header::VERSION,
             protection,
             overlay_id: [1; 16],
             salt: [2; 32],

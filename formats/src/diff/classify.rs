@@ -172,7 +172,7 @@ pub fn run(
                     enc.unchanged(unchanged)?;
                     unchanged = 0;
                 }
-                enc.push(comp, chunk, e)?;
+                enc.push_chunk(comp, chunk, e, lc)?;
             }
             if unchanged > 0 {
                 enc.unchanged(unchanged)?;

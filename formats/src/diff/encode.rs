@@ -1,5 +1,10 @@
 //! Turns per-chunk decisions into records (coalescing runs) and cuts the
 //! record stream into segments of about the target size (4 MiB by default).
+//! With a working set (version 2), its chunks are held back and written
+//! last into segments of their own, in first-touch order; the writer puts
+//! those segments first (FORMAT.md section 12.5).
+
+use std::collections::HashMap;
 
 use super::writer::Sink;
 use crate::error::Result;
@@ -54,15 +59,44 @@ enum Run {
     },
 }
 
+/// A working-set chunk's decision, held until the working set is written.
+#[derive(Debug)]
+enum Held {
+    Zero,
+    Ref {
+        is_self: bool,
+        comp: u8,
+        chunk: u64,
+        /// The chunk's bytes, for a self reference that must become a
+        /// literal (its source comes later in the stream).
+        bytes: Vec<u8>,
+    },
+    Delta(Vec<u8>),
+    Literal(Vec<u8>),
+}
+
+/// The working set's chunks in first-touch order, and what was decided
+/// for each changed one.
+#[derive(Debug, Default)]
+struct Held_ {
+    order: HashMap<Pos, usize>,
+    held: Vec<(Pos, Option<Held>)>,
+}
+
 /// Builds segments from chunk decisions given in position order.
 pub struct SegmentBuilder<'s> {
     sink: &'s mut Sink,
     body: Writer,
     first: Option<Pos>,
     end: Pos,
+    /// Record runs of the current body: (position, count, zero).
+    runs: Vec<(Pos, u32, bool)>,
     run: Run,
     stats: ChunkStats,
     target: usize,
+    /// Sending working-set segments.
+    in_ws: bool,
+    ws: Option<Held_>,
 }
 
 impl<'s> SegmentBuilder<'s> {
@@ -73,10 +107,53 @@ impl<'s> SegmentBuilder<'s> {
             body: Writer::default(),
             first: None,
             end: (0, 0),
+            runs: Vec::new(),
             run: Run::None,
             stats: ChunkStats::default(),
             target,
+            in_ws: false,
+            ws: None,
         }
+    }
+
+    /// Holds back the chunks of `working_set` (positions in first-touch
+    /// order, no repeats) to write them first (version 2).
+    pub fn with_working_set(mut self, working_set: &[Pos]) -> Self {
+        let mut h = Held_::default();
+        for &p in working_set {
+            if let std::collections::hash_map::Entry::Vacant(e) = h.order.entry(p) {
+                e.insert(h.held.len());
+                h.held.push((p, None));
+            }
+        }
+        self.ws = Some(h);
+        self
+    }
+
+    /// One changed chunk with its bytes (kept only for a working-set
+    /// chunk whose self reference may have to become a literal).
+    pub fn push_chunk(&mut self, comp: u8, chunk: u64, enc: Enc<'_>, bytes: &[u8]) -> Result<()> {
+        if let Some(h) = self.ws.as_mut() {
+            if let Some(&i) = h.order.get(&(comp, chunk)) {
+                h.held[i].1 = Some(match enc {
+                    Enc::Zero => Held::Zero,
+                    Enc::Ref {
+                        is_self,
+                        comp,
+                        chunk,
+                    } => Held::Ref {
+                        is_self,
+                        comp,
+                        chunk,
+                        bytes: if is_self { bytes.to_vec() } else { Vec::new() },
+                    },
+                    Enc::Delta(d) => Held::Delta(d.to_vec()),
+                    Enc::Literal(d) => Held::Literal(d.to_vec()),
+                });
+                return Ok(());
+            }
+        }
+        self.push(comp, chunk, enc)
     }
 
     /// `n` chunks equal to the base at the same position.
@@ -175,7 +252,7 @@ impl<'s> SegmentBuilder<'s> {
                 src,
             },
             Enc::Delta(patch) => {
-                self.note(comp, chunk, 1);
+                self.note(comp, chunk, 1, false);
                 self.body.delta(comp, chunk, patch);
                 return self.maybe_cut();
             }
@@ -183,18 +260,29 @@ impl<'s> SegmentBuilder<'s> {
         Ok(())
     }
 
-    fn note(&mut self, comp: u8, start: u64, count: u32) {
-        if self.first.is_none() {
-            self.first = Some((comp, start));
+    /// Records a run of the body: the index entry's span (the smallest
+    /// start and the largest end: records may be out of position order in
+    /// working-set segments) and the coverage map's runs.
+    fn note(&mut self, comp: u8, start: u64, count: u32, zero: bool) {
+        let end = (comp, start + u64::from(count));
+        match self.first {
+            None => {
+                self.first = Some((comp, start));
+                self.end = end;
+            }
+            Some(f) => {
+                self.first = Some(f.min((comp, start)));
+                self.end = self.end.max(end);
+            }
         }
-        self.end = (comp, start + u64::from(count));
+        self.runs.push(((comp, start), count, zero));
     }
 
     fn flush_run(&mut self) -> Result<()> {
         match std::mem::replace(&mut self.run, Run::None) {
             Run::None => return Ok(()),
             Run::Zero { comp, start, count } => {
-                self.note(comp, start, count);
+                self.note(comp, start, count, true);
                 self.body.zero(comp, start, count);
             }
             Run::Literal {
@@ -203,7 +291,7 @@ impl<'s> SegmentBuilder<'s> {
                 count,
                 data,
             } => {
-                self.note(comp, start, count);
+                self.note(comp, start, count, false);
                 self.body.literal(comp, start, count, &data);
             }
             Run::Ref {
@@ -214,7 +302,7 @@ impl<'s> SegmentBuilder<'s> {
                 src_comp,
                 src,
             } => {
-                self.note(comp, start, count);
+                self.note(comp, start, count, false);
                 self.body
                     .reference(comp, start, count, is_self, src_comp, src);
             }
@@ -232,16 +320,52 @@ impl<'s> SegmentBuilder<'s> {
     fn cut(&mut self) -> Result<()> {
         if let Some(first) = self.first.take() {
             let body = std::mem::take(&mut self.body);
+            let runs = std::mem::take(&mut self.runs);
             self.sink
-                .send_data(body.buf, first, self.end, body.records)?;
+                .send_data(body.buf, first, self.end, body.records, runs, self.in_ws)?;
         }
         Ok(())
     }
 
-    /// Flushes everything; returns the chunk statistics.
+    /// Flushes everything, then writes the held working-set chunks in
+    /// first-touch order; returns the chunk statistics.
     pub fn finish(mut self) -> Result<ChunkStats> {
         self.flush_run()?;
         self.cut()?;
+        if let Some(h) = self.ws.take() {
+            self.in_ws = true;
+            // Chunks written so far in the working set: a self reference
+            // may only copy those (FORMAT.md section 10.2 rule 8).
+            let mut sent: std::collections::HashSet<Pos> = std::collections::HashSet::new();
+            for ((comp, chunk), held) in h.held {
+                let Some(held) = held else { continue };
+                let enc = match &held {
+                    Held::Zero => Enc::Zero,
+                    Held::Ref {
+                        is_self: true,
+                        comp: sc,
+                        chunk: sk,
+                        bytes,
+                    } if !sent.contains(&(*sc, *sk)) => Enc::Literal(bytes),
+                    &Held::Ref {
+                        is_self,
+                        comp,
+                        chunk,
+                        ..
+                    } => Enc::Ref {
+                        is_self,
+                        comp,
+                        chunk,
+                    },
+                    Held::Delta(d) => Enc::Delta(d),
+                    Held::Literal(d) => Enc::Literal(d),
+                };
+                self.push(comp, chunk, enc)?;
+                sent.insert((comp, chunk));
+            }
+            self.flush_run()?;
+            self.cut()?;
+        }
         Ok(self.stats)
     }
 }

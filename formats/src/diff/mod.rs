@@ -22,8 +22,9 @@ use crate::crypto::keys::{commit_id, derived_salt, random, Argon2Params, KeyMate
 use crate::crypto::{sealer_for, writer_keys};
 use crate::error::{Error, Result};
 use crate::le;
-use crate::overlay::header::Header;
+use crate::overlay::header::{Header, DEFAULT_VERSION, VERSION_1, VERSION_MAP};
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
+use crate::overlay::Pos;
 use crate::progress::Progress;
 use crate::vmdir::{total_size, Manifest, VmDir};
 
@@ -68,6 +69,12 @@ pub struct DiffOptions {
     pub parent: Option<Parent>,
     /// Target size of a data segment body (default [`TARGET_BODY`]).
     pub segment_bytes: usize,
+    /// Overlay format version to write: [`VERSION_1`] (the default,
+    /// [`DEFAULT_VERSION`]) or [`VERSION_MAP`] (with a coverage map).
+    pub version: u16,
+    /// Launch chunks to write first, in first-touch order (version 2;
+    /// FORMAT.md section 12.5); empty for none.
+    pub working_set: Vec<Pos>,
 }
 
 impl DiffOptions {
@@ -82,6 +89,8 @@ impl DiffOptions {
                 .unwrap_or(1),
             parent: None,
             segment_bytes: TARGET_BODY,
+            version: DEFAULT_VERSION,
+            working_set: Vec::new(),
         }
     }
 }
@@ -148,6 +157,20 @@ pub fn diff<'a, W: Write + Send>(
             ),
         });
     }
+    if opts.version != VERSION_1 && opts.version != VERSION_MAP {
+        return Err(Error::Usage(format!(
+            "overlay version {} is not one this build writes (1 or 2)",
+            opts.version
+        )));
+    }
+    if !opts.working_set.is_empty() {
+        if opts.version < VERSION_MAP {
+            return Err(Error::Usage(
+                "a working set needs overlay version 2 (its coverage map marks it)".into(),
+            ));
+        }
+        crate::working_set::check_against(&opts.working_set, &launch.manifest.components)?;
+    }
     if let Some(p) = &opts.parent {
         if p.result_id != base.identity() {
             return Err(Error::Chain(
@@ -172,6 +195,7 @@ pub fn diff<'a, W: Write + Send>(
     .encode();
     let segment_bytes = opts.segment_bytes.clamp(4096, MAX_BODY / 2);
     let mut header = Header {
+        version: opts.version,
         protection: material,
         overlay_id: [0; 16],
         salt: [0; 32],
@@ -191,6 +215,7 @@ pub fn diff<'a, W: Write + Send>(
             &manifest,
             opts.level,
             segment_bytes,
+            (opts.version >= VERSION_MAP).then_some(&opts.working_set[..]),
         );
         derived_salt(key, &t)
     };
@@ -225,6 +250,9 @@ pub fn diff<'a, W: Write + Send>(
     let (out, wstats) = writer::run(out, &header_bytes, &sealer, opts, |sink| {
         sink.send_manifest(manifest)?;
         let mut enc = encode::SegmentBuilder::new(sink, segment_bytes);
+        if !opts.working_set.is_empty() {
+            enc = enc.with_working_set(&opts.working_set);
+        }
         let cstats = classify::run(base.manifest(), launch, &index, &mut enc, progress)?;
         stats.launch_read_bytes = cstats.launch_read_bytes;
         stats.chunks = enc.finish()?;
@@ -252,7 +280,8 @@ pub const ENCODER_REVISION: u32 = 1;
 /// `result_id` still zero (so: version, protection, Argon2 parameters,
 /// parent and depth), the base and launch identities, the manifest segment
 /// body, the zstd level, the segment size, and the encoder's identity
-/// (this crate's version, [`ENCODER_REVISION`], the zstd library version).
+/// (this crate's version, [`ENCODER_REVISION`], the zstd library version),
+/// and for version 2 the working set (`Some`, possibly empty).
 /// Thread counts are not part of it: they do not change the output.
 pub fn salt_transcript(
     header: &Header,
@@ -261,6 +290,7 @@ pub fn salt_transcript(
     manifest: &[u8],
     level: i32,
     segment_bytes: usize,
+    working_set: Option<&[Pos]>,
 ) -> Vec<u8> {
     let mut unsalted = header.clone();
     unsalted.overlay_id = [0; 16];
@@ -282,5 +312,8 @@ pub fn salt_transcript(
         )
         .as_bytes(),
     );
+    if let Some(ws) = working_set {
+        w.bytes(&crate::working_set::canonical(ws));
+    }
     w.into_inner()
 }

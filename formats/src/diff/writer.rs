@@ -1,4 +1,8 @@
-//! Compression and sealing on worker threads, one ordered writer.
+//! Compression and sealing on worker threads, one ordered writer. A
+//! version-2 overlay's segments are compressed (and, without a working
+//! set, sealed) as they come, held, and written once the coverage map
+//! (which must precede them and list their lengths) is known: FORMAT.md
+//! section 10.5 says why.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,19 +12,25 @@ use crossbeam_channel::{bounded, Sender};
 use super::DiffOptions;
 use crate::crypto::Sealer;
 use crate::error::{Error, Result};
-use crate::overlay::frame::SegmentKind;
-use crate::overlay::header::HEADER_LEN;
+use crate::overlay::frame::{SegmentKind, FRAME_HEADER_LEN};
+use crate::overlay::header::{HEADER_LEN, VERSION_MAP};
 use crate::overlay::io::{compress, seal_frame, FrameWriter};
+use crate::overlay::map::{CoverageMap, SegmentInfo, MAX_SEGMENTS};
+use crate::overlay::segment::MAX_BODY;
 use crate::overlay::segment::{ChunkStats, Index, IndexEntry};
 use crate::overlay::Pos;
 
 /// Index facts of a data segment, known when it is cut.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Meta {
     first: Pos,
     end: Pos,
     records: u32,
     body_len: u32,
+    /// Record runs (position, count, zero), for the coverage map.
+    runs: Vec<(Pos, u32, bool)>,
+    /// Carries the working set (goes first).
+    ws: bool,
 }
 
 struct Job {
@@ -52,8 +62,18 @@ impl Sink {
         self.send(SegmentKind::Manifest, body, None)
     }
 
-    /// Sends a data segment body.
-    pub fn send_data(&mut self, body: Vec<u8>, first: Pos, end: Pos, records: u32) -> Result<()> {
+    /// Sends a data segment body: the span of its records, their number,
+    /// their runs (position, count, zero) and whether it carries the
+    /// working set.
+    pub fn send_data(
+        &mut self,
+        body: Vec<u8>,
+        first: Pos,
+        end: Pos,
+        records: u32,
+        runs: Vec<(Pos, u32, bool)>,
+        ws: bool,
+    ) -> Result<()> {
         let body_len = body.len() as u32;
         self.send(
             SegmentKind::Data,
@@ -63,6 +83,8 @@ impl Sink {
                 end,
                 records,
                 body_len,
+                runs,
+                ws,
             }),
         )
     }
@@ -107,6 +129,9 @@ where
     W: Write + Send,
     F: FnOnce(&mut Sink) -> Result<ChunkStats>,
 {
+    if opts.version >= VERSION_MAP {
+        return run_mapped(out, header, sealer, opts, produce);
+    }
     let threads = opts.threads.max(1);
     let level = opts.level;
     std::thread::scope(|s| {
@@ -203,4 +228,174 @@ where
             },
         ))
     })
+}
+
+/// [`run`] for a version-2 overlay: every segment is compressed on the
+/// workers as it comes and held; then the header, manifest, coverage map
+/// (with every segment's length), the working-set segments, the others,
+/// the index and the footer are sealed and written in that order.
+fn run_mapped<W, F>(
+    out: W,
+    header: &[u8; HEADER_LEN],
+    sealer: &Sealer,
+    opts: &DiffOptions,
+    produce: F,
+) -> Result<(W, WriterStats)>
+where
+    W: Write + Send,
+    F: FnOnce(&mut Sink) -> Result<ChunkStats>,
+{
+    let threads = opts.threads.max(1);
+    let level = opts.level;
+    // Without a working set the data segments keep the order they are
+    // made in, so each one's stream counter is known at once (the map
+    // takes counter 1): the workers seal them too, and only the writing
+    // waits for the map. A working set's segments are made last and go
+    // first, so then every data segment is sealed at the end.
+    let seal_early = opts.working_set.is_empty();
+    type Done = (u64, SegmentKind, Vec<u8>, Option<Meta>);
+    let (held, produced) = std::thread::scope(|s| {
+        let (job_tx, job_rx) = bounded::<Job>(threads * 2);
+        let (done_tx, done_rx) = bounded::<Done>(threads * 2);
+        let depth = threads * 4;
+        let (ticket_tx, ticket_rx) = bounded::<()>(depth);
+        for _ in 0..depth {
+            ticket_tx.send(()).expect("room for every ticket");
+        }
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            s.spawn(move || {
+                for job in job_rx {
+                    let mut c = compress(&job.body, level);
+                    if seal_early && job.kind == SegmentKind::Data {
+                        c = seal_frame(sealer, job.counter + 1, job.kind, false, c);
+                    }
+                    if done_tx.send((job.counter, job.kind, c, job.meta)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        drop(job_rx);
+        let collector = s.spawn(move || {
+            let mut held: Vec<Done> = Vec::new();
+            for d in done_rx {
+                held.push(d);
+                let _ = ticket_tx.send(());
+            }
+            held
+        });
+        let mut sink = Sink {
+            tx: job_tx,
+            counter: 0,
+            tickets: ticket_rx,
+        };
+        let produced = produce(&mut sink);
+        drop(sink);
+        let held = collector.join();
+        (held, produced)
+    });
+    let mut held = held.map_err(|_| Error::Invalid("the overlay writer panicked".into()))?;
+    let stats = produced?;
+    held.sort_by_key(|d| d.0);
+    let mut held = held.into_iter();
+    let manifest = match held.next() {
+        Some((0, SegmentKind::Manifest, c, None)) => c,
+        _ => {
+            return Err(Error::Invalid(
+                "the manifest segment must come first".into(),
+            ))
+        }
+    };
+    // The working set's segments first, each group in the order made.
+    let (ws, rest): (Vec<Done>, Vec<Done>) = held.partition(|d| d.3.as_ref().is_some_and(|m| m.ws));
+    let data: Vec<(Vec<u8>, Meta)> = ws
+        .into_iter()
+        .chain(rest)
+        .map(|(_, _, c, m)| (c, m.expect("data segments carry their index facts")))
+        .collect();
+    if data.len() > MAX_SEGMENTS as usize {
+        return Err(Error::Invalid(format!(
+            "overlay too large: {} data segments do not fit one index",
+            data.len()
+        )));
+    }
+    let ws_segments = data.iter().filter(|(_, m)| m.ws).count() as u32;
+    let infos: Vec<SegmentInfo> = data
+        .iter()
+        .map(|(c, m)| SegmentInfo {
+            frame_len: if seal_early {
+                c.len()
+            } else {
+                FRAME_HEADER_LEN + c.len() + sealer.overhead()
+            } as u32,
+            body_len: m.body_len,
+            records: m.records,
+        })
+        .collect();
+    let runs: Vec<Vec<(Pos, u32, bool)>> = data.iter().map(|(_, m)| m.runs.clone()).collect();
+    let map = CoverageMap::build(ws_segments, infos, &runs).encode();
+    if map.len() > MAX_BODY {
+        return Err(Error::Invalid(format!(
+            "the coverage map ({} bytes) exceeds one segment: write overlay version 1 (--overlay-version 1), or use larger segments",
+            map.len()
+        )));
+    }
+    let mut fw = FrameWriter::new(out, header)?;
+    fw.write_frame(&seal_frame(
+        sealer,
+        0,
+        SegmentKind::Manifest,
+        false,
+        manifest,
+    ))?;
+    fw.write_frame(&seal_frame(
+        sealer,
+        1,
+        SegmentKind::Map,
+        false,
+        compress(&map, level),
+    ))?;
+    let mut entries = Vec::with_capacity(data.len());
+    let mut body_bytes = 0u64;
+    for (c, m) in data {
+        let counter = fw.next_counter();
+        let frame = if seal_early {
+            c
+        } else {
+            seal_frame(sealer, counter, SegmentKind::Data, false, c)
+        };
+        let offset = fw.write_frame(&frame)?;
+        body_bytes += u64::from(m.body_len);
+        entries.push(IndexEntry {
+            counter,
+            offset,
+            frame_len: frame.len() as u32,
+            body_len: m.body_len,
+            first: m.first,
+            end: m.end,
+            records: m.records,
+        });
+    }
+    let segments = entries.len() as u64;
+    let body = Index { entries, stats }.encode();
+    let frame = seal_frame(
+        sealer,
+        fw.next_counter(),
+        SegmentKind::Index,
+        true,
+        compress(&body, level),
+    );
+    let index_offset = fw.write_frame(&frame)?;
+    let (out, bytes) = fw.finish(index_offset)?;
+    Ok((
+        out,
+        WriterStats {
+            bytes,
+            segments,
+            body_bytes,
+        },
+    ))
 }

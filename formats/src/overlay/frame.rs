@@ -20,6 +20,8 @@ pub enum SegmentKind {
     Data = 2,
     /// The segment index (always last).
     Index = 3,
+    /// The coverage map (version 2, right after the manifest).
+    Map = 4,
 }
 
 /// A decoded frame header.
@@ -49,6 +51,7 @@ impl FrameHeader {
             1 => SegmentKind::Manifest,
             2 => SegmentKind::Data,
             3 => SegmentKind::Index,
+            4 => SegmentKind::Map,
             k => return Err(Error::Corrupt(format!("unknown segment kind {k}"))),
         };
         if b[1] > 1 || b[2] != 0 || b[3] != 0 {

@@ -7,8 +7,16 @@ use crate::le::{LeError, Reader};
 
 /// First bytes of every overlay.
 pub const MAGIC: [u8; 8] = *b"KIMBOVL\0";
-/// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The newest format version this build reads and writes (FORMAT.md
+/// section 10.5).
+pub const VERSION: u16 = 2;
+/// The version written when none is asked for: version 1 until version
+/// 2's overhead is shown small enough to make it the default.
+pub const DEFAULT_VERSION: u16 = VERSION_1;
+/// The first format version: no coverage map.
+pub const VERSION_1: u16 = 1;
+/// The version with a coverage map after the manifest segment.
+pub const VERSION_MAP: u16 = 2;
 /// Encoded size of the header, MAC included.
 pub const HEADER_LEN: usize = 192;
 /// Bytes covered by the MAC.
@@ -17,6 +25,8 @@ pub const MAC_OFFSET: usize = 160;
 /// A decoded header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Format version: [`VERSION_1`] or [`VERSION_MAP`].
+    pub version: u16,
     /// How segments are protected.
     pub protection: KeyMaterial,
     /// Names this overlay (children name it as their parent): random, or
@@ -38,6 +48,11 @@ pub struct Header {
 }
 
 impl Header {
+    /// True when the overlay has a coverage map (version 2).
+    pub fn has_map(&self) -> bool {
+        self.version >= VERSION_MAP
+    }
+
     /// True when the overlay names a parent.
     pub fn has_parent(&self) -> bool {
         self.parent_id != [0; 16]
@@ -47,7 +62,7 @@ impl Header {
     pub fn encode_unsigned(&self) -> [u8; MAC_OFFSET] {
         let mut b = [0u8; MAC_OFFSET];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&self.version.to_le_bytes());
         b[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         let (prot, argon) = match self.protection {
             KeyMaterial::None => (0u8, None),
@@ -129,7 +144,7 @@ impl Header {
         let mut c = Reader::new(bytes, "overlay header");
         c.take(MAGIC.len()).map_err(truncated)?;
         let version = c.u16().map_err(truncated)?;
-        if version != VERSION {
+        if version != VERSION_1 && version != VERSION_MAP {
             return Err(Error::Version {
                 what: "overlay",
                 found: version.into(),
@@ -186,6 +201,7 @@ impl Header {
             return Err(Error::Corrupt("parent and depth disagree".into()));
         }
         Ok(Header {
+            version,
             protection,
             overlay_id,
             salt,
@@ -205,6 +221,7 @@ mod tests {
 
     fn sample() -> Header {
         Header {
+            version: VERSION,
             protection: KeyMaterial::Passphrase(Argon2Params::DEFAULT),
             overlay_id: [1; 16],
             salt: [2; 32],
@@ -240,10 +257,10 @@ mod tests {
             Err(Error::Truncated(_))
         ));
         let mut v = bytes;
-        v[8] = 2;
+        v[8] = 3;
         assert!(matches!(
             Header::decode(&v),
-            Err(Error::Version { found: 2, .. })
+            Err(Error::Version { found: 3, .. })
         ));
     }
 }

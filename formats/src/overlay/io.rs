@@ -88,6 +88,8 @@ pub struct FrameReader<R> {
     pos: u64,
     counter: u64,
     done: bool,
+    /// The header's version (placement rules depend on it).
+    version: u16,
     /// Bytes read so far (for progress and stats).
     pub bytes_read: u64,
 }
@@ -114,6 +116,7 @@ impl<R: Read> FrameReader<R> {
             pos: 0,
             counter: 0,
             done: false,
+            version: super::header::VERSION_1,
             bytes_read: 0,
         }
     }
@@ -131,6 +134,7 @@ impl<R: Read> FrameReader<R> {
         self.pos += n as u64;
         self.bytes_read += n as u64;
         let h = Header::decode(&b[..n])?;
+        self.version = h.version;
         Ok((h, b))
     }
 
@@ -149,10 +153,17 @@ impl<R: Read> FrameReader<R> {
             )));
         }
         let header = FrameHeader::decode(&fh)?;
+        // FORMAT.md section 8.1: where each kind may stand.
+        let first_data = if self.version >= super::header::VERSION_MAP {
+            2
+        } else {
+            1
+        };
         let expect_ok = match header.kind {
             SegmentKind::Manifest => self.counter == 0 && !header.last,
-            SegmentKind::Data => self.counter > 0 && !header.last,
-            SegmentKind::Index => self.counter > 0 && header.last,
+            SegmentKind::Map => first_data == 2 && self.counter == 1 && !header.last,
+            SegmentKind::Data => self.counter >= first_data && !header.last,
+            SegmentKind::Index => self.counter >= first_data && header.last,
         };
         if !expect_ok {
             return Err(Error::Corrupt(format!(

@@ -93,12 +93,16 @@ pub struct RecordError {
 
 /// Parses and checks every record of a body. `after` is the position the
 /// first record must not precede (the end of the previous segment's last
-/// record, or `(0, 0)`).
-pub fn parse(body: &[u8], geo: &Geometry, after: Pos) -> Result<Vec<Record>, RecordError> {
+/// record, or `(0, 0)`), records then following in position order; `None`
+/// for a working-set segment of a version-2 overlay, whose records may
+/// come in any position order (FORMAT.md section 10.2 rule 6; their
+/// overlaps are the coverage map's check, `overlay::map::Coverage`).
+pub fn parse(body: &[u8], geo: &Geometry, after: Option<Pos>) -> Result<Vec<Record>, RecordError> {
     let mut c = Reader::new(body, "record");
     let pos = |c: &Reader<'_>| body.len() - c.remaining();
     let mut out = Vec::new();
-    let mut prev_end = after;
+    let ordered = after.is_some();
+    let mut prev_end = after.unwrap_or((0, 0));
     while c.remaining() > 0 {
         let at = pos(&c);
         let err = |why| RecordError { at, why };
@@ -124,7 +128,7 @@ pub fn parse(body: &[u8], geo: &Geometry, after: Pos) -> Result<Vec<Record>, Rec
         if end > chunk_count(size) {
             return Err(err("run past the end of its component"));
         }
-        if (comp, start) < prev_end {
+        if ordered && (comp, start) < prev_end {
             return Err(err("records out of order"));
         }
         let op = match code {
@@ -289,7 +293,7 @@ mod tests {
         w.literal(0, 4, 1, &[7; 4096]);
         w.reference(1, 0, 1, true, 0, 4);
         w.literal(1, 1, 1, &[1; 10]);
-        let rs = parse(&w.buf, &geo(), (0, 0)).unwrap();
+        let rs = parse(&w.buf, &geo(), Some((0, 0))).unwrap();
         assert_eq!(rs.len(), 6);
         assert_eq!(rs[5].op, Op::Literal(w.buf.len() - 10..w.buf.len()));
         assert_eq!(rs[4].op, Op::RefSelf { comp: 0, chunk: 4 });
@@ -300,7 +304,7 @@ mod tests {
         let bad = |f: &dyn Fn(&mut Writer)| {
             let mut w = Writer::default();
             f(&mut w);
-            parse(&w.buf, &geo(), (0, 0)).is_err()
+            parse(&w.buf, &geo(), Some((0, 0))).is_err()
         };
         assert!(bad(&|w| w.zero(2, 0, 1)));
         assert!(bad(&|w| w.zero(0, 4, 2)));
@@ -313,7 +317,7 @@ mod tests {
         assert!(bad(&|w| w.reference(0, 0, 1, true, 0, 0)));
         assert!(bad(&|w| w.reference(1, 1, 1, false, 0, 1)));
         assert!(bad(&|w| w.literal(0, 0, 1, &[1; 100])));
-        assert!(parse(&[9], &geo(), (0, 0)).is_err());
-        assert!(parse(&[], &geo(), (0, 0)).unwrap().is_empty());
+        assert!(parse(&[9], &geo(), Some((0, 0))).is_err());
+        assert!(parse(&[], &geo(), Some((0, 0))).unwrap().is_empty());
     }
 }

@@ -214,8 +214,15 @@ impl Index {
         b
     }
 
-    /// Decodes and checks ordering.
+    /// Decodes and checks ordering (a version-1 index).
     pub fn decode(body: &[u8]) -> Result<Index> {
+        Self::decode_with(body, 0)
+    }
+
+    /// Decodes and checks ordering, except of the first `ws` entries
+    /// (the working-set segments of a version-2 overlay, whose positions
+    /// follow first-touch order: FORMAT.md section 10.4).
+    pub fn decode_with(body: &[u8], ws: usize) -> Result<Index> {
         let mut c = Reader::new(body, "index segment");
         let mut f = [0u64; 6];
         for v in &mut f {
@@ -250,9 +257,10 @@ impl Index {
             if let Some(p) = entries.last() {
                 let p: &IndexEntry = p;
                 let next_offset = p.offset.checked_add(u64::from(p.frame_len));
+                let ordered = entries.len() > ws;
                 if Some(e.counter) != p.counter.checked_add(1)
                     || next_offset.is_none_or(|o| e.offset < o)
-                    || e.first < p.end
+                    || (ordered && e.first < p.end)
                 {
                     return Err(corrupt("index"));
                 }

@@ -10,6 +10,7 @@ use kimberley_formats::overlay::header::{Header, HEADER_LEN};
 /// minutes of work and 1 GiB of memory before its MAC can fail.
 pub fn expensive_kdf_header() -> [u8; HEADER_LEN] {
     let mut h = Header {
+        version: kimberley_formats::overlay::header::VERSION_1,
         protection: KeyMaterial::Passphrase(Argon2Params {
             m_cost: 1 << 20,
             t_cost: 64,

@@ -22,11 +22,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kimberley_formats::apply::{self, Input, Opened};
+use kimberley_formats::chunk::chunk_count;
 use kimberley_formats::crypto::keys::{KdfLimits, Secret};
 use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::diff::{self, DiffOptions, Parent, Protection};
 use kimberley_formats::overlay::frame::{SegmentKind, FOOTER_LEN, FRAME_HEADER_LEN};
-use kimberley_formats::overlay::header::HEADER_LEN;
+use kimberley_formats::overlay::header::{HEADER_LEN, VERSION_MAP};
 use kimberley_formats::overlay::io::FrameReader;
 use kimberley_formats::overlay::record::{self, Op};
 use kimberley_formats::progress::Progress;
@@ -128,6 +129,19 @@ fn make_overlay(
     parent: Option<Parent>,
     segment_bytes: Option<usize>,
 ) -> Vec<u8> {
+    make_overlay_with(base, launch, key, parent, segment_bytes, |_| {})
+}
+
+/// [`make_overlay`] with more options set by `tweak` (the version, a
+/// working set).
+fn make_overlay_with(
+    base: &VmDir,
+    launch: &VmDir,
+    key: bool,
+    parent: Option<Parent>,
+    segment_bytes: Option<usize>,
+    tweak: impl FnOnce(&mut DiffOptions),
+) -> Vec<u8> {
     let mut opts = DiffOptions::new(if key {
         Protection::Key(common::KEY)
     } else {
@@ -138,6 +152,7 @@ fn make_overlay(
     if let Some(n) = segment_bytes {
         opts.segment_bytes = n;
     }
+    tweak(&mut opts);
     let (out, _) = diff::diff(base, launch, &opts, Vec::new(), &Progress::default()).unwrap();
     // Check it is what the stream target accepts.
     let secret = Secret::Key(common::KEY);
@@ -179,7 +194,11 @@ fn u24(v: u64) -> [u8; 3] {
 fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
     let raw_mode = if key { 1u8 } else { 0 };
     let with = |m: u8, b: &[u8]| [&[m][..], b].concat();
-    s.put("overlay_stream", &format!("{name}.m{raw_mode}"), &with(raw_mode, ovl));
+    s.put(
+        "overlay_stream",
+        &format!("{name}.m{raw_mode}"),
+        &with(raw_mode, ovl),
+    );
     s.put("overlay_stream", &format!("{name}.m2"), &with(2, ovl));
     if let Some(st) = common::to_structured(ovl) {
         // The harness's rebuild of it must verify too (re-compressed
@@ -202,7 +221,11 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
 
     // Parts: header, frame headers, footer, bodies.
     let part = |sel: u8, b: &[u8]| with(sel, b);
-    s.put("overlay_parts", &format!("{name}.header"), &part(0, &ovl[..HEADER_LEN]));
+    s.put(
+        "overlay_parts",
+        &format!("{name}.header"),
+        &part(0, &ovl[..HEADER_LEN]),
+    );
     s.put(
         "overlay_parts",
         &format!("{name}.footer"),
@@ -224,7 +247,11 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
     r.header().unwrap();
     let mut k = 0;
     while let Some(f) = r.next_frame().unwrap() {
-        s.put("overlay_parts", &format!("{name}.fh{k}"), &part(1, &f.header.encode()));
+        s.put(
+            "overlay_parts",
+            &format!("{name}.fh{k}"),
+            &part(1, &f.header.encode()),
+        );
         if !key && k < 3 {
             let sealed = &f.sealed[..f.sealed.len() - sealer.overhead()];
             s.put("overlay_parts", &format!("{name}.zst{k}"), &part(9, sealed));
@@ -232,10 +259,21 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
         let kind = f.header.kind;
         let body = f.open(&sealer).unwrap();
         match kind {
-            SegmentKind::Manifest => {
-                s.put("overlay_parts", &format!("{name}.manifest"), &part(3, &body))
-            }
+            SegmentKind::Manifest => s.put(
+                "overlay_parts",
+                &format!("{name}.manifest"),
+                &part(3, &body),
+            ),
             SegmentKind::Index => s.put("overlay_parts", &format!("{name}.index"), &part(4, &body)),
+            SegmentKind::Map => {
+                // coverage_map mode 0: launch sizes (count, 3 bytes each), then the body.
+                let mut g = vec![(geo.launch.len() - 1) as u8];
+                for &sz in &geo.launch {
+                    g.extend_from_slice(&u24(sz));
+                }
+                g.extend_from_slice(&body);
+                s.put("coverage_map", &format!("{name}.map"), &with(0, &g));
+            }
             SegmentKind::Data if body.len() <= 64 << 10 => {
                 for large in [false, true] {
                     let mut g = vec![(geo.launch.len() - 1) as u8];
@@ -257,9 +295,15 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
                     g.extend_from_slice(&[0, 0, 0]); // after = (0, 0)
                     g.extend_from_slice(&body);
                     let sel = if large { 6 } else { 5 };
-                    s.put("overlay_parts", &format!("{name}.rec{k}.{sel}"), &part(sel, &g));
+                    s.put(
+                        "overlay_parts",
+                        &format!("{name}.rec{k}.{sel}"),
+                        &part(sel, &g),
+                    );
                 }
-                for (i, rec) in record::parse(&body, &geo, (0, 0))
+                // A working-set segment's records may be out of order.
+                for (i, rec) in record::parse(&body, &geo, Some((0, 0)))
+                    .or_else(|_| record::parse(&body, &geo, None))
                     .unwrap()
                     .iter()
                     .enumerate()
@@ -267,7 +311,11 @@ fn overlay_seeds(s: &mut Seeds, name: &str, ovl: &[u8], key: bool) {
                     if let Op::Delta(range) = &rec.op {
                         let mut d = 4096u16.to_le_bytes().to_vec();
                         d.extend_from_slice(&body[range.clone()]);
-                        s.put("overlay_parts", &format!("{name}.delta{k}.{i}"), &part(7, &d));
+                        s.put(
+                            "overlay_parts",
+                            &format!("{name}.delta{k}.{i}"),
+                            &part(7, &d),
+                        );
                     }
                 }
             }
@@ -283,19 +331,42 @@ fn state_seeds(s: &mut Seeds, tmp: &Path) {
     let mut put = |name: &str, blob: &[u8]| {
         kimberley_vmm::validate_state(blob).expect("a state seed validates");
         let body = &blob[kimberley_vmm::persist::HEADER_LEN..];
-        s.put("state_blob", &format!("{name}.m0"), &[&[0u8][..], blob].concat());
-        s.put("state_blob", &format!("{name}.m1"), &[&[1u8][..], body].concat());
+        s.put(
+            "state_blob",
+            &format!("{name}.m0"),
+            &[&[0u8][..], blob].concat(),
+        );
+        s.put(
+            "state_blob",
+            &format!("{name}.m1"),
+            &[&[1u8][..], body].concat(),
+        );
     };
     let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/vectors/state");
     for name in ["vm-v1", "pattern-v1"] {
         let p = vectors.join(format!("{name}.bin"));
-        put(name, &fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())));
+        put(
+            name,
+            &fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        );
     }
     // Real VMs: (name, MiB, vCPUs, disk sizes, script run before saving).
     let vms: &[(&str, u64, u8, &[u64], &str)] = &[
         ("vm-fresh", 16, 1, &[], ""),
-        ("vm-disks", 32, 2, &[1 << 20, 64 << 10], "disk-write 0 64K 3\ndisk-write 64K 4K 5\nprint ok"),
-        ("vm-counter", 16, 1, &[64 << 10], "counter start\nsleep 5\ncounter"),
+        (
+            "vm-disks",
+            32,
+            2,
+            &[1 << 20, 64 << 10],
+            "disk-write 0 64K 3\ndisk-write 64K 4K 5\nprint ok",
+        ),
+        (
+            "vm-counter",
+            16,
+            1,
+            &[64 << 10],
+            "counter start\nsleep 5\ncounter",
+        ),
     ];
     let t = Duration::from_secs(30);
     for &(name, mib, vcpus, disk_sizes, script) in vms {
@@ -342,18 +413,37 @@ fn migration_seeds(s: &mut Seeds) {
             vcpus: 1,
             shared_disk: false,
             stream: false,
-            disks: vec![DiskInfo { size: 1 << 20, path: String::new() }],
+            disks: vec![DiskInfo {
+                size: 1 << 20,
+                path: String::new(),
+            }],
         }),
         Message::Start(Start {
             memory_size: 64 << 20,
             vcpus: 2,
             shared_disk: true,
             stream: true,
-            disks: vec![DiskInfo { size: 1 << 20, path: "/srv/vm/disk0.raw".into() }],
+            disks: vec![DiskInfo {
+                size: 1 << 20,
+                path: "/srv/vm/disk0.raw".into(),
+            }],
         }),
         Message::RoundEnd(3),
-        Message::RoundAck(RoundAck { round: 3, apply_us: 100, blocks_hashed: 2, hash_us: 900, fixed_us: 5000 }),
-        Message::Running(Running { apply_us: 1, blocks_hashed: 2, hash_us: 3, commit_us: 4, restore_us: 5, delay_us: 6 }),
+        Message::RoundAck(RoundAck {
+            round: 3,
+            apply_us: 100,
+            blocks_hashed: 2,
+            hash_us: 900,
+            fixed_us: 5000,
+        }),
+        Message::Running(Running {
+            apply_us: 1,
+            blocks_hashed: 2,
+            hash_us: 3,
+            commit_us: 4,
+            restore_us: 5,
+            delay_us: 6,
+        }),
         Message::Error("no space left on device".into()),
         Message::Commit,
         Message::Done,
@@ -363,7 +453,11 @@ fn migration_seeds(s: &mut Seeds) {
         let body = m.encode();
         let fh = FrameHeader::for_body(ty, body.len()).encode();
         s.put(t, &format!("fh{i}"), &[&[1u8][..], &fh].concat());
-        s.put(t, &format!("msg{i}"), &[&[2u8, ty as u8][..], &body].concat());
+        s.put(
+            t,
+            &format!("msg{i}"),
+            &[&[2u8, ty as u8][..], &body].concat(),
+        );
     }
     let page: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
     let body = vmigrate::chunks::encode(0, &[(1, Some(&page[..])), (2, None)]);
@@ -374,9 +468,14 @@ fn migration_seeds(s: &mut Seeds) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let root = PathBuf::from(args.get(1).expect("usage: seedgen CORPUS_DIR [--tiny SEEDS_DIR]"));
+    let root = PathBuf::from(
+        args.get(1)
+            .expect("usage: seedgen CORPUS_DIR [--tiny SEEDS_DIR]"),
+    );
     let tiny = match args.get(2).map(String::as_str) {
-        Some("--tiny") => Some(PathBuf::from(args.get(3).expect("--tiny needs a directory"))),
+        Some("--tiny") => Some(PathBuf::from(
+            args.get(3).expect("--tiny needs a directory"),
+        )),
         _ => None,
     };
     let tmp = std::env::temp_dir().join(format!("kimberley-seedgen-{}", std::process::id()));
@@ -440,6 +539,22 @@ fn main() {
         overlay_seeds(&mut s, &format!("b-{tag}"), &b, key);
         let bseg = make_overlay(&b_base, &b_launch, key, None, Some(4096));
         overlay_seeds(&mut s, &format!("bseg-{tag}"), &bseg, key);
+        // Version 2 (a coverage map), without and with a working set
+        // (chunks last first: its segments out of position order).
+        let b2 = make_overlay_with(&b_base, &b_launch, key, None, None, |o| {
+            o.version = VERSION_MAP;
+        });
+        overlay_seeds(&mut s, &format!("b2-{tag}"), &b2, key);
+        let ws: Vec<(u8, u64)> = (0..b_launch.manifest.components.len() as u8)
+            .rev()
+            .flat_map(|c| (0..8u64).rev().map(move |k| (c, k)))
+            .filter(|&(c, k)| k < chunk_count(b_launch.manifest.components[usize::from(c)].size))
+            .collect();
+        let b2ws = make_overlay_with(&b_base, &b_launch, key, None, Some(4096), |o| {
+            o.version = VERSION_MAP;
+            o.working_set = ws;
+        });
+        overlay_seeds(&mut s, &format!("b2ws-{tag}"), &b2ws, key);
         let rev = make_overlay(&b_launch, &b_base, key, None, None);
         overlay_seeds(&mut s, &format!("brev-{tag}"), &rev, key);
         let same = make_overlay(&a_base, &a_base, key, None, None);
@@ -474,7 +589,11 @@ fn main() {
     dr.extend(image(&mut rng, 4096));
     dr.extend_from_slice(&[5, 0, 0xff, 0xbc, 2, 0x11, 0xff, 0x0f, 0]);
     s.put("overlay_parts", "delta-rt", &[&[8u8][..], &dr].concat());
-    s.put("overlay_parts", "sealer", &[10u8, 1, 3, 0, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4, 9, 9]);
+    s.put(
+        "overlay_parts",
+        "sealer",
+        &[10u8, 1, 3, 0, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4, 9, 9],
+    );
 
     // Manifests.
     for vm in ["a-base", "a-launch", "b-base", "b-launch", "c-launch"] {
@@ -527,5 +646,9 @@ fn main() {
         }
     }
     let _ = fs::remove_dir_all(&tmp);
-    println!("seedgen: wrote {} seeds under {}", s.all.len(), root.display());
+    println!(
+        "seedgen: wrote {} seeds under {}",
+        s.all.len(),
+        root.display()
+    );
 }
