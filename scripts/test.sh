@@ -25,7 +25,9 @@ if [ -z "${TMPDIR:-}" ] && [ "$(id -u)" = 0 ]; then
     mountpoint -q "$scratch" || mount -t tmpfs -o size=8g,mode=1777 tmpfs "$scratch" || true
     # A directory of this run's own, removed at its end: what a test's
     # SIGKILLed child could not clean up (fault-matrix cells) goes with it.
+    # Sticky and open to all as /tmp is: tests connect as other uids.
     TMPDIR=$(mktemp -d -p "$scratch" run.XXXXXX)
+    chmod 1777 "$TMPDIR"
     export TMPDIR
     trap 'rm -rf "$TMPDIR"' EXIT
 fi
