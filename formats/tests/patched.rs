@@ -243,3 +243,29 @@ fn a_version_2_parent_with_a_working_set_patches_in_memory_and_spilled() {
         std::fs::remove_dir_all(p.base.with_file_name("spill")).unwrap();
     }
 }
+
+/// A piece holds about what it carries: scattered changes do not each keep
+/// a whole write buffer's capacity (thousands of them reserved tens of GiB
+/// of address space, and `build --parent` could then not fork QEMU).
+#[test]
+fn pieces_hold_about_their_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let p = make_pair(t.path(), &PairSpec::default()).unwrap();
+    let (l1, _) = diff_bytes(&p.base, &p.launch, Protection::Key(KEY), None);
+    let v = patch(&p.base, &l1).unwrap();
+    let mut pieces = 0;
+    for patches in &v.patches {
+        for (off, piece) in patches.pieces() {
+            if let kimberley_formats::vmdir::patched::Piece::Data(d) = piece {
+                pieces += 1;
+                assert!(
+                    d.capacity() <= 2 * d.len(),
+                    "the piece at {off} holds {} bytes in {} of capacity",
+                    d.len(),
+                    d.capacity()
+                );
+            }
+        }
+    }
+    assert!(pieces > 1, "{pieces}");
+}

@@ -411,8 +411,18 @@ impl<'a> Merge<'a> {
         }
         self.keep(self.wbuf.len())?;
         if let Out::Memory(p) = &mut self.out {
-            // The buffer itself becomes the piece: no copy.
-            let data = std::mem::replace(&mut self.wbuf, Vec::with_capacity(WRITE_BUF));
+            // A full buffer becomes the piece (no copy); a short one is
+            // copied out at its length and the buffer kept: a piece must
+            // not hold WRITE_BUF of capacity for a few pages (thousands of
+            // scattered changes reserved tens of GiB, and a fork then
+            // failed with ENOMEM).
+            let data = if self.wbuf.len() >= WRITE_BUF / 2 {
+                std::mem::replace(&mut self.wbuf, Vec::with_capacity(WRITE_BUF))
+            } else {
+                let d = self.wbuf.as_slice().to_vec();
+                self.wbuf.clear();
+                d
+            };
             self.stats.written_bytes += data.len() as u64;
             p[self.cur].push(self.wbuf_off, Piece::Data(data));
             return Ok(());
