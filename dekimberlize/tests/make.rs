@@ -474,3 +474,31 @@ fn build_parent_reads_the_chain_with_the_key() {
     ok(v);
     assert_eq!(temps(d), Vec::<String>::new());
 }
+
+/// Without SCRIPTS on the command line, the examples find their scripts
+/// beside themselves also once the depfiles exist (`-include` appends them
+/// to MAKEFILE_LIST, which the directory used to be taken from lazily).
+#[test]
+fn the_examples_find_their_scripts_after_the_depfiles_exist() {
+    if !have_make() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("os.ovl.d"), "os.ovl: base/manifest.json\n").unwrap();
+    std::fs::write(t.path().join("app.ovl.d"), "app.ovl: os.ovl\n").unwrap();
+    for mk in ["Makefile", "linux.mk"] {
+        let o = run(Command::new("make")
+            .current_dir(t.path())
+            .arg("-s")
+            .arg("-f")
+            .arg(example().join(mk))
+            .args(["--eval", "show-scripts: ; @echo $(SCRIPTS)", "show-scripts"]));
+        assert!(o.status.success(), "{mk}: {}", stderr(&o));
+        let shown = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(
+            std::fs::canonicalize(&shown).unwrap(),
+            std::fs::canonicalize(example()).unwrap(),
+            "{mk}: SCRIPTS is {shown:?}"
+        );
+    }
+}

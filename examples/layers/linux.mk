@@ -17,7 +17,10 @@
 # GNU make 4.3 or later (grouped targets, `&:`).
 KIMBERLIZE ?= kimberlize
 DEKIMBERLIZE ?= dekimberlize
-SCRIPTS ?= $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+# This file's directory, taken now: the -include at the end adds the
+# depfiles to MAKEFILE_LIST.
+HERE := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+SCRIPTS ?= $(HERE)
 LINUX_BASE ?= $(SCRIPTS)/../../scripts/linux-base.sh
 KEY ?= overlay.key
 MEMORY ?= 1G
