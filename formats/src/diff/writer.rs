@@ -200,33 +200,9 @@ where
             .join()
             .map_err(|_| Error::Invalid("the overlay writer panicked".into()))?;
         // A writer error (broken pipe, full disk) explains a producer error.
-        let (mut fw, entries, body_bytes) = written?;
+        let (fw, entries, body_bytes) = written?;
         let stats = produced?;
-        let segments = entries.len() as u64;
-        let idx = Index { entries, stats };
-        let body = idx.encode();
-        if body.len() > crate::overlay::segment::MAX_BODY {
-            return Err(Error::Invalid(format!(
-                "overlay too large: {segments} data segments do not fit one index"
-            )));
-        }
-        let frame = seal_frame(
-            sealer,
-            fw.next_counter(),
-            SegmentKind::Index,
-            true,
-            compress(&body, level),
-        );
-        let index_offset = fw.write_frame(&frame)?;
-        let (out, bytes) = fw.finish(index_offset)?;
-        Ok((
-            out,
-            WriterStats {
-                bytes,
-                segments,
-                body_bytes,
-            },
-        ))
+        finish_with_index(fw, sealer, level, entries, stats, body_bytes)
     })
 }
 
@@ -379,8 +355,26 @@ where
             records: m.records,
         });
     }
+    finish_with_index(fw, sealer, level, entries, stats, body_bytes)
+}
+
+/// Writes the index of `entries` (refused past one segment's body) and the
+/// footer: the end of every overlay, whatever its version.
+fn finish_with_index<W: Write>(
+    mut fw: FrameWriter<W>,
+    sealer: &Sealer,
+    level: i32,
+    entries: Vec<IndexEntry>,
+    stats: ChunkStats,
+    body_bytes: u64,
+) -> Result<(W, WriterStats)> {
     let segments = entries.len() as u64;
     let body = Index { entries, stats }.encode();
+    if body.len() > crate::overlay::segment::MAX_BODY {
+        return Err(Error::Invalid(format!(
+            "overlay too large: {segments} data segments do not fit one index"
+        )));
+    }
     let frame = seal_frame(
         sealer,
         fw.next_counter(),
