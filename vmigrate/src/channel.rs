@@ -323,6 +323,28 @@ impl Rx {
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
+
+    /// Ends the session after this side's last message without a reset:
+    /// says it sends no more, then reads and drops whatever the peer still
+    /// sends until it closes too (or `limit` passes). A socket closed with
+    /// unread bytes in its receive queue resets the connection, and a reset
+    /// discards what this side had queued but not yet sent, which may be
+    /// its last message (DONE).
+    pub fn linger(&mut self, limit: Duration) {
+        use std::os::unix::io::AsRawFd;
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let end = Instant::now() + limit;
+        let mut sink = [0u8; 4096];
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match kimberley_formats::sys::poll::readable_one(self.stream.as_raw_fd(), Some(left)) {
+                Ok(true) => match self.stream.read(&mut sink) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ => return,
+            }
+        }
+    }
 }
 
 /// Reads a key file (either form of docs/FORMAT.md "Key files"; a

@@ -27,6 +27,9 @@ use crate::writer::Writer;
 const CHUNKS_PER_BLOCK: u64 = (kimberley_formats::digest::BLOCK_SIZE / CHUNK) as u64;
 /// Batches compressed and sealed in parallel at a time.
 const WINDOW: usize = 32;
+
+/// How long the sender waits, after DONE, for the receiver to close.
+const DONE_LINGER: Duration = Duration::from_secs(2);
 /// How long the source waits for RUNNING after COMMIT before it declares
 /// the hand-over in doubt.
 pub const RUNNING_WAIT: Duration = Duration::from_secs(60);
@@ -260,6 +263,7 @@ impl Session<'_, '_> {
         let t_running = Instant::now();
         let _ = self.send_msg(Message::Done);
         let _ = self.writer.flush();
+        self.rx.linger(DONE_LINGER);
         let total_pause = t_running.duration_since(t_pause).as_secs_f64() * 1000.0;
         let downtime = (total_pause - running.delay_us as f64 / 1000.0).max(0.0);
         let us = |v: u64| v as f64 / 1000.0;
