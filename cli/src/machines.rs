@@ -17,7 +17,7 @@ pub fn backend_for(dir: &VmDir) -> anyhow::Result<Box<dyn Backend>> {
 
 /// The backend that runs the VM of `manifest` (`path` names it in
 /// messages).
-fn backend_of(manifest: &Manifest, path: &Path) -> anyhow::Result<Box<dyn Backend>> {
+pub fn backend_of(manifest: &Manifest, path: &Path) -> anyhow::Result<Box<dyn Backend>> {
     let b: Box<dyn Backend> = match manifest.machine.as_deref() {
         None => Box::new(kimberley_vmm::MicroVmBackend),
         Some(m) if m.backend == kimberley_qemu::BACKEND => Box::new(kimberley_qemu::QemuBackend::default()),

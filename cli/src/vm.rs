@@ -32,6 +32,39 @@ pub enum Served {
     InDoubt(String),
 }
 
+/// Serves `vm`'s control socket `sock` until a stop request or `stop`
+/// (see [`serve_vmdir`], which also suspends); returns the machine and how
+/// serving ended. `snapshot` requests name VM directories `name`.
+pub fn serve(
+    vm: Box<dyn kimberley_machine::Machine>,
+    name: String,
+    sock: kimberley_machine::ControlSocket,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    migrate: Option<kimberley_machine::MigrateFn>,
+) -> anyhow::Result<(
+    Box<dyn kimberley_machine::Machine>,
+    kimberley_machine::control::Ending,
+)> {
+    use std::io::Write;
+
+    use kimberley_formats::vmdir::VmDirWriter;
+    use kimberley_machine::control;
+
+    let snapshot: control::SnapshotFn = Box::new(move |vm, to| {
+        let w = VmDirWriter::create(to).map_err(|e| e.to_string())?;
+        vm.suspend_into(w, &name)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let console = Box::new(|line: &str| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{line}");
+        let _ = o.flush();
+    });
+    let hooks = control::Hooks { snapshot, migrate };
+    control::serve_with(vm, sock, hooks, stop, console).map_err(vm_error)
+}
+
 /// Runs `vm`, which was resumed from `dir`, behind the control socket
 /// `sock` (guest console to stdout) until it is stopped through the socket
 /// or by SIGINT/SIGTERM (`stop`, from [`kimberley_machine::stop_on_signals`];
@@ -46,26 +79,10 @@ pub fn serve_vmdir(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     migrate: Option<kimberley_machine::MigrateFn>,
 ) -> anyhow::Result<Served> {
-    use std::io::Write;
-
     use anyhow::Context;
-    use kimberley_formats::vmdir::VmDirWriter;
     use kimberley_machine::control;
 
-    let name = dir.manifest.name.clone();
-    let snapshot: control::SnapshotFn = Box::new(move |vm, to| {
-        let w = VmDirWriter::create(to).map_err(|e| e.to_string())?;
-        vm.suspend_into(w, &name)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    });
-    let console = Box::new(|line: &str| {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "{line}");
-        let _ = o.flush();
-    });
-    let hooks = control::Hooks { snapshot, migrate };
-    let (mut vm, ending) = control::serve_with(vm, sock, hooks, stop, console).map_err(vm_error)?;
+    let (mut vm, ending) = serve(vm, dir.manifest.name.clone(), sock, stop, migrate)?;
     match ending {
         control::Ending::Migrated(v) => Ok(Served::Migrated(v)),
         control::Ending::InDoubt(why) => {

@@ -135,6 +135,17 @@ pub struct ApplyArgs {
     /// SIGINT/SIGTERM, then suspends cleanly back into the VMDIR.
     #[arg(long)]
     pub run: bool,
+    /// With --run, start the launch VM before the overlay has arrived: as
+    /// soon as its coverage map and working set are in (an overlay made
+    /// with `kimberlize diff --overlay-version 2 --working-set FILE`), the
+    /// guest runs while the rest is applied. A page it touches that has not
+    /// arrived waits for its segment; a disk waits until it is whole. If the
+    /// overlay is cut, forged or does not match the base, the VM is killed,
+    /// nothing is kept and the exit code is the one a full apply gives. A
+    /// version-1 overlay, a chain of several, or a backend that cannot serve
+    /// memory still arriving (QEMU) is applied in full first, with a note.
+    #[arg(long, requires = "run")]
+    pub early_start: bool,
     /// With --run, forward a host TCP port to a guest port:
     /// `[ADDR:]HOSTPORT:GUESTPORT` (ADDR defaults to 127.0.0.1; repeat for
     /// more). Linux guests (QEMU backend) only.

@@ -2,6 +2,7 @@
 //! `kimberley-formats`.
 
 pub mod cli;
+mod early;
 mod run;
 
 use std::io::IsTerminal;
@@ -89,6 +90,8 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     };
     // The stats count from the opening of the first header, as apply_chain's do.
     let t_open = std::time::Instant::now();
+    // Overlay bytes read so far (for an early start's statistics).
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (base, opened) = match (&a.from, given_base) {
         (Some(r), base) => {
             let chain = kimberley_cli::oci::open_chain(r, &a.cache, &a.registry)?;
@@ -109,6 +112,10 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
         (None, Some(base)) => {
             let opened = inputs(&a.input)?
                 .into_iter()
+                .map(|mut i| {
+                    i.reader = Box::new(early::Counted::new(i.reader, received.clone()));
+                    i
+                })
                 .map(|i| Opened::open(i, opts.secret.as_ref(), &opts.policy))
                 .collect::<Result<Vec<_>, _>>()?;
             (base, opened)
@@ -117,6 +124,25 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
     };
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start(progress.clone(), a.progress, a.quiet);
+    if a.early_start {
+        if let Some(plan) = early::plan(&base, &opened, &out, a.quiet)? {
+            let sock = control.expect("--early-start requires --run");
+            let run = early::Run {
+                base: &base,
+                out: &out,
+                opts: &opts,
+                progress: &progress,
+                t0,
+                t_open,
+                received: &received,
+                stats_json: a.stats_json.as_deref(),
+                quiet: a.quiet,
+            };
+            let r = run.go(plan, opened, sock);
+            drop(reporter);
+            return r;
+        }
+    }
     let stats =
         apply::apply_opened(&base, opened, &out, &opts, &progress, t_open).map_err(|e| {
             // A layer streamed from a registry that failed its digest.

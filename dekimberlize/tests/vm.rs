@@ -475,3 +475,195 @@ fn no_usable_kvm_is_a_clear_error() {
     assert!(e.contains("/dev/kvm") && e.starts_with("error: "), "{e}");
     assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
 }
+
+/// Feeds `bytes` into `stdin` at about `rate` bytes per second in 64 KiB
+/// pieces (all of them, or the first `upto`), then closes it; returns when
+/// the last byte was written.
+fn feed(
+    mut stdin: std::process::ChildStdin,
+    bytes: Vec<u8>,
+    rate: u64,
+    upto: usize,
+) -> std::thread::JoinHandle<std::time::Instant> {
+    use std::io::Write;
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let mut sent = 0usize;
+        for piece in bytes[..upto].chunks(64 << 10) {
+            if stdin.write_all(piece).is_err() {
+                break;
+            }
+            sent += piece.len();
+            let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        std::time::Instant::now()
+    })
+}
+
+/// `dekimberlize --run --early-start` reading `ovl` from a pipe fed at
+/// `rate` (the first `upto` bytes): the child, the feeder, the socket.
+fn early(
+    s: &Setup,
+    ovl: &Path,
+    out: &Path,
+    tag: &str,
+    rate: u64,
+    upto: Option<usize>,
+) -> (Child, std::thread::JoinHandle<std::time::Instant>, PathBuf) {
+    let sock = s.p(&format!("{tag}.sock"));
+    let mut child = Command::new(bin("dekimberlize"))
+        .arg("--base")
+        .arg(&s.base)
+        .arg("-k")
+        .arg(&s.key)
+        .arg("-o")
+        .arg(out)
+        .args(["--run", "--early-start", "--control"])
+        .arg(&sock)
+        .arg("--stats-json")
+        .arg(s.p(&format!("{tag}.json")))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bytes = std::fs::read(ovl).unwrap();
+    let n = upto.unwrap_or(bytes.len());
+    let fed = feed(child.stdin.take().unwrap(), bytes, rate, n);
+    (child, fed, sock)
+}
+
+/// Issue 11: a version-2 overlay arriving through a slow pipe: the guest
+/// runs and answers before the last byte; once everything arrived, every
+/// checksum is the install's and the VMDIR is committed; the statistics say
+/// how little had arrived. Cut at 50 % or with a flipped bit in a late
+/// segment, the VM that already ran is killed and nothing is left, with
+/// the exit codes of a full apply (3, 4). A version-1 overlay is applied in
+/// full first.
+#[test]
+fn early_start_runs_the_guest_before_the_overlay_has_arrived() {
+    if !kvm() {
+        return;
+    }
+    let s = Setup::new();
+    let launch = s.p("launch");
+    let built = ok(s.build(INSTALL, &["--launch-out", launch.to_str().unwrap()]));
+    let printed = lines(&built.stderr);
+    let v2 = s.p("v2.ovl");
+    ok(diff(
+        &s.base,
+        &launch,
+        &v2,
+        &[
+            "-k".as_ref(),
+            s.key.as_os_str(),
+            "--overlay-version".as_ref(),
+            "2".as_ref(),
+        ],
+    ));
+    let size = std::fs::metadata(&v2).unwrap().len();
+    // About 4 s of transfer, whatever the overlay's size.
+    let rate = size / 4;
+    let out = s.p("out");
+    let (child, fed, sock) = early(&s, &v2, &out, "e1", rate, None);
+    let mut c = Client::connect(&sock);
+    let status = c.call(r#"{"cmd":"status"}"#);
+    let answered = std::time::Instant::now();
+    assert_eq!(status["status"], "running", "{status}");
+    let got = Client::open(&sock).exec_timeout(
+        "checksum app\nchecksum lib\nchecksum scratch\ndisk-checksum 0 4M\ndisk-checksum 64M 1M\n",
+        None,
+    );
+    let last_byte = fed.join().unwrap();
+    assert!(
+        answered < last_byte,
+        "the guest answered {:?} after the last byte",
+        answered - last_byte
+    );
+    for what in [
+        "checksum app",
+        "checksum lib",
+        "checksum scratch",
+        "disk-checksum 0 4M",
+        "disk-checksum 64M 1M",
+    ] {
+        assert_eq!(value(&got, what), value(&printed, what), "{what}");
+    }
+    // Committed once everything arrived and checked; the statistics come
+    // with it.
+    let t = std::time::Instant::now();
+    while !s.p("e1.json").exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no statistics"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("e1.json")).unwrap()).unwrap();
+    let e = &stats["early_start"];
+    assert_eq!(e["overlay_bytes"], size, "{stats}");
+    let at_first = e["received_bytes_at_first_instruction"].as_u64().unwrap();
+    assert!(at_first < size / 2, "{stats}");
+    assert!(e["pages_from_overlay"].as_u64().unwrap() > 0, "{stats}");
+    VmDir::open(&out).unwrap().verify().unwrap();
+    assert_eq!(Client::open(&sock).call(r#"{"cmd":"stop"}"#)["ok"], true);
+    let (st, err) = finish(child);
+    assert!(st.success(), "{err}");
+    assert!(err.contains("launch VM suspended into"), "{err}");
+    VmDir::open(&out).unwrap().verify().unwrap();
+
+    // Cut at 50 %, or a flipped bit at 80 %: the VM ran, and is killed.
+    let bytes = std::fs::read(&v2).unwrap();
+    let mut bad = bytes.clone();
+    bad[bytes.len() * 4 / 5] ^= 1;
+    std::fs::write(s.p("bad.ovl"), &bad).unwrap();
+    for (tag, ovl, upto, code_want) in [
+        ("cut", v2.clone(), Some(bytes.len() / 2), 3),
+        ("flip", s.p("bad.ovl"), None, 4),
+    ] {
+        let out = s.p(tag);
+        let (child, fed, sock) = early(&s, &ovl, &out, tag, rate, upto);
+        assert_eq!(
+            Client::connect(&sock).call(r#"{"cmd":"status"}"#)["status"],
+            "running",
+            "{tag}"
+        );
+        fed.join().unwrap();
+        let (st, err) = finish(child);
+        assert_eq!(st.code(), Some(code_want), "{tag}: {err}");
+        assert!(!out.exists(), "{tag}: the launch VM was kept");
+        assert!(
+            temps(s.t.path()).is_empty(),
+            "{tag}: {:?}",
+            temps(s.t.path())
+        );
+        assert!(!sock.exists(), "{tag}: the control socket was left");
+    }
+
+    // A version-1 overlay: applied in full first, with a note.
+    let v1 = s.p("v1.ovl");
+    ok(diff(
+        &s.base,
+        &launch,
+        &v1,
+        &["-k".as_ref(), s.key.as_os_str()],
+    ));
+    let out = s.p("out-v1");
+    let (child, fed, sock) = early(&s, &v1, &out, "e3", rate * 4, None);
+    let mut c = Client::connect(&sock);
+    assert_eq!(c.call(r#"{"cmd":"status"}"#)["status"], "running");
+    let last = fed.join().unwrap();
+    let _ = last;
+    assert!(
+        out.join("manifest.json").exists(),
+        "not applied in full first"
+    );
+    assert_eq!(c.call(r#"{"cmd":"stop"}"#)["ok"], true);
+    let (st, err) = finish(child);
+    assert!(st.success(), "{err}");
+    assert!(err.contains("no coverage map"), "{err}");
+}

@@ -223,3 +223,134 @@ fn a_working_set_outside_the_launch_vm_or_on_version_1_is_refused() {
     .expect("version 1 has no working set");
     assert_eq!(e.0, 2, "{}", e.1);
 }
+
+/// A reader that hands out `inner` 4 KiB at a time, `pause` apart: an
+/// overlay arriving over a slow link.
+struct Slow {
+    inner: Cursor<Vec<u8>>,
+    pause: std::time::Duration,
+}
+
+impl std::io::Read for Slow {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(self.pause);
+        let n = buf.len().min(4096);
+        self.inner.read(&mut buf[..n])
+    }
+}
+
+fn open_slow(ovl: &[u8]) -> Opened {
+    Opened::open(
+        Input {
+            name: "slow".into(),
+            reader: Box::new(Slow {
+                inner: Cursor::new(ovl.to_vec()),
+                pause: std::time::Duration::from_millis(1),
+            }),
+        },
+        Some(&Secret::Key(KEY)),
+        &ReadPolicy::default(),
+    )
+    .unwrap()
+}
+
+/// Issue 11: while a version-2 overlay is applied, an early reader gets
+/// every working-set chunk before the apply ends, and every chunk of every
+/// component equal to the launch VM's (waiting for what has not arrived).
+/// When the apply fails, a reader waiting for a chunk fails too.
+#[test]
+fn an_early_reader_sees_the_launch_vm_while_it_arrives() {
+    use kimberley_formats::apply::early::Early;
+    use kimberley_formats::apply::{apply_early, ApplyOptions};
+    use kimberley_formats::progress::Progress;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let t = tempfile::tempdir().unwrap();
+    let p = pair(t.path());
+    let ws = working_set(&p);
+    let (ovl, _) = diff_with(&p.base, &p.launch, &opts(ws.clone()));
+    let base = VmDir::open(&p.base).unwrap();
+    let launch = VmDir::open(&p.launch).unwrap();
+    let aopts = ApplyOptions {
+        secret: Some(Secret::Key(KEY)),
+        policy: ReadPolicy::default(),
+        threads: 2,
+        sync: false,
+    };
+    let o = open_slow(&ovl);
+    let early = Early::new(&base, &o).unwrap().expect("a map");
+    let out = t.path().join("out");
+    let applied = AtomicBool::new(false);
+    let ws_before_end = std::thread::scope(|sc| {
+        let reader = sc.spawn(|| {
+            early.wait_working_set().unwrap();
+            let mut all_before = true;
+            for &(i, k) in &ws {
+                let mut buf = vec![0u8; CHUNK as usize];
+                early.read(usize::from(i), k * CHUNK, &mut buf).unwrap();
+                all_before &= !applied.load(Ordering::SeqCst);
+                let want = chunk(&launch, usize::from(i), k);
+                assert_eq!(&buf[..want.len()], &want[..], "working-set chunk {i}:{k}");
+            }
+            // Everything, in position order (waiting where needed).
+            for (i, c) in launch.manifest.components.iter().enumerate() {
+                let mut got = vec![0u8; c.size.next_multiple_of(CHUNK) as usize];
+                early.read(i, 0, &mut got).unwrap();
+                let want = std::fs::read(launch.component_path(i)).unwrap();
+                assert!(got[..want.len()] == want[..], "component {i} differs");
+            }
+            all_before
+        });
+        apply_early(
+            &base,
+            o,
+            &out,
+            &aopts,
+            &Progress::default(),
+            std::time::Instant::now(),
+            &early,
+        )
+        .unwrap();
+        applied.store(true, Ordering::SeqCst);
+        reader.join().unwrap()
+    });
+    assert!(
+        ws_before_end,
+        "the working set was only served after the apply ended"
+    );
+    assert_same_vm(&out, &p.launch);
+    let counts = early.counts();
+    assert!(
+        counts.from_overlay > 0 && counts.from_base > 0,
+        "{counts:?}"
+    );
+
+    // Cut after the working set: a reader waiting for a late chunk fails.
+    let cut = &ovl[..ovl.len() * 3 / 4];
+    let o = open_slow(cut);
+    let early = Early::new(&base, &o).unwrap().unwrap();
+    let out2 = t.path().join("out2");
+    std::thread::scope(|sc| {
+        let reader = sc.spawn(|| {
+            let last = launch.manifest.components.len() - 2;
+            let size = launch.manifest.components[last].size;
+            let mut buf = vec![0u8; size.next_multiple_of(CHUNK) as usize];
+            early.read(last, 0, &mut buf)
+        });
+        let r = apply_early(
+            &base,
+            o,
+            &out2,
+            &aopts,
+            &Progress::default(),
+            std::time::Instant::now(),
+            &early,
+        );
+        assert!(r.is_err());
+        assert!(
+            reader.join().unwrap().is_err(),
+            "a read of what never arrived succeeded"
+        );
+    });
+    assert!(!out2.exists());
+}

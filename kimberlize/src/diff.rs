@@ -104,6 +104,26 @@ fn read_working_set(path: &std::path::Path) -> Result<Vec<kimberley_formats::ove
     parse(&text).map_err(|e| usage(e.to_string()))
 }
 
+/// `ws` led by every chunk of the launch VM's state blob (a VM that starts
+/// early needs its state before anything else).
+fn state_first(
+    launch: &kimberley_formats::vmdir::Manifest,
+    ws: Vec<kimberley_formats::overlay::Pos>,
+) -> Vec<kimberley_formats::overlay::Pos> {
+    let Some(i) = launch.state_index() else {
+        return ws;
+    };
+    let (Ok(comp), n) = (
+        u8::try_from(i),
+        kimberley_formats::chunk::chunk_count(launch.components[i].size),
+    ) else {
+        return ws;
+    };
+    let mut out: Vec<_> = (0..n).map(|c| (comp, c)).collect();
+    out.extend(ws.into_iter().filter(|&(c, _)| c != comp));
+    out
+}
+
 pub fn diff(a: DiffArgs) -> Result<()> {
     let threads = kimberley_cli::run::threads(a.threads);
     let working_set = match &a.working_set {
@@ -138,15 +158,21 @@ pub fn diff(a: DiffArgs) -> Result<()> {
     let (effective, parent) = (chain.vm.base(), chain.parent);
 
     let out = Output::binary(a.output.as_deref(), a.force)?;
+    let version = a.overlay_version.unwrap_or(if a.working_set.is_some() {
+        kimberley_formats::overlay::header::VERSION_MAP
+    } else {
+        kimberley_formats::overlay::header::DEFAULT_VERSION
+    });
+    let working_set = if version >= kimberley_formats::overlay::header::VERSION_MAP {
+        state_first(&launch.manifest, working_set)
+    } else {
+        working_set
+    };
     let opts = DiffOptions {
         level: a.level,
         threads,
         parent,
-        version: a.overlay_version.unwrap_or(if a.working_set.is_some() {
-            kimberley_formats::overlay::header::VERSION_MAP
-        } else {
-            kimberley_formats::overlay::header::DEFAULT_VERSION
-        }),
+        version,
         working_set,
         ..DiffOptions::new(protection)
     };

@@ -4,7 +4,10 @@
 //! its own boot function.)
 
 use std::net::IpAddr;
+use std::path::Path;
 
+use kimberley_formats::apply::early::Early;
+use kimberley_formats::vmdir::manifest::Manifest;
 use kimberley_formats::vmdir::patched::Patched;
 use kimberley_formats::vmdir::{VmDir, VmDirWriter};
 
@@ -130,6 +133,28 @@ pub trait Backend: Send + Sync {
         let _ = (vm, opts);
         Err(crate::Error::Unsupported(format!(
             "the {} backend restores only VM directories",
+            self.name()
+        )))
+    }
+    /// True when [`Backend::restore_arriving`] works.
+    fn serves_arriving(&self) -> bool {
+        false
+    }
+    /// Restores the launch VM `launch` while its overlay is still being
+    /// applied into the directory that will be `out` (early start): state,
+    /// memory and disks come from `early` as they arrive. The machine runs
+    /// in place: once the apply has committed `out`, it suspends into it.
+    /// Backends that cannot serve memory that is still arriving refuse
+    /// (the caller then applies in full first).
+    fn restore_arriving(
+        &self,
+        early: &Early,
+        launch: &Manifest,
+        out: &Path,
+    ) -> Result<Box<dyn Machine>> {
+        let _ = (early, launch, out);
+        Err(crate::Error::Unsupported(format!(
+            "the {} backend cannot start a VM before its overlay has arrived",
             self.name()
         )))
     }

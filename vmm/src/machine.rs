@@ -2,22 +2,24 @@
 //! directories of the test guest, and [`Vm`] is a [`Machine`], its own
 //! [`GuestAgent`] (the serial script protocol) and [`Migratable`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::os::unix::fs::FileExt;
 
+use kimberley_formats::apply::early::Early;
 use kimberley_formats::fsutil::copy_sparse;
 use kimberley_formats::sys::punch::punch_hole;
 use kimberley_formats::vmdir::patched::{Patched, Piece};
-use kimberley_formats::vmdir::{file_name, Kind, VmDir, VmDirWriter};
+use kimberley_formats::vmdir::{file_name, Kind, Manifest, VmDir, VmDirWriter};
 use kimberley_machine::{
     Backend, Bitmap, GuestAgent, Machine, MachineInfo, MemorySource, Migratable, Placement,
     Reclaim, Reclaimed, RestoreOptions, ScriptOutcome,
 };
 
+use crate::devices::virtio_blk::DiskGate;
 use crate::error::Error;
 use crate::vm::{OpenedFile, Vm};
 use crate::vmdir;
@@ -88,6 +90,53 @@ impl Backend for MicroVmBackend {
 
     fn patched_restore(&self) -> bool {
         true
+    }
+
+    fn serves_arriving(&self) -> bool {
+        true
+    }
+
+    fn restore_arriving(
+        &self,
+        early: &Early,
+        launch: &Manifest,
+        out: &Path,
+    ) -> MResult<Box<dyn Machine>> {
+        let state_i = launch.state_index().ok_or_else(|| {
+            Error::Config("the launch VM has no state blob: it is not a suspended VM".into())
+        })?;
+        let io = |what: &str, e: std::io::Error| Error::io(what.to_string(), e);
+        // The state first: every chunk of it, waiting for any that has not
+        // arrived (an overlay whose working set lacks it starts late).
+        let mut state = vec![0u8; launch.components[state_i].size as usize];
+        early
+            .read(state_i, 0, &mut state)
+            .map_err(|e| io("reading the launch VM's state", e))?;
+        let mut files: Vec<Option<std::fs::File>> = early
+            .output_files()
+            .map_err(|e| io("opening the launch VM's disks", e))?
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut disks = Vec::new();
+        for i in launch.disk_indices() {
+            let file = files
+                .get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::Config("a disk with no file".into()))?;
+            let e = early.clone();
+            let gate: DiskGate = Box::new(move || e.wait_component(i));
+            disks.push((
+                OpenedFile {
+                    file,
+                    path: out.join(launch.file_name(i)),
+                },
+                gate,
+            ));
+        }
+        let vm = Vm::restore_arriving(early.clone(), disks, &state)?;
+        vm.wait_first_exit(FIRST_RUN)?;
+        Ok(Box::new(vm))
     }
 
     fn restore_patched(&self, vm: &Patched, opts: RestoreOptions<'_>) -> MResult<Box<dyn Machine>> {

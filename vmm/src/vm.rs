@@ -9,19 +9,22 @@ use std::time::{Duration, Instant};
 
 use crate::abi::{self, BootInfo};
 use crate::devices::serial::{SerialDevice, SerialDeviceState};
+use crate::devices::virtio_blk::DiskGate;
 use crate::devices::virtio_blk::{BlockState, VirtioBlk};
 use crate::error::{Error, Result};
 use crate::persist::{self, Codec, Persist, Reader, Writer};
 use crate::runner::{self, lock, Inner, Request, RunState, Shared};
 use crate::vstate::canonical::{self, ClockOrigin, Clocks};
-use crate::vstate::lazy::FileSource;
+use crate::vstate::lazy::{ArrivingSource, FileSource};
 use crate::vstate::memory::{self, Memory};
 use crate::vstate::vcpu::{self, Vcpu, VcpuState};
 use crate::vstate::vm::{KvmVm, VmKvmState};
 use crate::{arch, loader, ScriptOutcome, VmConfig};
+use kimberley_formats::apply::early::Early;
 use kimberley_formats::sys::lock::{self, Mode};
 use kimberley_formats::vmdir::patched::{Patches, Piece};
 use kimberley_machine::{Bitmap, MemorySource};
+use std::fs::File;
 
 const TAG_VM: u32 = 1;
 const TAG_VCPU: u32 = 2;
@@ -373,7 +376,7 @@ impl Vm {
                 None
             }
         };
-        let mut kvm = KvmVm::new()?;
+        let kvm = KvmVm::new()?;
         check_vcpus(&kvm, snap.vcpus.len() as u8)?;
         let mem = match source {
             MemorySource::PrivateFileMap => {
@@ -388,6 +391,58 @@ impl Vm {
         if let Some(p) = memory_patches {
             write_patches(&mem, p)?;
         }
+        let disks = disks.into_iter().map(|d| (d, None)).collect();
+        Self::restore_on(kvm, mem, disks, &snap, memory_lock)
+    }
+
+    /// Restores a launch VM whose overlay is still being applied
+    /// ([`Early`]): its state blob is `state`, its memory is served on first
+    /// touch from what has arrived ([`ArrivingSource`]), and each disk
+    /// (the apply's own output file) waits on its gate before the guest's
+    /// first request to it. Nothing locks a memory file (there is none
+    /// yet): a later suspend writes the memory whole.
+    pub fn restore_arriving(
+        early: Early,
+        disks: Vec<(OpenedFile, DiskGate)>,
+        state: &[u8],
+    ) -> Result<Vm> {
+        let snap = decode_snapshot(state)?;
+        if disks.len() != snap.blocks.len() {
+            return Err(Error::StateMismatch(
+                disks.first().map(|d| d.0.path.clone()).unwrap_or_default(),
+                format!(
+                    "{} disks given, the state has {}",
+                    disks.len(),
+                    snap.blocks.len()
+                ),
+            ));
+        }
+        let memory_size = early.components().first().map_or(0, |c| c.size);
+        if memory_size != snap.memory_size {
+            return Err(Error::StateMismatch(
+                PathBuf::from("memory"),
+                format!(
+                    "the launch memory is {memory_size} bytes, the state says {}",
+                    snap.memory_size
+                ),
+            ));
+        }
+        runner::install_kick_handler();
+        let kvm = KvmVm::new()?;
+        check_vcpus(&kvm, snap.vcpus.len() as u8)?;
+        let mem = Memory::lazy(snap.memory_size, Arc::new(ArrivingSource::new(early)))?;
+        let disks = disks.into_iter().map(|(d, g)| (d, Some(g))).collect();
+        Self::restore_on(kvm, mem, disks, &snap, None)
+    }
+
+    /// The common end of a restore: `mem` holds (or serves) guest memory.
+    fn restore_on(
+        mut kvm: KvmVm,
+        mem: Memory,
+        disks: Vec<(OpenedFile, Option<DiskGate>)>,
+        snap: &Snapshot,
+        memory_lock: Option<File>,
+    ) -> Result<Vm> {
         kvm.set_memory(&mem)?;
         let msrs = msr_list(&kvm)?;
         let mut vcpus = Vec::new();
@@ -402,9 +457,13 @@ impl Vm {
         let serial = SerialDevice::restore((), &snap.serial)?;
         let mut blocks = Vec::new();
         let mut paths = Vec::new();
-        for (d, s) in disks.into_iter().zip(&snap.blocks) {
+        for ((d, gate), s) in disks.into_iter().zip(&snap.blocks) {
             paths.push(d.path.clone());
-            blocks.push(VirtioBlk::restore((d.file, d.path, mem.clone()), s)?);
+            let mut dev = VirtioBlk::restore((d.file, d.path, mem.clone()), s)?;
+            if let Some(g) = gate {
+                dev.set_gate(g);
+            }
+            blocks.push(dev);
         }
         let origin = ClockOrigin {
             clock_ns: snap.kvm.clock.clock,
@@ -420,7 +479,7 @@ impl Vm {
             paths,
             snap.tsc_khz,
             (snap.ready, snap.needs_sync),
-            snap.partial_line,
+            snap.partial_line.clone(),
         );
         vm.clock_origin = Some(origin);
         vm.memory_lock = memory_lock;

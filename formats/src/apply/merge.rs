@@ -89,6 +89,8 @@ pub struct Merge<'a> {
     /// Records of working-set segments not applied yet, by launch
     /// position: the segment and the record's index in it.
     held: BTreeMap<(usize, u64), (Arc<Segment>, usize)>,
+    /// Told what is written and held, for a VM that starts early.
+    early: Option<super::early::Early>,
 }
 
 /// Writeback is started after this many bytes, so the final fsync finds
@@ -175,6 +177,7 @@ impl<'a> Merge<'a> {
             budget: u64::MAX,
             spill: None,
             held: BTreeMap::new(),
+            early: None,
         })
     }
 
@@ -184,8 +187,31 @@ impl<'a> Merge<'a> {
         self.writeback_every = if on { WRITEBACK_EVERY } else { 0 };
     }
 
+    /// Publishes what this merge writes and holds to `e` (a merge into
+    /// files only): each segment's output is then written out as the
+    /// segment ends, not coalesced across segments.
+    pub fn set_early(&mut self, e: super::early::Early) -> Result<()> {
+        let Out::Files(files) = &self.out else {
+            return Err(Error::Invalid(
+                "an early start needs a launch VM written to files".into(),
+            ));
+        };
+        e.started(files)?;
+        self.early = Some(e);
+        Ok(())
+    }
+
     /// Applies one segment's records.
     pub fn segment(&mut self, seg: Segment) -> Result<()> {
+        self.segment_records(seg)?;
+        if let Some(e) = self.early.clone() {
+            self.flush()?;
+            e.written(self.cur, self.pos);
+        }
+        Ok(())
+    }
+
+    fn segment_records(&mut self, seg: Segment) -> Result<()> {
         if seg.working_set {
             // Out of position order: applied when the pass gets there (the
             // coverage check made sure no two records cover one chunk).
@@ -200,6 +226,9 @@ impl<'a> Merge<'a> {
                     )));
                 }
                 self.held.insert(at, (Arc::clone(&seg), i));
+            }
+            if let Some(e) = &self.early {
+                e.held(&seg);
             }
             return Ok(());
         }
@@ -305,6 +334,9 @@ impl<'a> Merge<'a> {
         if n > 0 {
             self.advance(n - 1, self.launch[n - 1].size)?;
             self.end_component()?;
+            if let Some(e) = &self.early {
+                e.written(n - 1, self.launch[n - 1].size);
+            }
         }
         let total: u64 = self
             .launch

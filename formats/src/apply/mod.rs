@@ -8,6 +8,7 @@
 //! records and hashing what it writes.
 
 pub mod decode;
+pub mod early;
 pub mod merge;
 pub mod open;
 
@@ -130,6 +131,38 @@ pub fn apply_opened(
     progress: &Progress,
     t0: Instant,
 ) -> Result<ApplyStats> {
+    apply_with(base, opened, out, opts, progress, t0, None)
+}
+
+/// [`apply_opened`] for one overlay whose launch VM is read while it is
+/// being applied ([`early`]): `early`, made by [`early::Early::new`] for
+/// `o` and `base`, is told everything the merge holds and writes, and
+/// fails (its readers with it) if the apply fails.
+pub fn apply_early(
+    base: &VmDir,
+    o: Opened,
+    out: &Path,
+    opts: &ApplyOptions,
+    progress: &Progress,
+    t0: Instant,
+    early: &early::Early,
+) -> Result<ApplyStats> {
+    let r = apply_with(base, vec![o], out, opts, progress, t0, Some(early));
+    if let Err(e) = &r {
+        early.fail(&e.to_string());
+    }
+    r
+}
+
+fn apply_with(
+    base: &VmDir,
+    opened: Vec<Opened>,
+    out: &Path,
+    opts: &ApplyOptions,
+    progress: &Progress,
+    t0: Instant,
+    early: Option<&early::Early>,
+) -> Result<ApplyStats> {
     if opened.is_empty() {
         return Err(Error::Invalid("no overlay to apply".into()));
     }
@@ -156,7 +189,9 @@ pub fn apply_opened(
             intermediates.push(scratch);
             p
         };
-        let s = apply_one(&current, o, &dest, opts, progress, t0)?;
+        // Only the last layer's launch VM is the one that starts early.
+        let e = early.filter(|_| k + 1 == n);
+        let s = apply_one(&current, o, &dest, opts, progress, t0, e)?;
         stats.overlay_bytes += s.overlay_bytes;
         stats.segments += s.segments;
         stats.chunks.add(&s.chunks);
@@ -180,6 +215,7 @@ fn apply_one(
     opts: &ApplyOptions,
     progress: &Progress,
     t0: Instant,
+    early: Option<&early::Early>,
 ) -> Result<ApplyStats> {
     let mut stats = ApplyStats::default();
     let mut launch = o.manifest.launch_manifest();
@@ -197,6 +233,9 @@ fn apply_one(
     progress.stage("applying");
     let mut m = merge::Merge::new(base, &o.manifest, files, progress)?;
     m.start_writeback(opts.sync);
+    if let Some(e) = early {
+        m.set_early(e.clone())?;
+    }
     let geo = o.geometry();
     // The merge counts the launch VM's bytes; the decoder's overlay bytes
     // are not part of the run's total.

@@ -105,7 +105,6 @@ pub struct BlockState {
 }
 
 /// One virtio-blk device backed by a raw disk file.
-#[derive(Debug)]
 pub struct VirtioBlk {
     file: File,
     path: PathBuf,
@@ -113,6 +112,24 @@ pub struct VirtioBlk {
     s: BlockState,
     dirty_mem: Bitmap,
     dirty_blocks: Bitmap,
+    /// Waits until the disk's contents have arrived (a launch VM started
+    /// before its overlay was applied); called before the first request
+    /// that reads or writes the file, dropped once it said yes.
+    gate: Option<DiskGate>,
+}
+
+/// Blocks until a disk that is still being written may be used; an error
+/// fails the request (the apply failed: the VM is being discarded).
+pub type DiskGate = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+impl std::fmt::Debug for VirtioBlk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioBlk")
+            .field("path", &self.path)
+            .field("state", &self.s)
+            .field("gated", &self.gate.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 struct Desc {
@@ -152,7 +169,13 @@ impl VirtioBlk {
             },
             dirty_mem: Bitmap::new(pages),
             dirty_blocks: Bitmap::new(size.div_ceil(DISK_BLOCK) as usize),
+            gate: None,
         })
+    }
+
+    /// Makes requests wait on `gate` until it lets the disk be used.
+    pub fn set_gate(&mut self, gate: DiskGate) {
+        self.gate = Some(gate);
     }
 
     /// Path of the backing file.
@@ -414,6 +437,14 @@ impl VirtioBlk {
     }
 
     fn execute(&mut self, kind: u32, sector: u64, data: &[Desc], written: &mut u32) -> Result<u8> {
+        if matches!(kind, T_IN | T_OUT | T_FLUSH | T_DISCARD | T_WRITE_ZEROES) {
+            if let Some(gate) = self.gate.as_mut() {
+                if gate().is_err() {
+                    return Ok(ST_IOERR);
+                }
+                self.gate = None;
+            }
+        }
         match kind {
             T_IN | T_OUT => {
                 let mut pos = sector

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kimberley_formats::apply::early::Early;
 use kimberley_formats::chunk::is_zero;
 use kimberley_formats::sys::poll;
 use kimberley_formats::sys::uffd::{Uffd, PAGE};
@@ -33,6 +34,39 @@ pub trait PageSource: Send + Sync {
     /// the VM: the server reports it (see [`LazyServer::on_error`]) before
     /// it lets any waiting access go on.
     fn fill(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<Fill>;
+
+    /// How many of the `len` bytes at `offset` can be filled now without
+    /// waiting: what the handler reads ahead beyond a faulting page (a
+    /// source whose pages are still arriving must not hold every fault
+    /// up for pages nobody asked for yet). All of them by default.
+    fn ready(&self, offset: u64, len: u64) -> u64 {
+        let _ = offset;
+        len
+    }
+}
+
+/// Guest memory of a launch VM whose overlay is still arriving: the memory
+/// component (0) of an [`Early`] apply.
+pub struct ArrivingSource {
+    early: Early,
+}
+
+impl ArrivingSource {
+    /// Serves component 0 of `early`.
+    pub fn new(early: Early) -> ArrivingSource {
+        ArrivingSource { early }
+    }
+}
+
+impl PageSource for ArrivingSource {
+    fn fill(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<Fill> {
+        self.early.read(0, offset, buf)?;
+        Ok(if is_zero(buf) { Fill::Zero } else { Fill::Data })
+    }
+
+    fn ready(&self, offset: u64, len: u64) -> u64 {
+        self.early.available(0, offset, len) / PAGE as u64 * PAGE as u64
+    }
 }
 
 /// A memory file (the VMDIR's `memory.raw`), read on demand.
@@ -268,7 +302,7 @@ fn serve_faults(
             } else {
                 BLOCK as u64
             };
-            let len = (size - block).min(window);
+            let len = source.ready(block, (size - block).min(window));
             for piece in (0..len).step_by(MAX_WINDOW as usize) {
                 let n = (len - piece).min(MAX_WINDOW);
                 serve_range(uffd, source, s, start, block + piece, n, &mut buf)?;
