@@ -567,6 +567,25 @@ pub struct BuildArgs {
     /// Give up if a script runs longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Write an overlay a cloudlet can start before it has arrived
+    /// (`dekimberlize --run --early-start`): version 2, its working set
+    /// recorded. After the launch VM is suspended, it is resumed once more
+    /// (on scratch copies, then discarded) with its memory served page by
+    /// page on first touch; it runs the resume script again and settles
+    /// for --settle-ms; the pages it touched, in first-touch order, go
+    /// first in the overlay, after the VM's state. Costs one more resume
+    /// and resume-script run. MicroVM only (QEMU cannot serve memory page
+    /// by page); --working-set-out keeps the file.
+    #[arg(long)]
+    pub early_start: bool,
+    /// With --early-start: how long the resumed VM runs on after the
+    /// resume script while its touches are recorded.
+    #[arg(long, value_name = "MS", default_value_t = 500, requires = "early_start")]
+    pub settle_ms: u64,
+    /// With --early-start: also write the recorded working set here (the
+    /// file `kimberlize diff --working-set` reads; FORMAT.md section 12.5).
+    #[arg(long, value_name = "FILE", requires = "early_start")]
+    pub working_set_out: Option<PathBuf>,
     /// Let the guest reach the network while the scripts run (QEMU bases
     /// made with `base --net user`), e.g. for `apt-get install`. Without
     /// it the guest's network stays cut off from the host's.

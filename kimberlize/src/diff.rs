@@ -106,7 +106,7 @@ fn read_working_set(path: &std::path::Path) -> Result<Vec<kimberley_formats::ove
 
 /// `ws` led by every chunk of the launch VM's state blob (a VM that starts
 /// early needs its state before anything else).
-fn state_first(
+pub(crate) fn state_first(
     launch: &kimberley_formats::vmdir::Manifest,
     ws: Vec<kimberley_formats::overlay::Pos>,
 ) -> Vec<kimberley_formats::overlay::Pos> {

@@ -185,6 +185,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
         None => None,
     };
     let base = VmDir::open(&a.base)?;
+    if a.early_start && !kimberley_cli::machines::backend_for(&base)?.serves_arriving() {
+        return Err(usage(
+            "--early-start records the working set page by page, which only the microVM can do (QEMU maps guest memory itself)",
+        ));
+    }
     let out = match dest {
         Some(o) => Some(Output::binary(o, a.force)?),
         None => None,
@@ -330,10 +335,28 @@ pub fn build(a: BuildArgs) -> Result<()> {
         return Ok(());
     };
     let launch = VmDir::open(&launch_path)?;
+    let (version, working_set, record_ms) = if a.early_start {
+        let t = Instant::now();
+        progress.stage("recording the working set");
+        let ws = record_working_set(&launch, &resume, &a, timeout)?;
+        if let Some(p) = &a.working_set_out {
+            write_file(p, &kimberley_formats::working_set::encode(&ws), true)
+                .with_context(|| format!("writing the working set {}", p.display()))?;
+        }
+        (
+            kimberley_formats::overlay::header::VERSION_MAP,
+            crate::diff::state_first(&launch.manifest, ws),
+            Some(t.elapsed().as_millis() as u64),
+        )
+    } else {
+        (kimberley_formats::overlay::header::DEFAULT_VERSION, Vec::new(), None)
+    };
     let opts = DiffOptions {
         level: a.level,
         threads,
         parent: chain.parent,
+        version,
+        working_set,
         ..DiffOptions::new(protection.expect("an overlay has its protection"))
     };
     let stats = write_overlay(effective, &launch, out, &opts, &progress)?;
@@ -345,6 +368,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
             "install_ms": times[0].1,
             "resume_ms": times[1].1,
             "suspend_ms": suspend_ms,
+            "working_set_ms": record_ms,
             "reclaim": reclaimed.as_ref().map(reclaim_json),
             "diff": stats,
             "total_ms": t0.elapsed().as_millis() as u64,
@@ -355,6 +379,48 @@ pub fn build(a: BuildArgs) -> Result<()> {
         eprintln!("{}", summary(&stats, a.output.as_deref(), Some(scripts)));
     }
     Ok(())
+}
+
+/// The working set of the launch VM in `launch`: the memory pages it
+/// touches, in first-touch order, when resumed (on scratch copies next to
+/// it, discarded after) it runs `resume` again and then `a.settle_ms` on.
+fn record_working_set(
+    launch: &VmDir,
+    resume: &str,
+    a: &BuildArgs,
+    timeout: Duration,
+) -> Result<Vec<kimberley_formats::overlay::Pos>> {
+    let scratch = ScratchDir::next_to(&launch.path.with_file_name(format!(
+        "{}-record",
+        name_of(&launch.path)
+    )));
+    let mut w = VmDirWriter::create(scratch.path())?;
+    w.set_sync(false);
+    let opts = RestoreOptions {
+        memory: kimberley_machine::MemorySource::LazyRecording,
+        ..RestoreOptions::copy_into(&w)
+    };
+    let mut vm = kimberley_cli::machines::restore(launch, opts).context(
+        "resuming the launch VM to record its working set (--early-start; the microVM only)",
+    )?;
+    let o = vm
+        .agent()
+        .run_script(resume, &mut |_| {}, timeout)
+        .map_err(|e| vm_error(e).context("running the resume script to record the working set"))?;
+    if o.status != 0 {
+        return Err(vm_failure(format!(
+            "the resume script failed with status {} while the working set was recorded",
+            o.status
+        )));
+    }
+    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    vm.pause().map_err(vm_error)?;
+    let pages = vm.touched_pages().ok_or_else(|| {
+        anyhow::anyhow!("the backend did not record the pages the VM touched")
+    })?;
+    drop(vm);
+    drop(w);
+    Ok(pages.into_iter().map(|p| (0u8, p)).collect())
 }
 
 /// Before the suspend: asks the guest to give back what it freed (`what`;

@@ -32,9 +32,12 @@ pub enum MemorySource {
     #[default]
     PrivateFileMap,
     /// Anonymous memory whose pages a handler thread reads from the memory
-    /// file on first touch (userfaultfd): the way an overlay that is still
-    /// arriving will be served. Backends without it refuse it.
+    /// file on first touch (userfaultfd). Backends without it refuse it.
     Lazy,
+    /// [`MemorySource::Lazy`] with one page per first touch, recorded in
+    /// order ([`crate::Machine::touched_pages`]): what `kimberlize build`
+    /// uses to record a working set. Backends without it refuse it.
+    LazyRecording,
 }
 
 /// A TCP port of the guest reachable from the host.

@@ -85,6 +85,12 @@ pub trait Machine: Send {
     fn take_console_lines(&mut self) -> Vec<String>;
     /// When the guest first ran after this machine was booted or restored.
     fn first_run(&self) -> Option<Instant>;
+    /// The guest-physical pages (4 KiB, by index) first touched since the
+    /// restore, in order: only for memory restored with
+    /// [`MemorySource::LazyRecording`], None otherwise.
+    fn touched_pages(&self) -> Option<Vec<u64>> {
+        None
+    }
     /// Suspends into the new VM directory `w` named `name` (memory, disks
     /// and state written or copied there) and commits it; the machine
     /// stays paused. Used by `build` (its launch VM) and by snapshots.

@@ -330,6 +330,10 @@ impl Machine for Vm {
         self.first_entry()
     }
 
+    fn touched_pages(&self) -> Option<Vec<u64>> {
+        Vm::touched_pages(self)
+    }
+
     fn suspend_into(&mut self, w: VmDirWriter, name: &str) -> MResult<PathBuf> {
         Ok(vmdir::save_into(self, w, name)?)
     }

@@ -382,10 +382,14 @@ impl Vm {
             MemorySource::PrivateFileMap => {
                 Memory::private_file(memory.file, &memory.path, snap.memory_size)?
             }
-            MemorySource::Lazy => {
+            MemorySource::Lazy | MemorySource::LazyRecording => {
                 Memory::check_file(&memory.file, &memory.path, snap.memory_size)?;
-                let pages = FileSource::new(memory.file, snap.memory_size);
-                Memory::lazy(snap.memory_size, Arc::new(pages))?
+                let pages = Arc::new(FileSource::new(memory.file, snap.memory_size));
+                if source == MemorySource::Lazy {
+                    Memory::lazy(snap.memory_size, pages)?
+                } else {
+                    Memory::lazy_recording(snap.memory_size, pages)?
+                }
             }
         };
         if let Some(p) = memory_patches {
@@ -698,6 +702,12 @@ impl Vm {
         }
         // A guest waiting on a page that cannot be served is stopped too.
         self.memory.lazy_error().map(Error::Memory)
+    }
+
+    /// The guest-physical pages first touched since the restore, in order
+    /// (None unless restored with [`MemorySource::LazyRecording`]).
+    pub fn touched_pages(&self) -> Option<Vec<u64>> {
+        self.memory.touched()
     }
 
     /// How lazily restored memory was served so far (None unless restored

@@ -120,6 +120,10 @@ pub struct LazyStats {
     pub p99_service_ns: u64,
 }
 
+/// Most first touches a recording server keeps (16 GiB of pages, the
+/// working-set file's limit).
+pub const MAX_TOUCHED: usize = kimberley_formats::working_set::MAX_WORKING_SET;
+
 /// Most service times kept for the percentiles (4 MiB).
 const MAX_SAMPLES: usize = 1 << 20;
 
@@ -134,6 +138,8 @@ struct Shared {
     zero_pages: AtomicU64,
     samples: Mutex<Vec<u32>>,
     error: Mutex<Option<String>>,
+    /// Recording: one page per fault, and the faulting pages in order.
+    touched: Option<Mutex<Vec<u64>>>,
 }
 
 /// The handler thread of one lazily restored mapping; stopped on drop.
@@ -158,6 +164,27 @@ impl LazyServer {
     /// outlives the server) and starts serving its missing pages from
     /// `source`, page `i` of the mapping being byte `i × 4096` of it.
     pub fn start(host: *mut u8, size: usize, source: Arc<dyn PageSource>) -> Result<LazyServer> {
+        Self::start_with(host, size, source, false)
+    }
+
+    /// [`LazyServer::start`] that records the guest's first touches: each
+    /// fault brings in only its page (no read-ahead, which would hide the
+    /// next touches), and [`LazyServer::touched`] lists the pages in the
+    /// order they were first touched (at most [`MAX_TOUCHED`]).
+    pub fn start_recording(
+        host: *mut u8,
+        size: usize,
+        source: Arc<dyn PageSource>,
+    ) -> Result<LazyServer> {
+        Self::start_with(host, size, source, true)
+    }
+
+    fn start_with(
+        host: *mut u8,
+        size: usize,
+        source: Arc<dyn PageSource>,
+        record: bool,
+    ) -> Result<LazyServer> {
         let uffd = Uffd::new().map_err(|e| Error::io("opening a userfaultfd".to_string(), e))?;
         let start = host as u64;
         uffd.register_missing(start, size as u64)
@@ -170,6 +197,7 @@ impl LazyServer {
             zero_pages: AtomicU64::new(0),
             samples: Mutex::new(Vec::new()),
             error: Mutex::new(None),
+            touched: record.then(|| Mutex::new(Vec::new())),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -198,6 +226,12 @@ impl LazyServer {
             median_service_ns: pct(50),
             p99_service_ns: pct(99),
         }
+    }
+
+    /// The pages first touched so far, in order, as page indices (None
+    /// unless started with [`LazyServer::start_recording`]).
+    pub fn touched(&self) -> Option<Vec<u64>> {
+        self.shared.touched.as_ref().map(|t| lock(t).clone())
     }
 
     /// Sets what stops the VM when a page cannot be served. It runs before
@@ -293,9 +327,17 @@ fn serve_faults(
             }
             // The faulting page first (the vCPU waits on it), then the
             // rest of its block (prefetched while the guest runs on).
-            serve_range(uffd, source, s, start, offset, PAGE as u64, &mut buf)?;
+            let page = offset / PAGE as u64 * PAGE as u64;
+            serve_range(uffd, source, s, start, page, PAGE as u64, &mut buf)?;
             samples.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
             s.faults.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = &s.touched {
+                let mut t = lock(t);
+                if t.len() < MAX_TOUCHED {
+                    t.push(page / PAGE as u64);
+                }
+                continue;
+            }
             let block = offset / BLOCK as u64 * BLOCK as u64;
             window = if block == next {
                 (window * 2).min(MAX_WINDOW)

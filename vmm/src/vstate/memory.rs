@@ -106,6 +106,19 @@ impl Memory {
         Ok(m)
     }
 
+    /// [`Memory::lazy`] that records the first touches
+    /// ([`LazyServer::start_recording`]).
+    pub fn lazy_recording(size: u64, source: Arc<dyn PageSource>) -> Result<Memory> {
+        let mut m = Self::anonymous(size)?;
+        m.lazy = Some(Arc::new(LazyServer::start_recording(m.host, m.size, source)?));
+        Ok(m)
+    }
+
+    /// Pages first touched, in order (None unless [`Memory::lazy_recording`]).
+    pub fn touched(&self) -> Option<Vec<u64>> {
+        self.lazy.as_ref().and_then(|l| l.touched())
+    }
+
     /// Sets what stops the VM if lazily restored memory cannot be served
     /// ([`LazyServer::on_error`]); nothing for other memory.
     pub fn on_lazy_error(&self, f: OnError) {
