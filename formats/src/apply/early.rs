@@ -145,7 +145,7 @@ impl Early {
 
     /// Read-write handles of the output files (the merge's own), once the
     /// merge made them: what a VM that starts early runs its disks on
-    /// ([`Early::wait_component`] before it touches one).
+    /// ([`Early::wait_written`] before it touches a byte of one).
     pub fn output_files(&self) -> io::Result<Vec<File>> {
         let s = lock(&self.inner.state);
         s.out.iter().map(File::try_clone).collect()
@@ -157,14 +157,18 @@ impl Early {
         s.done.get(comp).copied() >= self.inner.launch.get(comp).map(|c| c.size)
     }
 
-    /// Waits until component `comp` is wholly written (and its digest
-    /// checked by the merge), or the apply failed.
-    pub fn wait_component(&self, comp: usize) -> io::Result<()> {
+    /// Waits until the first `end` bytes of component `comp` are in its
+    /// output file for good (the merge writes in position order and never
+    /// writes there again: a VM may then read and write them), or the apply
+    /// failed. True when the whole component is.
+    pub fn wait_written(&self, comp: usize, end: u64) -> io::Result<bool> {
         let size = self.inner.launch.get(comp).map_or(0, |c| c.size);
+        let end = end.min(size);
         let mut s = lock(&self.inner.state);
         loop {
-            if s.done.get(comp).copied().unwrap_or(0) >= size {
-                return Ok(());
+            let done = s.done.get(comp).copied().unwrap_or(0);
+            if done >= end {
+                return Ok(done >= size);
             }
             if let Some(why) = &s.failed {
                 return Err(io::Error::other(why.clone()));

@@ -112,15 +112,17 @@ pub struct VirtioBlk {
     s: BlockState,
     dirty_mem: Bitmap,
     dirty_blocks: Bitmap,
-    /// Waits until the disk's contents have arrived (a launch VM started
-    /// before its overlay was applied); called before the first request
-    /// that reads or writes the file, dropped once it said yes.
+    /// Waits until the bytes a request touches have arrived (a launch VM
+    /// started before its overlay was applied); dropped once the whole
+    /// disk has.
     gate: Option<DiskGate>,
 }
 
-/// Blocks until a disk that is still being written may be used; an error
-/// fails the request (the apply failed: the VM is being discarded).
-pub type DiskGate = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+/// Blocks until bytes `[offset, offset + len)` of a disk that is still
+/// being written may be read and written (`Ok(true)`: and so may the whole
+/// disk from now on); an error fails the request (the apply failed: the VM
+/// is being discarded).
+pub type DiskGate = Box<dyn FnMut(u64, u64) -> std::io::Result<bool> + Send>;
 
 impl std::fmt::Debug for VirtioBlk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -437,12 +439,24 @@ impl VirtioBlk {
     }
 
     fn execute(&mut self, kind: u32, sector: u64, data: &[Desc], written: &mut u32) -> Result<u8> {
-        if matches!(kind, T_IN | T_OUT | T_FLUSH | T_DISCARD | T_WRITE_ZEROES) {
-            if let Some(gate) = self.gate.as_mut() {
-                if gate().is_err() {
-                    return Ok(ST_IOERR);
+        if let Some(gate) = self.gate.as_mut() {
+            // The bytes a request touches: its data's for reads and
+            // writes, the whole disk for the others (a flush, a discard:
+            // rare, and never before the disk has arrived).
+            let range = match kind {
+                T_IN | T_OUT => {
+                    let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+                    Some((sector.saturating_mul(512), total))
                 }
-                self.gate = None;
+                T_FLUSH | T_DISCARD | T_WRITE_ZEROES => Some((0, self.s.disk_size)),
+                _ => None,
+            };
+            if let Some((off, len)) = range {
+                match gate(off, len) {
+                    Ok(true) => self.gate = None,
+                    Ok(false) => {}
+                    Err(_) => return Ok(ST_IOERR),
+                }
             }
         }
         match kind {
