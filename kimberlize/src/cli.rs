@@ -580,7 +580,12 @@ pub struct BuildArgs {
     pub early_start: bool,
     /// With --early-start: how long the resumed VM runs on after the
     /// resume script while its touches are recorded.
-    #[arg(long, value_name = "MS", default_value_t = 500, requires = "early_start")]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        requires = "early_start"
+    )]
     pub settle_ms: u64,
     /// With --early-start: also write the recorded working set here (the
     /// file `kimberlize diff --working-set` reads; FORMAT.md section 12.5).

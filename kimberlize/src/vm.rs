@@ -349,7 +349,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
             Some(t.elapsed().as_millis() as u64),
         )
     } else {
-        (kimberley_formats::overlay::header::DEFAULT_VERSION, Vec::new(), None)
+        (
+            kimberley_formats::overlay::header::DEFAULT_VERSION,
+            Vec::new(),
+            None,
+        )
     };
     let opts = DiffOptions {
         level: a.level,
@@ -390,10 +394,11 @@ fn record_working_set(
     a: &BuildArgs,
     timeout: Duration,
 ) -> Result<Vec<kimberley_formats::overlay::Pos>> {
-    let scratch = ScratchDir::next_to(&launch.path.with_file_name(format!(
-        "{}-record",
-        name_of(&launch.path)
-    )));
+    let scratch = ScratchDir::next_to(
+        &launch
+            .path
+            .with_file_name(format!("{}-record", name_of(&launch.path))),
+    );
     let mut w = VmDirWriter::create(scratch.path())?;
     w.set_sync(false);
     let opts = RestoreOptions {
@@ -415,9 +420,9 @@ fn record_working_set(
     }
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     vm.pause().map_err(vm_error)?;
-    let pages = vm.touched_pages().ok_or_else(|| {
-        anyhow::anyhow!("the backend did not record the pages the VM touched")
-    })?;
+    let pages = vm
+        .touched_pages()
+        .ok_or_else(|| anyhow::anyhow!("the backend did not record the pages the VM touched"))?;
     drop(vm);
     drop(w);
     Ok(pages.into_iter().map(|p| (0u8, p)).collect())

@@ -125,7 +125,8 @@ impl Backend for MicroVmBackend {
                 .and_then(Option::take)
                 .ok_or_else(|| Error::Config("a disk with no file".into()))?;
             let e = early.clone();
-            let gate: DiskGate = Box::new(move |off, len| e.wait_written(i, off.saturating_add(len)));
+            let gate: DiskGate =
+                Box::new(move |off, len| e.wait_written(i, off.saturating_add(len)));
             disks.push((
                 OpenedFile {
                     file,

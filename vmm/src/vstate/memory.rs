@@ -110,7 +110,9 @@ impl Memory {
     /// ([`LazyServer::start_recording`]).
     pub fn lazy_recording(size: u64, source: Arc<dyn PageSource>) -> Result<Memory> {
         let mut m = Self::anonymous(size)?;
-        m.lazy = Some(Arc::new(LazyServer::start_recording(m.host, m.size, source)?));
+        m.lazy = Some(Arc::new(LazyServer::start_recording(
+            m.host, m.size, source,
+        )?));
         Ok(m)
     }
 
