@@ -44,6 +44,8 @@ pub struct ComponentHasher {
     inner: blake3::Hasher,
     size: u64,
     blocks: u64,
+    /// The block hashes pushed, when asked to keep them.
+    kept: Option<Vec<Digest>>,
 }
 
 impl ComponentHasher {
@@ -55,7 +57,16 @@ impl ComponentHasher {
             inner,
             size,
             blocks: 0,
+            kept: None,
         }
+    }
+
+    /// [`ComponentHasher::new`] that also keeps the block hashes
+    /// ([`ComponentHasher::finish_kept`]).
+    pub fn keeping(size: u64) -> Self {
+        let mut h = Self::new(size);
+        h.kept = Some(Vec::with_capacity(block_count(size) as usize));
+        h
     }
 
     /// Index of the next block expected.
@@ -67,11 +78,28 @@ impl ComponentHasher {
     pub fn push(&mut self, block_hash: &Digest) {
         self.inner.update(block_hash);
         self.blocks += 1;
+        if let Some(k) = self.kept.as_mut() {
+            k.push(*block_hash);
+        }
+    }
+
+    /// [`ComponentHasher::finish`], with the block hashes when made with
+    /// [`ComponentHasher::keeping`].
+    pub fn finish_kept(mut self) -> (Digest, Option<Vec<Digest>>) {
+        let kept = self.kept.take();
+        (self.finish(), kept)
     }
 
     /// Ends the digest. Panics in debug builds if blocks are missing.
     pub fn finish(self) -> Digest {
         debug_assert_eq!(self.blocks, block_count(self.size));
+        self.finish_any()
+    }
+
+    /// Ends the digest of whatever blocks were pushed (a count that is not
+    /// the size's gives a digest no component has: for checking untrusted
+    /// block lists).
+    pub fn finish_any(self) -> Digest {
         *self.inner.finalize().as_bytes()
     }
 }
@@ -282,6 +310,15 @@ pub struct SparseHasher {
 const BATCH: usize = 8;
 
 impl SparseHasher {
+    /// [`SparseHasher::new`] that keeps the block hashes
+    /// ([`SparseHasher::finish_kept`]).
+    pub fn keeping(size: u64) -> Self {
+        SparseHasher {
+            hasher: ComponentHasher::keeping(size),
+            ..Self::new(size)
+        }
+    }
+
     /// Starts hashing an image of `size` bytes.
     pub fn new(size: u64) -> Self {
         SparseHasher {
@@ -349,11 +386,17 @@ impl SparseHasher {
     }
 
     /// The digest (the rest of the image is zeros).
-    pub fn finish(mut self) -> Digest {
+    pub fn finish(self) -> Digest {
+        self.finish_kept().0
+    }
+
+    /// [`SparseHasher::finish`], with the block hashes when made with
+    /// [`SparseHasher::keeping`].
+    pub fn finish_kept(mut self) -> (Digest, Option<Vec<Digest>>) {
         let blocks = block_count(self.size);
         self.advance_to(blocks);
         self.flush();
-        self.hasher.finish()
+        std::mem::replace(&mut self.hasher, ComponentHasher::new(0)).finish_kept()
     }
 }
 

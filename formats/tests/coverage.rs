@@ -7,6 +7,8 @@ mod common;
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use common::*;
 use kimberley_formats::apply::{Input, Opened};
@@ -224,28 +226,43 @@ fn a_working_set_outside_the_launch_vm_or_on_version_1_is_refused() {
     assert_eq!(e.0, 2, "{}", e.1);
 }
 
-/// A reader that hands out `inner` 4 KiB at a time, `pause` apart: an
-/// overlay arriving over a slow link.
+/// A reader that hands out `inner` 4 KiB at a time, `pause` apart (an
+/// overlay arriving over a slow link), and holds its last byte back until
+/// `release` is set (30 s at most), so that the apply cannot end before.
 struct Slow {
     inner: Cursor<Vec<u8>>,
     pause: std::time::Duration,
+    release: Arc<AtomicBool>,
 }
 
 impl std::io::Read for Slow {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         std::thread::sleep(self.pause);
-        let n = buf.len().min(4096);
+        let left = self.inner.get_ref().len() as u64 - self.inner.position();
+        if left == 1 {
+            let t = std::time::Instant::now();
+            while !self.release.load(Ordering::SeqCst)
+                && t.elapsed() < std::time::Duration::from_secs(30)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let n = buf
+            .len()
+            .min(4096)
+            .min(left.saturating_sub(1).max(1) as usize);
         self.inner.read(&mut buf[..n])
     }
 }
 
-fn open_slow(ovl: &[u8]) -> Opened {
+fn open_slow(ovl: &[u8], release: Arc<AtomicBool>) -> Opened {
     Opened::open(
         Input {
             name: "slow".into(),
             reader: Box::new(Slow {
                 inner: Cursor::new(ovl.to_vec()),
                 pause: std::time::Duration::from_millis(1),
+                release,
             }),
         },
         Some(&Secret::Key(KEY)),
@@ -263,7 +280,6 @@ fn an_early_reader_sees_the_launch_vm_while_it_arrives() {
     use kimberley_formats::apply::early::Early;
     use kimberley_formats::apply::{apply_early, ApplyOptions};
     use kimberley_formats::progress::Progress;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     let t = tempfile::tempdir().unwrap();
     let p = pair(t.path());
@@ -277,7 +293,8 @@ fn an_early_reader_sees_the_launch_vm_while_it_arrives() {
         threads: 2,
         sync: false,
     };
-    let o = open_slow(&ovl);
+    let release = Arc::new(AtomicBool::new(false));
+    let o = open_slow(&ovl, release.clone());
     let early = Early::new(&base, &o).unwrap().expect("a map");
     let out = t.path().join("out");
     let applied = AtomicBool::new(false);
@@ -292,6 +309,8 @@ fn an_early_reader_sees_the_launch_vm_while_it_arrives() {
                 let want = chunk(&launch, usize::from(i), k);
                 assert_eq!(&buf[..want.len()], &want[..], "working-set chunk {i}:{k}");
             }
+            // Only now may the overlay's last byte arrive.
+            release.store(true, Ordering::SeqCst);
             // Everything, in position order (waiting where needed).
             for (i, c) in launch.manifest.components.iter().enumerate() {
                 let mut got = vec![0u8; c.size.next_multiple_of(CHUNK) as usize];
@@ -319,6 +338,8 @@ fn an_early_reader_sees_the_launch_vm_while_it_arrives() {
         "the working set was only served after the apply ended"
     );
     assert_same_vm(&out, &p.launch);
+    // The apply left the memory's block hashes for the next restore.
+    assert!(VmDir::open(&out).unwrap().read_memory_blocks().is_some());
     let counts = early.counts();
     assert!(
         counts.from_overlay > 0 && counts.from_base > 0,
@@ -327,7 +348,7 @@ fn an_early_reader_sees_the_launch_vm_while_it_arrives() {
 
     // Cut after the working set: a reader waiting for a late chunk fails.
     let cut = &ovl[..ovl.len() * 3 / 4];
-    let o = open_slow(cut);
+    let o = open_slow(cut, Arc::new(AtomicBool::new(true)));
     let early = Early::new(&base, &o).unwrap().unwrap();
     let out2 = t.path().join("out2");
     std::thread::scope(|sc| {

@@ -73,6 +73,7 @@ pub(crate) fn attach_origin(vm: &mut Vm, dir: &VmDir, source: MemorySource) -> R
         _ => false,
     };
     if same {
+        let known = dir.read_memory_blocks();
         let lock = match vm.memory_lock() {
             Some(l) => Some(
                 l.try_clone()
@@ -80,7 +81,10 @@ pub(crate) fn attach_origin(vm: &mut Vm, dir: &VmDir, source: MemorySource) -> R
             ),
             None => None,
         };
-        vm.set_origin(Origin::start(f, lock, c.size, c.digest));
+        vm.set_origin(match known {
+            Some(h) => Origin::known(f, lock, c.size, c.digest, h),
+            None => Origin::start(f, lock, c.size, c.digest),
+        });
     }
     Ok(())
 }
@@ -97,7 +101,19 @@ fn open_checked(p: &Path) -> Result<File> {
 pub fn save_into(vm: &mut Vm, w: VmDirWriter, name: &str) -> Result<PathBuf> {
     let dir = w.path().to_path_buf();
     let state = vm.save_state()?;
-    let mem_digest = save_memory(vm, &w, &dir.join(file_name(Kind::Memory, 0)))?;
+    let mem_path = dir.join(file_name(Kind::Memory, 0));
+    let mem_hashes = match save_memory(vm, &w, &mem_path)? {
+        Some(h) => h,
+        None => {
+            // Written whole: hashed from the file, its holes skipped.
+            let f = open_checked(&mem_path)?;
+            block_hashes_of(&f, vm.memory_size())
+                .map_err(|e| Error::io(format!("reading {}", mem_path.display()), e))?
+        }
+    };
+    // For the next restore: it then knows every block's hash at once.
+    w.write_memory_blocks(vm.memory_size(), &mem_hashes)?;
+    let mem_digest = Some(digest_of(vm.memory_size(), &mem_hashes));
     let mut components = vec![Component {
         kind: Kind::Memory,
         size: vm.memory_size(),
@@ -197,7 +213,7 @@ pub fn save_in_place(vm: &mut Vm, dir: &VmDir) -> Result<PathBuf> {
 /// shares extents, else whole; either way only blocks holding changed pages
 /// are rehashed. Other memory is written whole ([`memory::write_sparse`])
 /// and hashed by the caller.
-fn save_memory(vm: &mut Vm, w: &VmDirWriter, path: &Path) -> Result<Option<Digest>> {
+fn save_memory(vm: &mut Vm, w: &VmDirWriter, path: &Path) -> Result<Option<Vec<Digest>>> {
     let (memory, origin) = vm.memory_and_origin();
     // SAFETY: the vCPU is parked (the caller's save_state paused it) and
     // devices only write guest memory from the vCPU thread, so nothing
@@ -265,11 +281,26 @@ fn save_memory(vm: &mut Vm, w: &VmDirWriter, path: &Path) -> Result<Option<Diges
         origin.lock_shared();
     }
     r?;
-    Ok(hashes.map(|h| digest_of(mem.len() as u64, &h)))
+    Ok(hashes)
+}
+
+/// The block hashes of the first `size` bytes of `f` (holes hash as zeros
+/// without being read).
+fn block_hashes_of(f: &File, size: u64) -> std::io::Result<Vec<Digest>> {
+    let mut d = kimberley_formats::digest::BlockDigests::zeros(size);
+    for (start, end) in kimberley_formats::sparse::data_extents(f, size)? {
+        let mut b = start - start % BLOCK;
+        while b < end {
+            d.mark(b);
+            b += BLOCK;
+        }
+    }
+    d.rehash(f)?;
+    Ok(d.hashes().to_vec())
 }
 
 /// Today's whole write: zero pages as holes, the rest with large writes.
-fn full(mem: &[u8], path: &Path) -> Result<Option<Digest>> {
+fn full(mem: &[u8], path: &Path) -> Result<Option<Vec<Digest>>> {
     memory::write_sparse(mem, path)?;
     Ok(None)
 }

@@ -155,3 +155,60 @@ fn a_memory_file_another_vm_maps_is_not_updated_in_place() {
     drop(other);
     drop(resume_and_check(&path, 0, &want));
 }
+
+/// A suspend leaves `memory.blocks` (FORMAT.md section 5.8) beside the
+/// memory: the next restore knows every block's hash at once (no
+/// background hashing), and suspends in place from them, digests right.
+#[test]
+fn the_block_hashes_travel_with_the_directory() {
+    if !kvm_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let path = suspended(t.path());
+    let dir = VmDir::open(&path).unwrap();
+    assert!(
+        dir.read_memory_blocks().is_some(),
+        "no memory.blocks after a suspend"
+    );
+    let mut vm = vmdir::restore(&dir).unwrap();
+    assert!(vm.memory_hashed(), "the restore hashed the memory again");
+    let want = change(&mut vm, 0);
+    vmdir::save_in_place(&mut vm, &dir).unwrap();
+    drop(vm);
+    let dir = VmDir::open(&path).unwrap();
+    assert!(
+        dir.read_memory_blocks().is_some(),
+        "no memory.blocks after an in-place suspend"
+    );
+    drop(resume_and_check(&path, 0, &want));
+}
+
+/// Attack: `memory.blocks` is only a cache. One whose hashes do not give
+/// the manifest's memory digest (a block's hash changed) is ignored: the
+/// restore hashes the file itself, and the in-place suspend still writes
+/// a directory whose digests are those of its files.
+#[test]
+fn forged_block_hashes_are_ignored() {
+    if !kvm_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let path = suspended(t.path());
+    let blocks = path.join(kimberley_formats::vmdir::blocks::BLOCKS_FILE);
+    let mut b = std::fs::read(&blocks).unwrap();
+    // The hash of block 3, which the VM does not change below.
+    b[kimberley_formats::vmdir::blocks::HEADER_LEN + 3 * 32] ^= 1;
+    std::fs::write(&blocks, &b).unwrap();
+    let dir = VmDir::open(&path).unwrap();
+    assert!(
+        dir.read_memory_blocks().is_none(),
+        "a forged memory.blocks was accepted"
+    );
+    let mut vm = vmdir::restore(&dir).unwrap();
+    let want = change(&mut vm, 0);
+    vmdir::save_in_place(&mut vm, &dir).unwrap();
+    drop(vm);
+    // `verify` reads every file and compares with the manifest.
+    drop(resume_and_check(&path, 0, &want));
+}

@@ -22,7 +22,7 @@ use crate::overlay::segment::{ChunkStats, ManifestSegment};
 use crate::progress::Progress;
 use crate::sparse::{data_extents, ExtentMap};
 use crate::vmdir::patched::{Patches, Piece};
-use crate::vmdir::{Component, VmDir};
+use crate::vmdir::{Component, Kind, VmDir};
 
 /// Coalesced output writes.
 const WRITE_BUF: usize = 8 << 20;
@@ -48,6 +48,9 @@ pub struct MergeStats {
     pub chunks: ChunkStats,
     /// Bytes written (holes excluded).
     pub written_bytes: u64,
+    /// The memory component's block hashes (for `memory.blocks`), when
+    /// component 0 is memory.
+    pub memory_blocks: Option<Vec<crate::digest::Digest>>,
 }
 
 /// Makes the output files of a merge in memory that outgrew its budget.
@@ -156,7 +159,10 @@ impl<'a> Merge<'a> {
             .map(|i| paired(&base.manifest, &lm, i))
             .collect();
         let launch = manifest.launch.clone();
-        let hasher = launch.first().map(|c| SparseHasher::new(c.size));
+        let hasher = launch.first().map(|c| match c.kind {
+            Kind::Memory => SparseHasher::keeping(c.size),
+            _ => SparseHasher::new(c.size),
+        });
         Ok(Merge {
             base_files,
             base_sizes,
@@ -469,7 +475,11 @@ impl<'a> Merge<'a> {
     fn end_component(&mut self) -> Result<()> {
         self.flush()?;
         let h = self.hasher.take().expect("a component is open");
-        if h.finish() != self.launch[self.cur].digest {
+        let (digest, blocks) = h.finish_kept();
+        if self.cur == 0 {
+            self.stats.memory_blocks = blocks;
+        }
+        if digest != self.launch[self.cur].digest {
             return Err(Error::Mismatch(format!(
                 "launch component {} does not match its digest (the base differs from the one the overlay was made from, or the overlay is wrong)",
                 self.cur

@@ -249,6 +249,9 @@ fn apply_one(
             "the index's statistics do not match the records".into(),
         ));
     }
+    if let (Some(b), Some(c)) = (&mstats.memory_blocks, launch.components.first()) {
+        w.write_memory_blocks(c.size, b)?;
+    }
     w.commit(&launch)?;
     stats.overlay_bytes = dstats.bytes;
     stats.segments = dstats.segments;

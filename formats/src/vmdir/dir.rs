@@ -116,6 +116,24 @@ impl VmDir {
         Ok(f)
     }
 
+    /// The memory component's block hashes from `memory.blocks` (FORMAT.md
+    /// section 5.8), if that file is there, a regular file of the right
+    /// length, and its hashes combine to the manifest's memory digest;
+    /// None otherwise (it is only a cache).
+    pub fn read_memory_blocks(&self) -> Option<Vec<crate::digest::Digest>> {
+        use super::blocks;
+        let c = self.manifest.components.first()?;
+        let f = open_regular(&self.path.join(blocks::BLOCKS_FILE), false).ok()?;
+        let want = blocks::expected_len(c.size);
+        // The length is checked before anything is read.
+        if f.metadata().ok()?.len() != want {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(want).ok()?);
+        f.take(want).read_to_end(&mut bytes).ok()?;
+        blocks::decode(&bytes, c.size, &c.digest)
+    }
+
     /// The whole of component `i` (the state blob, at most
     /// `MAX_STATE_SIZE` bytes; any component small enough to hold in
     /// memory), read from the opened file.
@@ -219,6 +237,17 @@ impl VmDirWriter {
     pub fn create_file(&self, name: &str) -> Result<File> {
         let p = self.dir.path().join(name);
         create_private(&p).ctx(|| format!("creating {}", p.display()))
+    }
+
+    /// Writes `memory.blocks` (FORMAT.md section 5.8): the block hashes of
+    /// a memory component of `size` bytes, for a later restore that needs
+    /// them (private, like every file of the directory).
+    pub fn write_memory_blocks(&self, size: u64, hashes: &[crate::digest::Digest]) -> Result<()> {
+        use std::io::Write;
+        let name = super::blocks::BLOCKS_FILE;
+        self.create_file(name)?
+            .write_all(&super::blocks::encode(size, hashes))
+            .ctx(|| format!("writing {name}"))
     }
 
     /// Checks the files match `manifest`'s sizes, fsyncs them, writes the

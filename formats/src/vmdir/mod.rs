@@ -5,6 +5,7 @@
 //! directories; [`import`] wraps existing raw images; [`patched`] is a VM
 //! held as its base's files plus in-memory changes.
 
+pub mod blocks;
 pub mod dir;
 pub mod import;
 pub mod machine;

@@ -65,6 +65,27 @@ impl Origin {
         }
     }
 
+    /// An origin whose block hashes are known already (`memory.blocks`,
+    /// checked against `digest` by its reader): nothing to hash.
+    pub fn known(
+        file: File,
+        lock: Option<File>,
+        size: u64,
+        digest: Digest,
+        hashes: Vec<Digest>,
+    ) -> Origin {
+        Origin {
+            file,
+            lock,
+            size,
+            digest,
+            stop: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(Mutex::new(BlockDigests::zeros(0))),
+            thread: None,
+            hashes: Some(hashes),
+        }
+    }
+
     /// The mapped file.
     pub fn file(&self) -> &File {
         &self.file
