@@ -190,6 +190,8 @@ impl Run<'_> {
                     sock.path().display()
                 );
             }
+            // Faults, and pages brought in with them, up to the first answer.
+            let faults = vm.memory_faults();
             let name = launch.name.clone();
             let serving = sc.spawn(move || kimberley_cli::vm::serve(vm, name, sock, stop_s, None));
             let stats = match join(applying) {
@@ -218,6 +220,8 @@ impl Run<'_> {
                 "pages_from_base": counts.from_base,
                 "pages_from_overlay": counts.from_overlay,
                 "pages_waited": counts.waited,
+                "faults": faults.map(|f| f.0),
+                "prefetched_bytes": faults.map(|f| f.1.saturating_sub(f.0) * 4096),
             });
             if let Some(p) = self.stats_json {
                 write_json(p, &json)?;

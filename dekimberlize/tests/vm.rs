@@ -620,6 +620,8 @@ fn early_start_runs_the_guest_before_the_overlay_has_arrived() {
     let at_first = e["received_bytes_at_first_instruction"].as_u64().unwrap();
     assert!(at_first < size / 2, "{stats}");
     assert!(e["pages_from_overlay"].as_u64().unwrap() > 0, "{stats}");
+    assert!(e["faults"].as_u64().unwrap() > 0, "{stats}");
+    assert!(e["prefetched_bytes"].is_u64(), "{stats}");
     VmDir::open(&out).unwrap().verify().unwrap();
     assert_eq!(Client::open(&sock).call(r#"{"cmd":"stop"}"#)["ok"], true);
     let (st, err) = finish(child);

@@ -91,6 +91,12 @@ pub trait Machine: Send {
     fn touched_pages(&self) -> Option<Vec<u64>> {
         None
     }
+    /// For memory served on first touch (lazily restored, or arriving):
+    /// the faults resolved and the 4 KiB pages brought in so far (the
+    /// faulting pages and those read ahead with them); None otherwise.
+    fn memory_faults(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Suspends into the new VM directory `w` named `name` (memory, disks
     /// and state written or copied there) and commits it; the machine
     /// stays paused. Used by `build` (its launch VM) and by snapshots.

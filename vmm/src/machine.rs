@@ -335,6 +335,11 @@ impl Machine for Vm {
         Vm::touched_pages(self)
     }
 
+    fn memory_faults(&self) -> Option<(u64, u64)> {
+        self.lazy_stats()
+            .map(|s| (s.faults, s.data_pages + s.zero_pages))
+    }
+
     fn suspend_into(&mut self, w: VmDirWriter, name: &str) -> MResult<PathBuf> {
         Ok(vmdir::save_into(self, w, name)?)
     }
