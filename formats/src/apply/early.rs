@@ -58,7 +58,7 @@ struct Inner {
 #[derive(Default)]
 struct State {
     /// Read handles of the output files, once the merge made them.
-    out: Vec<File>,
+    out: Vec<Arc<File>>,
     /// Bytes of each component that are final in its output file.
     done: Vec<u64>,
     /// Working-set records by launch position: segment and record index.
@@ -148,7 +148,7 @@ impl Early {
     /// ([`Early::wait_written`] before it touches a byte of one).
     pub fn output_files(&self) -> io::Result<Vec<File>> {
         let s = lock(&self.inner.state);
-        s.out.iter().map(File::try_clone).collect()
+        s.out.iter().map(|f| f.try_clone()).collect()
     }
 
     /// True when component `comp` is wholly written and checked.
@@ -208,6 +208,22 @@ impl Early {
                 "early read not chunk-aligned or of no component",
             ));
         }
+        // What the merge has written for good is read in one piece.
+        let size = self.inner.launch[comp].size;
+        let end = offset.saturating_add(buf.len() as u64).min(size);
+        let whole = {
+            let s = lock(&self.inner.state);
+            (end > offset && s.done[comp] >= end && !s.out.is_empty())
+                .then(|| Arc::clone(&s.out[comp]))
+        };
+        if let Some(f) = whole {
+            let n = (end - offset) as usize;
+            f.read_exact_at(&mut buf[..n], offset)?;
+            buf[n..].fill(0);
+            let mut s = lock(&self.inner.state);
+            s.counts.from_overlay += (n as u64).div_ceil(CHUNK);
+            return Ok(());
+        }
         for (k, piece) in buf.chunks_mut(CHUNK_SIZE).enumerate() {
             self.read_chunk(comp, offset / CHUNK + k as u64, piece, 0)?;
         }
@@ -252,7 +268,7 @@ impl Early {
         match src {
             Source::Zero => head.fill(0),
             Source::Output => {
-                let f = s.out[comp].try_clone()?;
+                let f = Arc::clone(&s.out[comp]);
                 drop(s);
                 f.read_exact_at(head, off)?;
             }
@@ -353,7 +369,7 @@ impl Early {
     pub(crate) fn started(&self, files: &[File]) -> Result<()> {
         let out = files
             .iter()
-            .map(File::try_clone)
+            .map(|f| f.try_clone().map(Arc::new))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| Error::io("duplicating the launch VM's files".to_string(), e))?;
         lock(&self.inner.state).out = out;
