@@ -112,12 +112,13 @@ lines = [
     row("in place, right after the guest's writes", "in_place_early", True),
     row("into a new directory (`save_into`)", "elsewhere", False),
     "",
-    f"After a restore a background thread (nice 19) hashes the memory file "
-    f"(ready {cell(col('after', 'in_place', 'hashed_ms'), ms)} after the restore starts, under this load); "
-    "a suspend before that hashes the blocks the thread has not reached itself, on all cores (the early row; before, the whole memory was written, read back "
-    "and hashed). Into a new directory on ext4 (no reflinks) the whole memory is still written and "
-    "fsynced, as before; only the read-back hashing is saved. Before has no early row: the old code "
-    "does the same work whenever the stop comes, so its in-place cell applies.",
+    "After a restore the memory file's block hashes come from the directory's `memory.blocks` "
+    "(FORMAT.md section 5.8, written by the suspend that made it) at once; without one, a background "
+    "thread (nice 19) hashes the file and a suspend before it is done hashes the rest itself, on all "
+    f"cores (the hashes were there {cell(col('after', 'in_place', 'hashed_ms'), ms)} after the restore "
+    "started: when the check ran, after the guest's writes). Into a new directory on ext4 (no reflinks) "
+    "the whole memory is still written and fsynced; only the read-back hashing is saved. Before has no "
+    "early row: the old code does the same work whenever the stop comes, so its in-place cell applies.",
     "<!-- bench-suspend:end -->",
 ]
 open(out, "w").write("\n".join(lines) + "\n")
