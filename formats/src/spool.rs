@@ -92,21 +92,6 @@ impl Spool {
         self.write_gathered()?;
         self.file.read_exact_at(buf, offset)
     }
-
-    /// Bytes appended so far.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True before the first append.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The open file (for its metadata).
-    pub fn file(&self) -> &File {
-        &self.file
-    }
 }
 
 /// `open(dir, O_TMPFILE | O_EXCL | O_RDWR, 0600)`: a file without a name
@@ -146,7 +131,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn check_private(s: &Spool) {
-        let m = s.file().metadata().unwrap();
+        let m = s.file.metadata().unwrap();
         assert!(m.is_file());
         assert_eq!(m.mode() & 0o7777, 0o600);
         assert_eq!(m.nlink(), 0, "the spool has no name");
@@ -157,10 +142,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let mut s = Spool::create(Some(t.path())).unwrap();
         check_private(&s);
-        assert!(s.is_empty());
+        assert_eq!(s.len, 0);
         assert_eq!(s.append(b"hello ").unwrap(), 0);
         assert_eq!(s.append(b"world").unwrap(), 6);
-        assert_eq!(s.len(), 11);
+        assert_eq!(s.len, 11);
         let mut b = [0u8; 5];
         s.read_at(&mut b, 6).unwrap();
         assert_eq!(&b, b"world");
@@ -179,7 +164,7 @@ mod tests {
             s.read_at(&mut got, *at).unwrap();
             assert!(&got == v, "{} bytes at {at}", v.len());
         }
-        assert_eq!(s.file().metadata().unwrap().len(), s.len());
+        assert_eq!(s.file.metadata().unwrap().len(), s.len);
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
         assert!(Spool::create(Some(&t.path().join("missing"))).is_err());
     }

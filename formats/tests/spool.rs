@@ -21,7 +21,7 @@ use kimberley_formats::overlay::Pos;
 use kimberley_formats::progress::Progress;
 use kimberley_formats::testkit::Rng;
 use kimberley_formats::vmdir::import::{import, ImportSpec};
-use kimberley_formats::vmdir::VmDir;
+use kimberley_formats::vmdir::{Kind, VmDir};
 
 struct Counting;
 
@@ -293,12 +293,14 @@ fn a_diff_that_fails_half_way_leaves_nothing() {
     let p = small_pair(t.path());
     let spool = t.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
-    // The launch memory's last page no longer matches its digest: found
-    // when the classifier reaches it, after segments were spooled. (No
-    // key: a key-file diff verifies the launch VM before it starts.)
+    // The launch disk's last bytes no longer match its digest: found when
+    // the classifier reaches them, after the memory's segments and the
+    // working set's disk chunks were spooled. (No key: a key-file diff
+    // verifies the launch VM before it starts.)
     let launch = VmDir::open(&p.launch).unwrap();
-    let mem = launch.component_path(0);
-    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    assert_eq!(launch.manifest.components[1].kind, Kind::Disk);
+    let disk = launch.component_path(1);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     let size = f.metadata().unwrap().len();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 64], size - 64).unwrap();
     drop(f);
