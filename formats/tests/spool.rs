@@ -321,3 +321,63 @@ fn a_diff_that_fails_half_way_leaves_nothing() {
         assert_nothing_left(&spool);
     }
 }
+
+/// A tmpfs of `size` mounted at the new directory `dir`, unmounted on
+/// drop: a file system that runs out of space. Needs root (as the full
+/// disk tests of dekimberlize and vmm).
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn mount(dir: &Path, size: &str) -> SmallTmpfs {
+        std::fs::create_dir(dir).unwrap();
+        let m = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            m.status.success(),
+            "this test needs root to mount a small tmpfs: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_spool_fails_the_diff_and_leaves_nothing() {
+    let _l = lock();
+    let t = tempfile::tempdir().unwrap();
+    let spool = t.path().join("small");
+    let _m = SmallTmpfs::mount(&spool, "1m");
+    let (base, launch) = random_pair(t.path(), 8 << 20);
+    // Without a working set the segments fill the spool; with one that
+    // covers the whole memory, its chunks do.
+    for (ws, what) in [
+        (Vec::new(), "writing the overlay's spool file"),
+        (
+            (0..2048).map(|k| (0, k)).collect(),
+            "writing the working set's spool file",
+        ),
+    ] {
+        let o = opts(VERSION_MAP, ws, &spool);
+        let base = VmDir::open(&base).unwrap();
+        let launch = VmDir::open(&launch).unwrap();
+        let e = match diff(&base, &launch, &o, Count::default(), &Progress::default()) {
+            Ok(_) => panic!("8 MiB of random data fitted a 1 MiB spool"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(&e, kimberley_formats::Error::Io { context, source }
+                if context == what && source.raw_os_error() == Some(libc::ENOSPC)),
+            "{e:?}"
+        );
+        assert_nothing_left(&spool);
+    }
+}
