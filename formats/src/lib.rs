@@ -23,6 +23,7 @@ pub mod le;
 pub mod overlay;
 pub mod progress;
 pub mod sparse;
+pub mod spool;
 pub mod sys;
 pub mod testkit;
 pub mod vmdir;

@@ -1,16 +1,18 @@
 //! Turns per-chunk decisions into records (coalescing runs) and cuts the
 //! record stream into segments of about the target size (4 MiB by default).
-//! With a working set (version 2), its chunks are held back and written
-//! last into segments of their own, in first-touch order; the writer puts
-//! those segments first (FORMAT.md section 12.5).
+//! With a working set (version 2), its chunks are held back (their bytes
+//! in a spool file, not in memory) and written last into segments of
+//! their own, in first-touch order; the writer puts those segments first
+//! (FORMAT.md section 12.5).
 
 use std::collections::HashMap;
 
 use super::writer::Sink;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::overlay::record::{Writer, MAX_RUN};
 use crate::overlay::segment::ChunkStats;
 use crate::overlay::Pos;
+use crate::spool::Spool;
 
 /// Longest literal run (keeps segments near their target size).
 const MAX_LITERAL_RUN: u32 = 256;
@@ -59,6 +61,9 @@ enum Run {
     },
 }
 
+/// Where held bytes are in the spool: offset and length.
+type Span = (u64, u32);
+
 /// A working-set chunk's decision, held until the working set is written.
 #[derive(Debug)]
 enum Held {
@@ -69,18 +74,38 @@ enum Held {
         chunk: u64,
         /// The chunk's bytes, for a self reference that must become a
         /// literal (its source comes later in the stream).
-        bytes: Vec<u8>,
+        bytes: Option<Span>,
     },
-    Delta(Vec<u8>),
-    Literal(Vec<u8>),
+    Delta(Span),
+    Literal(Span),
 }
 
-/// The working set's chunks in first-touch order, and what was decided
-/// for each changed one.
-#[derive(Debug, Default)]
+/// The working set's chunks in first-touch order, what was decided for
+/// each changed one, and the spool holding their bytes.
+#[derive(Debug)]
 struct Held_ {
     order: HashMap<Pos, usize>,
     held: Vec<(Pos, Option<Held>)>,
+    spool: Spool,
+}
+
+impl Held_ {
+    fn keep(&mut self, bytes: &[u8]) -> Result<Span> {
+        let at = self
+            .spool
+            .append(bytes)
+            .map_err(|e| Error::io("writing the working set's spool file", e))?;
+        Ok((at, bytes.len() as u32))
+    }
+}
+
+/// Reads held bytes back from the spool into `buf`.
+fn read_held<'b>(spool: &mut Spool, (at, len): Span, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
+    buf.resize(len as usize, 0);
+    spool
+        .read_at(buf, at)
+        .map_err(|e| Error::io("reading the working set's spool file", e))?;
+    Ok(buf)
 }
 
 /// Builds segments from chunk decisions given in position order.
@@ -117,9 +142,14 @@ impl<'s> SegmentBuilder<'s> {
     }
 
     /// Holds back the chunks of `working_set` (positions in first-touch
-    /// order, no repeats) to write them first (version 2).
-    pub fn with_working_set(mut self, working_set: &[Pos]) -> Self {
-        let mut h = Held_::default();
+    /// order, no repeats) to write them first (version 2), their bytes in
+    /// `spool` until then.
+    pub fn with_working_set(mut self, working_set: &[Pos], spool: Spool) -> Self {
+        let mut h = Held_ {
+            order: HashMap::new(),
+            held: Vec::new(),
+            spool,
+        };
         for &p in working_set {
             if let std::collections::hash_map::Entry::Vacant(e) = h.order.entry(p) {
                 e.insert(h.held.len());
@@ -135,7 +165,7 @@ impl<'s> SegmentBuilder<'s> {
     pub fn push_chunk(&mut self, comp: u8, chunk: u64, enc: Enc<'_>, bytes: &[u8]) -> Result<()> {
         if let Some(h) = self.ws.as_mut() {
             if let Some(&i) = h.order.get(&(comp, chunk)) {
-                h.held[i].1 = Some(match enc {
+                let held = match enc {
                     Enc::Zero => Held::Zero,
                     Enc::Ref {
                         is_self,
@@ -145,11 +175,12 @@ impl<'s> SegmentBuilder<'s> {
                         is_self,
                         comp,
                         chunk,
-                        bytes: if is_self { bytes.to_vec() } else { Vec::new() },
+                        bytes: if is_self { Some(h.keep(bytes)?) } else { None },
                     },
-                    Enc::Delta(d) => Held::Delta(d.to_vec()),
-                    Enc::Literal(d) => Held::Literal(d.to_vec()),
-                });
+                    Enc::Delta(d) => Held::Delta(h.keep(d)?),
+                    Enc::Literal(d) => Held::Literal(h.keep(d)?),
+                };
+                h.held[i].1 = Some(held);
                 return Ok(());
             }
         }
@@ -337,17 +368,26 @@ impl<'s> SegmentBuilder<'s> {
             // Chunks written so far in the working set: a self reference
             // may only copy those (FORMAT.md section 10.2 rule 8).
             let mut sent: std::collections::HashSet<Pos> = std::collections::HashSet::new();
-            for ((comp, chunk), held) in h.held {
-                let Some(held) = held else { continue };
-                let enc = match &held {
+            let mut buf = Vec::new();
+            let Held_ {
+                order,
+                held,
+                mut spool,
+            } = h;
+            drop(order);
+            for ((comp, chunk), one) in held {
+                let Some(one) = one else { continue };
+                let enc = match one {
                     Held::Zero => Enc::Zero,
                     Held::Ref {
                         is_self: true,
                         comp: sc,
                         chunk: sk,
-                        bytes,
-                    } if !sent.contains(&(*sc, *sk)) => Enc::Literal(bytes),
-                    &Held::Ref {
+                        bytes: Some(span),
+                    } if !sent.contains(&(sc, sk)) => {
+                        Enc::Literal(read_held(&mut spool, span, &mut buf)?)
+                    }
+                    Held::Ref {
                         is_self,
                         comp,
                         chunk,
@@ -357,8 +397,8 @@ impl<'s> SegmentBuilder<'s> {
                         comp,
                         chunk,
                     },
-                    Held::Delta(d) => Enc::Delta(d),
-                    Held::Literal(d) => Enc::Literal(d),
+                    Held::Delta(span) => Enc::Delta(read_held(&mut spool, span, &mut buf)?),
+                    Held::Literal(span) => Enc::Literal(read_held(&mut spool, span, &mut buf)?),
                 };
                 self.push(comp, chunk, enc)?;
                 sent.insert((comp, chunk));

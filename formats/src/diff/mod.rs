@@ -16,6 +16,7 @@ pub mod encode;
 pub mod writer;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::crypto::keys::{commit_id, derived_salt, random, Argon2Params, KeyMaterial, Secret};
@@ -26,6 +27,7 @@ use crate::overlay::header::{Header, DEFAULT_VERSION, VERSION_1, VERSION_MAP};
 use crate::overlay::segment::{ChunkStats, ManifestSegment, MAX_BODY, TARGET_BODY};
 use crate::overlay::Pos;
 use crate::progress::Progress;
+use crate::spool::Spool;
 use crate::vmdir::{total_size, Manifest, VmDir};
 
 pub use base_index::Base;
@@ -75,6 +77,11 @@ pub struct DiffOptions {
     /// Launch chunks to write first, in first-touch order (version 2;
     /// FORMAT.md section 12.5); empty for none.
     pub working_set: Vec<Pos>,
+    /// Where a version-2 diff keeps its scratch: the compressed segments
+    /// until the coverage map is written, and the working set's chunks
+    /// until they are encoded, in nameless 0600 files
+    /// ([`crate::spool::Spool`]); `None`: `$TMPDIR` (`/tmp` when unset).
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl DiffOptions {
@@ -91,6 +98,7 @@ impl DiffOptions {
             segment_bytes: TARGET_BODY,
             version: DEFAULT_VERSION,
             working_set: Vec::new(),
+            spool_dir: None,
         }
     }
 }
@@ -251,7 +259,8 @@ pub fn diff<'a, W: Write + Send>(
         sink.send_manifest(manifest)?;
         let mut enc = encode::SegmentBuilder::new(sink, segment_bytes);
         if !opts.working_set.is_empty() {
-            enc = enc.with_working_set(&opts.working_set);
+            let spool = spool(opts, "the working set's chunks")?;
+            enc = enc.with_working_set(&opts.working_set, spool);
         }
         let cstats = classify::run(base.manifest(), launch, &index, &mut enc, progress)?;
         stats.launch_read_bytes = cstats.launch_read_bytes;
@@ -267,6 +276,17 @@ pub fn diff<'a, W: Write + Send>(
         (t1.elapsed().as_millis() as u64).saturating_sub(stats.times.classify_ms);
     stats.times.total_ms = t0.elapsed().as_millis() as u64;
     Ok((out, stats))
+}
+
+/// A [`Spool`] for `what` in `opts.spool_dir` or `$TMPDIR`.
+fn spool(opts: &DiffOptions, what: &str) -> Result<Spool> {
+    Spool::create(opts.spool_dir.as_deref()).map_err(|e| {
+        let dir = opts.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+        Error::io(
+            format!("creating a spool file for {what} in {}", dir.display()),
+            e,
+        )
+    })
 }
 
 /// Changes whenever the reference encoder may write different bytes for

@@ -1,8 +1,8 @@
 //! Compression and sealing on worker threads, one ordered writer. A
 //! version-2 overlay's segments are compressed (and, without a working
-//! set, sealed) as they come, held, and written once the coverage map
-//! (which must precede them and list their lengths) is known: FORMAT.md
-//! section 10.5 says why.
+//! set, sealed) as they come, kept in a private spool file, and copied to
+//! the output once the coverage map (which must precede them and list
+//! their lengths) is known: FORMAT.md section 10.5 says why.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -206,10 +206,21 @@ where
     })
 }
 
+/// A data segment in the spool: where its frame (sealed) or compressed
+/// body (to be sealed) is, and its index facts.
+struct Spooled {
+    offset: u64,
+    len: usize,
+    meta: Meta,
+}
+
 /// [`run`] for a version-2 overlay: every segment is compressed on the
-/// workers as it comes and held; then the header, manifest, coverage map
-/// (with every segment's length), the working-set segments, the others,
-/// the index and the footer are sealed and written in that order.
+/// workers as it comes and appended to a [`crate::spool::Spool`] (a
+/// private nameless file in `opts.spool_dir` or `$TMPDIR`), so memory
+/// holds only the segments in flight; then the header, manifest, coverage
+/// map (with every segment's length), the working-set segments, the others
+/// (copied from the spool), the index and the footer are written in that
+/// order.
 fn run_mapped<W, F>(
     out: W,
     header: &[u8; HEADER_LEN],
@@ -227,10 +238,11 @@ where
     // made in, so each one's stream counter is known at once (the map
     // takes counter 1): the workers seal them too, and only the writing
     // waits for the map. A working set's segments are made last and go
-    // first, so then every data segment is sealed at the end.
+    // first, so then every data segment is sealed as it leaves the spool.
     let seal_early = opts.working_set.is_empty();
+    let mut spool = super::spool(opts, "the compressed segments")?;
     type Done = (u64, SegmentKind, Vec<u8>, Option<Meta>);
-    let (held, produced) = std::thread::scope(|s| {
+    let (spooled, produced) = std::thread::scope(|s| {
         let (job_tx, job_rx) = bounded::<Job>(threads * 2);
         let (done_tx, done_rx) = bounded::<Done>(threads * 2);
         let depth = threads * 4;
@@ -255,13 +267,41 @@ where
         }
         drop(done_tx);
         drop(job_rx);
-        let collector = s.spawn(move || {
-            let mut held: Vec<Done> = Vec::new();
-            for d in done_rx {
-                held.push(d);
-                let _ = ticket_tx.send(());
+        let spool = &mut spool;
+        // Appends in counter order (a ticket back for each), so the spool
+        // is read back sequentially; the segments waiting for an earlier
+        // one are bounded by the tickets.
+        let collector = s.spawn(move || -> Result<(Option<Vec<u8>>, Vec<Spooled>)> {
+            let mut pending = BTreeMap::new();
+            let mut next = 0u64;
+            let mut manifest = None;
+            let mut spooled = Vec::new();
+            for (counter, kind, c, meta) in done_rx {
+                pending.insert(counter, (kind, c, meta));
+                while let Some((kind, c, meta)) = pending.remove(&next) {
+                    match (kind, meta) {
+                        (SegmentKind::Manifest, None) if next == 0 => manifest = Some(c),
+                        (SegmentKind::Data, Some(meta)) => {
+                            let offset = spool
+                                .append(&c)
+                                .map_err(|e| Error::io("writing the overlay's spool file", e))?;
+                            spooled.push(Spooled {
+                                offset,
+                                len: c.len(),
+                                meta,
+                            });
+                        }
+                        _ => {
+                            return Err(Error::Invalid(
+                                "the manifest segment must come first, then data segments".into(),
+                            ))
+                        }
+                    }
+                    next += 1;
+                    let _ = ticket_tx.send(());
+                }
             }
-            held
+            Ok((manifest, spooled))
         });
         let mut sink = Sink {
             tx: job_tx,
@@ -270,49 +310,45 @@ where
         };
         let produced = produce(&mut sink);
         drop(sink);
-        let held = collector.join();
-        (held, produced)
+        (collector.join(), produced)
     });
-    let mut held = held.map_err(|_| Error::Invalid("the overlay writer panicked".into()))?;
+    let spooled = spooled.map_err(|_| Error::Invalid("the overlay writer panicked".into()))?;
+    // A spool error (full disk) explains a producer error.
+    let (manifest, spooled) = spooled?;
     let stats = produced?;
-    held.sort_by_key(|d| d.0);
-    let mut held = held.into_iter();
-    let manifest = match held.next() {
-        Some((0, SegmentKind::Manifest, c, None)) => c,
-        _ => {
-            return Err(Error::Invalid(
-                "the manifest segment must come first".into(),
-            ))
-        }
+    let Some(manifest) = manifest else {
+        return Err(Error::Invalid(
+            "the manifest segment must come first".into(),
+        ));
     };
     // The working set's segments first, each group in the order made.
-    let (ws, rest): (Vec<Done>, Vec<Done>) = held.partition(|d| d.3.as_ref().is_some_and(|m| m.ws));
-    let data: Vec<(Vec<u8>, Meta)> = ws
-        .into_iter()
-        .chain(rest)
-        .map(|(_, _, c, m)| (c, m.expect("data segments carry their index facts")))
-        .collect();
+    let (ws, rest): (Vec<Spooled>, Vec<Spooled>) = spooled.into_iter().partition(|d| d.meta.ws);
+    let mut data: Vec<Spooled> = ws.into_iter().chain(rest).collect();
     if data.len() > MAX_SEGMENTS as usize {
         return Err(Error::Invalid(format!(
             "overlay too large: {} data segments do not fit one index",
             data.len()
         )));
     }
-    let ws_segments = data.iter().filter(|(_, m)| m.ws).count() as u32;
+    let ws_segments = data.iter().filter(|d| d.meta.ws).count() as u32;
     let infos: Vec<SegmentInfo> = data
         .iter()
-        .map(|(c, m)| SegmentInfo {
+        .map(|d| SegmentInfo {
             frame_len: if seal_early {
-                c.len()
+                d.len
             } else {
-                FRAME_HEADER_LEN + c.len() + sealer.overhead()
+                FRAME_HEADER_LEN + d.len + sealer.overhead()
             } as u32,
-            body_len: m.body_len,
-            records: m.records,
+            body_len: d.meta.body_len,
+            records: d.meta.records,
         })
         .collect();
-    let runs: Vec<Vec<(Pos, u32, bool)>> = data.iter().map(|(_, m)| m.runs.clone()).collect();
+    let runs: Vec<Vec<(Pos, u32, bool)>> = data
+        .iter_mut()
+        .map(|d| std::mem::take(&mut d.meta.runs))
+        .collect();
     let map = CoverageMap::build(ws_segments, infos, &runs).encode();
+    drop(runs);
     if map.len() > MAX_BODY {
         return Err(Error::Invalid(format!(
             "the coverage map ({} bytes) exceeds one segment: write overlay version 1 (--overlay-version 1), or use larger segments",
@@ -334,27 +370,32 @@ where
         false,
         compress(&map, level),
     ))?;
+    drop(map);
     let mut entries = Vec::with_capacity(data.len());
     let mut body_bytes = 0u64;
-    for (c, m) in data {
+    let mut buf = Vec::new();
+    for d in data {
         let counter = fw.next_counter();
-        let frame = if seal_early {
-            c
-        } else {
-            seal_frame(sealer, counter, SegmentKind::Data, false, c)
-        };
-        let offset = fw.write_frame(&frame)?;
-        body_bytes += u64::from(m.body_len);
+        buf.resize(d.len, 0);
+        spool
+            .read_at(&mut buf, d.offset)
+            .map_err(|e| Error::io("reading the overlay's spool file", e))?;
+        if !seal_early {
+            buf = seal_frame(sealer, counter, SegmentKind::Data, false, buf);
+        }
+        let offset = fw.write_frame(&buf)?;
+        body_bytes += u64::from(d.meta.body_len);
         entries.push(IndexEntry {
             counter,
             offset,
-            frame_len: frame.len() as u32,
-            body_len: m.body_len,
-            first: m.first,
-            end: m.end,
-            records: m.records,
+            frame_len: buf.len() as u32,
+            body_len: d.meta.body_len,
+            first: d.meta.first,
+            end: d.meta.end,
+            records: d.meta.records,
         });
     }
+    drop(spool);
     finish_with_index(fw, sealer, level, entries, stats, body_bytes)
 }
 
