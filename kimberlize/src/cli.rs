@@ -400,9 +400,10 @@ pub struct DiffArgs {
     /// Overlay format version to write: 1 (the default; no coverage map)
     /// or 2 (with a coverage map, for a reader that starts early; the
     /// default with --working-set). Version 2's map comes before the
-    /// segments it describes, so the whole compressed overlay is held in
-    /// memory until the last segment is made, and nothing is written
-    /// before (no overlap with a pipe's reader).
+    /// segments it describes, so the compressed segments wait in a private
+    /// nameless file (as large as the overlay; in the output's directory,
+    /// or $TMPDIR when writing to a pipe) until the last one is made, and
+    /// nothing is written before (no overlap with a pipe's reader).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=2))]
     pub overlay_version: Option<u16>,
     /// Write statistics (bytes, chunks by kind, stage times) as JSON here.

@@ -104,6 +104,21 @@ fn read_working_set(path: &std::path::Path) -> Result<Vec<kimberley_formats::ove
     parse(&text).map_err(|e| usage(e.to_string()))
 }
 
+/// Where a version-2 overlay's segments wait: beside an output file (its
+/// file system has room for the overlay), $TMPDIR for stdout or a stream.
+pub(crate) fn spool_dir(output: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    let p = output.filter(|p| p.as_os_str() != "-")?;
+    let meta = std::fs::metadata(p).ok();
+    if meta.is_some_and(|m| !m.is_file()) {
+        return None;
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    dir.is_dir().then_some(dir)
+}
+
 /// `ws` led by every chunk of the launch VM's state blob (a VM that starts
 /// early needs its state before anything else).
 pub(crate) fn state_first(
@@ -174,6 +189,7 @@ pub fn diff(a: DiffArgs) -> Result<()> {
         parent,
         version,
         working_set,
+        spool_dir: spool_dir(a.output.as_deref()),
         ..DiffOptions::new(protection)
     };
     let stats = write_overlay(effective, &launch, out, &opts, &progress)?;

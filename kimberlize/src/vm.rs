@@ -361,6 +361,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         parent: chain.parent,
         version,
         working_set,
+        spool_dir: crate::diff::spool_dir(dest.flatten()),
         ..DiffOptions::new(protection.expect("an overlay has its protection"))
     };
     let stats = write_overlay(effective, &launch, out, &opts, &progress)?;
