@@ -853,24 +853,46 @@ pub fn revive(mgr: &Arc<Manager>, s: &Arc<Session>) -> Result<(), Refusal> {
         Err(e) => return fail((Reason::Internal, format!("binding the control socket: {e}"))),
     };
     let vm = s.dir.join(VM);
-    // Nobody reads these: the request's answer says how it went.
-    let (events, _ignored) = std::sync::mpsc::sync_channel(8);
-    let t0 = Instant::now();
-    match start_vm(s, &vm, t0, &events) {
-        Ok(machine) => {
-            s.set_state(State::Running);
-            log::info(
-                "session.ready",
-                json!({"session": s.id, "client": s.owner, "ms": ms(t0), "revived": true}),
-            );
-            let (mgr, s) = (mgr.clone(), s.clone());
-            std::thread::spawn(move || serve(&mgr, &s, &vm, machine, sock));
-            Ok(())
-        }
-        Err(r) => {
-            drop(sock);
-            fail(r)
-        }
+    // The VM starts and runs on a thread of its own, which serves it until
+    // it stops: a QEMU guest dies with the thread that started it
+    // (PR_SET_PDEATHSIG), and this request's thread ends with its answer.
+    let (done, started) = std::sync::mpsc::sync_channel::<Result<(), Refusal>>(1);
+    let (m, session) = (mgr.clone(), s.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("session-{}", s.id))
+        .spawn(move || {
+            // Nobody reads these: the request's answer says how it went.
+            let (events, _ignored) = std::sync::mpsc::sync_channel(8);
+            let t0 = Instant::now();
+            match start_vm(&session, &vm, t0, &events) {
+                Ok(machine) => {
+                    session.set_state(State::Running);
+                    log::info(
+                        "session.ready",
+                        json!({"session": session.id, "client": session.owner, "ms": ms(t0), "revived": true}),
+                    );
+                    let _ = done.send(Ok(()));
+                    serve(&m, &session, &vm, machine, sock);
+                }
+                Err(r) => {
+                    drop(sock);
+                    let _ = done.send(Err(r));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        return fail((
+            Reason::Internal,
+            format!("starting the session's thread: {e}"),
+        ));
+    }
+    match started.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(r)) => fail(r),
+        Err(_) => fail((
+            Reason::Internal,
+            "the session's thread ended before its VM answered".into(),
+        )),
     }
 }
 
