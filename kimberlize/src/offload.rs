@@ -326,3 +326,35 @@ fn describe(ev: &Progress) -> String {
         Progress::Failed { error, .. } => format!("failed: {error}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unspecified_forward_is_reached_at_the_cloudlets_address() {
+        let f = |host: &str| Forward {
+            guest: 22,
+            host: host.parse().unwrap(),
+        };
+        let at = |peer: &str| Some(peer.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            reachable(&f("0.0.0.0:4000"), at("192.0.2.5:7466")),
+            f("192.0.2.5:4000")
+        );
+        assert_eq!(
+            reachable(&f("0.0.0.0:4000"), at("[::ffff:192.0.2.5]:7466")),
+            f("192.0.2.5:4000")
+        );
+        // QEMU forwards IPv4 only: an IPv6 peer address would not lead there.
+        assert_eq!(
+            reachable(&f("0.0.0.0:4000"), at("[2001:db8::1]:7466")),
+            f("0.0.0.0:4000")
+        );
+        assert_eq!(
+            reachable(&f("10.0.0.1:4000"), at("192.0.2.5:7466")),
+            f("10.0.0.1:4000")
+        );
+        assert_eq!(reachable(&f("0.0.0.0:4000"), None), f("0.0.0.0:4000"));
+    }
+}
