@@ -104,11 +104,6 @@ fn a_linux_guest_runs_on_the_cloudlet() {
     assert!(d.session_dirs().is_empty());
 }
 
-/// The guest serves `/www` on port 8080 (busybox httpd), started by the
-/// install script: it runs in the launch VM.
-const WEB_INSTALL: &str = "set -e\nmkdir -p /www\necho kimberley-forwarded-app > /www/index.html\n\
-httpd -p 8080 -h /www\n";
-
 /// `GET /` through `addr`: the body, retried for up to 60 s (the guest's
 /// network comes back with the VM).
 fn http_get(addr: SocketAddr) -> String {
@@ -152,32 +147,7 @@ fn a_linux_guests_port_is_forwarded_and_comes_back_after_restarts() {
     let a = linux_guest::artifacts();
     let t = tempfile::tempdir().unwrap();
     let t = t.path();
-    ok(Command::new(bin("kimberlize"))
-        .args(["keygen", "-o"])
-        .arg(t.join("key")));
-    ok(Command::new(bin("kimberlize"))
-        .args(["base", "--qemu", "--memory", "256M", "--net", "user"])
-        // The machine may be shared with other QEMU guests (TCG where KVM
-        // is nested): more than the default 30 s to boot.
-        .args(["--timeout", "180", "--kernel"])
-        .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
-        .arg("-o")
-        .arg(t.join("base")));
-    std::fs::write(t.join("install.sh"), WEB_INSTALL).unwrap();
-    std::fs::write(t.join("resume.sh"), RESUME).unwrap();
-    ok(Command::new(bin("kimberlize"))
-        .args(["build", "-q", "--base"])
-        .arg(t.join("base"))
-        .arg("--install")
-        .arg(t.join("install.sh"))
-        .arg("--resume")
-        .arg(t.join("resume.sh"))
-        .arg("-k")
-        .arg(t.join("key"))
-        .arg("-o")
-        .arg(t.join("app.ovl")));
+    linux_web_app(t, &a.kernel, &a.initrd);
     let pki = Pki::new(t);
     let d = Daemon::start(t, &pki, &t.join("base"), &["--max-memory", "1G"]);
     let offload = |d: &Daemon, json: bool| {
@@ -216,7 +186,7 @@ fn a_linux_guests_port_is_forwarded_and_comes_back_after_restarts() {
     assert_ne!(web.port(), d.addr.port());
     assert!(forwards[1].host.port() != web.port());
     let body = http_get(web);
-    assert!(body.contains("kimberley-forwarded-app"), "{body}");
+    assert!(body.contains(WEB_MARKER), "{body}");
     // The session object says the same.
     let c = d.client(&pki.device_id());
     let s = c.session(&id).unwrap();
@@ -247,7 +217,7 @@ fn a_linux_guests_port_is_forwarded_and_comes_back_after_restarts() {
         "the same forwards after the restart"
     );
     let body = http_get(web);
-    assert!(body.contains("kimberley-forwarded-app"), "{body}");
+    assert!(body.contains(WEB_MARKER), "{body}");
     assert!(d.events("session.forward_moved").is_empty());
 
     // Another restart, and someone takes the web port meanwhile: the
@@ -270,7 +240,7 @@ fn a_linux_guests_port_is_forwarded_and_comes_back_after_restarts() {
     assert_eq!(m[0]["was"], web.to_string());
     assert_eq!(m[0]["now"], moved.to_string());
     let body = http_get(moved);
-    assert!(body.contains("kimberley-forwarded-app"), "{body}");
+    assert!(body.contains(WEB_MARKER), "{body}");
     drop(squatter);
     c.delete(&id, false).unwrap();
     assert!(d.session_dirs().is_empty());
@@ -284,7 +254,7 @@ fn a_linux_guests_port_is_forwarded_and_comes_back_after_restarts() {
         .unwrap_or_else(|| panic!("{out}"));
     let addr: SocketAddr = line.parse().unwrap();
     let body = http_get(addr);
-    assert!(body.contains("kimberley-forwarded-app"), "{body}");
+    assert!(body.contains(WEB_MARKER), "{body}");
     let id = out
         .lines()
         .find_map(|l| l.strip_prefix("session "))
