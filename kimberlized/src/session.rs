@@ -796,11 +796,40 @@ fn forwardable(base: &Base) -> Result<(), Refusal> {
 }
 
 /// Host ports on `addr` for session `s`'s guest ports: the ones it had
-/// before, where they are still free, else ports the kernel picks. Each
-/// is held by a listener until the VM takes it (dropped just before the
-/// restore: the backend binds them itself).
-fn assign(addr: IpAddr, s: &Session) -> Result<(Vec<Forward>, Vec<TcpListener>), Refusal> {
+/// before, where they are still free, else ports the kernel picks, other
+/// than those other sessions (running or suspended) hold or will ask for
+/// again. Each is held by a listener until the VM takes it (dropped just
+/// before the restore: the backend binds them itself).
+fn assign(
+    mgr: &Manager,
+    addr: IpAddr,
+    s: &Session,
+) -> Result<(Vec<Forward>, Vec<TcpListener>), Refusal> {
     let before = s.forwards();
+    let others: Vec<SocketAddr> = mgr
+        .table()
+        .sessions
+        .values()
+        .filter(|o| o.id != s.id)
+        .flat_map(|o| o.forwards())
+        .map(|f| f.host)
+        .collect();
+    let fresh = |guest: u16| -> Result<TcpListener, Refusal> {
+        let mut tries = 0;
+        loop {
+            let l = TcpListener::bind(SocketAddr::new(addr, 0)).map_err(|e| {
+                (
+                    Reason::Internal,
+                    format!("finding a free host port on {addr} for guest port {guest}: {e}"),
+                )
+            })?;
+            tries += 1;
+            match l.local_addr() {
+                Ok(a) if others.contains(&a) && tries < 16 => continue,
+                _ => return Ok(l),
+            }
+        }
+    };
     let mut forwards = Vec::new();
     let mut held = Vec::new();
     for &guest in &s.ports {
@@ -808,14 +837,9 @@ fn assign(addr: IpAddr, s: &Session) -> Result<(Vec<Forward>, Vec<TcpListener>),
             .iter()
             .find(|f| f.guest == guest && f.host.ip() == addr)
             .map(|f| f.host);
-        let l = match old.map(TcpListener::bind) {
+        let l = match old.filter(|a| !others.contains(a)).map(TcpListener::bind) {
             Some(Ok(l)) => l,
-            _ => TcpListener::bind(SocketAddr::new(addr, 0)).map_err(|e| {
-                (
-                    Reason::Internal,
-                    format!("finding a free host port on {addr} for guest port {guest}: {e}"),
-                )
-            })?,
+            _ => fresh(guest)?,
         };
         let host = l.local_addr().map_err(|e| {
             (
@@ -847,7 +871,7 @@ fn start_vm(
     session.set_state(State::Resuming);
     let dir = VmDir::open(vm).map_err(|e| (Reason::Internal, e.to_string()))?;
     let (forwards, held) = match mgr.forward_addr {
-        Some(addr) => assign(addr, session)?,
+        Some(addr) => assign(mgr, addr, session)?,
         None if session.ports.is_empty() => (Vec::new(), Vec::new()),
         None => {
             return Err((
