@@ -1,7 +1,7 @@
 //! The cloudlet daemon's API (docs/CLOUDLET.md, "The daemon's API"): HTTP
 //! heads read and parsed, Content-Length checked, JSON bodies and the
-//! DNS-SD TXT record's bases never panic; what parses re-encodes to
-//! itself. The first byte picks the parser.
+//! DNS-SD TXT record's bases and the `Kimberley-Ports` header never
+//! panic; what parses re-encodes to itself. The first byte picks the parser.
 #![no_main]
 
 use std::collections::HashMap;
@@ -22,6 +22,15 @@ where
     assert_eq!(again, v, "round trip");
 }
 
+/// A `Kimberley-Ports` value: what parses is within the caps and
+/// re-encodes to itself.
+fn ports(v: &str) {
+    let Ok(p) = api::parse_ports(v) else { return };
+    assert!(!p.is_empty() && p.len() <= api::MAX_PORTS, "ports over the cap");
+    assert!(api::check_ports(&p).is_ok(), "parsed ports fail the check");
+    assert_eq!(api::parse_ports(&api::ports_header(&p)), Ok(p), "round trip");
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     match mode % 4 {
@@ -34,6 +43,9 @@ fuzz_target!(|data: &[u8]| {
             let Ok(req) = http::parse_request(&head) else { return };
             let _ = req.content_length();
             let _ = (req.header(api::KEY_HEADER), req.header(api::FROM_HEADER));
+            if let Some(v) = req.header(api::PORTS_HEADER) {
+                ports(v);
+            }
         }
         1 => {
             // What the client does with the daemon's answer.
@@ -52,6 +64,10 @@ fuzz_target!(|data: &[u8]| {
             round_trip::<api::Info>(rest);
             round_trip::<api::SessionInfo>(rest);
             round_trip::<api::ErrorBody>(rest);
+            round_trip::<api::Forward>(rest);
+            if let Ok(v) = std::str::from_utf8(rest) {
+                ports(v);
+            }
         }
         _ => {
             // A TXT record: key=value strings separated by NUL.

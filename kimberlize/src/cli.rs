@@ -261,7 +261,13 @@ kimberlize offload --from registry.example.org/apps/office:v1 \\
 # Trust one cloudlet by its certificate's SHA-256 fingerprint, not a CA
 # (openssl x509 -in cloudlet.pem -noout -fingerprint -sha256 prints it):
 kimberlize offload app.ovl -k overlay.key --cloudlet 10.0.0.7:7466 \\
-    --cert device.pem --key device.key --pin \"$CLOUDLET_FINGERPRINT\"",
+    --cert device.pem --key device.key --pin \"$CLOUDLET_FINGERPRINT\"
+# A Linux guest's ssh and web server, reached through the cloudlet
+# (each forwarded address is printed once the guest answers):
+kimberlize offload abiword.ovl -k overlay.key \\
+    --cloudlet cloudlet1.example.org:7466 \\
+    --cert device.pem --key device.key --ca operator-ca.pem \\
+    --port 22 --port 8080",
     ),
     (
         "kimberlize cache",

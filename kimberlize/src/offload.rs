@@ -15,7 +15,7 @@ use kimberley_formats::apply::{Input, Opened};
 use kimberley_formats::crypto::keys::Secret;
 use kimberley_formats::crypto::ReadPolicy;
 use kimberley_formats::digest::from_hex;
-use kimberlized::api::{Progress, Reason};
+use kimberlized::api::{self, Forward, Progress, Reason};
 use kimberlized::client::{Client, ClientError};
 use kimberlized::discovery::{self, Found};
 use kimberlized::tls;
@@ -64,6 +64,12 @@ pub struct OffloadArgs {
     pub pin: Vec<tls::Pin>,
     #[command(flatten)]
     pub keys: KeyArgs,
+    /// A TCP port of the guest to reach from here (repeat for more, at
+    /// most 16): the cloudlet forwards a port of its own to it and this
+    /// command prints that address once the guest answers. Linux guests
+    /// under QEMU with a network card only; a microVM's session is refused.
+    #[arg(long = "port", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
     /// How long to browse for cloudlets without --cloudlet.
     #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
     pub discover_timeout: f64,
@@ -161,6 +167,9 @@ fn resolve(
 pub fn offload(a: OffloadArgs) -> Result<()> {
     let t0 = Instant::now();
     a.keys.check_stdin(false)?;
+    if !a.ports.is_empty() {
+        api::check_ports(&a.ports).map_err(|e| usage(format!("--port: {e}")))?;
+    }
     let key = match a.keys.secret()? {
         Some(Secret::Key(k)) => k,
         Some(Secret::Passphrase(_)) => {
@@ -202,7 +211,7 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
             let discovery_ms = ms(t0);
             let client = Client::new(cfg, addrs, tls::server_name(&name)?);
             let started = client
-                .start(&key, &mut open()?, len, show)
+                .start(&key, &mut open()?, len, &a.ports, show)
                 .map_err(client_error)?;
             (started, (client, label, discovery_ms), Some(len))
         }
@@ -210,7 +219,9 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
             let (addrs, name, label) = resolve(&a, None, t0)?;
             let discovery_ms = ms(t0);
             let client = Client::new(cfg, addrs, tls::server_name(&name)?);
-            let started = client.start_from(&key, r, show).map_err(client_error)?;
+            let started = client
+                .start_from(&key, r, &a.ports, show)
+                .map_err(client_error)?;
             (started, (client, label, discovery_ms), None)
         }
         (None, None) => return Err(usage("give an OVERLAY or --from REF")),
@@ -228,6 +239,24 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
         "first_answer_ms": discovery_ms + started.ready_ms,
     });
     let url = format!("https://{}/v1/sessions/{}", client.host(), started.session);
+    let mut got: Vec<u16> = started.forwards.iter().map(|f| f.guest).collect();
+    let mut want = a.ports.clone();
+    got.sort_unstable();
+    want.sort_unstable();
+    if got != want {
+        // A daemon that does not know the header (older than forwarded
+        // ports) starts the VM without them: not what was asked for.
+        let _ = client.delete(&started.session, false);
+        return Err(anyhow::anyhow!(
+            "the cloudlet forwarded guest ports {got:?}, not the {want:?} asked for (a kimberlized without forwarded ports?); session {} was discarded",
+            started.session
+        ));
+    }
+    let forwards: Vec<Forward> = started
+        .forwards
+        .iter()
+        .map(|f| reachable(f, started.peer))
+        .collect();
     if a.json {
         let out = versioned(
             JsonOutput::Offload,
@@ -238,12 +267,16 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
                 "url": url,
                 "overlay_bytes": len,
                 "from": a.from,
+                "forwards": forwards,
                 "times": times,
             }),
         )?;
         println!("{out}");
     } else {
         println!("session {} running on cloudlet {label}", started.session);
+        for f in &forwards {
+            println!("  guest port {}: {}", f.guest, f.host);
+        }
         println!("  control: POST {url}/{{status,exec,pause,resume,stop}}; DELETE {url} ends it");
         println!(
             "  times (ms from start): discovery {}, bind {}, transfer {}, synthesis {}, first answer {}",
@@ -251,6 +284,23 @@ pub fn offload(a: OffloadArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `f` as this device reaches it: an unspecified host address (the
+/// cloudlet forwards on all of its IPv4 addresses) becomes the IPv4
+/// address the daemon was reached at.
+fn reachable(f: &Forward, peer: Option<SocketAddr>) -> Forward {
+    let peer_v4 = peer.and_then(|p| match p.ip() {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(a) => a.to_ipv4_mapped(),
+    });
+    match peer_v4 {
+        Some(ip) if f.host.ip().is_unspecified() => Forward {
+            guest: f.guest,
+            host: SocketAddr::new(ip.into(), f.host.port()),
+        },
+        _ => *f,
+    }
 }
 
 /// A progress line for people.
@@ -271,8 +321,40 @@ fn describe(ev: &Progress) -> String {
             kimberley_cli::progress::bytes(*bytes)
         ),
         Progress::Synthesised { ms, .. } => format!("synthesised at {ms} ms"),
-        Progress::Resumed { ms } => format!("resumed at {ms} ms"),
-        Progress::Ready { ms } => format!("the guest answered at {ms} ms"),
+        Progress::Resumed { ms, .. } => format!("resumed at {ms} ms"),
+        Progress::Ready { ms, .. } => format!("the guest answered at {ms} ms"),
         Progress::Failed { error, .. } => format!("failed: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unspecified_forward_is_reached_at_the_cloudlets_address() {
+        let f = |host: &str| Forward {
+            guest: 22,
+            host: host.parse().unwrap(),
+        };
+        let at = |peer: &str| Some(peer.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            reachable(&f("0.0.0.0:4000"), at("192.0.2.5:7466")),
+            f("192.0.2.5:4000")
+        );
+        assert_eq!(
+            reachable(&f("0.0.0.0:4000"), at("[::ffff:192.0.2.5]:7466")),
+            f("192.0.2.5:4000")
+        );
+        // QEMU forwards IPv4 only: an IPv6 peer address would not lead there.
+        assert_eq!(
+            reachable(&f("0.0.0.0:4000"), at("[2001:db8::1]:7466")),
+            f("0.0.0.0:4000")
+        );
+        assert_eq!(
+            reachable(&f("10.0.0.1:4000"), at("192.0.2.5:7466")),
+            f("10.0.0.1:4000")
+        );
+        assert_eq!(reachable(&f("0.0.0.0:4000"), None), f("0.0.0.0:4000"));
     }
 }

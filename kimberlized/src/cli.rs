@@ -101,9 +101,30 @@ pub struct DaemonArgs {
     pub cache: kimberley_cli::oci::CacheArgs,
     #[command(flatten)]
     pub registry: kimberley_cli::oci::RegistryArgs,
+    /// The host address a session's forwarded guest ports listen on
+    /// (default: the --listen address; 0.0.0.0 when that is [::]). QEMU
+    /// forwards from IPv4 addresses only: a daemon listening on another
+    /// IPv6 address refuses ports without this option.
+    #[arg(long, value_name = "IPV4")]
+    pub forward_address: Option<std::net::Ipv4Addr>,
     /// Worker threads for synthesis (default: all cores).
     #[arg(long, short = 'j', value_name = "N")]
     pub threads: Option<usize>,
+}
+
+impl DaemonArgs {
+    /// Where forwarded ports listen: --forward-address, else the --listen
+    /// address if it is IPv4, 0.0.0.0 for an unspecified IPv6 one, none
+    /// for another IPv6 one (QEMU forwards from IPv4 only).
+    pub fn forward_addr(&self) -> Option<std::net::IpAddr> {
+        use std::net::{IpAddr, Ipv4Addr};
+        match (self.forward_address, self.listen.ip()) {
+            (Some(a), _) => Some(IpAddr::V4(a)),
+            (None, IpAddr::V4(a)) => Some(IpAddr::V4(a)),
+            (None, IpAddr::V6(a)) if a.is_unspecified() => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            (None, IpAddr::V6(a)) => a.to_ipv4_mapped().map(IpAddr::V4),
+        }
+    }
 }
 
 /// Example blocks of every command, shown verbatim by `--help` and in the
@@ -163,4 +184,62 @@ pub fn command() -> clap::Command {
 /// Parses the process's arguments.
 pub fn parse() -> Cli {
     kimberley_cli::help::parse(command())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn forward_addr(extra: &[&str]) -> Option<String> {
+        let mut argv = vec![
+            "kimberlized",
+            "--base",
+            "b",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--client-ca",
+            "ca",
+        ];
+        argv.extend(extra);
+        Cli::try_parse_from(argv)
+            .unwrap()
+            .daemon
+            .forward_addr()
+            .map(|a| a.to_string())
+    }
+
+    #[test]
+    fn forwarded_ports_listen_on_an_ipv4_address() {
+        assert_eq!(forward_addr(&[]).as_deref(), Some("0.0.0.0"));
+        assert_eq!(
+            forward_addr(&["--listen", "192.0.2.7:7466"]).as_deref(),
+            Some("192.0.2.7")
+        );
+        assert_eq!(
+            forward_addr(&["--listen", "[::ffff:192.0.2.7]:7466"]).as_deref(),
+            Some("192.0.2.7")
+        );
+        assert_eq!(forward_addr(&["--listen", "[::1]:7466"]), None);
+        assert_eq!(
+            forward_addr(&["--listen", "[::1]:7466", "--forward-address", "10.1.2.3"]).as_deref(),
+            Some("10.1.2.3")
+        );
+        assert!(Cli::try_parse_from([
+            "kimberlized",
+            "--base",
+            "b",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--client-ca",
+            "ca",
+            "--forward-address",
+            "::1"
+        ])
+        .is_err());
+    }
 }

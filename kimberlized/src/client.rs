@@ -12,7 +12,7 @@ use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::{self, ErrorBody, Info, Progress, SessionInfo};
+use crate::api::{self, ErrorBody, Forward, Info, Progress, SessionInfo};
 use crate::http::{self, HttpError};
 
 /// Longest JSON answer read.
@@ -73,6 +73,11 @@ pub struct Started {
     pub upload_ms: u64,
     /// The guest's first answer received (ms since the call).
     pub ready_ms: u64,
+    /// The guest ports forwarded, as the daemon reported them (its
+    /// `ready` line).
+    pub forwards: Vec<Forward>,
+    /// The daemon's address this session was made through.
+    pub peer: Option<SocketAddr>,
 }
 
 impl Client {
@@ -216,16 +221,18 @@ impl Client {
     }
 
     /// `POST /v1/sessions`: uploads `len` bytes of overlay from `overlay`
-    /// with `key`, then follows the progress until the guest answers
+    /// with `key`, asking for the guest `ports` to be forwarded (none:
+    /// `&[]`), then follows the progress until the guest answers
     /// (`on_event` sees each line as it comes).
     pub fn start(
         &self,
         key: &[u8; 32],
         overlay: &mut dyn Read,
         len: u64,
+        ports: &[u16],
         on_event: impl FnMut(&Progress),
     ) -> Result<Started, ClientError> {
-        self.begin(key, Ok((overlay, len)), on_event)
+        self.begin(key, Ok((overlay, len)), ports, on_event)
     }
 
     /// `POST /v1/sessions` for the chain `reference` names, which the
@@ -234,23 +241,30 @@ impl Client {
         &self,
         key: &[u8; 32],
         reference: &str,
+        ports: &[u16],
         on_event: impl FnMut(&Progress),
     ) -> Result<Started, ClientError> {
-        self.begin(key, Err(reference), on_event)
+        self.begin(key, Err(reference), ports, on_event)
     }
 
     fn begin(
         &self,
         key: &[u8; 32],
         source: Result<(&mut dyn Read, u64), &str>,
+        ports: &[u16],
         mut on_event: impl FnMut(&Progress),
     ) -> Result<Started, ClientError> {
         let t0 = Instant::now();
         let ms = || t0.elapsed().as_millis() as u64;
         let mut tls = self.connect()?;
         let bind_ms = ms();
+        let peer = tls.sock.peer_addr().ok();
         let key_hex = kimberley_formats::digest::hex(key);
+        let ports_value = api::ports_header(ports);
         let mut headers = vec![(api::KEY_HEADER, key_hex.as_str())];
+        if !ports.is_empty() {
+            headers.push((api::PORTS_HEADER, ports_value.as_str()));
+        }
         let len = match &source {
             Ok((_, len)) => {
                 headers.push(("Content-Type", api::OVERLAY));
@@ -306,7 +320,7 @@ impl Client {
                         body: ErrorBody { error, reason },
                     })
                 }
-                Progress::Ready { .. } => {
+                Progress::Ready { forwards, .. } => {
                     let session = session.ok_or_else(|| {
                         ClientError::Json(self.host.clone(), "ready before accepted".into())
                     })?;
@@ -316,6 +330,8 @@ impl Client {
                         bind_ms,
                         upload_ms,
                         ready_ms: ms(),
+                        forwards,
+                        peer,
                     });
                 }
                 _ => {}

@@ -55,6 +55,7 @@ fn daemon(a: cli::DaemonArgs) -> anyhow::Result<()> {
         threads,
         name.clone(),
         references,
+        a.forward_addr(),
     )?;
     let listener = std::net::TcpListener::bind(a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;

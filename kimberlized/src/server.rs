@@ -291,6 +291,14 @@ fn create(
             return Err(e);
         }
     };
+    let ports = match req.header(api::PORTS_HEADER).map(api::parse_ports) {
+        None => Vec::new(),
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            drain(r, len);
+            return Err(bad(e.to_string()));
+        }
+    };
     let reservation = match mgr.reserve() {
         Ok(res) => res,
         Err(e) => {
@@ -309,6 +317,7 @@ fn create(
             Some(r) => Source::Reference(r),
             None => Source::Upload(Upload::new(rx)),
         },
+        ports,
         cut: cut.clone(),
         t0,
     };

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,11 +20,11 @@ use kimberley_formats::digest::{hex, Digest};
 use kimberley_formats::fsutil;
 use kimberley_formats::progress::Progress as ApplyProgress;
 use kimberley_formats::vmdir::{total_size, VmDir};
-use kimberley_machine::{control, ControlSocket, RestoreOptions};
+use kimberley_machine::{control, ControlSocket, PortForward, RestoreOptions};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::api::{BaseInfo, Info, Limits, Progress, Reason, SessionInfo, State};
+use crate::api::{BaseInfo, Forward, Info, Limits, Progress, Reason, SessionInfo, State};
 use crate::log;
 
 /// A refusal or failure: the reason and its sentence.
@@ -80,6 +81,11 @@ pub struct Session {
     pub memory: u64,
     /// Launch VM size, bytes.
     pub disk: u64,
+    /// The guest ports it asked for.
+    pub ports: Vec<u16>,
+    /// Their forwards: those of the running VM, or (not running) the last
+    /// ones it had, which a resume asks for again.
+    forwards: Mutex<Vec<Forward>>,
     state: Mutex<State>,
     changed: Condvar,
     /// Set to end the control server (the VM then suspends or is discarded).
@@ -96,6 +102,12 @@ struct Record {
     base: String,
     memory: u64,
     disk: u64,
+    /// The guest ports asked for.
+    #[serde(default)]
+    ports: Vec<u16>,
+    /// Their last forwards (taken again at a resume where still free).
+    #[serde(default)]
+    forwards: Vec<Forward>,
     /// True once the VM was suspended cleanly into `vm/`.
     suspended: bool,
 }
@@ -103,13 +115,28 @@ struct Record {
 impl Session {
     /// What the API shows of it.
     pub fn info(&self) -> SessionInfo {
+        let state = self.state();
         SessionInfo {
             id: self.id.clone(),
-            state: self.state(),
+            state,
             base: self.base.clone(),
             memory: self.memory,
             disk: self.disk,
+            ports: self.ports.clone(),
+            forwards: if state == State::Running {
+                self.forwards()
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    /// Its forwards (see the field).
+    fn forwards(&self) -> Vec<Forward> {
+        self.forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Its current state.
@@ -139,6 +166,8 @@ impl Session {
             base: self.base.clone(),
             memory: self.memory,
             disk: self.disk,
+            ports: self.ports.clone(),
+            forwards: self.forwards(),
             suspended,
         };
         let f =
@@ -173,6 +202,9 @@ pub struct Manager {
     threads: usize,
     table: Mutex<Table>,
     name: String,
+    /// The host address forwarded ports listen on (none: no IPv4 address
+    /// to forward from, ports are refused).
+    forward_addr: Option<IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -231,7 +263,9 @@ fn private_dir(p: &Path) -> io::Result<()> {
 impl Manager {
     /// Opens the state directory (0700; sessions a previous run suspended
     /// are listed again, anything else a previous run left is removed)
-    /// and the bases (their identities computed now).
+    /// and the bases (their identities computed now). Guest ports are
+    /// forwarded from `forward_addr` (none: sessions asking for ports are
+    /// refused).
     pub fn open(
         state_dir: &Path,
         bases: &[PathBuf],
@@ -239,6 +273,7 @@ impl Manager {
         threads: usize,
         name: String,
         references: References,
+        forward_addr: Option<IpAddr>,
     ) -> Result<Arc<Manager>, SetupError> {
         let sd = |e| SetupError::StateDir(state_dir.to_path_buf(), e);
         private_dir(state_dir).map_err(sd)?;
@@ -261,6 +296,7 @@ impl Manager {
             table: Mutex::new(Table::default()),
             name,
             references,
+            forward_addr,
         };
         for e in std::fs::read_dir(&sessions).map_err(sd)?.flatten() {
             let dir = e.path();
@@ -347,6 +383,7 @@ impl Manager {
         base: &Base,
         memory: u64,
         disk: u64,
+        ports: Vec<u16>,
     ) -> Result<Arc<Session>, Refusal> {
         use kimberley_cli::run::human_size;
         let mut t = self.table();
@@ -389,6 +426,8 @@ impl Manager {
             base: hex(&base.identity),
             memory,
             disk,
+            ports,
+            forwards: Mutex::new(Vec::new()),
             state: Mutex::new(State::Synthesising),
             changed: Condvar::new(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -481,6 +520,9 @@ fn kept(dir: &Path) -> Option<Session> {
     if !r.suspended || r.id != name {
         return None;
     }
+    if !r.ports.is_empty() && crate::api::check_ports(&r.ports).is_err() {
+        return None;
+    }
     VmDir::open(&dir.join(VM)).ok()?;
     Some(Session {
         id: r.id,
@@ -489,6 +531,8 @@ fn kept(dir: &Path) -> Option<Session> {
         base: r.base,
         memory: r.memory,
         disk: r.disk,
+        ports: r.ports,
+        forwards: Mutex::new(r.forwards),
         state: Mutex::new(State::Suspended),
         changed: Condvar::new(),
         stop: Arc::new(AtomicBool::new(false)),
@@ -585,6 +629,8 @@ pub struct NewSession {
     pub reservation: Reservation,
     /// The overlay.
     pub source: Source,
+    /// The guest ports to forward (checked with [`crate::api::check_ports`]).
+    pub ports: Vec<u16>,
     /// Set by the connection when the upload was cut.
     pub cut: Arc<AtomicBool>,
     /// When the request was accepted.
@@ -622,14 +668,17 @@ pub fn run(mgr: Arc<Manager>, new: NewSession, events: SyncSender<Progress>) {
             return failed((Reason::Internal, format!("binding the control socket: {e}")));
         }
     };
-    match start_vm(&session, &vm, t0, &events) {
+    match start_vm(&mgr, &session, &vm, t0, &events) {
         Ok(machine) => {
             session.set_state(State::Running);
             log::info(
                 "session.ready",
                 json!({"session": session.id, "client": session.owner, "ms": ms(t0)}),
             );
-            let _ = events.send(Progress::Ready { ms: ms(t0) });
+            let _ = events.send(Progress::Ready {
+                ms: ms(t0),
+                forwards: session.forwards(),
+            });
             drop(events);
             serve(&mgr, &session, &vm, machine, sock);
         }
@@ -675,9 +724,18 @@ fn synthesise(
                 "the overlay was made from a base VM this cloudlet does not hold".to_string(),
             )
         })?;
+    if !new.ports.is_empty() {
+        forwardable(base)?;
+        if mgr.forward_addr.is_none() {
+            return Err((
+                Reason::Ports,
+                "this cloudlet forwards no ports: it listens on an IPv6 address and QEMU forwards from IPv4 ones only (kimberlized --forward-address)".into(),
+            ));
+        }
+    }
     let launch = opened.manifest.launch_manifest();
     let (memory, disk) = (launch.memory_size(), total_size(&launch.components));
-    let session = mgr.admit(new.reservation, &new.owner, base, memory, disk)?;
+    let session = mgr.admit(new.reservation, &new.owner, base, memory, disk, new.ports)?;
     log::info(
         "session.accepted",
         json!({"session": session.id, "client": session.owner, "base": session.base, "memory": memory, "disk": disk}),
@@ -716,7 +774,95 @@ fn synthesise(
     }
 }
 
+/// Refuses guest ports for a VM on `base` unless it is a QEMU machine with
+/// a network card (the only kind whose ports the backend forwards).
+fn forwardable(base: &Base) -> Result<(), Refusal> {
+    let refuse = |what: &str| {
+        Err((
+            Reason::Ports,
+            format!("guest ports cannot be forwarded into this VM: {what} (only Linux guests under QEMU with a network card, `kimberlize base --qemu --net user`, have forwarded ports)"),
+        ))
+    };
+    match &base.dir.manifest.machine {
+        None => refuse("its base is a microVM"),
+        Some(m) if m.backend != "qemu" => {
+            refuse(&format!("its base runs on the {} backend", m.backend))
+        }
+        Some(m) if !m.devices.iter().any(|d| d.starts_with("virtio-net")) => {
+            refuse("its base has no network card")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Host ports on `addr` for session `s`'s guest ports: the ones it had
+/// before, where they are still free, else ports the kernel picks, other
+/// than those other sessions (running or suspended) hold or will ask for
+/// again. Each is held by a listener until the VM takes it (dropped just
+/// before the restore: the backend binds them itself).
+fn assign(
+    mgr: &Manager,
+    addr: IpAddr,
+    s: &Session,
+) -> Result<(Vec<Forward>, Vec<TcpListener>), Refusal> {
+    let before = s.forwards();
+    let others: Vec<SocketAddr> = mgr
+        .table()
+        .sessions
+        .values()
+        .filter(|o| o.id != s.id)
+        .flat_map(|o| o.forwards())
+        .map(|f| f.host)
+        .collect();
+    let fresh = |guest: u16| -> Result<TcpListener, Refusal> {
+        let mut tries = 0;
+        loop {
+            let l = TcpListener::bind(SocketAddr::new(addr, 0)).map_err(|e| {
+                (
+                    Reason::Internal,
+                    format!("finding a free host port on {addr} for guest port {guest}: {e}"),
+                )
+            })?;
+            tries += 1;
+            match l.local_addr() {
+                Ok(a) if others.contains(&a) && tries < 16 => continue,
+                _ => return Ok(l),
+            }
+        }
+    };
+    let mut forwards = Vec::new();
+    let mut held = Vec::new();
+    for &guest in &s.ports {
+        let old = before
+            .iter()
+            .find(|f| f.guest == guest && f.host.ip() == addr)
+            .map(|f| f.host);
+        let l = match old.filter(|a| !others.contains(a)).map(TcpListener::bind) {
+            Some(Ok(l)) => l,
+            _ => fresh(guest)?,
+        };
+        let host = l.local_addr().map_err(|e| {
+            (
+                Reason::Internal,
+                format!("the forwarded port's address: {e}"),
+            )
+        })?;
+        if let Some(old) = before.iter().find(|f| f.guest == guest) {
+            if old.host != host {
+                log::warn(
+                    "session.forward_moved",
+                    json!({"session": s.id, "guest": guest, "was": old.host, "now": host}),
+                );
+            }
+        }
+        forwards.push(Forward { guest, host });
+        held.push(l);
+    }
+    Ok((forwards, held))
+}
+
 fn start_vm(
+    mgr: &Manager,
     session: &Session,
     vm: &Path,
     t0: Instant,
@@ -724,10 +870,42 @@ fn start_vm(
 ) -> Result<Box<dyn kimberley_machine::Machine>, Refusal> {
     session.set_state(State::Resuming);
     let dir = VmDir::open(vm).map_err(|e| (Reason::Internal, e.to_string()))?;
-    let mut machine = kimberley_cli::machines::restore(&dir, RestoreOptions::in_place())
+    let (forwards, held) = match mgr.forward_addr {
+        Some(addr) => assign(mgr, addr, session)?,
+        None if session.ports.is_empty() => (Vec::new(), Vec::new()),
+        None => {
+            return Err((
+                Reason::Ports,
+                "this cloudlet forwards no ports (kimberlized --forward-address)".into(),
+            ))
+        }
+    };
+    let opts = RestoreOptions {
+        forwards: forwards
+            .iter()
+            .map(|f| PortForward {
+                host_addr: f.host.ip(),
+                host_port: f.host.port(),
+                guest_port: f.guest,
+            })
+            .collect(),
+        ..RestoreOptions::in_place()
+    };
+    *session.forwards.lock().unwrap_or_else(|e| e.into_inner()) = forwards.clone();
+    drop(held);
+    let mut machine = kimberley_cli::machines::restore(&dir, opts)
         .map_err(|e| (Reason::Vm, format!("resuming the launch VM: {e:#}")))?;
     machine.set_interrupt(session.stop.clone());
-    let _ = events.send(Progress::Resumed { ms: ms(t0) });
+    if !forwards.is_empty() {
+        log::info(
+            "session.forwards",
+            json!({"session": session.id, "forwards": forwards}),
+        );
+    }
+    let _ = events.send(Progress::Resumed {
+        ms: ms(t0),
+        forwards,
+    });
     machine
         .agent()
         .ping(FIRST_ANSWER)
@@ -853,24 +1031,46 @@ pub fn revive(mgr: &Arc<Manager>, s: &Arc<Session>) -> Result<(), Refusal> {
         Err(e) => return fail((Reason::Internal, format!("binding the control socket: {e}"))),
     };
     let vm = s.dir.join(VM);
-    // Nobody reads these: the request's answer says how it went.
-    let (events, _ignored) = std::sync::mpsc::sync_channel(8);
-    let t0 = Instant::now();
-    match start_vm(s, &vm, t0, &events) {
-        Ok(machine) => {
-            s.set_state(State::Running);
-            log::info(
-                "session.ready",
-                json!({"session": s.id, "client": s.owner, "ms": ms(t0), "revived": true}),
-            );
-            let (mgr, s) = (mgr.clone(), s.clone());
-            std::thread::spawn(move || serve(&mgr, &s, &vm, machine, sock));
-            Ok(())
-        }
-        Err(r) => {
-            drop(sock);
-            fail(r)
-        }
+    // The VM starts and runs on a thread of its own, which serves it until
+    // it stops: a QEMU guest dies with the thread that started it
+    // (PR_SET_PDEATHSIG), and this request's thread ends with its answer.
+    let (done, started) = std::sync::mpsc::sync_channel::<Result<(), Refusal>>(1);
+    let (m, session) = (mgr.clone(), s.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("session-{}", s.id))
+        .spawn(move || {
+            // Nobody reads these: the request's answer says how it went.
+            let (events, _ignored) = std::sync::mpsc::sync_channel(8);
+            let t0 = Instant::now();
+            match start_vm(&m, &session, &vm, t0, &events) {
+                Ok(machine) => {
+                    session.set_state(State::Running);
+                    log::info(
+                        "session.ready",
+                        json!({"session": session.id, "client": session.owner, "ms": ms(t0), "revived": true}),
+                    );
+                    let _ = done.send(Ok(()));
+                    serve(&m, &session, &vm, machine, sock);
+                }
+                Err(r) => {
+                    drop(sock);
+                    let _ = done.send(Err(r));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        return fail((
+            Reason::Internal,
+            format!("starting the session's thread: {e}"),
+        ));
+    }
+    match started.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(r)) => fail(r),
+        Err(_) => fail((
+            Reason::Internal,
+            "the session's thread ended before its VM answered".into(),
+        )),
     }
 }
 

@@ -384,6 +384,110 @@ fn limits_refuse_before_anything_starts() {
 }
 
 #[test]
+fn ports_are_refused_for_a_microvm_and_checked_before_anything_starts() {
+    if !kvm() {
+        return;
+    }
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    app(t);
+    let pki = Pki::new(t);
+    let d = Daemon::start(t, &pki, &t.join("base"), &[]);
+    // The client checks its own --port list.
+    for bad in [&["--port", "0"][..], &["--port", "22", "--port", "22"]] {
+        let o = Command::new(bin("kimberlize"))
+            .arg("offload")
+            .arg(t.join("app.ovl"))
+            .args(["-k"])
+            .arg(t.join("key"))
+            .args(["--cloudlet", &d.addr.to_string(), "--cert"])
+            .arg(&pki.device.0)
+            .arg("--key")
+            .arg(&pki.device.1)
+            .arg("--ca")
+            .arg(&pki.ca.pem)
+            .args(bad)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(d.events("request").is_empty());
+    // A microVM has no ports to forward: refused once the header names
+    // its base, before a session exists.
+    let o = Command::new(bin("kimberlize"))
+        .arg("offload")
+        .arg(t.join("app.ovl"))
+        .args(["-k"])
+        .arg(t.join("key"))
+        .args(["--cloudlet", &d.addr.to_string(), "--cert"])
+        .arg(&pki.device.0)
+        .arg("--key")
+        .arg(&pki.device.1)
+        .arg("--ca")
+        .arg(&pki.ca.pem)
+        .args(["--port", "8080"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("\"ports\"") && err.contains("microVM"),
+        "{err}"
+    );
+    assert!(d.session_dirs().is_empty());
+    assert!(d.events("session.accepted").is_empty());
+    let refused = d.events("session.refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["reason"], "ports");
+    // The daemon checks the header itself: values a client should not
+    // send are refused with 400 before the body is looked at.
+    let c = d.client(&pki.device_id());
+    let key = kimberley_formats::digest::hex(&key_of(t));
+    for bad in [
+        "0",
+        "22,22",
+        "65536",
+        "80;22",
+        "",
+        "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17",
+    ] {
+        let mut tls = c.connect().unwrap();
+        let head = kimberlized::http::request_head(
+            "POST",
+            "/v1/sessions",
+            "127.0.0.1",
+            &[
+                (kimberlized::api::KEY_HEADER, key.as_str()),
+                (kimberlized::api::PORTS_HEADER, bad),
+            ],
+            Some(4),
+        );
+        tls.write_all(&head).unwrap();
+        tls.write_all(b"KIMB").unwrap();
+        tls.flush().unwrap();
+        let mut r = std::io::BufReader::new(tls);
+        let h = kimberlized::http::read_head(&mut r).unwrap().unwrap();
+        let resp = kimberlized::http::parse_response(&h).unwrap();
+        assert_eq!(resp.status, 400, "{bad:?}");
+        let mut body = Vec::new();
+        let _ = r.read_to_end(&mut body);
+        let e: kimberlized::api::ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e.reason, Reason::BadRequest, "{bad:?}");
+        assert!(e.error.contains("Kimberley-Ports"), "{bad:?}: {}", e.error);
+    }
+    assert!(d.session_dirs().is_empty());
+    assert!(d.events("session.accepted").is_empty());
+}
+
+#[test]
 fn two_sessions_at_once() {
     if !kvm() {
         return;

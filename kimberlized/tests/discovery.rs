@@ -1,9 +1,13 @@
 //! DNS-SD between two network namespaces joined by a veth pair (needs
 //! root and `ip`): the device finds the cloudlet holding its overlay's
 //! base within 2 s and runs it there; an advertisement never makes a
-//! cloudlet trusted.
+//! cloudlet trusted; a Linux guest's forwarded port is reached from the
+//! device's namespace.
 
 mod common;
+
+#[path = "../../qemu/tests/common/guest.rs"]
+mod linux_guest;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -224,4 +228,93 @@ fn an_advertisement_does_not_make_a_cloudlet_trusted() {
         "{err}"
     );
     assert!(d.events("request").is_empty(), "{}", d.proc.stderr());
+}
+
+#[test]
+fn a_linux_guests_forwarded_port_is_reached_from_the_device() {
+    if !kimberley_qemu::qemu_for_tests() || !root() {
+        return;
+    }
+    let _g = serial();
+    let _slot = linux_guest::qemu_slot();
+    let a = linux_guest::artifacts();
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    linux_web_app(t, &a.kernel, &a.initrd);
+    let pki = Pki::new(t);
+    let net = Net::new();
+    // Listening on every address: forwards too (0.0.0.0), which the
+    // client turns into the address it dialled.
+    let mut c = Net::exec(&net.cloudlet, &bin("kimberlized"));
+    c.args(["--listen", "[::]:0", "--no-mdns", "--max-memory", "1G"])
+        .arg("--state-dir")
+        .arg(t.join("state"))
+        .arg("--base")
+        .arg(t.join("base"))
+        .arg("--cert")
+        .arg(&pki.server.0)
+        .arg("--key")
+        .arg(&pki.server.1)
+        .arg("--client-ca")
+        .arg(&pki.ca.pem);
+    let d = Daemon::spawn(&mut c, t);
+    let cloudlet = format!("10.77.0.1:{}", d.addr.port());
+    let o = Net::exec(&net.device, &bin("kimberlize"))
+        .arg("offload")
+        .arg(t.join("app.ovl"))
+        .arg("-k")
+        .arg(t.join("key"))
+        .args(["--cloudlet", &cloudlet])
+        .arg("--cert")
+        .arg(&pki.device.0)
+        .arg("--key")
+        .arg(&pki.device.1)
+        .arg("--ca")
+        .arg(&pki.ca.pem)
+        .args(["--port", "8080", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let host = v["forwards"][0]["host"].as_str().unwrap().to_string();
+    assert_eq!(v["forwards"][0]["guest"], 8080, "{v}");
+    assert!(host.starts_with("10.77.0.1:"), "{v}");
+    let said = d.events("session.forwards");
+    assert!(
+        said[0]["forwards"][0]["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("0.0.0.0:"),
+        "{said:?}"
+    );
+    // The guest's web server answers the device, across the veth.
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = Net::exec(&net.device, Path::new("wget"))
+            .args(["-q", "-T", "10", "-O", "-", &format!("http://{host}/")])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&got.stdout);
+        if body.contains(WEB_MARKER) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no answer from {host}: {body} {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The session's VM suspends with the daemon.
+    let mut d = d;
+    d.proc.signal(libc::SIGTERM);
+    assert!(d.proc.wait_exit(Duration::from_secs(120)).success());
+    assert_eq!(d.events("session.suspended").len(), 1);
 }

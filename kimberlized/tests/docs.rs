@@ -51,5 +51,5 @@ fn the_error_table_is_the_apis() {
             rows += 1;
         }
     }
-    assert_eq!(rows, 14, "every reason has a row");
+    assert_eq!(rows, 15, "every reason has a row");
 }

@@ -236,5 +236,54 @@ pub fn key_of(dir: &Path) -> [u8; 32] {
     k
 }
 
+/// What the web app of [`linux_web_app`] serves on its guest port 8080.
+pub const WEB_MARKER: &str = "kimberley-forwarded-app";
+
+/// In `dir`: `key`, `base` (a Linux guest under QEMU from `kernel` and
+/// `initrd`, 256 MiB, user networking) and `app.ovl`, whose launch VM runs
+/// busybox httpd on port 8080 serving [`WEB_MARKER`].
+pub fn linux_web_app(dir: &Path, kernel: &Path, initrd: &Path) {
+    let ok = |c: &mut Command| {
+        let o = c.stdin(std::process::Stdio::null()).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    ok(Command::new(bin("kimberlize"))
+        .args(["keygen", "-o"])
+        .arg(dir.join("key")));
+    ok(Command::new(bin("kimberlize"))
+        .args(["base", "--qemu", "--memory", "256M", "--net", "user"])
+        // The machine may be shared with other QEMU guests (TCG where KVM
+        // is nested): more than the default 30 s to boot.
+        .args(["--timeout", "180", "--kernel"])
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("-o")
+        .arg(dir.join("base")));
+    std::fs::write(
+        dir.join("install.sh"),
+        format!(
+            "set -e\nmkdir -p /www\necho {WEB_MARKER} > /www/index.html\nhttpd -p 8080 -h /www\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("resume.sh"), "sleep 1\n").unwrap();
+    ok(Command::new(bin("kimberlize"))
+        .args(["build", "-q", "--base"])
+        .arg(dir.join("base"))
+        .arg("--install")
+        .arg(dir.join("install.sh"))
+        .arg("--resume")
+        .arg(dir.join("resume.sh"))
+        .arg("-k")
+        .arg(dir.join("key"))
+        .arg("-o")
+        .arg(dir.join("app.ovl")));
+}
+
 /// Shared log, for tests that collect output from threads.
 pub type Shared<T> = Arc<Mutex<T>>;
