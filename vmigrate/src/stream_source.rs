@@ -361,18 +361,35 @@ fn stream_and_switch(
         initrd_size: sizes.get(1).copied().unwrap_or(0),
         spec: vm.description(),
     })))?;
-    // Round 0: the boot files (the receiver starts its QEMU on them).
+    // Round 0: the boot files (the receiver starts its QEMU on them):
+    // with shared disks, where they are (they are shared as the disks
+    // are); otherwise their bytes.
     let t = Instant::now();
     let b0 = s.writer.bytes();
-    for (j, (f, &size)) in boot.iter().zip(&sizes).enumerate() {
-        let idx = disk_chunks(f, size);
-        s.send_chunks(
-            &Source::Disk(f),
-            (1 + ndisks + j) as u32,
-            &idx,
-            true,
-            &mut |_, _| {},
-        )?;
+    if p.shared_disk {
+        let path = |f: &std::fs::File| -> Result<String> {
+            let p = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                .context("resolving a boot file's path")?;
+            p.to_str()
+                .filter(|p| p.starts_with('/') && !p.ends_with(" (deleted)"))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("a boot file's path ({}) cannot be shared", p.display()))
+        };
+        s.send_msg(Message::BootFiles {
+            kernel: path(&boot[0])?,
+            initrd: boot.get(1).map(path).transpose()?.unwrap_or_default(),
+        })?;
+    } else {
+        for (j, (f, &size)) in boot.iter().zip(&sizes).enumerate() {
+            let idx = disk_chunks(f, size);
+            s.send_chunks(
+                &Source::Disk(f),
+                (1 + ndisks + j) as u32,
+                &idx,
+                true,
+                &mut |_, _| {},
+            )?;
+        }
     }
     s.send_msg(Message::RoundEnd(0))?;
     s.writer.flush()?;
@@ -452,6 +469,7 @@ fn stream_and_switch(
     let mem = vm.memory_file().map_err(|e| anyhow!("{e}"))?;
     let size = vm.memory_size();
     let ours = crate::sums::file_sums(&mem, size).context("hashing guest memory")?;
+    let hash_ms = ms_since(t_check);
     let mut theirs: Vec<[u8; SUM_LEN]> = Vec::with_capacity(ours.len());
     while theirs.len() < ours.len() {
         match s.wait_msg(Duration::from_secs(60), true)? {
@@ -498,6 +516,7 @@ fn stream_and_switch(
             "stream_bytes": raw,
             "boot_files": boot_round,
             "memory_check_ms": r3(check_ms),
+            "memory_hash_ms": r3(hash_ms),
             "repaired_pages": repair.len(),
         },
         "bytes_on_wire": wire_bytes,
