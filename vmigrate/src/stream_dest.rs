@@ -43,21 +43,39 @@ fn chunks_target(body: &[u8]) -> Result<u32> {
 /// Digests of components (kind, index) computed from their final contents.
 type Known = Vec<(Kind, usize, [u8; 32])>;
 
-/// Digests the received memory (unless repairs will change it), the
-/// shared disks and the boot files: once QEMU has loaded the stream they
-/// are final (the source is paused, its disks flushed), so this runs
-/// while the sender checks the memory instead of after COMMIT.
-fn digest_ahead(files: Vec<(Kind, usize, std::fs::File)>) -> Result<Known> {
-    use rayon::prelude::*;
-    files
-        .into_par_iter()
-        .map(|(kind, i, f)| {
-            let size = f.metadata().context("stat of a received file")?.len();
-            let d = kimberley_formats::vmdir::dir::digest_file(&f, size)
-                .with_context(|| format!("digesting {}", file_name(kind, i)))?;
-            Ok((kind, i, d))
-        })
-        .collect()
+/// Digests, on a thread, the targets `which` (indices into `targets`, of
+/// which `nd` are disks) once they are final, so that COMMIT finds them
+/// done: the boot files at the end of round 0, the shared disks at the
+/// stream's end (the source is paused, its disks flushed), the memory
+/// once QEMU has loaded it (digested again at COMMIT if repairs rewrite
+/// pages).
+fn digest_ahead(
+    targets: &[Target],
+    nd: usize,
+    which: std::ops::Range<usize>,
+) -> Result<std::thread::JoinHandle<Result<Known>>> {
+    let mut files = Vec::new();
+    for j in which.filter(|&j| j < targets.len()) {
+        let (kind, i) = match j {
+            0 => (Kind::Memory, 0),
+            j if j <= nd => (Kind::Disk, j - 1),
+            j if j == nd + 1 => (Kind::Kernel, 0),
+            _ => (Kind::Initrd, 0),
+        };
+        files.push((kind, i, clone(&targets[j], "a received file")?));
+    }
+    Ok(std::thread::spawn(move || {
+        use rayon::prelude::*;
+        files
+            .into_par_iter()
+            .map(|(kind, i, f)| {
+                let size = f.metadata().context("stat of a received file")?.len();
+                let d = kimberley_formats::vmdir::dir::digest_file(&f, size)
+                    .with_context(|| format!("digesting {}", file_name(kind, i)))?;
+                Ok((kind, i, d))
+            })
+            .collect()
+    }))
 }
 
 /// Everything received up to COMMIT: QEMU has been fed the whole stream.
@@ -194,7 +212,7 @@ pub(crate) fn prepare(
     // The stream ended and SUMS went out: only repairs of memory (CHUNKS
     // of target 0) and COMMIT may follow.
     let mut summed = false;
-    let mut ahead: Option<std::thread::JoinHandle<Result<Known>>> = None;
+    let mut ahead: Vec<std::thread::JoinHandle<Result<Known>>> = Vec::new();
     let mut repaired = false;
     let (mut rounds, mut bytes) = (0u32, 0u64);
     loop {
@@ -225,6 +243,7 @@ pub(crate) fn prepare(
                 // memory is hashed for the sender to check.
                 let t = Instant::now();
                 drop(feed.take());
+                ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
@@ -238,17 +257,7 @@ pub(crate) fn prepare(
                 }
                 load_us = t.elapsed().as_micros() as u64;
                 summed = true;
-                let mut files = Vec::new();
-                for (j, t) in targets.iter().enumerate() {
-                    let (kind, i) = match j {
-                        0 => (Kind::Memory, 0),
-                        j if j <= nd => (Kind::Disk, j - 1),
-                        j if j == nd + 1 => (Kind::Kernel, 0),
-                        _ => (Kind::Initrd, 0),
-                    };
-                    files.push((kind, i, clone(t, "a received file")?));
-                }
-                ahead = Some(std::thread::spawn(move || digest_ahead(files)));
+                ahead.push(digest_ahead(&targets, nd, 0..1)?);
             }
             Message::RoundEnd(0) if qemu.is_none() => {
                 let t = Instant::now();
@@ -272,6 +281,7 @@ pub(crate) fn prepare(
                     .context("configuring the migration socket")?;
                 qemu = Some(machine);
                 feed = Some(sock);
+                ahead.push(digest_ahead(&targets, nd, nd + 1..nd + 3)?);
                 rounds += 1;
                 tx.send(Message::RoundAck(RoundAck {
                     round: 0,
@@ -294,11 +304,13 @@ pub(crate) fn prepare(
             Message::Commit if summed => {
                 let t = Instant::now();
                 apply(&mut targets, &mut pending)?;
-                let mut known = ahead
-                    .take()
-                    .expect("digests started with the SUMS")
-                    .join()
-                    .map_err(|_| anyhow!("the digesting thread panicked"))??;
+                let mut known = Known::new();
+                for h in ahead.drain(..) {
+                    known.extend(
+                        h.join()
+                            .map_err(|_| anyhow!("a digesting thread panicked"))??,
+                    );
+                }
                 if repaired {
                     // Pages were rewritten: the memory is digested at commit.
                     known.retain(|k| k.0 != Kind::Memory);

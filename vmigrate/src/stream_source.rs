@@ -216,6 +216,7 @@ fn watch(
     writer: &Writer,
     deadline: Instant,
     done: &dyn Fn() -> bool,
+    paused: &std::sync::mpsc::Sender<()>,
 ) -> Result<Watched> {
     let mut rounds: Vec<Round> = Vec::new();
     let mut cur = StreamStatus {
@@ -233,6 +234,7 @@ fn watch(
     let mut t_pause: Option<Instant> = None;
     let mut max_throttle = 0u32;
     let mut switched = false;
+    let mut signalled = false;
     let mut ended: Option<Instant> = None;
     loop {
         let finished = done();
@@ -273,6 +275,14 @@ fn watch(
         }
         if let Some(at) = vm.stream_paused_at() {
             t_pause = Some(instant_of(at));
+        }
+        if !matches!(st.phase, StreamPhase::Active | StreamPhase::Failed(_)) {
+            t_pause.get_or_insert_with(Instant::now);
+        }
+        if t_pause.is_some() && !signalled {
+            // The guest is paused: its memory is final from now on.
+            let _ = paused.send(());
+            signalled = true;
         }
         match &st.phase {
             StreamPhase::Active => {}
@@ -416,9 +426,32 @@ fn stream_and_switch(
     let raw = AtomicU64::new(0);
     let deadline = s.deadline;
     let (tx, writer, io) = (&mut s.tx, &s.writer, &mut *s.io);
-    let w = std::thread::scope(|sc| {
+    // The memory check's hashing of this side starts as soon as the guest
+    // is paused (its memory is final then), while QEMU's last round and
+    // device state still cross the link and the receiver loads them.
+    let mem = vm.memory_file().map_err(|e| anyhow!("{e}"))?;
+    let size = vm.memory_size();
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (w, early) = std::thread::scope(|sc| {
+        let mem = &mem;
+        let hasher = sc.spawn(move || {
+            paused_rx.recv().ok()?;
+            let t = Instant::now();
+            Some((crate::sums::file_sums(mem, size), ms_since(t)))
+        });
         let pump_thread = sc.spawn(|| pump(sock, tx, writer, &halt, &raw));
-        let r = watch(vm, p, io, writer, deadline, &|| pump_thread.is_finished());
+        let paused_tx = paused_tx;
+        let r = watch(
+            vm,
+            p,
+            io,
+            writer,
+            deadline,
+            &|| pump_thread.is_finished(),
+            &paused_tx,
+        );
+        drop(paused_tx);
+        let early = hasher.join().ok().flatten();
         if r.is_err() {
             // Stop the carrying: QEMU's migration cancelled closes its end;
             // a writer stuck on a slow link drops what is queued.
@@ -437,7 +470,7 @@ fn stream_and_switch(
             .unwrap_or_else(|_| Err(anyhow!("the stream's thread panicked")));
         let w = r?;
         pumped?;
-        Ok::<_, anyhow::Error>(w)
+        Ok::<_, anyhow::Error>((w, early))
     })?;
     let Watched {
         fin,
@@ -466,10 +499,13 @@ fn stream_and_switch(
     s.send_msg(Message::RoundEnd(1))?;
     s.writer.flush()?;
     let t_check = Instant::now();
-    let mem = vm.memory_file().map_err(|e| anyhow!("{e}"))?;
-    let size = vm.memory_size();
-    let ours = crate::sums::file_sums(&mem, size).context("hashing guest memory")?;
-    let hash_ms = ms_since(t_check);
+    let (ours, hash_ms) = match early {
+        Some((sums, ms)) => (sums.context("hashing guest memory")?, ms),
+        None => (
+            crate::sums::file_sums(&mem, size).context("hashing guest memory")?,
+            ms_since(t_check),
+        ),
+    };
     let mut theirs: Vec<[u8; SUM_LEN]> = Vec::with_capacity(ours.len());
     while theirs.len() < ours.len() {
         match s.wait_msg(Duration::from_secs(60), true)? {
