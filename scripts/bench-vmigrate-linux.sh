@@ -263,7 +263,7 @@ import json, sys
 r = json.load(open(sys.argv[1])); b = r["bench"]; ram = r["ram"]
 n, t0, t1, b0, b1, same, row, load, srcst = sys.argv[2:]
 print(json.dumps({"row": row, "run": int(n), "total_s": b["dst_running_s"], "qemu_total_s": r["total-time"] / 1000,
-  "wall_s": float(t1) - float(t0), "downtime_ms": r["downtime"], "wire": b["relay_bytes"],
+  "wall_s": float(t1) - float(t0), "downtime_ms": b["stop_to_resume_ms"], "qemu_downtime_ms": r["downtime"], "wire": b["relay_bytes"],
   "tc": int(b1) - int(b0), "rounds": ram["dirty-sync-count"], "stop": r["status"],
   "same": same == "true" and b["dst_status"]["status"] == "running" and srcst == "postmigrate",
   "qemu_transferred": ram["transferred"], "normal_pages": ram["normal"], "load": float(load)}))
@@ -302,16 +302,17 @@ def med(vals, fmt):
 by = {}
 for r in rows:
     by.setdefault(r["row"], []).append(r)
-print("| row | runs | total s | (QEMU's own total-time s) | downtime ms | MiB on the wire (payload) | MiB through the tbf qdisc (frames) | wire / bandwidth s | rounds (dirty syncs) | checks |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| row | runs | total s | (QEMU's own total-time s) | downtime ms | (QEMU's own downtime ms) | MiB on the wire (payload) | MiB through the tbf qdisc (frames) | wire / bandwidth s | rounds (dirty syncs) | checks |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for k in ("vmigrate", "qemu", "qemu-zstd"):
     if k not in by:
         continue
     rs = by[k]
-    print("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+    print("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
         names[k], len(rs), med([r["total_s"] for r in rs], "%.2f"),
         med([r["qemu_total_s"] for r in rs], "%.2f") if "qemu_total_s" in rs[0] else "–",
         med([r["downtime_ms"] for r in rs], "%.0f"),
+        med([r["qemu_downtime_ms"] for r in rs], "%.0f") if "qemu_downtime_ms" in rs[0] else "–",
         med([r["wire"] / M for r in rs], "%.1f"), med([r["tc"] / M for r in rs], "%.1f"),
         med([r["wire"] / bps for r in rs], "%.2f"), med([r["rounds"] for r in rs], "%d"),
         "%d/%d equal" % (sum(r["same"] for r in rs), len(rs))))
@@ -350,7 +351,7 @@ PY
   echo "- $QVER, \`-accel tcg\`, machine pc-i440fx-7.2, cpu qemu64, one vCPU, ${MEM_MIB} MiB; guest: Debian's cloud kernel $(cat "$ART/kernel-release" 2>/dev/null) + the busybox initramfs of \`scripts/linux-base.sh --artifacts\` (qemu-guest-agent), \`$CMDLINE\`; the same kernel, initramfs, command line and disk for every row (vmigrate: a \`kimberlize base --qemu\` VM directory restored by \`vmigrate run\`, RAM in its shared \`memory.raw\`; QEMU rows: booted directly with the backend's devices, anonymous RAM)"
   echo "- Workload \"basic\" (through the guest agent, before each migration): the 160 MiB text of Kimberley's \`fill text 160M 1 text\` copied from a virtio-blk disk into a tmpfs, 40 MiB from the guest's /dev/urandom into the same tmpfs, the page cache dropped (\`init_on_free=1\` zeroes what it frees); then idle 3 s. The disk is on both sides (vmigrate \`--shared-disk\`; QEMU: the same file), so no row sends it. bench-qemu-migrate.sh brings the same text in its initramfs instead; here it cannot, because vmigrate sends a VM's initramfs file to the receiver."
   echo "- Link: two network namespaces joined by a veth pair, \`tc qdisc ... tbf rate $RATE burst 32kbit latency 400ms\` on both ends; every row over it; no tool's own bandwidth limit (QEMU \`max-bandwidth\` 2^40 B/s; vmigrate without \`--max-bandwidth\`). QEMU at its defaults otherwise (\`downtime-limit\` 300 ms, 2 multifd channels, zstd level 1); vmigrate at its defaults (\`--downtime-ms 50\`)${VMIGRATE_ARGS:+ plus \`$VMIGRATE_ARGS\`}."
-  echo "- Measured: total = vmigrate's \`--stats-json\` \`total_ms\` (request to the receiver's confirmation that the guest runs there) / for QEMU, from the \`migrate\` command to the destination's first \`running\` answer to \`query-status\` (polled every 50 ms); QEMU's own \`total-time\` is shown apart: it ends when the source has written its last byte, here into the counting relay, not when the bytes have crossed the link; downtime = vmigrate's \`downtime_ms\` (QEMU's STOP event on the source to the guest running on the receiver: memory check, commit and resume included) / QEMU's \`downtime\` (measured by the source QEMU: its stop to its completion, without the destination's load and start); wire (payload) = vmigrate's \`bytes_on_wire\` (sealed frames, both directions) / the bytes of QEMU's stream counted by a TCP relay in front of the source (scripts/bench/qemu/qmp.py; QEMU 7.2 counts multifd pages uncompressed in \`ram.transferred\`); frames = the bytes the source end's tbf qdisc sent during the migration (Ethernet, IP and TCP headers included, one direction); checks: the destination's guest has both files with the checksums they had on the source (and QEMU's destination is \`running\`, its source \`postmigrate\`; vmigrate's source process exited 0). Medians of $RUNS runs, min – max in parentheses."
+  echo "- Measured: total = vmigrate's \`--stats-json\` \`total_ms\` (request to the receiver's confirmation that the guest runs there) / for QEMU, from the \`migrate\` command to the destination's first \`running\` answer to \`query-status\` (polled every 50 ms); QEMU's own \`total-time\` is shown apart: it ends when the source has written its last byte, here into the counting relay, not when the bytes have crossed the link; downtime = from the source QEMU's STOP to the guest running on the receiver, for every row: vmigrate's \`downtime_ms\` (memory check, commit and resume included) / for QEMU the source's STOP event to the destination's RESUME event (QMP timestamps, one host, one clock); QEMU's own \`downtime\` is shown apart: the source's stop to its completion, here writing into the local relay, so without the link's tail and the destination's load and start; wire (payload) = vmigrate's \`bytes_on_wire\` (sealed frames, both directions) / the bytes of QEMU's stream counted by a TCP relay in front of the source (scripts/bench/qemu/qmp.py; QEMU 7.2 counts multifd pages uncompressed in \`ram.transferred\`); frames = the bytes the source end's tbf qdisc sent during the migration (Ethernet, IP and TCP headers included, one direction); checks: the destination's guest has both files with the checksums they had on the source (and QEMU's destination is \`running\`, its source \`postmigrate\`; vmigrate's source process exited 0). Medians of $RUNS runs, min – max in parentheses."
   echo
   cat "$sec.body"
   echo "<!-- bench-qemu-vmigrate:end -->"

@@ -95,6 +95,7 @@ class QMP:
                     raise
                 time.sleep(0.05)
         self.f = self.s.makefile("rwb")
+        self.events = []
         greeting = self._read()
         if "QMP" not in greeting:
             raise RuntimeError(f"{path}: no QMP greeting: {greeting}")
@@ -115,6 +116,7 @@ class QMP:
         while True:
             r = self._read()
             if "event" in r:
+                self.events.append(r)
                 continue
             if "error" in r:
                 raise RuntimeError(f"{name} {args}: {r['error']}")
@@ -176,7 +178,17 @@ def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out, host="127.0
         if dst_status.get("status") == "running" or r.get("status") != "completed":
             break
         time.sleep(0.02)
+    # The pause as the link sees it: the source's STOP event to the
+    # destination's RESUME (both QEMUs on this host, one clock).
+    def event_time(q, name):
+        for e in q.events:
+            if e.get("event") == name:
+                t = e["timestamp"]
+                return t["seconds"] + t["microseconds"] / 1e6
+        return None
+    stop_t, resume_t = event_time(src, "STOP"), event_time(dst, "RESUME")
     r["bench"] = {
+        "stop_to_resume_ms": (resume_t - stop_t) * 1000 if stop_t and resume_t else None,
         "relay_bytes": relay.close() if relay else None,
         "max_bandwidth": bw,
         "downtime_limit_ms": downtime_ms,
