@@ -451,7 +451,6 @@ fn stream_and_switch(
             &paused_tx,
         );
         drop(paused_tx);
-        let early = hasher.join().ok().flatten();
         if r.is_err() {
             // Stop the carrying: QEMU's migration cancelled closes its end;
             // a writer stuck on a slow link drops what is queued.
@@ -468,6 +467,9 @@ fn stream_and_switch(
         let pumped = pump_thread
             .join()
             .unwrap_or_else(|_| Err(anyhow!("the stream's thread panicked")));
+        // Joined only now: after a failure QEMU's migration is cancelled
+        // first, and a hash already started is waited for afterwards.
+        let early = hasher.join().ok().flatten();
         let w = r?;
         pumped?;
         Ok::<_, anyhow::Error>((w, early))
