@@ -144,7 +144,9 @@ pub struct RecvArgs {
     /// (storage both hosts see, at the same path). Without it, a sender
     /// with shared disks is refused. The file must be a regular file of
     /// the size the sender names, reached without symlinks, on the same
-    /// file system as OUT (it is hard-linked into OUT).
+    /// file system as OUT (it is hard-linked into OUT). The same holds
+    /// for a QEMU guest's kernel and initrd, which come shared with its
+    /// disks.
     #[arg(long, value_name = "DIR")]
     pub shared_disk_dir: Option<PathBuf>,
     /// No messages on stderr besides errors.
@@ -185,7 +187,9 @@ pub struct SendArgs {
     pub stats_json: Option<PathBuf>,
     /// The disks are on storage both hosts share (same path): do not copy
     /// them. The receiver links them into its VM directory; it must be run
-    /// with `--shared-disk-dir` naming a directory that holds them.
+    /// with `--shared-disk-dir` naming a directory that holds them. For a
+    /// QEMU guest the kernel and initrd are shared too (not sent): they
+    /// must be beneath that directory as well.
     #[arg(long)]
     pub shared_disk: bool,
     /// No progress on stderr.

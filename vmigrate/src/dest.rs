@@ -485,7 +485,7 @@ pub(crate) fn next(rx: &mut Rx, stop: &AtomicBool) -> Result<Message> {
 
 /// Opens the sender's shared disk `path` strictly beneath `dir`: no
 /// symlink, a regular file of exactly `size` bytes.
-fn open_shared(dir: &Path, path: &str, size: u64) -> Result<File> {
+pub(crate) fn open_shared(dir: &Path, path: &str, size: u64) -> Result<File> {
     let root = std::fs::canonicalize(dir)
         .with_context(|| format!("--shared-disk-dir {}", dir.display()))?;
     let rel = Path::new(path).strip_prefix(&root).map_err(|_| {

@@ -42,7 +42,7 @@ pub const MAX_DESCRIPTION: usize = 64 << 10;
 pub const MAX_STREAM_CHUNK: usize = 1 << 20;
 /// Bytes of guest memory one SUMS entry covers.
 pub const SUM_BLOCK: u64 = 64 << 10;
-/// Length of one SUMS entry (a truncated BLAKE3 hash).
+/// Length of one SUMS entry (an XXH3-128 hash).
 pub const SUM_LEN: usize = 16;
 /// Most entries in one SUMS message.
 pub const MAX_SUMS: usize = 1 << 16;
@@ -172,6 +172,9 @@ pub enum Type {
     /// Sender → receiver: the next bytes of the hypervisor's own migration
     /// stream, compressed.
     Stream = 11,
+    /// Sender → receiver: the boot files are on shared storage (hypervisor
+    /// stream with shared disks only): their paths instead of their bytes.
+    BootFiles = 12,
     /// Receiver → sender (last): the guest runs here.
     Running = 16,
     /// Receiver → sender (last): the receiver failed and discards.
@@ -199,6 +202,7 @@ impl Type {
             8 => Type::Query,
             10 => Type::Machine,
             11 => Type::Stream,
+            12 => Type::BootFiles,
             16 => Type::Running,
             17 => Type::Error,
             18 => Type::RoundAck,
@@ -224,6 +228,7 @@ impl Type {
             Type::Query => "QUERY",
             Type::Machine => "MACHINE",
             Type::Stream => "STREAM",
+            Type::BootFiles => "BOOT_FILES",
             Type::Sums => "SUMS",
             Type::Outcome => "OUTCOME",
         }
@@ -423,6 +428,14 @@ pub enum Message {
     Machine(Box<MachineMsg>),
     /// A compressed piece of the hypervisor's stream (one zstd frame).
     Stream(Vec<u8>),
+    /// The sender's absolute paths of the kernel and the initrd (empty:
+    /// none), which the receiver opens beneath its shared directory.
+    BootFiles {
+        /// The kernel's path (absolute).
+        kernel: String,
+        /// The initrd's path (absolute), or empty.
+        initrd: String,
+    },
     /// Hashes of consecutive [`SUM_BLOCK`]s of received memory, from block
     /// `first` on.
     Sums {
@@ -451,6 +464,7 @@ impl Message {
             Message::Outcome(_) => Type::Outcome,
             Message::Machine(_) => Type::Machine,
             Message::Stream(_) => Type::Stream,
+            Message::BootFiles { .. } => Type::BootFiles,
             Message::Sums { .. } => Type::Sums,
         }
     }
@@ -473,6 +487,12 @@ impl Message {
                 w.u64(m.kernel_size);
                 w.u64(m.initrd_size);
                 w.bytes(&json);
+                w.into_inner()
+            }
+            Message::BootFiles { kernel, initrd } => {
+                let mut w = Writer::new();
+                w.bytes(kernel.as_bytes());
+                w.bytes(initrd.as_bytes());
                 w.into_inner()
             }
             Message::Commit | Message::Done | Message::Abort => Vec::new(),
@@ -531,6 +551,11 @@ impl Message {
             Type::State => return Ok(Message::State(body)),
             Type::Stream => return Ok(Message::Stream(body)),
             Type::Machine => Message::Machine(Box::new(decode_machine(&mut r)?)),
+            Type::BootFiles => {
+                let kernel = boot_path(&mut r, "kernel", false)?;
+                let initrd = boot_path(&mut r, "initrd", true)?;
+                Message::BootFiles { kernel, initrd }
+            }
             Type::Sums => {
                 let first = r.u64()?;
                 let n = (body.len() - 8.min(body.len())) / SUM_LEN;
@@ -635,6 +660,21 @@ fn decode_start(r: &mut Reader<'_>) -> Result<Start> {
     })
 }
 
+/// One path of BOOT_FILES: UTF-8, at most [`MAX_PATH`] bytes, absolute
+/// (or empty where `may_be_empty`).
+fn boot_path(r: &mut Reader<'_>, what: &str, may_be_empty: bool) -> Result<String> {
+    let p = r.bytes(MAX_PATH, "BOOT_FILES path")?;
+    let p = std::str::from_utf8(p).map_err(|_| {
+        ProtocolError::Invalid(format!("BOOT_FILES: the {what}'s path is not UTF-8"))
+    })?;
+    if !(p.starts_with('/') || (may_be_empty && p.is_empty())) {
+        return Err(ProtocolError::Invalid(format!(
+            "BOOT_FILES: the {what}'s path must be absolute"
+        )));
+    }
+    Ok(p.to_string())
+}
+
 fn decode_machine(r: &mut Reader<'_>) -> Result<MachineMsg> {
     let kernel_size = r.u64()?;
     let initrd_size = r.u64()?;
@@ -722,6 +762,14 @@ mod tests {
             Message::Outcome(Outcome::Unknown),
             Message::Machine(Box::new(machine())),
             Message::Stream(vec![4; 10]),
+            Message::BootFiles {
+                kernel: "/srv/vm/kernel".into(),
+                initrd: "/srv/vm/initrd".into(),
+            },
+            Message::BootFiles {
+                kernel: "/srv/vm/kernel".into(),
+                initrd: String::new(),
+            },
             Message::Sums {
                 first: 3,
                 sums: vec![[1; SUM_LEN], [2; SUM_LEN]],
@@ -804,6 +852,21 @@ mod tests {
         let n = b.len();
         b[n - 1] = b'x';
         assert!(Message::decode(Type::Machine, b).is_err());
+        // BOOT_FILES: a relative or missing kernel, a relative initrd,
+        // bytes left over.
+        let bf = |k: &str, i: &str| {
+            Message::BootFiles {
+                kernel: k.into(),
+                initrd: i.into(),
+            }
+            .encode()
+        };
+        assert!(Message::decode(Type::BootFiles, bf("kernel", "")).is_err());
+        assert!(Message::decode(Type::BootFiles, bf("", "/i")).is_err());
+        assert!(Message::decode(Type::BootFiles, bf("/k", "initrd")).is_err());
+        let mut b = bf("/k", "");
+        b.push(0);
+        assert!(Message::decode(Type::BootFiles, b).is_err());
         // SUMS: none, a partial hash, too many.
         assert!(Message::decode(Type::Sums, vec![0; 8]).is_err());
         assert!(Message::decode(Type::Sums, vec![0; 8 + SUM_LEN + 1]).is_err());

@@ -21,8 +21,8 @@ use kimberley_qemu::{QemuBackend, QemuMachine};
 use crate::channel::{Rx, Tx};
 use crate::chunks::CHUNK;
 use crate::dest::{
-    apply, discard, hand_over, next, send_error, shared_disks, Listener, Options, Phase, Received,
-    SenderAborted, Target,
+    apply, discard, hand_over, next, open_shared, send_error, shared_disks, Listener, Options,
+    Phase, Received, SenderAborted, Target,
 };
 use crate::protocol::{
     Message, RoundAck, Running, Start, MAX_STREAM_CHUNK, MAX_SUMS, SESSION_ID_LEN,
@@ -40,9 +40,48 @@ fn chunks_target(body: &[u8]) -> Result<u32> {
         .target)
 }
 
+/// Digests of components (kind, index) computed from their final contents.
+type Known = Vec<(Kind, usize, [u8; 32])>;
+
+/// Digests, on a thread, the targets `which` (indices into `targets`, of
+/// which `nd` are disks) once they are final, so that COMMIT finds them
+/// done: the boot files at the end of round 0, the shared disks at the
+/// stream's end (the source is paused, its disks flushed), the memory
+/// once QEMU has loaded it (digested again at COMMIT if repairs rewrite
+/// pages).
+fn digest_ahead(
+    targets: &[Target],
+    nd: usize,
+    which: std::ops::Range<usize>,
+) -> Result<std::thread::JoinHandle<Result<Known>>> {
+    let mut files = Vec::new();
+    for j in which.filter(|&j| j < targets.len()) {
+        let (kind, i) = match j {
+            0 => (Kind::Memory, 0),
+            j if j <= nd => (Kind::Disk, j - 1),
+            j if j == nd + 1 => (Kind::Kernel, 0),
+            _ => (Kind::Initrd, 0),
+        };
+        files.push((kind, i, clone(&targets[j], "a received file")?));
+    }
+    Ok(std::thread::spawn(move || {
+        use rayon::prelude::*;
+        files
+            .into_par_iter()
+            .map(|(kind, i, f)| {
+                let size = f.metadata().context("stat of a received file")?.len();
+                let d = kimberley_formats::vmdir::dir::digest_file(&f, size)
+                    .with_context(|| format!("digesting {}", file_name(kind, i)))?;
+                Ok((kind, i, d))
+            })
+            .collect()
+    }))
+}
+
 /// Everything received up to COMMIT: QEMU has been fed the whole stream.
 pub(crate) struct Prepared {
     w: VmDirWriter,
+    known: Known,
     name: String,
     machine: QemuMachine,
     apply_us: u64,
@@ -116,8 +155,46 @@ pub(crate) fn prepare(
             digests: BlockDigests::zeros(0),
         });
     }
+    // With shared disks the sender may name the boot files instead of
+    // sending them: they are opened and linked as the disks are.
+    let mut first = Some(next(rx, stop)?);
+    let shared_boot = match &first {
+        Some(Message::BootFiles { kernel, initrd }) => {
+            let dir = opts
+                .shared_disk_dir
+                .as_ref()
+                .filter(|_| start.shared_disk)
+                .ok_or_else(|| {
+                    anyhow!("protocol error: BOOT_FILES from a sender without shared disks")
+                })?;
+            if initrd.is_empty() != (m.initrd_size == 0) {
+                bail!("protocol error: BOOT_FILES and MACHINE disagree on the initrd");
+            }
+            let k = open_shared(dir, kernel, m.kernel_size)?;
+            let i = (m.initrd_size > 0)
+                .then(|| open_shared(dir, initrd, m.initrd_size))
+                .transpose()?;
+            first = None;
+            Some((k, i))
+        }
+        _ => None,
+    };
     let boot = [(Kind::Kernel, m.kernel_size), (Kind::Initrd, m.initrd_size)];
-    for (kind, size) in boot.into_iter().filter(|&(_, s)| s > 0) {
+    let mut shared_boot = shared_boot.map(|(k, i)| [Some(k), i]);
+    for (j, (kind, size)) in boot.into_iter().enumerate().filter(|&(_, (_, s))| s > 0) {
+        let dst = w.path().join(file_name(kind, 0));
+        if let Some(f) = shared_boot.as_mut().and_then(|b| b[j].take()) {
+            openat::link_open_file(&f, &dst).with_context(|| {
+                format!("linking the shared {} into the VM directory (it must be on the output's file system)", file_name(kind, 0))
+            })?;
+            targets.push(Target {
+                file: f,
+                chunks: 0,
+                shared: true,
+                digests: BlockDigests::zeros(0),
+            });
+            continue;
+        }
         let f = w.create_file(&file_name(kind, 0))?;
         f.set_len(size).context("sizing a boot file")?;
         targets.push(Target {
@@ -135,9 +212,15 @@ pub(crate) fn prepare(
     // The stream ended and SUMS went out: only repairs of memory (CHUNKS
     // of target 0) and COMMIT may follow.
     let mut summed = false;
+    let mut ahead: Vec<std::thread::JoinHandle<Result<Known>>> = Vec::new();
+    let mut repaired = false;
     let (mut rounds, mut bytes) = (0u32, 0u64);
     loop {
-        match next(rx, stop)? {
+        let msg = match first.take() {
+            Some(m) => m,
+            None => next(rx, stop)?,
+        };
+        match msg {
             Message::Chunks(b) if qemu.is_none() => {
                 bytes += b.len() as u64;
                 if chunks_target(&b)? == 0 {
@@ -151,6 +234,7 @@ pub(crate) fn prepare(
                 if chunks_target(&b)? != 0 {
                     bail!("protocol error: CHUNKS other than guest memory after the stream");
                 }
+                repaired = true;
                 pending.push(b);
                 apply(&mut targets, &mut pending)?;
             }
@@ -159,6 +243,7 @@ pub(crate) fn prepare(
                 // memory is hashed for the sender to check.
                 let t = Instant::now();
                 drop(feed.take());
+                ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
@@ -172,6 +257,7 @@ pub(crate) fn prepare(
                 }
                 load_us = t.elapsed().as_micros() as u64;
                 summed = true;
+                ahead.push(digest_ahead(&targets, nd, 0..1)?);
             }
             Message::RoundEnd(0) if qemu.is_none() => {
                 let t = Instant::now();
@@ -195,6 +281,7 @@ pub(crate) fn prepare(
                     .context("configuring the migration socket")?;
                 qemu = Some(machine);
                 feed = Some(sock);
+                ahead.push(digest_ahead(&targets, nd, nd + 1..nd + 3)?);
                 rounds += 1;
                 tx.send(Message::RoundAck(RoundAck {
                     round: 0,
@@ -217,8 +304,20 @@ pub(crate) fn prepare(
             Message::Commit if summed => {
                 let t = Instant::now();
                 apply(&mut targets, &mut pending)?;
+                let mut known = Known::new();
+                for h in ahead.drain(..) {
+                    known.extend(
+                        h.join()
+                            .map_err(|_| anyhow!("a digesting thread panicked"))??,
+                    );
+                }
+                if repaired {
+                    // Pages were rewritten: the memory is digested at commit.
+                    known.retain(|k| k.0 != Kind::Memory);
+                }
                 return Ok(Prepared {
                     w,
+                    known,
                     name,
                     machine: qemu.expect("summed after the stream"),
                     apply_us: load_us + t.elapsed().as_micros() as u64,
@@ -243,6 +342,7 @@ pub(crate) fn start(
 ) -> Result<Received> {
     let Prepared {
         w,
+        known,
         name,
         mut machine,
         apply_us,
@@ -254,7 +354,7 @@ pub(crate) fn start(
         ..Running::default()
     };
     let t = Instant::now();
-    let committed: PathBuf = match machine.commit_incoming(w, &name, LOAD_WAIT) {
+    let committed: PathBuf = match machine.commit_incoming(w, &name, LOAD_WAIT, &known) {
         Ok(c) => c,
         Err(e) => {
             let e = anyhow!("committing the received guest: {e}");

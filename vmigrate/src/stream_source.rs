@@ -216,6 +216,7 @@ fn watch(
     writer: &Writer,
     deadline: Instant,
     done: &dyn Fn() -> bool,
+    paused: &std::sync::mpsc::Sender<()>,
 ) -> Result<Watched> {
     let mut rounds: Vec<Round> = Vec::new();
     let mut cur = StreamStatus {
@@ -233,6 +234,7 @@ fn watch(
     let mut t_pause: Option<Instant> = None;
     let mut max_throttle = 0u32;
     let mut switched = false;
+    let mut signalled = false;
     let mut ended: Option<Instant> = None;
     loop {
         let finished = done();
@@ -273,6 +275,14 @@ fn watch(
         }
         if let Some(at) = vm.stream_paused_at() {
             t_pause = Some(instant_of(at));
+        }
+        if !matches!(st.phase, StreamPhase::Active | StreamPhase::Failed(_)) {
+            t_pause.get_or_insert_with(Instant::now);
+        }
+        if t_pause.is_some() && !signalled {
+            // The guest is paused: its memory is final from now on.
+            let _ = paused.send(());
+            signalled = true;
         }
         match &st.phase {
             StreamPhase::Active => {}
@@ -361,18 +371,35 @@ fn stream_and_switch(
         initrd_size: sizes.get(1).copied().unwrap_or(0),
         spec: vm.description(),
     })))?;
-    // Round 0: the boot files (the receiver starts its QEMU on them).
+    // Round 0: the boot files (the receiver starts its QEMU on them):
+    // with shared disks, where they are (they are shared as the disks
+    // are); otherwise their bytes.
     let t = Instant::now();
     let b0 = s.writer.bytes();
-    for (j, (f, &size)) in boot.iter().zip(&sizes).enumerate() {
-        let idx = disk_chunks(f, size);
-        s.send_chunks(
-            &Source::Disk(f),
-            (1 + ndisks + j) as u32,
-            &idx,
-            true,
-            &mut |_, _| {},
-        )?;
+    if p.shared_disk {
+        let path = |f: &std::fs::File| -> Result<String> {
+            let p = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                .context("resolving a boot file's path")?;
+            p.to_str()
+                .filter(|p| p.starts_with('/') && !p.ends_with(" (deleted)"))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("a boot file's path ({}) cannot be shared", p.display()))
+        };
+        s.send_msg(Message::BootFiles {
+            kernel: path(&boot[0])?,
+            initrd: boot.get(1).map(path).transpose()?.unwrap_or_default(),
+        })?;
+    } else {
+        for (j, (f, &size)) in boot.iter().zip(&sizes).enumerate() {
+            let idx = disk_chunks(f, size);
+            s.send_chunks(
+                &Source::Disk(f),
+                (1 + ndisks + j) as u32,
+                &idx,
+                true,
+                &mut |_, _| {},
+            )?;
+        }
     }
     s.send_msg(Message::RoundEnd(0))?;
     s.writer.flush()?;
@@ -399,9 +426,31 @@ fn stream_and_switch(
     let raw = AtomicU64::new(0);
     let deadline = s.deadline;
     let (tx, writer, io) = (&mut s.tx, &s.writer, &mut *s.io);
-    let w = std::thread::scope(|sc| {
+    // The memory check's hashing of this side starts as soon as the guest
+    // is paused (its memory is final then), while QEMU's last round and
+    // device state still cross the link and the receiver loads them.
+    let mem = vm.memory_file().map_err(|e| anyhow!("{e}"))?;
+    let size = vm.memory_size();
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (w, early) = std::thread::scope(|sc| {
+        let mem = &mem;
+        let hasher = sc.spawn(move || {
+            paused_rx.recv().ok()?;
+            let t = Instant::now();
+            Some((crate::sums::file_sums(mem, size), ms_since(t)))
+        });
         let pump_thread = sc.spawn(|| pump(sock, tx, writer, &halt, &raw));
-        let r = watch(vm, p, io, writer, deadline, &|| pump_thread.is_finished());
+        let paused_tx = paused_tx;
+        let r = watch(
+            vm,
+            p,
+            io,
+            writer,
+            deadline,
+            &|| pump_thread.is_finished(),
+            &paused_tx,
+        );
+        drop(paused_tx);
         if r.is_err() {
             // Stop the carrying: QEMU's migration cancelled closes its end;
             // a writer stuck on a slow link drops what is queued.
@@ -418,9 +467,12 @@ fn stream_and_switch(
         let pumped = pump_thread
             .join()
             .unwrap_or_else(|_| Err(anyhow!("the stream's thread panicked")));
+        // Joined only now: after a failure QEMU's migration is cancelled
+        // first, and a hash already started is waited for afterwards.
+        let early = hasher.join().ok().flatten();
         let w = r?;
         pumped?;
-        Ok::<_, anyhow::Error>(w)
+        Ok::<_, anyhow::Error>((w, early))
     })?;
     let Watched {
         fin,
@@ -449,9 +501,13 @@ fn stream_and_switch(
     s.send_msg(Message::RoundEnd(1))?;
     s.writer.flush()?;
     let t_check = Instant::now();
-    let mem = vm.memory_file().map_err(|e| anyhow!("{e}"))?;
-    let size = vm.memory_size();
-    let ours = crate::sums::file_sums(&mem, size).context("hashing guest memory")?;
+    let (ours, hash_ms) = match early {
+        Some((sums, ms)) => (sums.context("hashing guest memory")?, ms),
+        None => (
+            crate::sums::file_sums(&mem, size).context("hashing guest memory")?,
+            ms_since(t_check),
+        ),
+    };
     let mut theirs: Vec<[u8; SUM_LEN]> = Vec::with_capacity(ours.len());
     while theirs.len() < ours.len() {
         match s.wait_msg(Duration::from_secs(60), true)? {
@@ -498,6 +554,7 @@ fn stream_and_switch(
             "stream_bytes": raw,
             "boot_files": boot_round,
             "memory_check_ms": r3(check_ms),
+            "memory_hash_ms": r3(hash_ms),
             "repaired_pages": repair.len(),
         },
         "bytes_on_wire": wire_bytes,

@@ -556,3 +556,114 @@ fn cut_at_commit_keeps_the_source() {
 fn cut_at_running_leaves_the_receiver() {
     cell(Fault::Cut, frame(false, 16, 1), Expect::Receiver);
 }
+
+/// A sender holding the key names host files as the boot files
+/// (BOOT_FILES): the receiver refuses them before any VM data moves and
+/// links nothing. The same messages naming the VM's own kernel beneath
+/// the shared directory are taken (the receiver waits for the rest of
+/// round 0): the refusals come from the paths, not from the rest.
+#[test]
+fn sender_cannot_choose_host_files_as_boot_files() {
+    use std::os::unix::fs::MetadataExt;
+    use vmigrate::channel;
+    use vmigrate::protocol::{DiskInfo, MachineMsg, Message, Start};
+    if !qemu() {
+        return;
+    }
+    let _l = one_at_a_time();
+    let tpl = template();
+    let t = tempfile::tempdir().unwrap();
+    let shared = t.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    ok(Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(tpl.join("vm"))
+        .arg(shared.join("vm"))
+        .output()
+        .unwrap());
+    let vm = kimberley_formats::vmdir::VmDir::open(&shared.join("vm")).unwrap();
+    let spec = *vm.manifest.machine.clone().unwrap();
+    let size = |k| {
+        vm.manifest
+            .components
+            .iter()
+            .find(|c| c.kind == k)
+            .unwrap()
+            .size
+    };
+    use kimberley_formats::vmdir::Kind;
+    let (mem, kernel, initrd, disk) = (
+        size(Kind::Memory),
+        size(Kind::Kernel),
+        size(Kind::Initrd),
+        size(Kind::Disk),
+    );
+    let key = [7u8; 32];
+    let key_path = t.path().join("key");
+    std::fs::write(&key_path, key).unwrap();
+    // A host file the sender must not get at, of the kernel's size.
+    let secret = t.path().join("secret");
+    std::fs::write(&secret, vec![0x5a; kernel as usize]).unwrap();
+    std::os::unix::fs::symlink(&secret, shared.join("link")).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let own = s(&shared.join("vm/kernel"));
+    let cases = [
+        ("outside the directory", s(&secret), false),
+        ("a symlink inside", s(&shared.join("link")), false),
+        (
+            "dot-dot out",
+            format!("{}/vm/../../secret", s(&shared)),
+            false,
+        ),
+        ("the VM's own kernel", own, true),
+    ];
+    for (what, path, taken) in cases {
+        let out = t.path().join("out");
+        let (r, addr) = receiver(
+            &key_path,
+            &out,
+            &["--shared-disk-dir".as_ref(), shared.as_os_str()],
+            Duration::from_secs(20),
+        );
+        let c = std::net::TcpStream::connect(&addr).unwrap();
+        let (mut tx, mut rx) = channel::handshake_sender(c, &key).unwrap();
+        tx.send(Message::Start(Start {
+            memory_size: mem,
+            vcpus: 1,
+            shared_disk: true,
+            stream: true,
+            disks: vec![DiskInfo {
+                size: disk,
+                path: s(&std::fs::canonicalize(shared.join("vm/disk0.raw")).unwrap()),
+            }],
+        }))
+        .unwrap();
+        tx.send(Message::Machine(Box::new(MachineMsg {
+            kernel_size: kernel,
+            initrd_size: initrd,
+            spec: spec.clone(),
+        })))
+        .unwrap();
+        tx.send(Message::BootFiles {
+            kernel: path,
+            initrd: s(&shared.join("vm/initrd")),
+        })
+        .unwrap();
+        rx.stream()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let m = rx.recv().ok();
+        if taken {
+            assert!(m.is_none(), "{what}: the receiver answered {m:?}");
+        } else {
+            assert!(
+                matches!(&m, Some(Message::Error(_))),
+                "{what}: the receiver answered {m:?}"
+            );
+            assert!(!out.exists(), "{what}: OUT exists");
+        }
+        let meta = std::fs::metadata(&secret).unwrap();
+        assert_eq!(meta.nlink(), 1, "{what}: the host file was linked");
+        drop(r);
+    }
+}

@@ -8,8 +8,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kimberley_formats::vmdir::{file_name, Kind, MachineSpec, VmDirWriter};
+use kimberley_formats::vmdir::dir::digest_file;
+use kimberley_formats::vmdir::{file_name, Component, Kind, MachineSpec, Manifest, VmDirWriter};
 use kimberley_machine::{StreamLimits, StreamMigratable, StreamPhase, StreamStatus};
+use rayon::prelude::*;
 
 use super::{open_checked, Home, QemuBackend, QemuMachine};
 use crate::config::MachineConfig;
@@ -193,16 +195,19 @@ impl QemuMachine {
     /// (at most `timeout`), writes the device state into `w`, digests and
     /// commits it (named `name`), and makes the machine run in place on
     /// the committed directory; the guest stays paused until
-    /// [`kimberley_machine::Machine::resume`].
+    /// [`kimberley_machine::Machine::resume`]. `known`: digests of
+    /// components (kind, index) the caller computed from their final
+    /// contents ahead of the pause window's end; the others are read.
     pub fn commit_incoming(
         &mut self,
         w: VmDirWriter,
         name: &str,
         timeout: Duration,
+        known: &[(Kind, usize, [u8; 32])],
     ) -> Result<PathBuf> {
         self.vm.live_incoming_done(timeout)?;
         let from = w.path().to_path_buf();
-        let path = self.suspend_into_inner(w, name)?;
+        let path = self.commit_received(w, name, known)?;
         self.vm.relocate(&from, &path);
         // It runs on the committed directory as `vmigrate run` would.
         self.sealed = false;
@@ -210,5 +215,65 @@ impl QemuMachine {
         // The files must still be the ones QEMU runs on.
         open_checked(&path.join(file_name(Kind::Memory, 0)))?;
         Ok(path)
+    }
+
+    /// The suspend of a received machine, in the pause window: every
+    /// component but the device state is already in `w` (the files QEMU
+    /// runs on were created or linked there), so nothing is copied, and
+    /// unlike a suspend no writeback is started (the guest runs on in
+    /// these files at once; the receiver syncs after the hand-over): the
+    /// device state is written, everything digested on all cores, the
+    /// directory committed.
+    fn commit_received(
+        &mut self,
+        w: VmDirWriter,
+        name: &str,
+        known: &[(Kind, usize, [u8; 32])],
+    ) -> Result<PathBuf> {
+        let dir = w.path().to_path_buf();
+        let state = w.create_file(&file_name(Kind::State, 0))?;
+        self.vm.save_state(&state)?;
+        drop(state);
+        let cfg = self.vm.config().clone();
+        let mut kinds = vec![(Kind::Memory, 0)];
+        kinds.extend((0..cfg.disks.len()).map(|i| (Kind::Disk, i)));
+        kinds.push((Kind::Kernel, 0));
+        if cfg.initrd.is_some() {
+            kinds.push((Kind::Initrd, 0));
+        }
+        kinds.push((Kind::State, 0));
+        let files = kinds
+            .iter()
+            .map(|&(kind, i)| {
+                let p = dir.join(file_name(kind, i));
+                let f = open_checked(&p)?;
+                let size = super::stat(&f, &p)?.len();
+                Ok((kind, p, f, size))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let components = files
+            .par_iter()
+            .zip(kinds.par_iter())
+            .map(|((kind, p, f, size), &(_, i))| {
+                let digest = match known.iter().find(|k| k.0 == *kind && k.1 == i) {
+                    Some(k) => k.2,
+                    None => digest_file(f, *size)
+                        .map_err(|e| Error::io(format!("reading {}", p.display()), e))?,
+                };
+                Ok(Component {
+                    kind: *kind,
+                    size: *size,
+                    digest,
+                    trimmed: false,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let manifest = Manifest {
+            name: name.to_string(),
+            vcpus: cfg.vcpus,
+            components,
+            machine: Some(Box::new(cfg.spec(&self.vm.version().to_string()))),
+        };
+        Ok(w.commit(&manifest)?)
     }
 }

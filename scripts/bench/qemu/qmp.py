@@ -2,13 +2,23 @@
 """Minimal QMP client for scripts/bench-qemu-migrate.sh (socket module only).
 
   qmp.py cmd SOCK COMMAND [JSON-ARGS]   one command, prints its "return"
-  qmp.py migrate SRC DST PORT BW_BYTES DOWNTIME_MS MULTIFD OUT.json
+  qmp.py migrate SRC DST PORT BW_BYTES DOWNTIME_MS MULTIFD OUT.json [HOST [RELAY]]
       MULTIFD: "off", "on" (multifd, no compression) or a compression
       method ("zstd", "zlib"). Sets the same capabilities on both sides,
-      starts the destination's listener (it runs with -incoming defer), runs
-      the migration, polls query-migrate until completed/failed and writes
-      the final query-migrate answer (plus the parameters used) to OUT.json.
+      starts the destination's listener (it runs with -incoming defer) on
+      HOST:PORT (default 127.0.0.1), runs the migration, polls query-migrate
+      until completed/failed and writes the final query-migrate answer (plus
+      the parameters used) to OUT.json. RELAY=1: the stream goes through the
+      counting relay for every MULTIFD (default: multifd only).
+  qmp.py qga SOCK TIMEOUT_S SCRIPT
+      Runs SCRIPT with /bin/sh -c in the guest through qemu-guest-agent
+      (guest-exec), prints its output, exits with its status.
+  qmp.py ctl SOCK TIMEOUT_S SCRIPT
+      The same through a Kimberley control socket ({"cmd":"exec"}).
+  qmp.py ctlcmd SOCK JSON
+      One request to a Kimberley control socket; prints the answer.
 """
+import base64
 import json
 import socket
 import sys
@@ -21,8 +31,9 @@ class Relay:
     multifd runs only: QEMU 7.2 accounts multifd pages uncompressed in
     ram.transferred, so the bytes really sent are counted here."""
 
-    def __init__(self, port):
+    def __init__(self, port, host="127.0.0.1"):
         self.port = port
+        self.host = host
         self.ls = socket.socket()
         self.ls.bind(("127.0.0.1", 0))
         self.ls.listen(16)
@@ -38,7 +49,7 @@ class Relay:
                 a, _ = self.ls.accept()
             except OSError:
                 return
-            b = socket.create_connection(("127.0.0.1", self.port))
+            b = socket.create_connection((self.host, self.port))
             for x, y, count in ((a, b, True), (b, a, False)):
                 t = threading.Thread(target=self._pump, args=(x, y, count), daemon=True)
                 t.start()
@@ -84,6 +95,7 @@ class QMP:
                     raise
                 time.sleep(0.05)
         self.f = self.s.makefile("rwb")
+        self.events = []
         greeting = self._read()
         if "QMP" not in greeting:
             raise RuntimeError(f"{path}: no QMP greeting: {greeting}")
@@ -104,13 +116,14 @@ class QMP:
         while True:
             r = self._read()
             if "event" in r:
+                self.events.append(r)
                 continue
             if "error" in r:
                 raise RuntimeError(f"{name} {args}: {r['error']}")
             return r["return"]
 
 
-def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out):
+def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out, host="127.0.0.1", always_relay=False):
     src, dst = QMP(src_path), QMP(dst_path)
     caps = [{"capability": "events", "state": True}]
     params = {}
@@ -122,13 +135,16 @@ def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out):
         if params:
             q.cmd("migrate-set-parameters", **params)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": bw, "downtime-limit": downtime_ms})
-    uri = f"tcp:127.0.0.1:{port}"
+    uri = f"tcp:{host}:{port}"
     dst.cmd("migrate-incoming", uri=uri)
-    relay = Relay(port) if multifd != "off" else None
+    relay = Relay(port, host) if multifd != "off" or always_relay else None
     t0 = time.time()
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.listen_port}" if relay else uri)
     last = None
+    dst_run = None  # seconds from `migrate` to the destination running
     while True:
+        if dst_run is None and dst.cmd("query-status").get("status") == "running":
+            dst_run = time.time() - t0
         r = src.cmd("query-migrate")
         st = r.get("status")
         if st != last:
@@ -141,7 +157,7 @@ def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out):
             r = src.cmd("query-migrate")
             r["status"] = "timeout"
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     wall = time.time() - t0
     # QEMU 7.2 sets "completed" before it fills in total-time and downtime:
     # an answer read in between has both 0. Ask again until they are there.
@@ -157,15 +173,28 @@ def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out):
     dst_status = None
     for _ in range(200):
         dst_status = dst.cmd("query-status")
+        if dst_status.get("status") == "running" and dst_run is None:
+            dst_run = time.time() - t0
         if dst_status.get("status") == "running" or r.get("status") != "completed":
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
+    # The pause as the link sees it: the source's STOP event to the
+    # destination's RESUME (both QEMUs on this host, one clock).
+    def event_time(q, name):
+        for e in q.events:
+            if e.get("event") == name:
+                t = e["timestamp"]
+                return t["seconds"] + t["microseconds"] / 1e6
+        return None
+    stop_t, resume_t = event_time(src, "STOP"), event_time(dst, "RESUME")
     r["bench"] = {
+        "stop_to_resume_ms": (resume_t - stop_t) * 1000 if stop_t and resume_t else None,
         "relay_bytes": relay.close() if relay else None,
         "max_bandwidth": bw,
         "downtime_limit_ms": downtime_ms,
         "multifd": multifd,
         "wall_s": wall,
+        "dst_running_s": dst_run,
         "dst_status": dst_status,
         "src_status": src.cmd("query-status"),
         "src_params": src.cmd("query-migrate-parameters"),
@@ -177,6 +206,57 @@ def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out):
     return 0 if r.get("status") == "completed" else 1
 
 
+def qga_exec(path, timeout, script):
+    """guest-exec through qemu-guest-agent's socket at PATH (retried until
+    the agent answers, up to TIMEOUT seconds)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.settimeout(2)
+            f = s.makefile("rwb")
+            # QGA: a 0xFF byte and guest-sync-delimited before anything else.
+            f.write(b"\xff")
+            n = int(time.time() * 1000) % 1000000
+            f.write(json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": n}}).encode() + b"\n")
+            f.flush()
+            while True:
+                line = f.readline()
+                if not line:
+                    raise OSError("closed")
+                line = line.lstrip(b"\xff").strip()
+                if line and json.loads(line).get("return") == n:
+                    break
+            break
+        except (OSError, ValueError):
+            s.close()
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    s.settimeout(None)
+
+    def call(name, **args):
+        f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        f.flush()
+        r = json.loads(f.readline())
+        if "error" in r:
+            raise RuntimeError(f"{name}: {r['error']}")
+        return r["return"]
+
+    pid = call("guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True})["pid"]
+    while True:
+        r = call("guest-exec-status", pid=pid)
+        if r.get("exited"):
+            out = base64.b64decode(r.get("out-data", "")).decode(errors="replace")
+            err = base64.b64decode(r.get("err-data", "")).decode(errors="replace")
+            sys.stderr.write(err)
+            return out, r.get("exitcode", 1)
+        if time.time() > deadline:
+            raise RuntimeError("guest-exec timed out")
+        time.sleep(0.2)
+
+
 def main():
     a = sys.argv[1:]
     if a[0] == "cmd":
@@ -185,7 +265,28 @@ def main():
         print(json.dumps(q.cmd(a[2], **args)))
         return 0
     if a[0] == "migrate":
-        return migrate(a[1], a[2], int(a[3]), int(a[4]), int(a[5]), a[6], a[7])
+        host = a[8] if len(a) > 8 else "127.0.0.1"
+        return migrate(a[1], a[2], int(a[3]), int(a[4]), int(a[5]), a[6], a[7], host, len(a) > 9 and a[9] == "1")
+    if a[0] == "qga":
+        out, st = qga_exec(a[1], float(a[2]), a[3])
+        sys.stdout.write(out)
+        return st
+    if a[0] in ("ctl", "ctlcmd"):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(a[1])
+        f = s.makefile("rwb")
+        req = {"cmd": "exec", "script": a[3], "timeout_ms": int(float(a[2]) * 1000)} if a[0] == "ctl" else json.loads(a[2])
+        f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        r = json.loads(f.readline())
+        if a[0] == "ctlcmd":
+            print(json.dumps(r))
+            return 0 if r.get("ok") else 1
+        if not r.get("ok"):
+            print(json.dumps(r), file=sys.stderr)
+            return 1
+        sys.stdout.write(r.get("output", ""))
+        return r.get("status", 1)
     raise SystemExit(__doc__)
 
 
