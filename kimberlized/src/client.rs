@@ -137,14 +137,14 @@ impl Client {
         ClientError::Io(self.host.clone(), e)
     }
 
-    fn head(&self, r: &mut BufReader<Tls>) -> Result<http::Response, ClientError> {
+    fn head(&self, r: &mut impl BufRead) -> Result<http::Response, ClientError> {
         let h = http::read_head(r)
             .map_err(|e| ClientError::Http(self.host.clone(), e))?
             .ok_or_else(|| ClientError::Http(self.host.clone(), HttpError::Closed))?;
         http::parse_response(&h).map_err(|e| ClientError::Http(self.host.clone(), e))
     }
 
-    fn body(&self, r: &mut BufReader<Tls>, resp: &http::Response) -> Result<Vec<u8>, ClientError> {
+    fn body(&self, r: &mut impl BufRead, resp: &http::Response) -> Result<Vec<u8>, ClientError> {
         let n = resp
             .content_length()
             .map_err(|e| ClientError::Http(self.host.clone(), e))?
@@ -277,8 +277,28 @@ impl Client {
         };
         let head = http::request_head("POST", "/v1/sessions", &self.host, &headers, len);
         tls.write_all(&head).map_err(|e| self.io(e))?;
+        // What the daemon says while the overlay is still going up: a VM
+        // that starts early answers before the last byte.
+        let mut said = Vec::new();
+        let mut ready_at = None;
         if let Ok((overlay, len)) = source {
-            let sent = std::io::copy(&mut overlay.take(len), &mut tls).map_err(|e| self.io(e))?;
+            let mut src = overlay.take(len);
+            let mut buf = vec![0u8; UPLOAD_PIECE];
+            let mut sent = 0u64;
+            loop {
+                let n = src.read(&mut buf).map_err(|e| self.io(e))?;
+                if n == 0 {
+                    break;
+                }
+                tls.write_all(&buf[..n]).map_err(|e| self.io(e))?;
+                sent += n as u64;
+                if ready_at.is_none() {
+                    read_available(&mut tls, &mut said).map_err(|e| self.io(e))?;
+                    if says_ready(&said) {
+                        ready_at = Some(ms());
+                    }
+                }
+            }
             if sent != len {
                 return Err(self.io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -288,7 +308,7 @@ impl Client {
         }
         tls.flush().map_err(|e| self.io(e))?;
         let upload_ms = ms();
-        let mut r = BufReader::new(tls);
+        let mut r = BufReader::new(std::io::Cursor::new(said).chain(tls));
         let resp = self.head(&mut r)?;
         if resp.status != 200 {
             let body = self.body(&mut r, &resp)?;
@@ -329,7 +349,7 @@ impl Client {
                         events,
                         bind_ms,
                         upload_ms,
-                        ready_ms: ms(),
+                        ready_ms: ready_at.unwrap_or_else(ms),
                         forwards,
                         peer,
                     });
@@ -338,4 +358,54 @@ impl Client {
             }
         }
     }
+}
+
+/// Overlay bytes written between two looks at what the daemon said.
+const UPLOAD_PIECE: usize = 256 << 10;
+
+/// Appends to `into` the response bytes that have arrived on `tls`,
+/// without waiting for more.
+fn read_available(tls: &mut Tls, into: &mut Vec<u8>) -> std::io::Result<()> {
+    tls.sock.set_nonblocking(true)?;
+    let r = (|| loop {
+        match tls.conn.read_tls(&mut tls.sock) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {
+                tls.conn
+                    .process_new_packets()
+                    .map_err(std::io::Error::other)?;
+                let mut b = [0u8; 16 << 10];
+                loop {
+                    match tls.conn.reader().read(&mut b) {
+                        Ok(0) => break,
+                        Ok(k) => into.extend_from_slice(&b[..k]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if into.len() as u64 > MAX_ANSWER {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    })();
+    tls.sock.set_nonblocking(false)?;
+    r
+}
+
+/// True when `said` (a response so far) is a 200 whose progress lines
+/// include `ready`.
+fn says_ready(said: &[u8]) -> bool {
+    let Some(end) = said.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    if !said.starts_with(b"HTTP/1.1 200") {
+        return false;
+    }
+    said[end + 4..]
+        .split(|&b| b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<Progress>(l).ok())
+        .any(|p| matches!(p, Progress::Ready { .. }))
 }

@@ -13,6 +13,7 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use kimberley_formats::apply::early::Early;
 use kimberley_formats::apply::{self, ApplyOptions, Input, Opened};
 use kimberley_formats::crypto::keys::Secret;
 use kimberley_formats::crypto::ReadPolicy;
@@ -657,7 +658,7 @@ pub fn run(mgr: Arc<Manager>, new: NewSession, events: SyncSender<Progress>) {
             ms: ms(t0),
         });
     };
-    let (session, vm) = match synthesise(&mgr, new, &events) {
+    let (session, vm, early) = match synthesise(&mgr, new, &events) {
         Ok(x) => x,
         Err(r) => return failed(r),
     };
@@ -668,7 +669,31 @@ pub fn run(mgr: Arc<Manager>, new: NewSession, events: SyncSender<Progress>) {
             return failed((Reason::Internal, format!("binding the control socket: {e}")));
         }
     };
-    match start_vm(&mgr, &session, &vm, t0, &events) {
+    // An early start runs the VM while the overlay is still applied; if it
+    // cannot start, the VM starts once the apply has committed.
+    let (started, applying) = match early {
+        Some(e) => {
+            let r = start_early(&session, &vm, &e, t0, &events);
+            match r {
+                Ok(m) => (Ok(m), Some(e.applying)),
+                Err(why) => {
+                    log::warn(
+                        "session.early_start_failed",
+                        json!({"session": session.id, "error": why.1}),
+                    );
+                    // The apply's own failure says why (a cut upload, a
+                    // forged segment); if it succeeded, the VM starts now.
+                    match e.applying.join() {
+                        Ok(Ok(())) => (start_vm(&mgr, &session, &vm, t0, &events), None),
+                        Ok(Err(r)) => (Err(r), None),
+                        Err(_) => (Err(why), None),
+                    }
+                }
+            }
+        }
+        None => (start_vm(&mgr, &session, &vm, t0, &events), None),
+    };
+    match started {
         Ok(machine) => {
             session.set_state(State::Running);
             log::info(
@@ -680,7 +705,7 @@ pub fn run(mgr: Arc<Manager>, new: NewSession, events: SyncSender<Progress>) {
                 forwards: session.forwards(),
             });
             drop(events);
-            serve(&mgr, &session, &vm, machine, sock);
+            serve(&mgr, &session, &vm, machine, sock, applying);
         }
         Err(r) => {
             drop(sock);
@@ -690,11 +715,40 @@ pub fn run(mgr: Arc<Manager>, new: NewSession, events: SyncSender<Progress>) {
     }
 }
 
+/// A synthesis still running while its launch VM starts early: what the
+/// VM reads from, and the apply's thread (true once it committed).
+struct Arriving {
+    early: Early,
+    launch: kimberley_formats::vmdir::Manifest,
+    applying: std::thread::JoinHandle<Result<(), Refusal>>,
+}
+
+/// Whether `chain` can start early on `base`: one version-2 overlay, a
+/// backend that serves memory still arriving (the microVM), no ports.
+fn early_plan(
+    base: &Base,
+    chain: &[Opened],
+    ports: &[u16],
+) -> Option<(Early, kimberley_formats::vmdir::Manifest)> {
+    let [o] = chain else { return None };
+    if !ports.is_empty() {
+        return None;
+    }
+    let mut launch = o.manifest.launch_manifest();
+    launch.machine = base.dir.manifest.machine.clone();
+    let backend = kimberley_cli::machines::backend_of(&launch, &base.dir.path).ok()?;
+    if !backend.serves_arriving() {
+        return None;
+    }
+    let early = Early::new(&base.dir, o).ok()??;
+    Some((early, launch))
+}
+
 fn synthesise(
     mgr: &Arc<Manager>,
     new: NewSession,
     events: &SyncSender<Progress>,
-) -> Result<(Arc<Session>, PathBuf), Refusal> {
+) -> Result<(Arc<Session>, PathBuf, Option<Arriving>), Refusal> {
     let t0 = new.t0;
     let secret = new.key;
     let inputs = match new.source {
@@ -704,7 +758,7 @@ fn synthesise(
         }],
         Source::Reference(r) => mgr.chain(&r)?,
     };
-    let mut chain = Vec::new();
+    let mut chain: Vec<Opened> = Vec::new();
     for input in inputs {
         chain.push(
             Opened::open(input, Some(&secret), &ReadPolicy::default())
@@ -755,6 +809,54 @@ fn synthesise(
         // Soft state: complete and checked, not worth an fsync.
         sync: false,
     };
+    if let Some((early, launch)) = early_plan(base, &chain, &session.ports) {
+        let (b, o, out, e, s, ev) = (
+            base.dir.clone(),
+            chain.pop().expect("one overlay"),
+            vm.clone(),
+            early.clone(),
+            session.clone(),
+            events.clone(),
+        );
+        let cut = new.cut.clone();
+        let applying = std::thread::spawn(move || {
+            let r = apply::apply_early(&b, o, &out, &opts, &ApplyProgress::default(), t0, &e);
+            match r {
+                Ok(stats) => {
+                    log::info(
+                        "session.synthesised",
+                        json!({"session": s.id, "overlay_bytes": stats.overlay_bytes, "launch_bytes": stats.launch_bytes, "early_start": true, "ms": ms(t0)}),
+                    );
+                    // Heard only if the guest has not answered yet.
+                    let _ = ev.try_send(Progress::Synthesised {
+                        launch_bytes: stats.launch_bytes,
+                        ms: ms(t0),
+                    });
+                    Ok(())
+                }
+                Err(err) => {
+                    // A VM that ran on what had arrived is discarded.
+                    let r = (reason_of(&err, cut.load(Ordering::SeqCst)), err.to_string());
+                    log::warn(
+                        "session.synthesis_failed",
+                        json!({"session": s.id, "reason": r.0, "error": r.1}),
+                    );
+                    s.discard.store(true, Ordering::SeqCst);
+                    s.stop.store(true, Ordering::SeqCst);
+                    Err(r)
+                }
+            }
+        });
+        return Ok((
+            session,
+            vm,
+            Some(Arriving {
+                early,
+                launch,
+                applying,
+            }),
+        ));
+    }
     match apply::apply_opened(&base.dir, chain, &vm, &opts, &ApplyProgress::default(), t0) {
         Ok(stats) => {
             log::info(
@@ -765,7 +867,7 @@ fn synthesise(
                 launch_bytes: stats.launch_bytes,
                 ms: ms(t0),
             });
-            Ok((session, vm))
+            Ok((session, vm, None))
         }
         Err(e) => {
             mgr.discard(&session);
@@ -913,14 +1015,48 @@ fn start_vm(
     Ok(machine)
 }
 
+/// Starts the launch VM of `a` while its overlay is still being applied
+/// into `vm` (the microVM: memory from what arrived, disks as the merge
+/// writes them); returns once the guest answered.
+fn start_early(
+    session: &Session,
+    vm: &Path,
+    a: &Arriving,
+    t0: Instant,
+    events: &SyncSender<Progress>,
+) -> Result<Box<dyn kimberley_machine::Machine>, Refusal> {
+    session.set_state(State::Resuming);
+    a.early
+        .wait_working_set()
+        .map_err(|e| (Reason::Corrupt, format!("the overlay failed: {e}")))?;
+    let backend = kimberley_cli::machines::backend_of(&a.launch, vm)
+        .map_err(|e| (Reason::Internal, format!("{e:#}")))?;
+    let mut machine = backend
+        .restore_arriving(&a.early, &a.launch, vm)
+        .map_err(|e| (Reason::Vm, format!("starting the launch VM early: {e}")))?;
+    machine.set_interrupt(session.stop.clone());
+    let _ = events.send(Progress::Resumed {
+        ms: ms(t0),
+        forwards: Vec::new(),
+    });
+    machine
+        .agent()
+        .ping(FIRST_ANSWER)
+        .map_err(|e| (Reason::Vm, format!("the guest did not answer: {e}")))?;
+    Ok(machine)
+}
+
 /// Serves the control socket until a stop, then suspends the VM into the
-/// session directory or discards the session.
+/// session directory or discards the session. `applying`: the synthesis
+/// of a VM that started early, waited for before anything is kept (if it
+/// fails, it stops the serving and the session is discarded).
 fn serve(
     mgr: &Manager,
     session: &Arc<Session>,
     vm: &Path,
     machine: Box<dyn kimberley_machine::Machine>,
     sock: ControlSocket,
+    applying: Option<std::thread::JoinHandle<Result<(), Refusal>>>,
 ) {
     let id = session.id.clone();
     let hooks = control::Hooks {
@@ -931,6 +1067,11 @@ fn serve(
         log::info("guest.console", json!({"session": id, "line": line}));
     });
     let served = control::serve_with(machine, sock, hooks, session.stop.clone(), console);
+    if let Some(a) = applying {
+        if !matches!(a.join(), Ok(Ok(()))) {
+            session.discard.store(true, Ordering::SeqCst);
+        }
+    }
     let discard = session.discard.load(Ordering::SeqCst);
     let outcome = served.map_err(|e| e.to_string()).and_then(|(mut m, _)| {
         if discard {
@@ -1050,7 +1191,7 @@ pub fn revive(mgr: &Arc<Manager>, s: &Arc<Session>) -> Result<(), Refusal> {
                         json!({"session": session.id, "client": session.owner, "ms": ms(t0), "revived": true}),
                     );
                     let _ = done.send(Ok(()));
-                    serve(&m, &session, &vm, machine, sock);
+                    serve(&m, &session, &vm, machine, sock, None);
                 }
                 Err(r) => {
                     drop(sock);

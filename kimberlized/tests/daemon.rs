@@ -639,3 +639,75 @@ fn the_key_never_crosses_the_wire_in_clear() {
         .delete(v["session"].as_str().unwrap(), false)
         .unwrap();
 }
+
+/// Waits (60 s at most) until the daemon holds no session directory.
+fn until_no_sessions(d: &Daemon) {
+    let t = std::time::Instant::now();
+    while !d.session_dirs().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "left: {:?}",
+            d.session_dirs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issues 14 and 11: an overlay built with `--early-start` (a coverage map,
+/// the resumed VM's working set first) starts its VM before the apply has
+/// ended (the daemon's log says so), runs the app, and ends leaving
+/// nothing. Cut past its working set, the VM that may have started is
+/// discarded with its session, and the reason is the cut.
+#[test]
+fn an_early_start_overlay_runs_and_a_cut_one_leaves_nothing() {
+    if !kvm() {
+        return;
+    }
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    build_app(t, "32M", "4M", INSTALL, &["--early-start".as_ref()]);
+    let pki = Pki::new(t);
+    let d = Daemon::start(t, &pki, &t.join("base"), &[]);
+    let v = ok_json(&offload(
+        t,
+        d.addr,
+        &pki.device.0,
+        &pki.device.1,
+        &pki.ca.pem,
+    ));
+    let id = v["session"].as_str().unwrap().to_string();
+    let syn = event(&d.proc, "session.synthesised", Duration::from_secs(60));
+    assert_eq!(syn["early_start"], true, "{syn}");
+    let c = d.client(&pki.device_id());
+    check_guest(&c, &id);
+    c.delete(&id, false).unwrap();
+    until_no_sessions(&d);
+
+    let overlay = std::fs::read(t.join("app.ovl")).unwrap();
+    let key = kimberley_formats::digest::hex(&key_of(t));
+    {
+        let mut tls = c.connect().unwrap();
+        let head = kimberlized::http::request_head(
+            "POST",
+            "/v1/sessions",
+            "x",
+            &[("Kimberley-Key", &key)],
+            Some(overlay.len() as u64),
+        );
+        tls.write_all(&head).unwrap();
+        tls.write_all(&overlay[..overlay.len() * 9 / 10]).unwrap();
+        tls.flush().unwrap();
+        event(&d.proc, "session.accepted", Duration::from_secs(30));
+    }
+    event(&d.proc, "upload.cut", Duration::from_secs(90));
+    until_no_sessions(&d);
+    let failed = d
+        .events("session.refused")
+        .into_iter()
+        .chain(d.events("session.synthesis_failed"))
+        .next()
+        .unwrap_or_else(|| panic!("no failure logged: {}", d.proc.stderr()));
+    assert_eq!(failed["reason"], "upload_cut", "{failed}");
+    assert_eq!(c.info().unwrap().active_sessions, 0);
+}
