@@ -98,6 +98,10 @@ fn run_apply(a: cli::ApplyArgs) -> Result<()> {
             let opened = chain
                 .inputs
                 .into_iter()
+                .map(|mut i| {
+                    i.reader = Box::new(early::Counted::new(i.reader, received.clone()));
+                    i
+                })
                 .map(|i| Opened::open(i, opts.secret.as_ref(), &opts.policy))
                 .collect::<Result<Vec<_>, _>>()?;
             let base = match (base, opened.first()) {
