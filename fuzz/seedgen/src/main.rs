@@ -447,6 +447,10 @@ fn migration_seeds(s: &mut Seeds) {
         Message::Error("no space left on device".into()),
         Message::Commit,
         Message::Done,
+        Message::BootFiles {
+            kernel: "/srv/vm/kernel".into(),
+            initrd: "/srv/vm/initrd".into(),
+        },
     ];
     for (i, m) in msgs.into_iter().enumerate() {
         let ty = m.ty();
