@@ -148,7 +148,8 @@ pub struct ApplyArgs {
     pub early_start: bool,
     /// With --run, forward a host TCP port to a guest port:
     /// `[ADDR:]HOSTPORT:GUESTPORT` (ADDR defaults to 127.0.0.1; repeat for
-    /// more). Linux guests (QEMU backend) only.
+    /// more). Linux guests (QEMU backend) only, from IPv4 addresses (QEMU's
+    /// user networking forwards from no other).
     #[arg(long, value_name = "[ADDR:]HOSTPORT:GUESTPORT", requires = "run")]
     pub forward: Vec<kimberley_machine::PortForward>,
     /// With --run, let the guest reach the network through QEMU's user

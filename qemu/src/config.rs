@@ -210,6 +210,14 @@ impl MachineConfig {
         let accel = Accel::parse(&spec.accel)
             .ok_or_else(|| Error::Unsupported(format!("unknown accelerator {:?}", spec.accel)))?;
         let has_net = spec.devices.iter().any(|d| d == "virtio-net-pci:user");
+        // QEMU 7.2's user networking refuses `hostfwd=tcp:[ADDR]:...` for
+        // an IPv6 ADDR ("Bad host address") only once it starts.
+        if let Some(f) = forwards.iter().find(|f| f.host_addr.is_ipv6()) {
+            return Err(Error::Unsupported(format!(
+                "QEMU forwards guest ports from IPv4 host addresses only, not {}",
+                f.host_addr
+            )));
+        }
         if !has_net && !forwards.is_empty() {
             return Err(Error::Unsupported(
                 "the VM has no network card: ports cannot be forwarded into it".into(),
@@ -380,7 +388,10 @@ mod tests {
             machine_type: DEFAULT_MACHINE_TYPE.into(),
             cpu: "qemu64".into(),
             net: Some(UserNet {
-                forwards: vec!["8080:80".parse().unwrap(), "[::1]:2222:22".parse().unwrap()],
+                forwards: vec![
+                    "8080:80".parse().unwrap(),
+                    "127.0.0.2:2222:22".parse().unwrap(),
+                ],
                 outside: false,
             }),
         }
@@ -440,7 +451,7 @@ mod tests {
              -device virtio-blk-pci,drive=disk0,discard=on \
              -drive file=/d/a,,b.raw,format=raw,if=none,id=disk1,discard=unmap,cache=writeback \
              -device virtio-blk-pci,drive=disk1,discard=on \
-             -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:[::1]:2222-:22 \
+             -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.2:2222-:22 \
              -device virtio-net-pci,netdev=net0,romfile= \
              -chardev socket,id=qmp0,path=/w/qmp.sock,server=on,wait=off \
              -mon chardev=qmp0,mode=control"
@@ -526,6 +537,7 @@ mod tests {
         assert!(
             refused(&nonet.spec("7.2"), vec!["80:80".parse().unwrap()]).contains("no network card")
         );
+        assert!(refused(&spec, vec!["[::1]:2222:22".parse().unwrap()]).contains("IPv4"));
     }
 
     #[test]
