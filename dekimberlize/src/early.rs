@@ -174,11 +174,9 @@ impl Run<'_> {
             let received_at_first = self.received.load(Ordering::Relaxed);
             let answered = match vm.agent().ping(Duration::from_secs(30)) {
                 Ok(()) => Some(Instant::now()),
+                // Stopped, or the apply failed (its error is what counts).
                 Err(MachineError::Interrupted) => None,
-                Err(e) if failed.load(Ordering::SeqCst) => {
-                    let _ = e;
-                    None
-                }
+                Err(_) if failed.load(Ordering::SeqCst) => None,
                 Err(e) => return Err(vm_error(e)),
             };
             if answered.is_some() {

@@ -29,6 +29,27 @@ pub fn zero_block_hash(len: usize) -> Digest {
     }
 }
 
+/// The hash of a block's bytes, an all-zero block through the cached
+/// [`zero_block_hash`] (the same value, without hashing a mebibyte).
+pub fn data_block_hash(bytes: &[u8]) -> Digest {
+    if crate::chunk::is_zero(bytes) {
+        zero_block_hash(bytes.len())
+    } else {
+        block_hash(bytes)
+    }
+}
+
+/// The component digest of `size` bytes whose block hashes are `hashes`,
+/// in order. A list that is not `block_count(size)` long gives a digest no
+/// component of that size has (for checking untrusted block lists).
+pub fn combine(size: u64, hashes: &[Digest]) -> Digest {
+    let mut h = ComponentHasher::new(size);
+    for b in hashes {
+        h.inner.update(b);
+    }
+    *h.inner.finalize().as_bytes()
+}
+
 /// Number of digest blocks of an image of `size` bytes.
 pub fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK)
@@ -93,13 +114,6 @@ impl ComponentHasher {
     /// Ends the digest. Panics in debug builds if blocks are missing.
     pub fn finish(self) -> Digest {
         debug_assert_eq!(self.blocks, block_count(self.size));
-        self.finish_any()
-    }
-
-    /// Ends the digest of whatever blocks were pushed (a count that is not
-    /// the size's gives a digest no component has: for checking untrusted
-    /// block lists).
-    pub fn finish_any(self) -> Digest {
         *self.inner.finalize().as_bytes()
     }
 }
@@ -180,12 +194,7 @@ impl BlockDigests {
             .map(|&i| {
                 let mut buf = vec![0u8; block_len(size, i)];
                 crate::fsutil::read_at_zero_padded(file, &mut buf, i * BLOCK, size)?;
-                let h = if crate::chunk::is_zero(&buf) {
-                    zero_block_hash(buf.len())
-                } else {
-                    block_hash(&buf)
-                };
-                Ok((i, h))
+                Ok((i, data_block_hash(&buf)))
             })
             .collect::<std::io::Result<_>>()?;
         for (i, h) in new {
@@ -198,11 +207,7 @@ impl BlockDigests {
     /// The component digest. Marked blocks must have been re-hashed.
     pub fn digest(&self) -> Digest {
         debug_assert_eq!(self.stale_count(), 0);
-        let mut h = ComponentHasher::new(self.size);
-        for b in &self.hashes {
-            h.push(b);
-        }
-        h.finish()
+        combine(self.size, &self.hashes)
     }
 }
 

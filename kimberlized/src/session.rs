@@ -995,15 +995,27 @@ fn start_vm(
     };
     *session.forwards.lock().unwrap_or_else(|e| e.into_inner()) = forwards.clone();
     drop(held);
-    let mut machine = kimberley_cli::machines::restore(&dir, opts)
+    let machine = kimberley_cli::machines::restore(&dir, opts)
         .map_err(|e| (Reason::Vm, format!("resuming the launch VM: {e:#}")))?;
-    machine.set_interrupt(session.stop.clone());
     if !forwards.is_empty() {
         log::info(
             "session.forwards",
             json!({"session": session.id, "forwards": forwards}),
         );
     }
+    first_answer(session, machine, t0, events, forwards)
+}
+
+/// A resumed session's VM: made to stop with the session, `resumed`
+/// said, and its first answer waited for.
+fn first_answer(
+    session: &Session,
+    mut machine: Box<dyn kimberley_machine::Machine>,
+    t0: Instant,
+    events: &SyncSender<Progress>,
+    forwards: Vec<Forward>,
+) -> Result<Box<dyn kimberley_machine::Machine>, Refusal> {
+    machine.set_interrupt(session.stop.clone());
     let _ = events.send(Progress::Resumed {
         ms: ms(t0),
         forwards,
@@ -1031,19 +1043,10 @@ fn start_early(
         .map_err(|e| (Reason::Corrupt, format!("the overlay failed: {e}")))?;
     let backend = kimberley_cli::machines::backend_of(&a.launch, vm)
         .map_err(|e| (Reason::Internal, format!("{e:#}")))?;
-    let mut machine = backend
+    let machine = backend
         .restore_arriving(&a.early, &a.launch, vm)
         .map_err(|e| (Reason::Vm, format!("starting the launch VM early: {e}")))?;
-    machine.set_interrupt(session.stop.clone());
-    let _ = events.send(Progress::Resumed {
-        ms: ms(t0),
-        forwards: Vec::new(),
-    });
-    machine
-        .agent()
-        .ping(FIRST_ANSWER)
-        .map_err(|e| (Reason::Vm, format!("the guest did not answer: {e}")))?;
-    Ok(machine)
+    first_answer(session, machine, t0, events, Vec::new())
 }
 
 /// Serves the control socket until a stop, then suspends the VM into the

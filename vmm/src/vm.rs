@@ -346,16 +346,7 @@ impl Vm {
         memory_patches: Option<&Patches>,
     ) -> Result<Vm> {
         let snap = decode_snapshot(state)?;
-        if disks.len() != snap.blocks.len() {
-            return Err(Error::StateMismatch(
-                disks.first().map(|d| d.path.clone()).unwrap_or_default(),
-                format!(
-                    "{} disks given, the state has {}",
-                    disks.len(),
-                    snap.blocks.len()
-                ),
-            ));
-        }
+        check_disk_count(disks.iter().map(|d| &d.path), &snap)?;
         runner::install_kick_handler();
         // A shared lock for as long as the VM lives (it maps or reads the
         // memory file): a suspend in place updates the file only when no
@@ -411,16 +402,7 @@ impl Vm {
         state: &[u8],
     ) -> Result<Vm> {
         let snap = decode_snapshot(state)?;
-        if disks.len() != snap.blocks.len() {
-            return Err(Error::StateMismatch(
-                disks.first().map(|d| d.0.path.clone()).unwrap_or_default(),
-                format!(
-                    "{} disks given, the state has {}",
-                    disks.len(),
-                    snap.blocks.len()
-                ),
-            ));
-        }
+        check_disk_count(disks.iter().map(|d| &d.0.path), &snap)?;
         let memory_size = early.components().first().map_or(0, |c| c.size);
         if memory_size != snap.memory_size {
             return Err(Error::StateMismatch(
@@ -1033,6 +1015,21 @@ fn expect_section<'a>(r: &mut Reader<'a>, tag: u32) -> Result<Reader<'a>> {
         )));
     }
     Ok(body)
+}
+
+/// Refuses disks (named by `paths`) that are not as many as `snap` has.
+fn check_disk_count<'a>(
+    mut paths: impl ExactSizeIterator<Item = &'a PathBuf>,
+    snap: &Snapshot,
+) -> Result<()> {
+    let n = paths.len();
+    if n == snap.blocks.len() {
+        return Ok(());
+    }
+    Err(Error::StateMismatch(
+        paths.next().cloned().unwrap_or_default(),
+        format!("{n} disks given, the state has {}", snap.blocks.len()),
+    ))
 }
 
 fn decode_snapshot(blob: &[u8]) -> Result<Snapshot> {

@@ -10,13 +10,14 @@ use kimberley_formats::chunk::is_zero;
 use kimberley_formats::digest::{Digest, BLOCK};
 use kimberley_formats::fsutil::{copy_sparse, occupied, open_regular, same_file};
 use kimberley_formats::sys::clone;
-use kimberley_formats::vmdir::dir::digest_file;
+use kimberley_formats::vmdir::dir::{block_hashes_file, digest_file};
 use kimberley_formats::vmdir::{file_name, Component, Kind, Manifest, VmDir, VmDirWriter};
 
 use crate::error::{Error, Result};
 use crate::vm::{OpenedFile, Vm};
 use crate::vstate::memory::{self, PAGE_SIZE};
-use crate::vstate::origin::{digest_of, hash_block, Origin};
+use crate::vstate::origin::Origin;
+use kimberley_formats::digest::{combine, data_block_hash};
 use kimberley_machine::MemorySource;
 
 /// Restores the VM stored in `dir` (memory mapped copy-on-write: the
@@ -107,13 +108,13 @@ pub fn save_into(vm: &mut Vm, w: VmDirWriter, name: &str) -> Result<PathBuf> {
         None => {
             // Written whole: hashed from the file, its holes skipped.
             let f = open_checked(&mem_path)?;
-            block_hashes_of(&f, vm.memory_size())
+            block_hashes_file(&f, vm.memory_size())
                 .map_err(|e| Error::io(format!("reading {}", mem_path.display()), e))?
         }
     };
     // For the next restore: it then knows every block's hash at once.
     w.write_memory_blocks(vm.memory_size(), &mem_hashes)?;
-    let mem_digest = Some(digest_of(vm.memory_size(), &mem_hashes));
+    let mem_digest = Some(combine(vm.memory_size(), &mem_hashes));
     let mut components = vec![Component {
         kind: Kind::Memory,
         size: vm.memory_size(),
@@ -284,21 +285,6 @@ fn save_memory(vm: &mut Vm, w: &VmDirWriter, path: &Path) -> Result<Option<Vec<D
     Ok(hashes)
 }
 
-/// The block hashes of the first `size` bytes of `f` (holes hash as zeros
-/// without being read).
-fn block_hashes_of(f: &File, size: u64) -> std::io::Result<Vec<Digest>> {
-    let mut d = kimberley_formats::digest::BlockDigests::zeros(size);
-    for (start, end) in kimberley_formats::sparse::data_extents(f, size)? {
-        let mut b = start - start % BLOCK;
-        while b < end {
-            d.mark(b);
-            b += BLOCK;
-        }
-    }
-    d.rehash(f)?;
-    Ok(d.hashes().to_vec())
-}
-
 /// Today's whole write: zero pages as holes, the rest with large writes.
 fn full(mem: &[u8], path: &Path) -> Result<Option<Vec<Digest>>> {
     memory::write_sparse(mem, path)?;
@@ -354,7 +340,7 @@ fn rehash_changed(mem: &[u8], changed: &[bool], hashes: &mut [Digest]) {
             &changed[(b * per_block).min(changed.len())..((b + 1) * per_block).min(changed.len())];
         if pages.iter().any(|&c| c) {
             let s = b * BLOCK as usize;
-            *h = hash_block(&mem[s..(s + BLOCK as usize).min(mem.len())]);
+            *h = data_block_hash(&mem[s..(s + BLOCK as usize).min(mem.len())]);
         }
     }
 }
@@ -400,10 +386,12 @@ mod tests {
             "the zero run was not punched: {holes:?}"
         );
         let mut h: Vec<Digest> = (0..block_count(size as u64) as usize)
-            .map(|b| hash_block(&old[b * BLOCK as usize..((b + 1) * BLOCK as usize).min(size)]))
+            .map(|b| {
+                data_block_hash(&old[b * BLOCK as usize..((b + 1) * BLOCK as usize).min(size)])
+            })
             .collect();
-        assert_eq!(digest_of(size as u64, &h), digest_bytes(&old));
+        assert_eq!(combine(size as u64, &h), digest_bytes(&old));
         rehash_changed(&mem, &changed, &mut h);
-        assert_eq!(digest_of(size as u64, &h), digest_bytes(&mem));
+        assert_eq!(combine(size as u64, &h), digest_bytes(&mem));
     }
 }

@@ -151,12 +151,6 @@ impl Early {
         s.out.iter().map(|f| f.try_clone()).collect()
     }
 
-    /// True when component `comp` is wholly written and checked.
-    pub fn component_done(&self, comp: usize) -> bool {
-        let s = lock(&self.inner.state);
-        s.done.get(comp).copied() >= self.inner.launch.get(comp).map(|c| c.size)
-    }
-
     /// Waits until the first `end` bytes of component `comp` are in its
     /// output file for good (the merge writes in position order and never
     /// writes there again: a VM may then read and write them), or the apply
@@ -401,9 +395,9 @@ impl Early {
             *d = (*d).max(pos);
         }
         // Held records the file now has are no longer needed.
-        let done = s.done.clone();
+        let State { held, done, .. } = &mut *s;
         let launch = &self.inner.launch;
-        s.held.retain(|&(c, start), (seg, i)| {
+        held.retain(|&(c, start), (seg, i)| {
             let end = (start + u64::from(seg.records[*i].count)) * CHUNK;
             end.min(launch[c].size) > done[c]
         });

@@ -2,7 +2,7 @@
 //! component's block hashes beside it, encoded and checked without I/O
 //! here, read and written through the VMDIR types.
 
-use crate::digest::{block_count, ComponentHasher, Digest};
+use crate::digest::{block_count, combine, Digest};
 
 /// The file's name in a VMDIR.
 pub const BLOCKS_FILE: &str = "memory.blocks";
@@ -47,15 +47,6 @@ pub fn decode(bytes: &[u8], size: u64, digest: &Digest) -> Option<Vec<Digest>> {
         .map(|c| c.try_into().expect("32-byte pieces"))
         .collect();
     (combine(size, &hashes) == *digest).then_some(hashes)
-}
-
-/// The component digest of `size` bytes whose block hashes are `hashes`.
-pub fn combine(size: u64, hashes: &[Digest]) -> Digest {
-    let mut h = ComponentHasher::new(size);
-    for b in hashes {
-        h.push(b);
-    }
-    h.finish_any()
 }
 
 #[cfg(test)]

@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kimberley_formats::digest::{
-    block_count, block_hash, block_len, zero_block_hash, BlockDigests, ComponentHasher, Digest,
-    BLOCK,
+    block_count, block_len, combine, data_block_hash, zero_block_hash, BlockDigests, Digest, BLOCK,
 };
 use kimberley_formats::sys::lock::{flock, Mode};
 
@@ -106,7 +105,7 @@ impl Origin {
             self.hashes = d
                 .rehash(&self.file)
                 .ok()
-                .filter(|_| digest_of(self.size, d.hashes()) == self.digest)
+                .filter(|_| combine(self.size, d.hashes()) == self.digest)
                 .map(|_| d.hashes().to_vec());
         }
         self.hashes.as_mut()
@@ -164,24 +163,6 @@ impl Drop for Origin {
     }
 }
 
-/// The component digest of `size` bytes whose block hashes are `hashes`.
-pub fn digest_of(size: u64, hashes: &[Digest]) -> Digest {
-    let mut h = ComponentHasher::new(size);
-    for b in hashes {
-        h.push(b);
-    }
-    h.finish()
-}
-
-/// The hash of a block's bytes (all-zero blocks through the cached hash).
-pub fn hash_block(bytes: &[u8]) -> Digest {
-    if kimberley_formats::chunk::is_zero(bytes) {
-        zero_block_hash(bytes.len())
-    } else {
-        block_hash(bytes)
-    }
-}
-
 /// Hashes the data blocks of `f` (`size` bytes; holes are not read) into
 /// `progress`, one block at a time, until done, a read fails or `stop` is
 /// set; unmarks the hole blocks first.
@@ -220,7 +201,7 @@ fn hash_file(f: &File, size: u64, stop: &AtomicBool, progress: &Mutex<BlockDiges
         {
             return;
         }
-        let h = hash_block(&buf[..len]);
+        let h = data_block_hash(&buf[..len]);
         let Ok(mut d) = progress.lock() else { return };
         d.set(b, h);
     }
@@ -244,7 +225,7 @@ mod tests {
         let d = kimberley_formats::digest::digest_bytes(&img);
         let mut o = Origin::start(f.try_clone().unwrap(), None, size, d);
         let h = o.hashes().unwrap().clone();
-        assert_eq!(digest_of(size, &h), d);
+        assert_eq!(combine(size, &h), d);
         let mut wrong = Origin::start(f, None, size, [0; 32]);
         assert!(wrong.hashes().is_none());
     }
@@ -264,7 +245,7 @@ mod tests {
         let d = kimberley_formats::digest::digest_bytes(&img);
         let mut o = Origin::start(f, None, size, d);
         let h = o.hashes().unwrap().clone();
-        assert_eq!(digest_of(size, &h), d);
+        assert_eq!(combine(size, &h), d);
     }
 
     #[test]
