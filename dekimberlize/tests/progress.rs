@@ -236,8 +236,15 @@ fn one_bar_with_a_fixed_total_on_a_terminal() {
         totals.iter().all(|t| *t == want),
         "the total changed: {totals:?}, want {want}"
     );
-    // One bar through the stages, its message the stage's name.
-    assert!(stages.iter().any(|s| s == "diffing"), "{stages:?}");
+    // One bar through the stages, its message always a stage's name.
+    // (Which stages are drawn depends on their length against the
+    // 100 ms poll: this small diff's last stage can be shorter.)
+    assert!(
+        stages
+            .iter()
+            .all(|s| ["indexing base", "diffing"].contains(&s.as_str())),
+        "{stages:?}"
+    );
     assert!(text.contains("wrote "), "no summary: {text:?}");
 }
 
