@@ -23,16 +23,18 @@ fn size(dir: &Path) -> u64 {
 
 /// A pair large enough that a diff takes about a second: 64 MiB of
 /// random memory, and the same with every eighth MiB rewritten, imported.
-fn big_pair(t: &Path) -> Pair {
+/// A base of `mib` MiB of random bytes and a launch VM with every eighth
+/// MiB changed.
+fn big_pair(t: &Path, mib: usize) -> Pair {
     use std::io::Read;
-    let mut data = vec![0u8; 64 << 20];
+    let mut data = vec![0u8; mib << 20];
     std::fs::File::open("/dev/urandom")
         .unwrap()
         .read_exact(&mut data)
         .unwrap();
     std::fs::write(t.join("base.raw"), &data).unwrap();
-    for mib in (0..64).step_by(8) {
-        data[mib << 20..(mib << 20) + (1 << 20)].fill(mib as u8);
+    for m in (0..mib).step_by(8) {
+        data[m << 20..(m << 20) + (1 << 20)].fill(m as u8);
     }
     std::fs::write(t.join("launch.raw"), &data).unwrap();
     let pair = Pair {
@@ -144,7 +146,7 @@ fn plain_lines(e: &str) -> Vec<&str> {
 #[test]
 fn plain_progress_lines_for_logs() {
     let t = tempfile::tempdir().unwrap();
-    let p = big_pair(t.path());
+    let p = big_pair(t.path(), 64);
     let key = t.path().join("key");
     keygen(&key);
     let total = bytes(size(&p.base) + size(&p.launch));
@@ -200,7 +202,9 @@ fn strip_ansi(s: &str) -> String {
 #[test]
 fn one_bar_with_a_fixed_total_on_a_terminal() {
     let t = tempfile::tempdir().unwrap();
-    let p = big_pair(t.path());
+    // Large enough that the diff lasts several of the bar's 100 ms draws
+    // on a fast machine too (64 MiB took 0.19 s on CI: a single draw).
+    let p = big_pair(t.path(), 320);
     let key = t.path().join("key");
     keygen(&key);
     let cmd = diff_cmd(&p, &key, &t.path().join("a.ovl"));
