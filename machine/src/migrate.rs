@@ -45,6 +45,10 @@ pub struct StreamLimits {
     /// The downtime the hypervisor aims at when it decides to stop the
     /// guest, milliseconds.
     pub downtime_ms: u64,
+    /// The hypervisor copies the disks in its stream (pre-copy, with its
+    /// own dirty tracking); otherwise the other side opens the same,
+    /// shared, files.
+    pub copy_disks: bool,
 }
 
 /// Where a hypervisor-driven migration stream stands.

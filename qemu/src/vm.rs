@@ -39,6 +39,9 @@ pub struct Vm {
     started: Instant,
     first_run: Option<Instant>,
     paused: bool,
+    /// A live migration copies the disks in its stream (block migration
+    /// is on until [`Vm::live_end`]).
+    copying_disks: bool,
     ready: bool,
     exited: Option<String>,
     interrupt: Arc<AtomicBool>,
@@ -196,6 +199,7 @@ impl Vm {
             started,
             first_run: None,
             paused: incoming,
+            copying_disks: false,
             ready: false,
             exited: None,
             interrupt,

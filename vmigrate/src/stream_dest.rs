@@ -103,9 +103,6 @@ pub(crate) fn prepare(
     stop: &AtomicBool,
     acked: &mut bool,
 ) -> Result<Prepared> {
-    if !start.disks.is_empty() && !start.shared_disk {
-        bail!("this receiver takes the disks of a QEMU guest only as shared disks (--shared-disk)");
-    }
     let shared_files = shared_disks(&start, opts)?;
     let m = match next(rx, stop)? {
         Message::Machine(m) => m,
@@ -136,7 +133,8 @@ pub(crate) fn prepare(
         .set_len(start.memory_size)
         .context("sizing guest memory")?;
     // Targets as the sender numbers them: memory (never sent as chunks),
-    // the disks (shared), the kernel, the initrd.
+    // the disks (shared, or new files QEMU's stream fills: never sent as
+    // chunks either), the kernel, the initrd.
     let mut targets = vec![Target {
         file: memory,
         chunks: start.memory_size / CHUNK as u64,
@@ -154,6 +152,18 @@ pub(crate) fn prepare(
             shared: true,
             digests: BlockDigests::zeros(0),
         });
+    }
+    if !start.shared_disk {
+        for (i, d) in start.disks.iter().enumerate() {
+            let f = w.create_file(&file_name(Kind::Disk, i))?;
+            f.set_len(d.size).context("sizing a disk")?;
+            targets.push(Target {
+                file: f,
+                chunks: 0,
+                shared: false,
+                digests: BlockDigests::zeros(0),
+            });
+        }
     }
     // With shared disks the sender may name the boot files instead of
     // sending them: they are opened and linked as the disks are.
@@ -243,10 +253,18 @@ pub(crate) fn prepare(
                 // memory is hashed for the sender to check.
                 let t = Instant::now();
                 drop(feed.take());
-                ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
+                // Shared disks are final now (the source is paused and
+                // its QEMU flushed them); copied ones once QEMU has
+                // loaded the stream that carries them.
+                if start.shared_disk {
+                    ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
+                }
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
+                if !start.shared_disk {
+                    ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
+                }
                 let sums = crate::sums::file_sums(&targets[0].file, start.memory_size)
                     .context("hashing the received memory")?;
                 for (k, part) in sums.chunks(MAX_SUMS).enumerate() {

@@ -70,11 +70,6 @@ pub fn migrate(
     io: &mut kimberley_machine::MigrateIo<'_>,
 ) -> Result<Value, Failure> {
     let t0 = Instant::now();
-    if !vm.disk_paths().is_empty() && !p.shared_disk {
-        return Err(Failure::Kept(anyhow!(
-            "this VM's disks cannot be copied by a live migration of its QEMU stream yet: put them on storage both hosts see and migrate with --shared-disk"
-        )));
-    }
     let mut s = connect(p, io).map_err(Failure::Kept)?;
     let (mut started, mut committed) = (false, false);
     let r = stream_and_switch(vm, p, &mut s, t0, &mut started, &mut committed);
@@ -345,11 +340,16 @@ fn stream_and_switch(
         let f = kimberley_formats::fsutil::open_regular(d, false)
             .with_context(|| format!("opening {}", d.display()))?;
         let size = f.metadata().context("stat of a disk")?.len();
-        let path = std::fs::canonicalize(d)
-            .context("resolving a shared disk's path")?
-            .to_str()
-            .ok_or_else(|| anyhow!("a shared disk's path is not UTF-8"))?
-            .to_string();
+        // Only a shared disk is named (the receiver opens the same file).
+        let path = if p.shared_disk {
+            std::fs::canonicalize(d)
+                .context("resolving a shared disk's path")?
+                .to_str()
+                .ok_or_else(|| anyhow!("a shared disk's path is not UTF-8"))?
+                .to_string()
+        } else {
+            String::new()
+        };
         infos.push(DiskInfo { size, path });
     }
     let ndisks = infos.len();
@@ -419,6 +419,8 @@ fn stream_and_switch(
     let sock = vm
         .start_stream(&StreamLimits {
             downtime_ms: p.downtime_ms,
+            // Unshared disks travel in the stream, pre-copied.
+            copy_disks: !p.shared_disk && ndisks > 0,
         })
         .map_err(|e| anyhow!("starting QEMU's migration: {e}"))?;
     *started = true;

@@ -70,7 +70,7 @@ impl StreamMigratable for QemuMachine {
     }
 
     fn start_stream(&mut self, limits: &StreamLimits) -> MResult<UnixStream> {
-        Ok(self.vm.live_start(limits.downtime_ms)?)
+        Ok(self.vm.live_start(limits.downtime_ms, limits.copy_disks)?)
     }
 
     fn stream_status(&mut self) -> MResult<StreamStatus> {

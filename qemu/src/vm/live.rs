@@ -75,18 +75,45 @@ impl Vm {
             .map(drop)
     }
 
+    /// True if this QEMU can copy the disks in its migration stream
+    /// (the `block` capability: QEMU's block migration, deprecated in 8.2
+    /// and removed in 9.1).
+    pub fn live_can_copy_disks(&mut self) -> Result<bool> {
+        self.check_running("asking QEMU's migration capabilities")?;
+        let v = self
+            .qmp
+            .execute("query-migrate-capabilities", None, COMMAND_TIMEOUT)?;
+        Ok(v.as_array().is_some_and(|caps| {
+            caps.iter()
+                .any(|c| c.get("capability").and_then(Value::as_str) == Some("block"))
+        }))
+    }
+
     /// Starts a live migration of the whole VM (RAM included: the shared
     /// memory file is not assumed on the other side) into the returned
     /// socket, with auto-converge, QEMU's downtime limit `downtime_ms`, and
-    /// a pause before the switch-over. [`Vm::live_end`] puts the settings
-    /// back for suspends.
-    pub fn live_start(&mut self, downtime_ms: u64) -> Result<UnixStream> {
+    /// a pause before the switch-over. With `copy_disks` the disks travel
+    /// in the same stream, pre-copied with QEMU's own dirty tracking
+    /// (block migration; all-zero blocks are sent as flags); without, the
+    /// other side is to open the same (shared) files. [`Vm::live_end`]
+    /// puts the settings back for suspends.
+    pub fn live_start(&mut self, downtime_ms: u64, copy_disks: bool) -> Result<UnixStream> {
         self.check_running("starting a live migration")?;
-        self.set_caps(&[
+        if copy_disks && !self.live_can_copy_disks()? {
+            return Err(Error::Unsupported(
+                "this QEMU cannot copy disks in its migration stream (its block migration was removed in QEMU 9.1): put the disks on storage both hosts see and migrate with --shared-disk".into(),
+            ));
+        }
+        let mut list = vec![
             ("x-ignore-shared", false),
             ("auto-converge", true),
             ("pause-before-switchover", true),
-        ])?;
+        ];
+        if copy_disks {
+            list.extend([("block", true), ("zero-blocks", true)]);
+        }
+        self.set_caps(&list)?;
+        self.copying_disks = copy_disks;
         self.qmp.execute(
             "migrate-set-parameters",
             Some(json!({"downtime-limit": downtime_ms, "max-bandwidth": UNCAPPED})),
@@ -172,11 +199,15 @@ impl Vm {
     /// Puts the migration settings back for suspends (device state only).
     pub fn live_end(&mut self) -> Result<()> {
         self.check_running("ending a live migration")?;
-        self.set_caps(&[
+        let mut list = vec![
             ("x-ignore-shared", true),
             ("auto-converge", false),
             ("pause-before-switchover", false),
-        ])
+        ];
+        if std::mem::take(&mut self.copying_disks) {
+            list.extend([("block", false), ("zero-blocks", false)]);
+        }
+        self.set_caps(&list)
     }
 
     /// Starts QEMU for `cfg` on `files` (memory shared: the new memory
