@@ -4,6 +4,8 @@
 #   (a) vmigrate send/recv of the QEMU-backed VM directory,
 #   (b) QEMU's own migration, default stream,
 #   (c) QEMU's own migration, multifd + zstd,
+#   (d) vmigrate copying the disk (no --shared-disk: in QEMU's stream),
+#   (e) QEMU's own migration copying the disk (block migration),
 # in the same run, on the same guest image, the link shaped the same way for
 # every row: two network namespaces joined by a veth pair, each end limited
 # by a `tc tbf` qdisc. Prints a Markdown section and replaces the
@@ -15,7 +17,9 @@
 # machine pc-i440fx-7.2, cpu qemu64, one vCPU, 512 MiB, one virtio-blk disk
 # holding the 160 MiB text stream of Kimberley's `fill text 160M 1 text`
 # (scripts/bench/qemu/gentext.py), present on both sides (vmigrate:
-# --shared-disk; QEMU: the same file). The workload, run through the
+# --shared-disk; QEMU: the same file) for rows a-c, copied by rows d and
+# e into a new file on the destination (compared with the source's after
+# the migration). The workload, run through the
 # guest agent: copy the disk into a tmpfs (/data/text), add 40 MiB from
 # /dev/urandom (/data/rnd), drop the page cache (freed pages are zeroed:
 # init_on_free=1), checksum both; then idle 3 s and migrate. After every
@@ -25,7 +29,7 @@
 # Environment: BENCH_DIR (default <repo>/bench-out; work dir
 # $BENCH_DIR/vmigrate-linux), BENCH_MD (default <repo>/BENCHMARKS.md),
 # RUNS (default 3), RATE (default 100mbit), ROWS (default "vmigrate qemu
-# qemu-zstd"), VMIGRATE_ARGS (extra `vmigrate send` arguments, default
+# qemu-zstd vmigrate-disk qemu-block"), VMIGRATE_ARGS (extra `vmigrate send` arguments, default
 # none), NO_BUILD=1 (use the binaries in target/release as they are),
 # NO_MD=1 (do not write BENCHMARKS.md). Needs root (network namespaces).
 set -euo pipefail
@@ -35,7 +39,7 @@ W=${BENCH_DIR:-$ROOT/bench-out}/vmigrate-linux
 MD=${BENCH_MD:-$ROOT/BENCHMARKS.md}
 RUNS=${RUNS:-3}
 RATE=${RATE:-100mbit}
-ROWS=${ROWS:-vmigrate qemu qemu-zstd}
+ROWS=${ROWS:-vmigrate qemu qemu-zstd vmigrate-disk qemu-block}
 VMIGRATE_ARGS=${VMIGRATE_ARGS:-}
 MEM_MIB=512
 TEXT_BYTES=$((160 << 20))
@@ -172,9 +176,11 @@ RES=$W/results.jsonl
 record() { echo "$1" >> "$RES"; echo "  $1" >&2; }
 
 # --- (a) vmigrate ------------------------------------------------------------
-run_vmigrate() { # N
-  local n=$1 d
-  d=$W/run-vmigrate-$n
+run_vmigrate() { # N [copy]: with "copy", the disk is copied (not shared)
+  local n=$1 row=vmigrate d share_recv share_send
+  share_recv=(--shared-disk-dir "$W/run-vmigrate-$n") share_send=(--shared-disk)
+  if [[ ${2:-} == copy ]]; then row=vmigrate-disk share_recv=() share_send=(); fi
+  d=$W/run-$row-$n
   rm -rf "$d"; mkdir -p "$d"
   cp -a --sparse=always tpl "$d/vm"
   cp key "$d/key"
@@ -184,14 +190,14 @@ run_vmigrate() { # N
   $QMP ctl "$d/src.sock" 600 "$WORKLOAD" > "$d/before.txt"
   sleep 3
   ip netns exec "$NSB" "$VMIGRATE" recv --listen $DST_IP:7070 -k "$d/key" -o "$d/dst" \
-    --control "$d/dst.sock" --shared-disk-dir "$d" --stats-json "$d/rstats.json" > "$d/dst.out" 2>&1 &
+    --control "$d/dst.sock" "${share_recv[@]}" --stats-json "$d/rstats.json" > "$d/dst.out" 2>&1 &
   local dst=$!; pids+=($dst)
   wait_file "$d/dst.out" "waiting for a migration" 30
   local load b0 b1 t0 t1
   load=$(cut -d' ' -f1 /proc/loadavg)
   b0=$(tc_bytes); t0=$(now)
   # shellcheck disable=SC2086
-  "$VMIGRATE" send --control "$d/src.sock" --to $DST_IP:7070 -k "$d/key" --shared-disk \
+  "$VMIGRATE" send --control "$d/src.sock" --to $DST_IP:7070 -k "$d/key" "${share_send[@]}" \
     --stats-json "$d/stats.json" -q $VMIGRATE_ARGS 2> "$d/send.err"
   t1=$(now); b1=$(tc_bytes)
   wait "$src" || { echo "source exited non-zero" >&2; return 1; }
@@ -201,14 +207,16 @@ run_vmigrate() { # N
   [[ $(grep -c /data "$d/before.txt") == 2 ]] && cmp -s <(grep /data "$d/before.txt") <(grep /data "$d/after.txt") && same=true
   $QMP ctlcmd "$d/dst.sock" '{"cmd":"stop"}' >/dev/null
   wait "$dst" || true
+  # A copied disk must be the source's, byte for byte.
+  [[ $row == vmigrate ]] || cmp -s "$d/dst/$DISK_NAME" "$d/vm/$DISK_NAME" || same=false
   local zs nz
   zs=$(zstd_nonzero "$d/dst/memory.raw"); nz=$(nonzero_pages "$d/dst/memory.raw")
-  record "$(python3 - "$d/stats.json" "$n" "$t0" "$t1" "$b0" "$b1" "$same" "$zs" "$nz" "$load" <<'PY'
+  record "$(python3 - "$d/stats.json" "$n" "$t0" "$t1" "$b0" "$b1" "$same" "$zs" "$nz" "$load" "$row" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-n, t0, t1, b0, b1, same, zs, nz, load = sys.argv[2:]
+n, t0, t1, b0, b1, same, zs, nz, load, row = sys.argv[2:]
 mc = s.get("measured_costs") or {}
-print(json.dumps({"row": "vmigrate", "run": int(n), "total_s": s["total_ms"] / 1000,
+print(json.dumps({"row": row, "run": int(n), "total_s": s["total_ms"] / 1000,
   "wall_s": float(t1) - float(t0), "downtime_ms": s["downtime_ms"], "wire": s["bytes_on_wire"],
   "tc": int(b1) - int(b0), "rounds": s["rounds"], "stop": s.get("stop_reason"),
   "same": same == "true", "zstd_nonzero": int(zs), "nonzero_pages": int(nz),
@@ -220,7 +228,7 @@ PY
 }
 
 # --- (b), (c) QEMU's own migration ------------------------------------------
-qemu_argv() { # NAME DIR
+qemu_argv() { # NAME DIR [DISK]
   echo -nodefaults -no-user-config -display none -no-reboot \
     -machine pc-i440fx-7.2,accel=tcg -cpu qemu64 -smp 1 -m ${MEM_MIB}M \
     -kernel "$KERNEL" -initrd "$INITRD" \
@@ -228,22 +236,27 @@ qemu_argv() { # NAME DIR
     -device virtio-serial-pci,id=vser0 \
     -chardev "socket,id=qga0,path=$2/$1.qga,server=on,wait=off" \
     -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0 \
-    -drive "file=$W/text.raw,format=raw,if=none,id=disk0,discard=unmap,cache=writeback,file.locking=off" \
+    -drive "file=${3:-$W/text.raw},format=raw,if=none,id=disk0,discard=unmap,cache=writeback,file.locking=off" \
     -device virtio-blk-pci,drive=disk0,discard=on \
     -qmp "unix:$2/$1.qmp,server=on,wait=off"
 }
-run_qemu() { # N MULTIFD(off|zstd)
-  local n=$1 mfd=$2 row=qemu d
+run_qemu() { # N MULTIFD(off|zstd|block: the disk copied by block migration)
+  local n=$1 mfd=$2 row=qemu d dst_disk
   [[ $mfd == off ]] || row=qemu-$mfd
   d=$W/run-$row-$n
   rm -rf "$d"; mkdir -p "$d"
+  dst_disk=$W/text.raw
+  if [[ $mfd == block ]]; then
+    dst_disk=$d/dst-disk.raw
+    truncate -s "$(stat -c %s "$W/text.raw")" "$dst_disk"
+  fi
   # shellcheck disable=SC2046
   ip netns exec "$NSA" qemu-system-x86_64 $(qemu_argv src "$d") -append "$CMDLINE" 2> "$d/src.err" &
   local src=$!; pids+=($src)
   $QMP qga "$d/src.qga" 600 "$WORKLOAD" > "$d/before.txt"
   sleep 3
   # shellcheck disable=SC2046
-  ip netns exec "$NSB" qemu-system-x86_64 $(qemu_argv dst "$d") -append "$CMDLINE" -incoming defer 2> "$d/dst.err" &
+  ip netns exec "$NSB" qemu-system-x86_64 $(qemu_argv dst "$d" "$dst_disk") -append "$CMDLINE" -incoming defer 2> "$d/dst.err" &
   local dst=$!; pids+=($dst)
   local load b0 b1 t0 t1
   load=$(cut -d' ' -f1 /proc/loadavg)
@@ -257,6 +270,7 @@ run_qemu() { # N MULTIFD(off|zstd)
   $QMP qga "$d/dst.qga" 300 "$CHECK" > "$d/after.txt"
   local same=false srcst
   [[ $(grep -c /data "$d/before.txt") == 2 ]] && cmp -s <(grep /data "$d/before.txt") <(grep /data "$d/after.txt") && same=true
+  [[ $mfd != block ]] || cmp -s "$dst_disk" "$W/text.raw" || same=false
   srcst=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bench"]["src_status"]["status"])' "$d/st.json")
   record "$(python3 - "$d/st.json" "$n" "$t0" "$t1" "$b0" "$b1" "$same" "$row" "$load" "$srcst" <<'PY'
 import json, sys
@@ -279,6 +293,8 @@ for ((i = 1; i <= RUNS; i++)); do
       vmigrate) run_vmigrate $i ;;
       qemu) run_qemu $i off ;;
       qemu-zstd) run_qemu $i zstd ;;
+      vmigrate-disk) run_vmigrate $i copy ;;
+      qemu-block) run_qemu $i block ;;
       *) echo "unknown row $r" >&2; exit 2 ;;
     esac
   done
@@ -292,7 +308,9 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 bps, rate = int(sys.argv[2]), sys.argv[3]
 M = 1 << 20
 names = {"vmigrate": "(a) vmigrate send/recv (QEMU's stream through vmigrate's channel, zstd -1)",
-         "qemu": "(b) QEMU, default stream", "qemu-zstd": "(c) QEMU, multifd + zstd"}
+         "qemu": "(b) QEMU, default stream", "qemu-zstd": "(c) QEMU, multifd + zstd",
+         "vmigrate-disk": "(d) vmigrate copying the disk (no `--shared-disk`: QEMU's block migration in its stream, through vmigrate's channel)",
+         "qemu-block": "(e) QEMU copying the disk, default stream + block migration"}
 def med(vals, fmt):
     vals = sorted(vals)
     m = statistics.median(vals)
@@ -304,7 +322,7 @@ for r in rows:
     by.setdefault(r["row"], []).append(r)
 print("| row | runs | total s | (QEMU's own total-time s) | downtime ms | (QEMU's own downtime ms) | MiB on the wire (payload) | MiB through the tbf qdisc (frames) | wire / bandwidth s | rounds (dirty syncs) | checks |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-for k in ("vmigrate", "qemu", "qemu-zstd"):
+for k in ("vmigrate", "qemu", "qemu-zstd", "vmigrate-disk", "qemu-block"):
     if k not in by:
         continue
     rs = by[k]
@@ -339,6 +357,13 @@ if "vmigrate" in by:
     row("wire bytes ≤ 1.05 × `zstd -1` of the non-zero pages", wire, 1.05 * zs, "%.1f MiB against 1.05 × %.1f MiB = %.1f MiB (%.2f×)" % (wire / M, zs / M, 1.05 * zs / M, wire / zs))
     row("downtime ≤ 300 ms", dt, 300, "%.0f ms" % dt)
     print()
+if "vmigrate-disk" in by and "qemu-block" in by:
+    v = statistics.median(r["total_s"] for r in by["vmigrate-disk"])
+    q = statistics.median(r["total_s"] for r in by["qemu-block"])
+    vw = statistics.median(r["wire"] for r in by["vmigrate-disk"])
+    qw = statistics.median(r["wire"] for r in by["qemu-block"])
+    print("With the disk copied (rows d and e; no issue target): vmigrate's total is %.2f× QEMU's (%.2f s against %.2f s), its wire bytes %.2f× (%.1f MiB against %.1f MiB)." % (v / q, v, q, vw / qw, vw / M, qw / M))
+    print()
 print("Load (1-minute average when each migration started): %s." % ", ".join("%s %s" % (k, med([r["load"] for r in by[k]], "%.2f")) for k in by))
 PY
 {
@@ -349,9 +374,9 @@ PY
   echo
   echo "- Command: \`$ENV_LINE $CMD_LINE\` (repo $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo ', with uncommitted changes')), $(date -u '+%F %H:%M') UTC, $(nproc) cores shared with other work"
   echo "- $QVER, \`-accel tcg\`, machine pc-i440fx-7.2, cpu qemu64, one vCPU, ${MEM_MIB} MiB; guest: Debian's cloud kernel $(cat "$ART/kernel-release" 2>/dev/null) + the busybox initramfs of \`scripts/linux-base.sh --artifacts\` (qemu-guest-agent), \`$CMDLINE\`; the same kernel, initramfs, command line and disk for every row (vmigrate: a \`kimberlize base --qemu\` VM directory restored by \`vmigrate run\`, RAM in its shared \`memory.raw\`; QEMU rows: booted directly with the backend's devices, anonymous RAM)"
-  echo "- Workload \"basic\" (through the guest agent, before each migration): the 160 MiB text of Kimberley's \`fill text 160M 1 text\` copied from a virtio-blk disk into a tmpfs, 40 MiB from the guest's /dev/urandom into the same tmpfs, the page cache dropped (\`init_on_free=1\` zeroes what it frees); then idle 3 s. The disk is on both sides (vmigrate \`--shared-disk\`; QEMU: the same file), so no row sends it. bench-qemu-migrate.sh brings the same text in its initramfs instead; here it cannot, because vmigrate sends a VM's initramfs file to the receiver."
+  echo "- Workload \"basic\" (through the guest agent, before each migration): the 160 MiB text of Kimberley's \`fill text 160M 1 text\` copied from a virtio-blk disk into a tmpfs, 40 MiB from the guest's /dev/urandom into the same tmpfs, the page cache dropped (\`init_on_free=1\` zeroes what it frees); then idle 3 s. Rows a-c: the disk is on both sides (vmigrate \`--shared-disk\`; QEMU: the same file), so they do not send it; rows d and e copy it (the guest only reads it), and the destination's disk file must equal the source's byte for byte. bench-qemu-migrate.sh brings the same text in its initramfs instead; here it cannot, because vmigrate sends a VM's initramfs file to the receiver."
   echo "- Link: two network namespaces joined by a veth pair, \`tc qdisc ... tbf rate $RATE burst 32kbit latency 400ms\` on both ends; every row over it; no tool's own bandwidth limit (QEMU \`max-bandwidth\` 2^40 B/s; vmigrate without \`--max-bandwidth\`). QEMU at its defaults otherwise (\`downtime-limit\` 300 ms, 2 multifd channels, zstd level 1); vmigrate at its defaults (\`--downtime-ms 50\`)${VMIGRATE_ARGS:+ plus \`$VMIGRATE_ARGS\`}."
-  echo "- Measured: total = vmigrate's \`--stats-json\` \`total_ms\` (request to the receiver's confirmation that the guest runs there) / for QEMU, from the \`migrate\` command to the destination's first \`running\` answer to \`query-status\` (polled every 50 ms); QEMU's own \`total-time\` is shown apart: it ends when the source has written its last byte, here into the counting relay, not when the bytes have crossed the link; downtime = from the source QEMU's STOP to the guest running on the receiver, for every row: vmigrate's \`downtime_ms\` (memory check, commit and resume included) / for QEMU the source's STOP event to the destination's RESUME event (QMP timestamps, one host, one clock); QEMU's own \`downtime\` is shown apart: the source's stop to its completion, here writing into the local relay, so without the link's tail and the destination's load and start; wire (payload) = vmigrate's \`bytes_on_wire\` (sealed frames, both directions) / the bytes of QEMU's stream counted by a TCP relay in front of the source (scripts/bench/qemu/qmp.py; QEMU 7.2 counts multifd pages uncompressed in \`ram.transferred\`); frames = the bytes the source end's tbf qdisc sent during the migration (Ethernet, IP and TCP headers included, one direction); checks: the destination's guest has both files with the checksums they had on the source (and QEMU's destination is \`running\`, its source \`postmigrate\`; vmigrate's source process exited 0). Medians of $RUNS runs, min – max in parentheses."
+  echo "- Measured: total = vmigrate's \`--stats-json\` \`total_ms\` (request to the receiver's confirmation that the guest runs there) / for QEMU, from the \`migrate\` command to the destination's first \`running\` answer to \`query-status\` (polled every 50 ms); QEMU's own \`total-time\` is shown apart: it ends when the source has written its last byte, here into the counting relay, not when the bytes have crossed the link; downtime = from the source QEMU's STOP to the guest running on the receiver, for every row: vmigrate's \`downtime_ms\` (memory check, commit and resume included) / for QEMU the source's STOP event to the destination's RESUME event (QMP timestamps, one host, one clock); QEMU's own \`downtime\` is shown apart: the source's stop to its completion, here writing into the local relay, so without the link's tail and the destination's load and start; wire (payload) = vmigrate's \`bytes_on_wire\` (sealed frames, both directions) / the bytes of QEMU's stream counted by a TCP relay in front of the source (scripts/bench/qemu/qmp.py; QEMU 7.2 counts multifd pages uncompressed in \`ram.transferred\`); frames = the bytes the source end's tbf qdisc sent during the migration (Ethernet, IP and TCP headers included, one direction); checks: the destination's guest has both files (and, rows d and e, the destination's disk file is the source's) with the checksums they had on the source (and QEMU's destination is \`running\`, its source \`postmigrate\`; vmigrate's source process exited 0). Medians of $RUNS runs, min – max in parentheses."
   echo
   cat "$sec.body"
   echo "<!-- bench-qemu-vmigrate:end -->"

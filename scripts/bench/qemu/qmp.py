@@ -127,7 +127,14 @@ def migrate(src_path, dst_path, port, bw, downtime_ms, multifd, out, host="127.0
     src, dst = QMP(src_path), QMP(dst_path)
     caps = [{"capability": "events", "state": True}]
     params = {}
-    if multifd != "off":
+    if multifd == "block":
+        # Not multifd: QEMU's block migration (the disks in the stream,
+        # zero blocks as flags), on the source only.
+        multifd = "off"
+        src.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "block", "state": True},
+            {"capability": "zero-blocks", "state": True}])
+    elif multifd != "off":
         caps.append({"capability": "multifd", "state": True})
         params["multifd-compression"] = "none" if multifd == "on" else multifd
     for q in (src, dst):
