@@ -110,6 +110,10 @@ pub struct Launch<'a> {
     pub qmp: &'a Path,
     /// The guest agent's socket QEMU listens on.
     pub qga: &'a Path,
+    /// Where QEMU writes the serial console (the write end of a pipe we
+    /// read, as `/proc/self/fd/N`): not its stdout, where QEMU prints
+    /// messages of its own.
+    pub console: &'a Path,
     /// Wait for the device state (`-incoming defer`, paused: `-S`).
     pub incoming: bool,
     /// QEMU's image locking on the disks; off for a machine receiving a
@@ -289,9 +293,9 @@ impl MachineConfig {
         }
         arg(s("-append"));
         arg(s(&self.cmdline));
-        // The serial console on QEMU's stdout (a pipe we read).
+        // The serial console into a pipe we read.
         arg(s("-chardev"));
-        arg(s("stdio,id=console0,signal=off"));
+        arg(opt("file,id=console0,path=", l.console, ""));
         arg(s("-serial"));
         arg(s("chardev:console0"));
         arg(s("-device"));
@@ -403,6 +407,7 @@ mod tests {
             share,
             qmp: Path::new("/w/qmp.sock"),
             qga: Path::new("/w/qga.sock"),
+            console: Path::new("/proc/self/fd/9"),
             incoming,
             lock_disks: true,
         })
@@ -419,6 +424,7 @@ mod tests {
                 share: true,
                 qmp: Path::new("/w/qmp.sock"),
                 qga: Path::new("/w/qga.sock"),
+                console: Path::new("/proc/self/fd/9"),
                 incoming: true,
                 lock_disks: false,
             })
@@ -443,7 +449,7 @@ mod tests {
              -machine pc-i440fx-7.2,accel=tcg,memory-backend=ram0 -cpu qemu64 -smp 1 -m 256M \
              -object memory-backend-file,id=ram0,size=268435456,mem-path=/v/memory.raw,share=on \
              -kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0 quiet panic=-1 \
-             -chardev stdio,id=console0,signal=off -serial chardev:console0 \
+             -chardev file,id=console0,path=/proc/self/fd/9 -serial chardev:console0 \
              -device virtio-serial-pci,id=vser0 \
              -chardev socket,id=qga0,path=/w/qga.sock,server=on,wait=off \
              -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0 \

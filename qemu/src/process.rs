@@ -117,14 +117,17 @@ impl std::fmt::Debug for QemuProcess {
 }
 
 impl QemuProcess {
-    /// Starts `program` with `args` in `work` (stdin from /dev/null, the
-    /// serial console on stdout), in its own process group, killed when
-    /// the thread that started it dies.
+    /// Starts `program` with `args` in `work` (stdin from /dev/null), in
+    /// its own process group, killed when the thread that started it
+    /// dies. `console` is the read end of the pipe QEMU writes the serial
+    /// console to; its stdout and stderr (what QEMU itself prints, such
+    /// as its block migration's progress) are kept for error messages.
     /// The descriptors `keep` stay open in QEMU, at the same numbers.
     pub fn spawn(
         program: &Path,
         args: &[OsString],
         keep: &[std::os::unix::io::RawFd],
+        console: std::io::PipeReader,
         work: WorkDir,
     ) -> Result<QemuProcess> {
         let mut cmd = Command::new(program);
@@ -149,23 +152,34 @@ impl QemuProcess {
             program: program.display().to_string(),
             source,
         })?;
-        let console = Arc::new(Mutex::new(Console::default()));
+        let console_lines = Arc::new(Mutex::new(Console::default()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut readers = Vec::new();
-        if let Some(mut out) = child.stdout.take() {
-            let c = console.clone();
+        {
+            let c = console_lines.clone();
+            let mut pipe = console;
             readers.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = out.read(&mut buf) {
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
                     c.lock().unwrap_or_else(|p| p.into_inner()).feed(&buf[..n]);
                 }
             }));
         }
-        if let Some(mut err) = child.stderr.take() {
+        let outputs: [Option<Box<dyn Read + Send>>; 2] = [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|o| Box::new(o) as Box<dyn Read + Send>),
+        ];
+        for mut out in outputs.into_iter().flatten() {
             let e = stderr.clone();
             readers.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = err.read(&mut buf) {
+                while let Ok(n @ 1..) = out.read(&mut buf) {
                     let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
                     let room = MAX_STDERR.saturating_sub(e.len());
                     e.extend_from_slice(&buf[..n.min(room)]);
@@ -175,7 +189,7 @@ impl QemuProcess {
         Ok(QemuProcess {
             child,
             status: None,
-            console,
+            console: console_lines,
             stderr,
             readers,
             work,
@@ -309,6 +323,7 @@ mod tests {
             Path::new("/nonexistent/qemu-system-x86_64"),
             &[],
             &[],
+            std::io::pipe().unwrap().0,
             WorkDir::new().unwrap(),
         )
         .unwrap_err();
@@ -326,6 +341,7 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), "echo up; exec sleep 60".into()],
             &[],
+            std::io::pipe().unwrap().0,
             WorkDir::new().unwrap(),
         )
         .unwrap();

@@ -149,17 +149,25 @@ impl Vm {
         let work = WorkDir::new()?;
         let qmp_path = work.path().join("qmp.sock");
         let qga_path = work.path().join("qga.sock");
+        let (console, console_w) =
+            std::io::pipe().map_err(|e| Error::io("creating the console pipe", e))?;
+        let console_path = PathBuf::from(format!("/proc/self/fd/{}", console_w.as_raw_fd()));
         let args = seen.argv(&Launch {
             memory_file: &fd_path(&files.memory),
             share,
             qmp: &qmp_path,
             qga: &qga_path,
+            console: &console_path,
             incoming,
             lock_disks,
         });
         let started = Instant::now();
-        let keep: Vec<_> = files.all().map(|f| f.as_raw_fd()).collect();
-        let mut process = QemuProcess::spawn(program, &args, &keep, work)?;
+        let mut keep: Vec<_> = files.all().map(|f| f.as_raw_fd()).collect();
+        keep.push(console_w.as_raw_fd());
+        let mut process = QemuProcess::spawn(program, &args, &keep, console, work)?;
+        // QEMU holds the console's write end now: the reader sees its end
+        // when QEMU exits.
+        drop(console_w);
         let interrupt = interrupt.unwrap_or_default();
         // QEMU listens on the QMP socket once it has parsed its options.
         let mut qmp = loop {

@@ -134,11 +134,36 @@ const WAITING: &str = "vmigrate: waiting for a migration on ";
 /// socket at `OUT.sock` and `extra` arguments; returns it and its address
 /// (printed within `within`).
 pub fn receiver(key: &Path, out: &Path, extra: &[&OsStr], within: Duration) -> (Logged, String) {
+    receiver_in(Command::new(bin("vmigrate")), key, out, extra, within)
+}
+
+/// [`receiver`] with its standard output (where it shows the guest's
+/// console) written to the file `stdout`.
+pub fn receiver_showing(
+    key: &Path,
+    out: &Path,
+    extra: &[&OsStr],
+    within: Duration,
+    stdout: &Path,
+) -> (Logged, String) {
+    let mut sh = Command::new("sh");
+    sh.args(["-c", r#"out=$1; shift; exec "$@" > "$out""#, "sh"])
+        .arg(stdout)
+        .arg(bin("vmigrate"));
+    receiver_in(sh, key, out, extra, within)
+}
+
+fn receiver_in(
+    mut cmd: Command,
+    key: &Path,
+    out: &Path,
+    extra: &[&OsStr],
+    within: Duration,
+) -> (Logged, String) {
     let mut sock = OsString::from(out);
     sock.push(".sock");
     let r = Logged::spawn(
-        Command::new(bin("vmigrate"))
-            .args(["recv", "--listen", "127.0.0.1:0", "-k"])
+        cmd.args(["recv", "--listen", "127.0.0.1:0", "-k"])
             .arg(key)
             .arg("-o")
             .arg(out)
