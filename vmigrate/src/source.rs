@@ -708,19 +708,11 @@ fn precopy_and_switch(
         .map(|f| f.metadata().map(|m| m.len()))
         .collect::<std::io::Result<_>>()
         .context("stat of a disk")?;
-    let mut infos = Vec::new();
-    for (i, &size) in disk_sizes.iter().enumerate() {
-        let path = if p.shared_disk {
-            std::fs::canonicalize(&vm.disk_paths()[i])
-                .context("resolving a shared disk's path")?
-                .to_str()
-                .ok_or_else(|| anyhow!("a shared disk's path is not UTF-8"))?
-                .to_string()
-        } else {
-            String::new()
-        };
-        infos.push(DiskInfo { size, path });
-    }
+    let infos = disk_sizes
+        .iter()
+        .zip(vm.disk_paths())
+        .map(|(&size, path)| disk_info(&path, size, p.shared_disk))
+        .collect::<Result<Vec<_>>>()?;
     s.send_msg(Message::Start(Start {
         memory_size: vm.memory_size(),
         vcpus: vm.vcpus(),
@@ -1007,6 +999,21 @@ pub fn handler() -> kimberley_machine::MigrateFn {
             })
         },
     )
+}
+
+/// START's entry for a disk of `size` bytes at `path`: only a shared disk
+/// is named (the receiver opens the same file, by its canonical path).
+pub(crate) fn disk_info(path: &std::path::Path, size: u64, shared: bool) -> Result<DiskInfo> {
+    let path = if shared {
+        std::fs::canonicalize(path)
+            .context("resolving a shared disk's path")?
+            .to_str()
+            .ok_or_else(|| anyhow!("a shared disk's path is not UTF-8"))?
+            .to_string()
+    } else {
+        String::new()
+    };
+    Ok(DiskInfo { size, path })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::channel::Tx;
 use crate::params::Params;
-use crate::protocol::{DiskInfo, MachineMsg, Message, Start, MAX_STREAM_CHUNK, SUM_LEN};
+use crate::protocol::{MachineMsg, Message, Start, MAX_STREAM_CHUNK, SUM_LEN};
 use crate::source::{
     connect, disk_chunks, ms_since, r3, resolve, Failure, ReceiverError, Resolution, Session,
     Source, SourceParts,
@@ -340,17 +340,7 @@ fn stream_and_switch(
         let f = kimberley_formats::fsutil::open_regular(d, false)
             .with_context(|| format!("opening {}", d.display()))?;
         let size = f.metadata().context("stat of a disk")?.len();
-        // Only a shared disk is named (the receiver opens the same file).
-        let path = if p.shared_disk {
-            std::fs::canonicalize(d)
-                .context("resolving a shared disk's path")?
-                .to_str()
-                .ok_or_else(|| anyhow!("a shared disk's path is not UTF-8"))?
-                .to_string()
-        } else {
-            String::new()
-        };
-        infos.push(DiskInfo { size, path });
+        infos.push(crate::source::disk_info(d, size, p.shared_disk)?);
     }
     let ndisks = infos.len();
     s.send_msg(Message::Start(Start {

@@ -181,6 +181,22 @@ impl Src {
         o
     }
 
+    /// `send`s to `to` with `args`, which must succeed: the source is
+    /// gone, and the receiver's guest (behind the returned control
+    /// socket) has `before`'s memory and disk and counts on.
+    fn migrated(&mut self, to: &str, args: &[&str], before: &Guest) -> PathBuf {
+        ok(self.send(to, &self.key, args));
+        self.gone();
+        let dsock = self.p("dst.sock");
+        let after = look(&dsock);
+        assert_eq!(
+            after.sums, before.sums,
+            "memory or disk differ after migration"
+        );
+        assert!(after.count > before.count, "the counter did not continue");
+        dsock
+    }
+
     /// The source runs on with its guest intact.
     fn intact(&mut self, before: &Guest) {
         assert!(
@@ -291,15 +307,7 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
     let mut s = Src::new();
     let before = look(&s.sock);
     let (mut dst, addr) = s.recv(&s.key);
-    ok(s.send(&addr, &s.key, &["--shared-disk", "--max-rounds", "5"]));
-    s.gone();
-    let dsock = s.p("dst.sock");
-    let after = look(&dsock);
-    assert_eq!(
-        after.sums, before.sums,
-        "memory or disk differ after migration"
-    );
-    assert!(after.count > before.count, "the counter did not continue");
+    let dsock = s.migrated(&addr, &["--shared-disk", "--max-rounds", "5"], &before);
     let st: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
     for k in [
@@ -353,15 +361,7 @@ fn migrates_a_linux_guest_copying_its_disk_while_it_writes() {
         Duration::from_secs(20),
         &s.p("recv.stdout"),
     );
-    ok(s.send(&addr, &s.key, &["--max-rounds", "5"]));
-    s.gone();
-    let dsock = s.p("dst.sock");
-    let after = look(&dsock);
-    assert_eq!(
-        after.sums, before.sums,
-        "memory or disk differ after migration"
-    );
-    assert!(after.count > before.count, "the counter did not continue");
+    let dsock = s.migrated(&addr, &["--max-rounds", "5"], &before);
     // The files rewritten during the migration read back whole from the
     // received disk.
     let c = Client::connect(&dsock).exec_timeout(DISK_CHECK, Some(120_000));
