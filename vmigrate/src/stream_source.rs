@@ -27,6 +27,12 @@ use crate::writer::Writer;
 const LEVEL: i32 = 1;
 /// How long to wait for more stream bytes before sending what was read.
 const GATHER: Duration = Duration::from_millis(2);
+/// The most of the stream one STREAM message carries (at most
+/// [`MAX_STREAM_CHUNK`]). Small enough that what waits for the wire (the
+/// writer's queue holds 4 messages) drains quickly when QEMU pauses the
+/// guest: QEMU measures its bandwidth by how fast this queue takes its
+/// stream, and decides the switch-over by it.
+const PIECE: usize = 128 << 10;
 /// How often the hypervisor's progress is asked while the stream flows.
 const STATUS_EVERY: Duration = Duration::from_millis(20);
 /// How long the hypervisor may take to report completion after the
@@ -114,13 +120,14 @@ pub fn migrate(
     Err(Failure::Kept(e))
 }
 
-/// Reads what the stream has now (up to [`MAX_STREAM_CHUNK`], waiting
-/// [`GATHER`] for more after each piece); `None` at its end.
+/// Reads what the stream has now (up to [`PIECE`], waiting [`GATHER`]
+/// for more after each piece); `None` at its end.
 fn gather(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<usize>> {
+    const _: () = assert!(PIECE <= MAX_STREAM_CHUNK);
     buf.clear();
-    buf.resize(MAX_STREAM_CHUNK, 0);
+    buf.resize(PIECE, 0);
     let mut n = 0;
-    while n < MAX_STREAM_CHUNK {
+    while n < PIECE {
         match sock.read(&mut buf[n..]) {
             Ok(0) => {
                 buf.truncate(n);
