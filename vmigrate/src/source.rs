@@ -244,12 +244,14 @@ impl Session<'_, '_> {
     /// whatever happens). Returns the downtime (pause start to RUNNING,
     /// less the receiver's reply delay), the `downtime_parts` of
     /// `--stats-json` (docs/MIGRATION.md) from `parts`, the source's share,
-    /// the bytes sent and the receiver's answer.
+    /// the bytes sent, the receiver's answer and when it came (the end of
+    /// `total_ms`: the wait for the receiver to close after DONE is not
+    /// the migration's).
     pub(crate) fn hand_over(
         &mut self,
         t_pause: Instant,
         parts: &SourceParts,
-    ) -> Result<(f64, Value, u64, Running)> {
+    ) -> Result<(f64, Value, u64, Running, Instant)> {
         let running: Running = match self
             .wait_msg(RUNNING_WAIT, false)
             .context("waiting for the receiver to start the guest")?
@@ -285,7 +287,7 @@ impl Session<'_, '_> {
             "restore_ms": r3(us(running.restore_us)),
             "network_ms": r3((downtime - accounted).max(0.0)),
         });
-        Ok((downtime, json, self.writer.bytes(), running))
+        Ok((downtime, json, self.writer.bytes(), running, t_running))
     }
 
     pub(crate) fn wait_msg(&mut self, limit: Duration, cancellable: bool) -> Result<Message> {
@@ -920,7 +922,7 @@ fn stop_and_copy(
     // unless it says ERROR or answers a QUERY with "aborted".
     *committed = true;
     let state_send_ms = ms_since(t);
-    let (downtime, parts, wire_bytes, running) = s.hand_over(
+    let (downtime, parts, wire_bytes, running, t_running) = s.hand_over(
         t_pause,
         &SourceParts {
             pause_ms,
@@ -938,7 +940,7 @@ fn stop_and_copy(
     per_round.push(fin.json(s.round));
     Ok(json!({
         "to": p.to,
-        "total_ms": r3(ms_since(t0)),
+        "total_ms": r3(t_running.duration_since(t0).as_secs_f64() * 1000.0),
         "downtime_ms": r3(downtime),
         "downtime_target_ms": p.downtime_ms,
         "downtime_parts": parts,

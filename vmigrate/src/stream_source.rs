@@ -532,7 +532,7 @@ fn stream_and_switch(
     s.writer.flush()?;
     *committed = true;
     let state_send_ms = ms_since(t);
-    let (downtime, parts, wire_bytes, running) = s.hand_over(
+    let (downtime, parts, wire_bytes, running, t_running) = s.hand_over(
         t_pause,
         &SourceParts {
             final_pages_ms: final_ms,
@@ -544,7 +544,7 @@ fn stream_and_switch(
     per_round.push(last.json(rounds.len()));
     Ok(json!({
         "to": p.to,
-        "total_ms": r3(ms_since(t0)),
+        "total_ms": r3(t_running.duration_since(t0).as_secs_f64() * 1000.0),
         "downtime_ms": r3(downtime),
         "downtime_target_ms": p.downtime_ms,
         "downtime_parts": parts,
