@@ -235,10 +235,8 @@ fn draw_bar(p: &Progress, bar: &ProgressBar, stop: &AtomicBool) {
         // the first stage after the total is planned.
         if let (Some(total), false, false) = (s.total, sized, s.stage.is_empty()) {
             bar.disable_steady_tick();
-            if s.stage != stage {
-                bar.set_message(s.stage.clone());
-                stage = s.stage.clone();
-            }
+            bar.set_message(s.stage.clone());
+            stage = s.stage.clone();
             bar.set_length(total);
             bar.set_style(bar_style(p.planned_at().unwrap_or_else(Instant::now)));
             sized = true;

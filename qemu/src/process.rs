@@ -116,6 +116,19 @@ impl std::fmt::Debug for QemuProcess {
     }
 }
 
+/// Reads `out` to its end on a thread of its own, keeping the first
+/// [`MAX_STDERR`] bytes in `log`.
+fn log_into(mut out: impl Read + Send + 'static, log: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = out.read(&mut buf) {
+            let mut e = log.lock().unwrap_or_else(|p| p.into_inner());
+            let room = MAX_STDERR.saturating_sub(e.len());
+            e.extend_from_slice(&buf[..n.min(room)]);
+        }
+    })
+}
+
 impl QemuProcess {
     /// Starts `program` with `args` in `work` (stdin from /dev/null), in
     /// its own process group, killed when the thread that started it
@@ -165,26 +178,11 @@ impl QemuProcess {
                 }
             }));
         }
-        let outputs: [Option<Box<dyn Read + Send>>; 2] = [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|o| Box::new(o) as Box<dyn Read + Send>),
-        ];
-        for mut out in outputs.into_iter().flatten() {
-            let e = stderr.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = out.read(&mut buf) {
-                    let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
-                    let room = MAX_STDERR.saturating_sub(e.len());
-                    e.extend_from_slice(&buf[..n.min(room)]);
-                }
-            }));
+        if let Some(out) = child.stdout.take() {
+            readers.push(log_into(out, stderr.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(log_into(err, stderr.clone()));
         }
         Ok(QemuProcess {
             child,

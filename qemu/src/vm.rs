@@ -107,7 +107,7 @@ impl Files {
 }
 
 /// The path under which QEMU opens our descriptor of `f`.
-fn fd_path(f: &File) -> PathBuf {
+fn fd_path(f: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
@@ -151,13 +151,12 @@ impl Vm {
         let qga_path = work.path().join("qga.sock");
         let (console, console_w) =
             std::io::pipe().map_err(|e| Error::io("creating the console pipe", e))?;
-        let console_path = PathBuf::from(format!("/proc/self/fd/{}", console_w.as_raw_fd()));
         let args = seen.argv(&Launch {
             memory_file: &fd_path(&files.memory),
             share,
             qmp: &qmp_path,
             qga: &qga_path,
-            console: &console_path,
+            console: &fd_path(&console_w),
             incoming,
             lock_disks,
         });

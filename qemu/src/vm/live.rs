@@ -78,7 +78,7 @@ impl Vm {
     /// True if this QEMU can copy the disks in its migration stream
     /// (the `block` capability: QEMU's block migration, deprecated in 8.2
     /// and removed in 9.1).
-    pub fn live_can_copy_disks(&mut self) -> Result<bool> {
+    fn live_can_copy_disks(&mut self) -> Result<bool> {
         self.check_running("asking QEMU's migration capabilities")?;
         let v = self
             .qmp
