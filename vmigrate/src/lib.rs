@@ -10,6 +10,7 @@ mod client;
 pub mod dest;
 pub mod params;
 pub mod policy;
+mod prehash;
 pub mod protocol;
 pub mod source;
 mod stream_dest;

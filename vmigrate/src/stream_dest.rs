@@ -7,7 +7,8 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,6 +25,7 @@ use crate::dest::{
     apply, discard, hand_over, next, open_shared, send_error, shared_disks, Listener, Options,
     Phase, Received, SenderAborted, Target,
 };
+use crate::prehash::Prehash;
 use crate::protocol::{
     Message, RoundAck, Running, Start, MAX_STREAM_CHUNK, MAX_SUMS, SESSION_ID_LEN,
 };
@@ -45,10 +47,8 @@ type Known = Vec<(Kind, usize, [u8; 32])>;
 
 /// Digests, on a thread, the targets `which` (indices into `targets`, of
 /// which `nd` are disks) once they are final, so that COMMIT finds them
-/// done: the boot files at the end of round 0, the shared disks at the
-/// stream's end (the source is paused, its disks flushed), the memory
-/// once QEMU has loaded it (digested again at COMMIT if repairs rewrite
-/// pages).
+/// done: the boot files at the end of round 0 (the memory and the disks go
+/// through [`finish_ahead`]).
 fn digest_ahead(
     targets: &[Target],
     nd: usize,
@@ -78,6 +78,58 @@ fn digest_ahead(
     }))
 }
 
+/// Finishes, on a thread, the digests of the memory (whose final SUMS
+/// hashes are `memory_sums`) and the disks from what `p` saw in the
+/// background: the disks are hashed as the memory was, and only the blocks
+/// whose hashes changed are read again (counted into `reread`). A file
+/// whose size changed is digested whole.
+fn finish_ahead(
+    p: Prehash,
+    targets: &[Target],
+    nd: usize,
+    memory_sums: Vec<[u8; crate::protocol::SUM_LEN]>,
+    reread: Arc<AtomicU64>,
+) -> Result<std::thread::JoinHandle<Result<Known>>> {
+    let files = (0..=nd)
+        .map(|j| clone(&targets[j], "a received file"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(std::thread::spawn(move || {
+        // The pause has begun: the passes stop taking a core.
+        p.stop();
+        let kind = |j: usize| {
+            if j == 0 {
+                (Kind::Memory, 0)
+            } else {
+                (Kind::Disk, j - 1)
+            }
+        };
+        let sizes: Vec<u64> = (0..=nd).map(|j| p.size(j)).collect();
+        let mut now = vec![memory_sums];
+        for (j, f) in files.iter().enumerate().skip(1) {
+            now.push(crate::sums::file_sums(f, sizes[j]).context("hashing a received disk")?);
+        }
+        let mut known = Known::new();
+        let mut same = Vec::new();
+        for (j, f) in files.iter().enumerate() {
+            let size = f.metadata().context("stat of a received file")?.len();
+            if size == sizes[j] {
+                same.push((j, f, &now[j][..]));
+            } else {
+                let d = kimberley_formats::vmdir::dir::digest_file(f, size)
+                    .with_context(|| format!("digesting {}", file_name(kind(j).0, kind(j).1)))?;
+                known.push((kind(j).0, kind(j).1, d));
+            }
+        }
+        let (hashes, n) = p.finish(&same).context("digesting the received files")?;
+        reread.fetch_add(n, Ordering::SeqCst);
+        for ((j, _, _), h) in same.iter().zip(hashes) {
+            let (k, i) = kind(*j);
+            known.push((k, i, kimberley_formats::digest::combine(sizes[*j], &h)));
+        }
+        Ok(known)
+    }))
+}
+
 /// Everything received up to COMMIT: QEMU has been fed the whole stream.
 pub(crate) struct Prepared {
     w: VmDirWriter,
@@ -85,6 +137,8 @@ pub(crate) struct Prepared {
     name: String,
     machine: QemuMachine,
     apply_us: u64,
+    /// Digest blocks read again in the pause.
+    reread: u64,
     rounds: u32,
     bytes: u64,
 }
@@ -223,6 +277,10 @@ pub(crate) fn prepare(
     // of target 0) and COMMIT may follow.
     let mut summed = false;
     let mut ahead: Vec<std::thread::JoinHandle<Result<Known>>> = Vec::new();
+    // The memory and the disks, hashed in the background while QEMU
+    // writes them, so that the pause digests only what changed since.
+    let mut prehash: Option<Prehash> = None;
+    let reread = Arc::new(AtomicU64::new(0));
     let mut repaired = false;
     let (mut rounds, mut bytes) = (0u32, 0u64);
     loop {
@@ -250,21 +308,16 @@ pub(crate) fn prepare(
             }
             Message::RoundEnd(1) if feed.is_some() => {
                 // The stream is complete: once QEMU has loaded it, the
-                // memory is hashed for the sender to check.
+                // memory is hashed for the sender to check. The digests
+                // (of the disks too: shared ones are final now, the source
+                // paused and its QEMU flushed, copied ones once QEMU has
+                // loaded the stream that carries them) are finished after
+                // SUMS went out, while they cross the link.
                 let t = Instant::now();
                 drop(feed.take());
-                // Shared disks are final now (the source is paused and
-                // its QEMU flushed them); copied ones once QEMU has
-                // loaded the stream that carries them.
-                if start.shared_disk {
-                    ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
-                }
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
-                if !start.shared_disk {
-                    ahead.push(digest_ahead(&targets, nd, 1..nd + 1)?);
-                }
                 let sums = crate::sums::file_sums(&targets[0].file, start.memory_size)
                     .context("hashing the received memory")?;
                 for (k, part) in sums.chunks(MAX_SUMS).enumerate() {
@@ -275,7 +328,10 @@ pub(crate) fn prepare(
                 }
                 load_us = t.elapsed().as_micros() as u64;
                 summed = true;
-                ahead.push(digest_ahead(&targets, nd, 0..1)?);
+                ahead.push(match prehash.take() {
+                    Some(p) => finish_ahead(p, &targets, nd, sums, reread.clone())?,
+                    None => digest_ahead(&targets, nd, 0..nd + 1)?,
+                });
             }
             Message::RoundEnd(0) if qemu.is_none() => {
                 let t = Instant::now();
@@ -300,6 +356,18 @@ pub(crate) fn prepare(
                 qemu = Some(machine);
                 feed = Some(sock);
                 ahead.push(digest_ahead(&targets, nd, nd + 1..nd + 3)?);
+                prehash = Some(Prehash::start(
+                    targets[..=nd]
+                        .iter()
+                        .enumerate()
+                        .map(|(j, t)| {
+                            let f = clone(t, "a received file")?;
+                            let size = f.metadata().context("stat of a received file")?.len();
+                            // Copied disks: QEMU's stream writes them here.
+                            Ok((f, size, j > 0 && !t.shared))
+                        })
+                        .collect::<Result<_>>()?,
+                ));
                 rounds += 1;
                 tx.send(Message::RoundAck(RoundAck {
                     round: 0,
@@ -339,6 +407,7 @@ pub(crate) fn prepare(
                     name,
                     machine: qemu.expect("summed after the stream"),
                     apply_us: load_us + t.elapsed().as_micros() as u64,
+                    reread: reread.load(Ordering::SeqCst),
                     rounds,
                     bytes,
                 });
@@ -364,11 +433,13 @@ pub(crate) fn start(
         name,
         mut machine,
         apply_us,
+        reread,
         rounds,
         bytes,
     } = p;
     let mut r = Running {
         apply_us,
+        blocks_hashed: reread,
         ..Running::default()
     };
     let t = Instant::now();

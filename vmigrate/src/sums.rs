@@ -3,7 +3,6 @@
 //! blocks that differ are sent again.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use rayon::prelude::*;
 
@@ -23,9 +22,30 @@ pub fn sum(b: &[u8]) -> [u8; SUM_LEN] {
     xxhash_rust::xxh3::xxh3_128(b).to_le_bytes()
 }
 
+/// The hash of `len` zero bytes (a block in a hole).
+pub fn zero_sum(len: usize) -> [u8; SUM_LEN] {
+    static FULL: std::sync::OnceLock<[u8; SUM_LEN]> = std::sync::OnceLock::new();
+    if len == SUM_BLOCK as usize {
+        *FULL.get_or_init(|| sum(&vec![0u8; SUM_BLOCK as usize]))
+    } else {
+        sum(&vec![0u8; len])
+    }
+}
+
 /// The hashes of every block of the first `size` bytes of `f` (read in
-/// parallel; bytes past the end of the file count as zeros).
+/// parallel; bytes past the end of the file count as zeros). Only blocks
+/// that hold data are read: a block wholly in a hole hashes as zeros
+/// without a read (a received memory file is sparse where the guest's
+/// pages are zero).
 pub fn file_sums(f: &File, size: u64) -> std::io::Result<Vec<[u8; SUM_LEN]>> {
+    let n = blocks(size) as usize;
+    let mut data = vec![false; n];
+    for (start, end) in kimberley_formats::sparse::data_extents(f, size)? {
+        let (first, last) = (start / SUM_BLOCK, end.div_ceil(SUM_BLOCK));
+        for d in &mut data[(first as usize).min(n)..(last as usize).min(n)] {
+            *d = true;
+        }
+    }
     (0..blocks(size))
         .into_par_iter()
         .map_init(
@@ -33,16 +53,11 @@ pub fn file_sums(f: &File, size: u64) -> std::io::Result<Vec<[u8; SUM_LEN]>> {
             |buf, i| {
                 let off = i * SUM_BLOCK;
                 let len = (size - off).min(SUM_BLOCK) as usize;
-                let b = &mut buf[..len];
-                b.fill(0);
-                let mut done = 0;
-                while done < len {
-                    let n = f.read_at(&mut b[done..], off + done as u64)?;
-                    if n == 0 {
-                        break;
-                    }
-                    done += n;
+                if !data[i as usize] {
+                    return Ok(zero_sum(len));
                 }
+                let b = &mut buf[..len];
+                kimberley_formats::fsutil::read_at_zero_padded(f, b, off, u64::MAX)?;
                 Ok(sum(b))
             },
         )
@@ -68,6 +83,7 @@ pub fn differing_pages(ours: &[[u8; SUM_LEN]], theirs: &[[u8; SUM_LEN]], size: u
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn differing_blocks_give_their_pages() {
@@ -90,5 +106,23 @@ mod tests {
             (0..4).filter(|&i| again[i] != ours[i]).collect::<Vec<_>>(),
             vec![1]
         );
+    }
+
+    #[test]
+    fn holes_hash_as_the_zeros_they_read_as() {
+        let f = tempfile::tempfile().unwrap();
+        // Data in block 2 only (straddling into block 3), a hole around
+        // it, and a size past the file's end.
+        let size = 6 * SUM_BLOCK + 100;
+        f.write_all_at(&[9u8; 4096], 3 * SUM_BLOCK - 2048).unwrap();
+        let got = file_sums(&f, size).unwrap();
+        let mut plain = vec![0u8; size as usize];
+        plain[(3 * SUM_BLOCK - 2048) as usize..][..4096].fill(9);
+        let want: Vec<_> = plain.chunks(SUM_BLOCK as usize).map(sum).collect();
+        assert_eq!(got, want);
+        assert_eq!(got[0], zero_sum(SUM_BLOCK as usize));
+        assert_eq!(got[6], sum(&[0u8; 100]));
+        assert_ne!(got[2], got[0]);
+        assert_ne!(got[3], got[0]);
     }
 }
