@@ -120,6 +120,10 @@ pub struct Launch<'a> {
     /// live migration on shared disks (the hand-over, not the lock, keeps
     /// one writer: the source may have to run on before COMMIT).
     pub lock_disks: bool,
+    /// Keep the disks' page cache when QEMU activates them at the end of an
+    /// incoming migration (`file.drop-cache=off`): only where that cache
+    /// cannot be stale (see [`Vm`](crate::Vm)'s incoming start).
+    pub keep_disk_cache: bool,
 }
 
 impl MachineConfig {
@@ -312,11 +316,16 @@ impl MachineConfig {
                 "file=",
                 d,
                 &format!(
-                    ",format=raw,if=none,id=disk{i},discard=unmap,cache=writeback{}",
+                    ",format=raw,if=none,id=disk{i},discard=unmap,cache=writeback{}{}",
                     if l.lock_disks {
                         ""
                     } else {
                         ",file.locking=off"
+                    },
+                    if l.keep_disk_cache {
+                        ",file.drop-cache=off"
+                    } else {
+                        ""
                     }
                 ),
             ));
@@ -410,6 +419,7 @@ mod tests {
             console: Path::new("/proc/self/fd/9"),
             incoming,
             lock_disks: true,
+            keep_disk_cache: false,
         })
         .into_iter()
         .map(|s| s.into_string().unwrap())
@@ -418,26 +428,34 @@ mod tests {
 
     #[test]
     fn a_live_migration_receiver_takes_no_image_locks() {
-        let a: Vec<String> = cfg()
-            .argv(&Launch {
-                memory_file: Path::new("/v/memory.raw"),
-                share: true,
-                qmp: Path::new("/w/qmp.sock"),
-                qga: Path::new("/w/qga.sock"),
-                console: Path::new("/proc/self/fd/9"),
-                incoming: true,
-                lock_disks: false,
-            })
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        let drives: Vec<&String> = a.iter().filter(|x| x.starts_with("file=")).collect();
-        assert_eq!(drives.len(), 2);
+        let drives = |keep_disk_cache: bool| -> Vec<String> {
+            cfg()
+                .argv(&Launch {
+                    memory_file: Path::new("/v/memory.raw"),
+                    share: true,
+                    qmp: Path::new("/w/qmp.sock"),
+                    qga: Path::new("/w/qga.sock"),
+                    console: Path::new("/proc/self/fd/9"),
+                    incoming: true,
+                    lock_disks: false,
+                    keep_disk_cache,
+                })
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .filter(|x| x.starts_with("file="))
+                .collect()
+        };
+        let d = drives(false);
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|d| d.ends_with(",file.locking=off")), "{d:?}");
+        let d = drives(true);
         assert!(
-            drives.iter().all(|d| d.ends_with(",file.locking=off")),
-            "{drives:?}"
+            d.iter()
+                .all(|d| d.ends_with(",file.locking=off,file.drop-cache=off")),
+            "{d:?}"
         );
-        assert!(!argv(&cfg(), true, true).join(" ").contains("locking"));
+        let plain = argv(&cfg(), true, true).join(" ");
+        assert!(!plain.contains("locking") && !plain.contains("drop-cache"));
     }
 
     #[test]

@@ -159,6 +159,16 @@ impl Vm {
             console: &fd_path(&console_w),
             incoming,
             lock_disks,
+            // At the end of an incoming migration QEMU drops the page cache
+            // of each disk it activates, in case it holds pages from before
+            // the source's last writes to shared storage; on a file system
+            // of this host alone it cannot, and dropping it made the
+            // receiver read the disks back from storage in the pause.
+            keep_disk_cache: incoming
+                && files
+                    .disks
+                    .iter()
+                    .all(|d| kimberley_formats::sys::file::on_local_fs(d.as_raw_fd())),
         });
         let started = Instant::now();
         let mut keep: Vec<_> = files.all().map(|f| f.as_raw_fd()).collect();

@@ -130,6 +130,34 @@ fn finish_ahead(
     }))
 }
 
+/// Starts reading the disks back into the page cache, without waiting,
+/// for their hashes in the pause: QEMU drops a disk's cached pages when it
+/// activates it at the end of the incoming stream (so that pages cached
+/// before the source's last writes to shared storage are not used), and
+/// the disks would otherwise be read from storage after SUMS went out;
+/// this way storage reads them while the memory is hashed.
+fn read_disks_ahead(disks: &[Target]) -> Result<()> {
+    let files = disks
+        .iter()
+        .map(|t| clone(t, "a received disk"))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::spawn(move || {
+        use std::os::unix::io::AsRawFd;
+        for f in files {
+            let Ok(size) = f.metadata().map(|m| m.len()) else {
+                continue;
+            };
+            let Ok(extents) = kimberley_formats::sparse::data_extents(&f, size) else {
+                continue;
+            };
+            for (start, end) in extents {
+                kimberley_formats::sys::file::read_ahead(f.as_raw_fd(), start, end - start);
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Everything received up to COMMIT: QEMU has been fed the whole stream.
 pub(crate) struct Prepared {
     w: VmDirWriter,
@@ -318,6 +346,7 @@ pub(crate) fn prepare(
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
+                read_disks_ahead(&targets[1..=nd])?;
                 let sums = crate::sums::file_sums(&targets[0].file, start.memory_size)
                     .context("hashing the received memory")?;
                 for (k, part) in sums.chunks(MAX_SUMS).enumerate() {

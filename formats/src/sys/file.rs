@@ -73,6 +73,46 @@ pub fn start_writeback_range(fd: RawFd, off: u64, len: u64) {
     }
 }
 
+/// Asks the kernel to start reading bytes `off..off + len` of `fd` into
+/// the page cache (`posix_fadvise(POSIX_FADV_WILLNEED)`), so that reads of
+/// them soon after find them there. It queues the reads without waiting
+/// for them; its failure only means the later reads wait, so it is
+/// ignored.
+pub fn read_ahead(fd: RawFd, off: u64, len: u64) {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise on a descriptor the caller holds open, with
+    // offsets by value; it borrows no memory. An invalid `fd` makes it
+    // fail with EBADF.
+    unsafe {
+        libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
+/// True if `fd`'s file is on a file system of this host alone (ext2/3/4,
+/// XFS, Btrfs, F2FS, tmpfs: `fstatfs(2)`'s type), where every writer goes
+/// through this host's page cache, so that what it caches of the file
+/// cannot be stale. False for any other (network and cluster file systems
+/// among them) and if `fstatfs` fails.
+pub fn on_local_fs(fd: RawFd) -> bool {
+    const LOCAL: [i64; 5] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // XFS
+        0x9123_683E, // Btrfs
+        0xF2F5_2010, // F2FS
+        0x0102_1994, // tmpfs
+    ];
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into the struct we own and pass by
+    // a valid pointer; an invalid `fd` makes it fail with EBADF.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    LOCAL.contains(&(st.f_type as i64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +132,15 @@ mod tests {
         assert!(set_nonblocking(-1, false).is_err());
         assert!(dup(f.as_raw_fd()).is_ok());
         assert!(dup(987_654).is_err());
+    }
+
+    #[test]
+    fn local_file_systems_are_told_apart() {
+        // /tmp is ext4 or tmpfs wherever the tests run; /proc is neither.
+        let f = tempfile::tempfile().unwrap();
+        assert!(on_local_fs(f.as_raw_fd()));
+        let p = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(!on_local_fs(p.as_raw_fd()));
+        assert!(!on_local_fs(-1));
     }
 }
