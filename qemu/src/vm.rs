@@ -42,6 +42,9 @@ pub struct Vm {
     /// A live migration copies the disks in its stream (block migration
     /// is on until [`Vm::live_end`]).
     copying_disks: bool,
+    /// QEMU keeps the disks' page cache at the end of an incoming stream
+    /// (`file.drop-cache=off`).
+    keeps_disk_cache: bool,
     ready: bool,
     exited: Option<String>,
     interrupt: Arc<AtomicBool>,
@@ -151,6 +154,16 @@ impl Vm {
         let qga_path = work.path().join("qga.sock");
         let (console, console_w) =
             std::io::pipe().map_err(|e| Error::io("creating the console pipe", e))?;
+        // At the end of an incoming migration QEMU drops the page cache of
+        // each disk it activates, in case it holds pages from before the
+        // source's last writes to shared storage; on a file system of this
+        // host alone it cannot, and dropping it made the receiver read the
+        // disks back from storage in the pause.
+        let keeps_disk_cache = incoming
+            && files
+                .disks
+                .iter()
+                .all(|d| kimberley_formats::sys::file::on_local_fs(d.as_raw_fd()));
         let args = seen.argv(&Launch {
             memory_file: &fd_path(&files.memory),
             share,
@@ -159,16 +172,7 @@ impl Vm {
             console: &fd_path(&console_w),
             incoming,
             lock_disks,
-            // At the end of an incoming migration QEMU drops the page cache
-            // of each disk it activates, in case it holds pages from before
-            // the source's last writes to shared storage; on a file system
-            // of this host alone it cannot, and dropping it made the
-            // receiver read the disks back from storage in the pause.
-            keep_disk_cache: incoming
-                && files
-                    .disks
-                    .iter()
-                    .all(|d| kimberley_formats::sys::file::on_local_fs(d.as_raw_fd())),
+            keep_disk_cache: keeps_disk_cache,
         });
         let started = Instant::now();
         let mut keep: Vec<_> = files.all().map(|f| f.as_raw_fd()).collect();
@@ -217,6 +221,7 @@ impl Vm {
             first_run: None,
             paused: incoming,
             copying_disks: false,
+            keeps_disk_cache,
             ready: false,
             exited: None,
             interrupt,

@@ -7,8 +7,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -45,28 +44,34 @@ fn chunks_target(body: &[u8]) -> Result<u32> {
 /// Digests of components (kind, index) computed from their final contents.
 type Known = Vec<(Kind, usize, [u8; 32])>;
 
+/// A thread digesting received files: their digests, and how many digest
+/// blocks it read in the pause.
+type Ahead = std::thread::JoinHandle<Result<(Known, u64)>>;
+
+/// The component target `j` is, of `targets` with `nd` disks (the
+/// sender's numbering: memory, disks, kernel, initrd).
+fn target_kind(j: usize, nd: usize) -> (Kind, usize) {
+    match j {
+        0 => (Kind::Memory, 0),
+        j if j <= nd => (Kind::Disk, j - 1),
+        j if j == nd + 1 => (Kind::Kernel, 0),
+        _ => (Kind::Initrd, 0),
+    }
+}
+
 /// Digests, on a thread, the targets `which` (indices into `targets`, of
 /// which `nd` are disks) once they are final, so that COMMIT finds them
 /// done: the boot files at the end of round 0 (the memory and the disks go
 /// through [`finish_ahead`]).
-fn digest_ahead(
-    targets: &[Target],
-    nd: usize,
-    which: std::ops::Range<usize>,
-) -> Result<std::thread::JoinHandle<Result<Known>>> {
+fn digest_ahead(targets: &[Target], nd: usize, which: std::ops::Range<usize>) -> Result<Ahead> {
     let mut files = Vec::new();
     for j in which.filter(|&j| j < targets.len()) {
-        let (kind, i) = match j {
-            0 => (Kind::Memory, 0),
-            j if j <= nd => (Kind::Disk, j - 1),
-            j if j == nd + 1 => (Kind::Kernel, 0),
-            _ => (Kind::Initrd, 0),
-        };
+        let (kind, i) = target_kind(j, nd);
         files.push((kind, i, clone(&targets[j], "a received file")?));
     }
     Ok(std::thread::spawn(move || {
         use rayon::prelude::*;
-        files
+        let known = files
             .into_par_iter()
             .map(|(kind, i, f)| {
                 let size = f.metadata().context("stat of a received file")?.len();
@@ -74,35 +79,28 @@ fn digest_ahead(
                     .with_context(|| format!("digesting {}", file_name(kind, i)))?;
                 Ok((kind, i, d))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((known, 0))
     }))
 }
 
 /// Finishes, on a thread, the digests of the memory (whose final SUMS
 /// hashes are `memory_sums`) and the disks from what `p` saw in the
 /// background: the disks are hashed as the memory was, and only the blocks
-/// whose hashes changed are read again (counted into `reread`). A file
+/// whose hashes changed are read again (the count it returns). A file
 /// whose size changed is digested whole.
 fn finish_ahead(
     p: Prehash,
     targets: &[Target],
     nd: usize,
     memory_sums: Vec<[u8; crate::protocol::SUM_LEN]>,
-    reread: Arc<AtomicU64>,
-) -> Result<std::thread::JoinHandle<Result<Known>>> {
+) -> Result<Ahead> {
     let files = (0..=nd)
         .map(|j| clone(&targets[j], "a received file"))
         .collect::<Result<Vec<_>>>()?;
     Ok(std::thread::spawn(move || {
         // The pause has begun: the passes stop taking a core.
         p.stop();
-        let kind = |j: usize| {
-            if j == 0 {
-                (Kind::Memory, 0)
-            } else {
-                (Kind::Disk, j - 1)
-            }
-        };
         let sizes: Vec<u64> = (0..=nd).map(|j| p.size(j)).collect();
         let mut now = vec![memory_sums];
         for (j, f) in files.iter().enumerate().skip(1) {
@@ -115,47 +113,19 @@ fn finish_ahead(
             if size == sizes[j] {
                 same.push((j, f, &now[j][..]));
             } else {
+                let (k, i) = target_kind(j, nd);
                 let d = kimberley_formats::vmdir::dir::digest_file(f, size)
-                    .with_context(|| format!("digesting {}", file_name(kind(j).0, kind(j).1)))?;
-                known.push((kind(j).0, kind(j).1, d));
+                    .with_context(|| format!("digesting {}", file_name(k, i)))?;
+                known.push((k, i, d));
             }
         }
-        let (hashes, n) = p.finish(&same).context("digesting the received files")?;
-        reread.fetch_add(n, Ordering::SeqCst);
+        let (hashes, reread) = p.finish(&same).context("digesting the received files")?;
         for ((j, _, _), h) in same.iter().zip(hashes) {
-            let (k, i) = kind(*j);
+            let (k, i) = target_kind(*j, nd);
             known.push((k, i, kimberley_formats::digest::combine(sizes[*j], &h)));
         }
-        Ok(known)
+        Ok((known, reread))
     }))
-}
-
-/// Starts reading the disks back into the page cache, without waiting,
-/// for their hashes in the pause: QEMU drops a disk's cached pages when it
-/// activates it at the end of the incoming stream (so that pages cached
-/// before the source's last writes to shared storage are not used), and
-/// the disks would otherwise be read from storage after SUMS went out;
-/// this way storage reads them while the memory is hashed.
-fn read_disks_ahead(disks: &[Target]) -> Result<()> {
-    let files = disks
-        .iter()
-        .map(|t| clone(t, "a received disk"))
-        .collect::<Result<Vec<_>>>()?;
-    std::thread::spawn(move || {
-        use std::os::unix::io::AsRawFd;
-        for f in files {
-            let Ok(size) = f.metadata().map(|m| m.len()) else {
-                continue;
-            };
-            let Ok(extents) = kimberley_formats::sparse::data_extents(&f, size) else {
-                continue;
-            };
-            for (start, end) in extents {
-                kimberley_formats::sys::file::read_ahead(f.as_raw_fd(), start, end - start);
-            }
-        }
-    });
-    Ok(())
 }
 
 /// Everything received up to COMMIT: QEMU has been fed the whole stream.
@@ -304,11 +274,10 @@ pub(crate) fn prepare(
     // The stream ended and SUMS went out: only repairs of memory (CHUNKS
     // of target 0) and COMMIT may follow.
     let mut summed = false;
-    let mut ahead: Vec<std::thread::JoinHandle<Result<Known>>> = Vec::new();
+    let mut ahead: Vec<Ahead> = Vec::new();
     // The memory and the disks, hashed in the background while QEMU
     // writes them, so that the pause digests only what changed since.
     let mut prehash: Option<Prehash> = None;
-    let reread = Arc::new(AtomicU64::new(0));
     let mut repaired = false;
     let (mut rounds, mut bytes) = (0u32, 0u64);
     loop {
@@ -346,7 +315,6 @@ pub(crate) fn prepare(
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
-                read_disks_ahead(&targets[1..=nd])?;
                 let sums = crate::sums::file_sums(&targets[0].file, start.memory_size)
                     .context("hashing the received memory")?;
                 for (k, part) in sums.chunks(MAX_SUMS).enumerate() {
@@ -357,10 +325,8 @@ pub(crate) fn prepare(
                 }
                 load_us = t.elapsed().as_micros() as u64;
                 summed = true;
-                ahead.push(match prehash.take() {
-                    Some(p) => finish_ahead(p, &targets, nd, sums, reread.clone())?,
-                    None => digest_ahead(&targets, nd, 0..nd + 1)?,
-                });
+                let p = prehash.take().expect("started with the stream");
+                ahead.push(finish_ahead(p, &targets, nd, sums)?);
             }
             Message::RoundEnd(0) if qemu.is_none() => {
                 let t = Instant::now();
@@ -419,12 +385,13 @@ pub(crate) fn prepare(
             Message::Commit if summed => {
                 let t = Instant::now();
                 apply(&mut targets, &mut pending)?;
-                let mut known = Known::new();
+                let (mut known, mut reread) = (Known::new(), 0);
                 for h in ahead.drain(..) {
-                    known.extend(
-                        h.join()
-                            .map_err(|_| anyhow!("a digesting thread panicked"))??,
-                    );
+                    let (k, n) = h
+                        .join()
+                        .map_err(|_| anyhow!("a digesting thread panicked"))??;
+                    known.extend(k);
+                    reread += n;
                 }
                 if repaired {
                     // Pages were rewritten: the memory is digested at commit.
@@ -436,7 +403,7 @@ pub(crate) fn prepare(
                     name,
                     machine: qemu.expect("summed after the stream"),
                     apply_us: load_us + t.elapsed().as_micros() as u64,
-                    reread: reread.load(Ordering::SeqCst),
+                    reread,
                     rounds,
                     bytes,
                 });

@@ -239,7 +239,36 @@ impl Vm {
             return Err(self.process.exit_error("receiving the guest").unwrap_or(e));
         }
         self.paused = true;
+        if !self.keeps_disk_cache {
+            self.read_disks_ahead();
+        }
         self.set_caps(&[("x-ignore-shared", true)])
+    }
+
+    /// Starts reading the disks back into the page cache QEMU dropped when
+    /// it activated them, without waiting: the receiver hashes them in the
+    /// pause, and storage reads them meanwhile.
+    fn read_disks_ahead(&self) {
+        let files: Vec<std::fs::File> = self
+            .files
+            .disks
+            .iter()
+            .filter_map(|d| d.try_clone().ok())
+            .collect();
+        std::thread::spawn(move || {
+            use std::os::unix::io::AsRawFd;
+            for f in files {
+                let Ok(size) = f.metadata().map(|m| m.len()) else {
+                    continue;
+                };
+                let Ok(extents) = kimberley_formats::sparse::data_extents(&f, size) else {
+                    continue;
+                };
+                for (start, end) in extents {
+                    kimberley_formats::sys::file::read_ahead(f.as_raw_fd(), start, end - start);
+                }
+            }
+        });
     }
 }
 
