@@ -221,7 +221,7 @@ print(json.dumps({"row": row, "run": int(n), "total_s": s["total_ms"] / 1000,
   "tc": int(b1) - int(b0), "rounds": s["rounds"], "stop": s.get("stop_reason"),
   "same": same == "true", "zstd_nonzero": int(zs), "nonzero_pages": int(nz),
   "stream_bytes": mc.get("stream_bytes"), "boot_files_bytes": (mc.get("boot_files") or {}).get("boot_files_bytes"),
-  "repaired_pages": mc.get("repaired_pages"), "load": float(load)}))
+  "repaired_pages": mc.get("repaired_pages"), "disk_ref_pages": (mc.get("disk_refs") or {}).get("pages"), "load": float(load)}))
 PY
 )"
   cleanup
@@ -307,7 +307,7 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 bps, rate = int(sys.argv[2]), sys.argv[3]
 M = 1 << 20
-names = {"vmigrate": "(a) vmigrate send/recv (QEMU's stream through vmigrate's channel, zstd -1)",
+names = {"vmigrate": "(a) vmigrate send/recv --shared-disk (QEMU's stream through vmigrate's channel, zstd -3; guest pages equal to shared-disk blocks sent as references)",
          "qemu": "(b) QEMU, default stream", "qemu-zstd": "(c) QEMU, multifd + zstd",
          "vmigrate-disk": "(d) vmigrate copying the disk (no `--shared-disk`: QEMU's block migration in its stream, through vmigrate's channel)",
          "qemu-block": "(e) QEMU copying the disk, default stream + block migration"}
@@ -341,9 +341,10 @@ if "vmigrate" in by:
     wire = statistics.median(r["wire"] for r in v)
     zs = statistics.median(r["zstd_nonzero"] for r in v)
     dt = statistics.median(r["downtime_ms"] for r in v)
-    print("Guest memory at the switch-over (vmigrate runs: the received `memory.raw`): %s non-zero 4 KiB pages, `zstd -1` of them %s MiB; vmigrate's boot files (kernel, initrd) %s MiB of its wire bytes; QEMU stream before compression %s MiB; pages repaired by the memory check %s." % (
+    print("Guest memory at the switch-over (vmigrate runs: the received `memory.raw`): %s non-zero 4 KiB pages, `zstd -1` of them %s MiB; vmigrate's boot files (kernel, initrd) %s MiB of its wire bytes; QEMU stream before compression %s MiB; pages sent as references to the shared disk %s; pages repaired by the memory check %s." % (
         med([r["nonzero_pages"] for r in v], "%d"), med([r["zstd_nonzero"] / M for r in v], "%.1f"),
         med([(r["boot_files_bytes"] or 0) / M for r in v], "%.1f"), med([(r["stream_bytes"] or 0) / M for r in v], "%.1f"),
+        med([r.get("disk_ref_pages") or 0 for r in v], "%d"),
         med([r["repaired_pages"] or 0 for r in v], "%d")))
     print()
     print("| target (medians) | measured | result |")

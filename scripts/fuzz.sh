@@ -22,7 +22,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(overlay_stream overlay_parts coverage_map memory_blocks vmdir_manifest migration_wire state_blob guest_agent key_file disk_free_space oci_manifest cloudlet_api)
+    targets=(overlay_stream overlay_parts coverage_map memory_blocks vmdir_manifest migration_wire qemu_stream_pages state_blob guest_agent key_file disk_free_space oci_manifest cloudlet_api)
 fi
 sanitizer=${FUZZ_SANITIZER:-address}
 export RUSTC_BOOTSTRAP=1

@@ -1,5 +1,6 @@
 //! The migration wire (vmigrate::protocol, vmigrate::chunks): hellos,
-//! frame headers, every message body and CHUNKS bodies must never panic;
+//! frame headers, every message body (STREAM_REFS opened too) and CHUNKS
+//! bodies must never panic;
 //! what decodes must encode back to what decodes equal. The first byte
 //! picks the parser; for messages the second byte is the type.
 #![no_main]
@@ -39,6 +40,16 @@ fuzz_target!(|data: &[u8]| {
             let Some(ty) = Type::from_u8(t) else { return };
             if let Ok(m) = Message::decode(ty, body.to_vec()) {
                 assert_eq!(m.ty(), ty);
+                if let Message::StreamRefs(r) = &m {
+                    if let Ok((refs, literals)) = r.open() {
+                        assert_eq!(refs.len(), r.count as usize);
+                        assert_eq!(
+                            literals.len() + refs.len() * vmigrate::protocol::REF_PAGE,
+                            r.len as usize
+                        );
+                        assert!(refs.iter().all(|x| x.pos as usize + 4096 <= r.len as usize));
+                    }
+                }
                 let again = Message::decode(ty, m.clone().encode()).expect("re-decodes");
                 assert_eq!(again, m, "message round trip");
             }

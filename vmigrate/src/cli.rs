@@ -189,7 +189,10 @@ pub struct SendArgs {
     /// them. The receiver links them into its VM directory; it must be run
     /// with `--shared-disk-dir` naming a directory that holds them. For a
     /// QEMU guest the kernel and initrd are shared too (not sent): they
-    /// must be beneath that directory as well. Without it the disks are
+    /// must be beneath that directory as well, and pages of its memory
+    /// that are copies of the disks' blocks (its page cache) travel as
+    /// references to those blocks, read by the receiver from its view of
+    /// the disks. Without it the disks are
     /// copied while the guest runs (pre-copy): in vmigrate's rounds for a
     /// microVM, in QEMU's own stream (its block migration) for a QEMU
     /// guest.

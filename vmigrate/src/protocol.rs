@@ -9,7 +9,7 @@ use kimberley_formats::le::{LeError, Reader, Writer};
 /// First bytes of a hello.
 pub const MAGIC: [u8; 8] = *b"KIMBMIG\0";
 /// Protocol version this build speaks (and the only one it accepts).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Length of a hello.
 pub const HELLO_LEN: usize = 48;
 /// Length of a key-confirmation tag.
@@ -46,6 +46,10 @@ pub const SUM_BLOCK: u64 = 64 << 10;
 pub const SUM_LEN: usize = 16;
 /// Most entries in one SUMS message.
 pub const MAX_SUMS: usize = 1 << 16;
+/// Bytes of one page a STREAM_REFS reference stands for.
+pub const REF_PAGE: usize = 4096;
+/// Most references in one STREAM_REFS (every page of the largest piece).
+pub const MAX_REFS: usize = MAX_STREAM_CHUNK / REF_PAGE;
 
 /// Why bytes from the peer were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,6 +179,9 @@ pub enum Type {
     /// Sender → receiver: the boot files are on shared storage (hypervisor
     /// stream with shared disks only): their paths instead of their bytes.
     BootFiles = 12,
+    /// Sender → receiver: the next bytes of the hypervisor's stream, of
+    /// which some pages are references to blocks of the shared disks.
+    StreamRefs = 13,
     /// Receiver → sender (last): the guest runs here.
     Running = 16,
     /// Receiver → sender (last): the receiver failed and discards.
@@ -203,6 +210,7 @@ impl Type {
             10 => Type::Machine,
             11 => Type::Stream,
             12 => Type::BootFiles,
+            13 => Type::StreamRefs,
             16 => Type::Running,
             17 => Type::Error,
             18 => Type::RoundAck,
@@ -229,6 +237,7 @@ impl Type {
             Type::Machine => "MACHINE",
             Type::Stream => "STREAM",
             Type::BootFiles => "BOOT_FILES",
+            Type::StreamRefs => "STREAM_REFS",
             Type::Sums => "SUMS",
             Type::Outcome => "OUTCOME",
         }
@@ -382,6 +391,109 @@ pub struct MachineMsg {
     pub spec: kimberley_formats::vmdir::MachineSpec,
 }
 
+/// One page of a STREAM_REFS: the [`REF_PAGE`] bytes at `pos` of the piece
+/// are block `block` of shared disk `disk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRef {
+    /// Offset in the piece (the references ascending, not overlapping).
+    pub pos: u32,
+    /// The disk (START's order).
+    pub disk: u8,
+    /// The block: bytes `block × 4096 ..` of the disk.
+    pub block: u32,
+    /// XXH3-64 of the page's bytes.
+    pub hash: u64,
+}
+
+/// Length of one reference in a STREAM_REFS frame.
+pub const REF_LEN: usize = 20;
+
+/// STREAM_REFS: `len` bytes of the hypervisor's stream as one zstd frame
+/// of `count` references followed by the bytes between them (the
+/// literals); [`StreamRefs::open`] and [`StreamRefs::seal`] code it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRefs {
+    /// Bytes of stream this message stands for (≤ [`MAX_STREAM_CHUNK`]).
+    pub len: u32,
+    /// References: 1 ..= [`MAX_REFS`], at most `len / 4096`.
+    pub count: u32,
+    /// The zstd frame.
+    pub frame: Vec<u8>,
+}
+
+impl StreamRefs {
+    /// Codes the piece `piece` whose pages at `refs` (ascending, not
+    /// overlapping, inside the piece; 1 ..= [`MAX_REFS`]) are blocks of
+    /// the shared disks, compressed at zstd `level`.
+    pub fn seal(piece: &[u8], refs: &[DiskRef], level: i32) -> std::io::Result<StreamRefs> {
+        assert!(piece.len() <= MAX_STREAM_CHUNK && !refs.is_empty() && refs.len() <= MAX_REFS);
+        let mut plain = Writer::with_capacity(refs.len() * REF_LEN + piece.len());
+        for r in refs {
+            plain.u32(r.pos);
+            plain.u8(r.disk);
+            plain.zeros(3);
+            plain.u32(r.block);
+            plain.u64(r.hash);
+        }
+        let mut at = 0;
+        for r in refs {
+            plain.raw(&piece[at..r.pos as usize]);
+            at = r.pos as usize + REF_PAGE;
+        }
+        plain.raw(&piece[at..]);
+        Ok(StreamRefs {
+            len: piece.len() as u32,
+            count: refs.len() as u32,
+            frame: zstd::bulk::compress(&plain.into_inner(), level)?,
+        })
+    }
+
+    /// Decompresses the frame into its references and literals, checking
+    /// every rule: the frame decompresses to exactly `count` references
+    /// and `len - count × 4096` literal bytes; references ascend, do not
+    /// overlap, lie inside the piece, name a disk below [`MAX_DISKS`] and
+    /// have zero reserved bytes.
+    pub fn open(&self) -> Result<(Vec<DiskRef>, Vec<u8>)> {
+        let n = self.count as usize;
+        let want = n * REF_LEN + self.len as usize - n * REF_PAGE;
+        let plain = zstd::bulk::decompress(&self.frame, want)
+            .map_err(|e| ProtocolError::Invalid(format!("STREAM_REFS frame: {e}")))?;
+        if plain.len() != want {
+            return Err(ProtocolError::Invalid(format!(
+                "STREAM_REFS frame of {} bytes where {want} were announced",
+                plain.len()
+            )));
+        }
+        let mut r = Reader::new(&plain, "STREAM_REFS");
+        let mut refs = Vec::with_capacity(n);
+        let mut end = 0u64;
+        for _ in 0..n {
+            let pos = r.u32()?;
+            let disk = r.u8()?;
+            r.zeros(3, "STREAM_REFS")
+                .map_err(|_| ProtocolError::Reserved("STREAM_REFS reference"))?;
+            let block = r.u32()?;
+            let hash = r.u64()?;
+            if u64::from(pos) < end
+                || u64::from(pos) + REF_PAGE as u64 > u64::from(self.len)
+                || usize::from(disk) >= MAX_DISKS
+            {
+                return Err(ProtocolError::Invalid(format!(
+                    "STREAM_REFS reference at {pos} (disk {disk}) overlaps, is out of order or out of range"
+                )));
+            }
+            end = u64::from(pos) + REF_PAGE as u64;
+            refs.push(DiskRef {
+                pos,
+                disk,
+                block,
+                hash,
+            });
+        }
+        Ok((refs, r.rest().to_vec()))
+    }
+}
+
 /// Length of a session id: the two hellos' nonces.
 pub const SESSION_ID_LEN: usize = 64;
 
@@ -436,6 +548,8 @@ pub enum Message {
         /// The initrd's path (absolute), or empty.
         initrd: String,
     },
+    /// See [`StreamRefs`].
+    StreamRefs(StreamRefs),
     /// Hashes of consecutive [`SUM_BLOCK`]s of received memory, from block
     /// `first` on.
     Sums {
@@ -465,6 +579,7 @@ impl Message {
             Message::Machine(_) => Type::Machine,
             Message::Stream(_) => Type::Stream,
             Message::BootFiles { .. } => Type::BootFiles,
+            Message::StreamRefs(_) => Type::StreamRefs,
             Message::Sums { .. } => Type::Sums,
         }
     }
@@ -479,6 +594,13 @@ impl Message {
                 for h in &sums {
                     w.raw(h);
                 }
+                w.into_inner()
+            }
+            Message::StreamRefs(m) => {
+                let mut w = Writer::with_capacity(8 + m.frame.len());
+                w.u32(m.len);
+                w.u32(m.count);
+                w.raw(&m.frame);
                 w.into_inner()
             }
             Message::Machine(m) => {
@@ -551,6 +673,21 @@ impl Message {
             Type::State => return Ok(Message::State(body)),
             Type::Stream => return Ok(Message::Stream(body)),
             Type::Machine => Message::Machine(Box::new(decode_machine(&mut r)?)),
+            Type::StreamRefs => {
+                let len = r.u32()?;
+                let count = r.count(MAX_REFS, "STREAM_REFS count")?;
+                if len as usize > MAX_STREAM_CHUNK || count == 0 || count * REF_PAGE > len as usize
+                {
+                    return Err(ProtocolError::Invalid(format!(
+                        "STREAM_REFS of {len} bytes with {count} references"
+                    )));
+                }
+                return Ok(Message::StreamRefs(StreamRefs {
+                    len,
+                    count: count as u32,
+                    frame: r.rest().to_vec(),
+                }));
+            }
             Type::BootFiles => {
                 let kernel = boot_path(&mut r, "kernel", false)?;
                 let initrd = boot_path(&mut r, "initrd", true)?;
@@ -774,6 +911,11 @@ mod tests {
                 first: 3,
                 sums: vec![[1; SUM_LEN], [2; SUM_LEN]],
             },
+            Message::StreamRefs(StreamRefs {
+                len: 3 * REF_PAGE as u32 + 9,
+                count: 2,
+                frame: vec![1, 2, 3],
+            }),
         ]
     }
 
@@ -872,6 +1014,82 @@ mod tests {
         assert!(Message::decode(Type::Sums, vec![0; 8 + SUM_LEN + 1]).is_err());
         assert!(Message::decode(Type::Sums, vec![0; 4]).is_err());
         assert!(Message::decode(Type::Sums, vec![0; 8 + (MAX_SUMS + 1) * SUM_LEN]).is_err());
+        // STREAM_REFS: what seal codes opens to the same; overlapping,
+        // out of the piece, a bad disk, reserved bytes, a frame of another
+        // size; no references or more than the piece holds.
+        let piece: Vec<u8> = (0..3 * REF_PAGE + 9).map(|i| (i * 7) as u8).collect();
+        let refs = vec![
+            DiskRef {
+                pos: 9,
+                disk: 0,
+                block: 1,
+                hash: 5,
+            },
+            DiskRef {
+                pos: 9 + REF_PAGE as u32,
+                disk: 7,
+                block: u32::MAX,
+                hash: 6,
+            },
+        ];
+        let m = StreamRefs::seal(&piece, &refs, 1).unwrap();
+        let back = Message::decode(Type::StreamRefs, Message::StreamRefs(m.clone()).encode());
+        assert_eq!(back, Ok(Message::StreamRefs(m.clone())));
+        let (r2, lit) = m.open().unwrap();
+        assert_eq!(r2, refs);
+        let mut want = piece[..9].to_vec();
+        want.extend(&piece[9 + 2 * REF_PAGE..]);
+        assert_eq!(lit, want);
+        let bad = |f: &dyn Fn(&mut Vec<DiskRef>)| {
+            let mut r = refs.clone();
+            f(&mut r);
+            // Coded by hand: seal would not write these.
+            let mut w = Writer::new();
+            for x in &r {
+                w.u32(x.pos);
+                w.u8(x.disk);
+                w.zeros(3);
+                w.u32(x.block);
+                w.u64(x.hash);
+            }
+            w.raw(&want);
+            StreamRefs {
+                len: piece.len() as u32,
+                count: r.len() as u32,
+                frame: zstd::bulk::compress(&w.into_inner(), 1).unwrap(),
+            }
+            .open()
+        };
+        assert!(bad(&|_| {}).is_ok());
+        assert!(bad(&|r| r[1].pos -= 1).is_err());
+        assert!(bad(&|r| r[1].pos = 2 * REF_PAGE as u32 + 10).is_err());
+        assert!(bad(&|r| r[0].disk = 8).is_err());
+        let mut m2 = m.clone();
+        m2.len += 1;
+        assert!(m2.open().is_err());
+        let mut w = Writer::new();
+        w.u32(9);
+        w.u8(0);
+        w.raw(&[0, 1, 0]);
+        w.u32(0);
+        w.u64(0);
+        w.raw(&vec![0; REF_PAGE]);
+        let reserved = StreamRefs {
+            len: 9 + 2 * REF_PAGE as u32,
+            count: 1,
+            frame: zstd::bulk::compress(&w.into_inner(), 1).unwrap(),
+        };
+        assert!(reserved.open().is_err());
+        let head = |len: u32, count: u32| {
+            let mut b = len.to_le_bytes().to_vec();
+            b.extend(count.to_le_bytes());
+            b.extend([1, 2, 3]);
+            Message::decode(Type::StreamRefs, b)
+        };
+        assert!(head(4096, 1).is_ok());
+        assert!(head(4096, 0).is_err());
+        assert!(head(4095, 1).is_err());
+        assert!(head(MAX_STREAM_CHUNK as u32 + 1, 1).is_err());
         // Hellos.
         let h = Hello {
             role: Role::Sender,

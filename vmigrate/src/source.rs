@@ -319,7 +319,7 @@ impl Session<'_, '_> {
 
 /// The receiver said it failed (it discards what it received).
 #[derive(Debug)]
-pub(crate) struct ReceiverError(String);
+pub(crate) struct ReceiverError(pub(crate) String);
 
 impl std::fmt::Display for ReceiverError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

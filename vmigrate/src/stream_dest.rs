@@ -24,15 +24,164 @@ use crate::dest::{
     apply, discard, hand_over, next, open_shared, send_error, shared_disks, Listener, Options,
     Phase, Received, SenderAborted, Target,
 };
+use crate::disk_refs;
 use crate::prehash::Prehash;
 use crate::protocol::{
-    Message, RoundAck, Running, Start, MAX_STREAM_CHUNK, MAX_SUMS, SESSION_ID_LEN,
+    DiskRef, Message, RoundAck, Running, Start, MAX_STREAM_CHUNK, MAX_SUMS, REF_LEN, SESSION_ID_LEN,
 };
 
 /// How long QEMU may take to finish loading the stream after COMMIT.
 const LOAD_WAIT: Duration = Duration::from_secs(60);
 /// A QEMU that takes no stream bytes for this long is given up on.
 const FEED_LIMIT: Duration = Duration::from_secs(60);
+/// What failed when QEMU does not take the stream.
+const FEED_FAILED: &str = "feeding the stream to QEMU (it refused the stream or stopped)";
+
+/// Most bytes of stream queued for QEMU (a reference counts as its
+/// [`REF_LEN`] bytes).
+const FEED_QUEUE: usize = 64 << 20;
+
+/// A piece of stream on its way to QEMU.
+enum Piece {
+    /// Its bytes.
+    Plain(Vec<u8>),
+    /// A STREAM_REFS, opened.
+    Refs {
+        len: usize,
+        refs: Vec<DiskRef>,
+        literals: Vec<u8>,
+    },
+}
+
+impl Piece {
+    fn held(&self) -> usize {
+        match self {
+            Piece::Plain(b) => b.len(),
+            Piece::Refs { refs, literals, .. } => literals.len() + refs.len() * REF_LEN,
+        }
+    }
+}
+
+/// What the feeding counted of references.
+#[derive(Debug, Default, Clone, Copy)]
+struct RefCounts {
+    pages: u64,
+    missed: u64,
+}
+
+/// Writes the stream to QEMU on a thread of its own, reading the pages of
+/// references from the shared disks as it goes, so that reading the
+/// channel does not wait for QEMU to load what came before (at most
+/// [`FEED_QUEUE`] bytes ahead): a run of references, cheap on the wire, is
+/// much stream for QEMU to load, and the link carries what follows it
+/// meanwhile.
+struct Feeder {
+    tx: Option<std::sync::mpsc::Sender<Piece>>,
+    /// Bytes queued, and its change.
+    queued: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<Result<RefCounts>>>,
+}
+
+impl Feeder {
+    fn start(mut sock: UnixStream, disks: Vec<Option<std::fs::File>>) -> Feeder {
+        let (tx, rx) = std::sync::mpsc::channel::<Piece>();
+        let queued =
+            std::sync::Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+        let q = queued.clone();
+        let thread = std::thread::spawn(move || {
+            let mut counts = RefCounts::default();
+            let r = (|| {
+                for p in rx {
+                    let held = p.held();
+                    let bytes = match p {
+                        Piece::Plain(b) => b,
+                        Piece::Refs {
+                            len,
+                            refs,
+                            literals,
+                        } => {
+                            counts.pages += refs.len() as u64;
+                            disk_refs::rebuild(len, &refs, &literals, &disks, &mut counts.missed)?
+                        }
+                    };
+                    sock.write_all(&bytes).context(FEED_FAILED)?;
+                    let mut n = q.0.lock().unwrap_or_else(|p| p.into_inner());
+                    *n -= held;
+                    q.1.notify_all();
+                }
+                Ok(counts)
+            })();
+            // Wakes a sender waiting for room after a failure.
+            *q.0.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+            q.1.notify_all();
+            r
+        });
+        Feeder {
+            tx: Some(tx),
+            queued,
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues the next piece (waits while the queue is full).
+    fn send(&mut self, p: Piece) -> Result<()> {
+        let held = p.held();
+        {
+            let (m, c) = &*self.queued;
+            let mut n = m.lock().unwrap_or_else(|p| p.into_inner());
+            while *n > 0 && *n + held > FEED_QUEUE {
+                n = c.wait(n).unwrap_or_else(|p| p.into_inner());
+            }
+            *n += held;
+        }
+        let sent = self.tx.as_ref().map(|tx| tx.send(p).is_ok());
+        if sent != Some(true) {
+            self.finish()?;
+            bail!("{FEED_FAILED}");
+        }
+        Ok(())
+    }
+
+    /// Closes the stream once QEMU has taken everything queued.
+    fn finish(&mut self) -> Result<RefCounts> {
+        drop(self.tx.take());
+        match self.thread.take().map(|t| t.join()) {
+            None => Ok(RefCounts::default()),
+            Some(Ok(r)) => r,
+            Some(Err(_)) => bail!("the thread feeding QEMU panicked"),
+        }
+    }
+}
+
+/// Most bytes of messages read ahead while QEMU starts.
+const READ_AHEAD: usize = 64 << 20;
+
+/// Reads messages until `done` (or [`READ_AHEAD`] bytes of them).
+fn read_ahead(rx: &mut Rx, done: &AtomicBool, stop: &AtomicBool) -> Result<Vec<Message>> {
+    use std::os::unix::io::AsRawFd;
+    use std::sync::atomic::Ordering;
+    let mut read = Vec::new();
+    let mut bytes = 0usize;
+    while !done.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) && bytes < READ_AHEAD {
+        if kimberley_formats::sys::poll::readable_one(
+            rx.stream().as_raw_fd(),
+            Some(Duration::from_millis(5)),
+        )? {
+            let m = rx.recv()?;
+            bytes += match &m {
+                Message::Stream(b) => b.len(),
+                Message::StreamRefs(r) => r.frame.len(),
+                _ => 64,
+            };
+            let last = m.ty().is_last();
+            read.push(m);
+            if last {
+                break;
+            }
+        }
+    }
+    Ok(read)
+}
 
 /// The target a CHUNKS body names.
 fn chunks_target(body: &[u8]) -> Result<u32> {
@@ -139,6 +288,7 @@ pub(crate) struct Prepared {
     reread: u64,
     rounds: u32,
     bytes: u64,
+    refs: RefCounts,
 }
 
 fn clone(t: &Target, what: &str) -> Result<std::fs::File> {
@@ -270,7 +420,7 @@ pub(crate) fn prepare(
     let mut pending: Vec<Vec<u8>> = Vec::new();
     let mut load_us = 0u64;
     let mut qemu: Option<QemuMachine> = None;
-    let mut feed: Option<UnixStream> = None;
+    let mut feed: Option<Feeder> = None;
     // The stream ended and SUMS went out: only repairs of memory (CHUNKS
     // of target 0) and COMMIT may follow.
     let mut summed = false;
@@ -280,8 +430,11 @@ pub(crate) fn prepare(
     let mut prehash: Option<Prehash> = None;
     let mut repaired = false;
     let (mut rounds, mut bytes) = (0u32, 0u64);
+    let mut refs = RefCounts::default();
+    // Messages read while QEMU started.
+    let mut early: std::collections::VecDeque<Message> = first.take().into_iter().collect();
     loop {
-        let msg = match first.take() {
+        let msg = match early.pop_front() {
             Some(m) => m,
             None => next(rx, stop)?,
         };
@@ -311,7 +464,7 @@ pub(crate) fn prepare(
                 // loaded the stream that carries them) are finished after
                 // SUMS went out, while they cross the link.
                 let t = Instant::now();
-                drop(feed.take());
+                refs = feed.take().expect("some").finish()?;
                 let m = qemu.as_mut().expect("fed by a machine");
                 m.wait_incoming(LOAD_WAIT)
                     .map_err(|e| anyhow!("QEMU did not load the stream: {e}"))?;
@@ -343,13 +496,30 @@ pub(crate) fn prepare(
                         .map(|t| clone(t, "the initrd"))
                         .transpose()?,
                 };
-                let (machine, sock) = backend
-                    .incoming(&cfg, files, w.path())
-                    .map_err(|e| anyhow!("starting QEMU for the incoming guest: {e}"))?;
+                // The sender does not wait for ROUND_ACK 0: while QEMU
+                // starts, what it sends is read on (to the limit of
+                // READ_AHEAD) so that the link does not stall.
+                let done = AtomicBool::new(false);
+                let (started, read) = std::thread::scope(|sc| {
+                    let reader = sc.spawn(|| read_ahead(rx, &done, stop));
+                    let started = backend.incoming(&cfg, files, w.path());
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let read = reader
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow!("a reading thread panicked")));
+                    (started, read)
+                });
+                let (machine, sock) =
+                    started.map_err(|e| anyhow!("starting QEMU for the incoming guest: {e}"))?;
+                early.extend(read?);
                 sock.set_write_timeout(Some(FEED_LIMIT))
                     .context("configuring the migration socket")?;
                 qemu = Some(machine);
-                feed = Some(sock);
+                let shared = targets[1..=nd]
+                    .iter()
+                    .map(|t| t.shared.then(|| clone(t, "a shared disk")).transpose())
+                    .collect::<Result<_>>()?;
+                feed = Some(Feeder::start(sock, shared));
                 ahead.push(digest_ahead(&targets, nd, nd + 1..nd + 3)?);
                 prehash = Some(Prehash::start(
                     targets[..=nd]
@@ -379,8 +549,30 @@ pub(crate) fn prepare(
                 let plain = zstd::bulk::decompress(&b, MAX_STREAM_CHUNK).context(
                     "protocol error: a STREAM that does not decompress to at most 1 MiB",
                 )?;
-                sock.write_all(&plain)
-                    .context("feeding the stream to QEMU (it refused the stream or stopped)")?;
+                sock.send(Piece::Plain(plain))?;
+            }
+            Message::StreamRefs(m) => {
+                let Some(sock) = feed.as_mut() else {
+                    bail!("protocol error: STREAM_REFS outside the stream");
+                };
+                bytes += 8 + m.frame.len() as u64;
+                let (list, literals) = m.open().context("protocol error")?;
+                if let Some(r) = list.iter().find(|r| {
+                    !targets
+                        .get(1 + usize::from(r.disk))
+                        .is_some_and(|t| t.shared)
+                        || usize::from(r.disk) >= nd
+                }) {
+                    bail!(
+                        "protocol error: a reference to disk {}, which is not shared",
+                        r.disk
+                    );
+                }
+                sock.send(Piece::Refs {
+                    len: m.len as usize,
+                    refs: list,
+                    literals,
+                })?;
             }
             Message::Commit if summed => {
                 let t = Instant::now();
@@ -406,6 +598,7 @@ pub(crate) fn prepare(
                     reread,
                     rounds,
                     bytes,
+                    refs,
                 });
             }
             Message::Abort => return Err(SenderAborted.into()),
@@ -432,6 +625,7 @@ pub(crate) fn start(
         reread,
         rounds,
         bytes,
+        refs,
     } = p;
     let mut r = Running {
         apply_us,
@@ -465,7 +659,7 @@ pub(crate) fn start(
         }
     };
     r.restore_us = t.elapsed().as_micros() as u64;
-    hand_over(
+    let mut got = hand_over(
         l,
         id,
         Box::new(machine),
@@ -474,5 +668,10 @@ pub(crate) fn start(
         r,
         (tx, rx),
         (rounds, bytes),
-    )
+    )?;
+    got.stats["disk_refs"] = serde_json::json!({
+        "pages": refs.pages,
+        "missed": refs.missed,
+    });
+    Ok(got)
 }

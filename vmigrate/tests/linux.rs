@@ -20,7 +20,7 @@ use common::*;
 /// Formats the shared disk and writes a file on it, fills a tmpfs with
 /// random data, and starts a counter and a process dirtying memory.
 const INSTALL: &str = r#"set -e
-mke2fs -q -F /dev/vda
+mke2fs -q -F -b 4096 /dev/vda
 mkdir -p /mnt/app
 mount /dev/vda /mnt/app
 head -c 2000000 /dev/urandom > /mnt/app/app.bin
@@ -37,6 +37,26 @@ echo installed
 /// number, replaced by rename, synced), until /run/stop-writer exists.
 const DISK_WRITER: &str = r#"(i=0; while [ ! -e /run/stop-writer ]; do i=$((i+1)); seq $i $((i+3000)) > /mnt/app/tmp; sync; mv /mnt/app/tmp /mnt/app/w.$((i%4)); sync; sleep 0.1; done; touch /run/writer-stopped) </dev/null >/dev/null 2>&1 &
 echo writing
+"#;
+
+/// Rewrites a file on the disk in place, again and again, while the guest
+/// runs (a `seq` of 10001 numbers from a number that grows, so that no
+/// shorter text leaves old bytes after it; synced), until /run/stop-writer
+/// exists.
+const INPLACE_WRITER: &str = r#"seq 1 10001 > /mnt/app/p.0; sync
+(i=1; while [ ! -e /run/stop-writer ]; do i=$((i+1)); seq $i $((i+10000)) > /run/t; dd if=/run/t of=/mnt/app/p.0 bs=64k conv=notrunc,fsync 2>/dev/null; done; touch /run/writer-stopped) </dev/null >/dev/null 2>&1 &
+echo writing
+"#;
+
+/// Stops [`INPLACE_WRITER`], then reads its files back from the disk
+/// (caches dropped): each must be the `seq` its first line starts.
+const INPLACE_CHECK: &str = r#"touch /run/stop-writer
+while [ ! -e /run/writer-stopped ]; do sleep 0.1; done
+sync
+echo 3 > /proc/sys/vm/drop_caches
+good=0
+for f in /mnt/app/p.*; do a=$(head -n 1 $f); if seq $a $((a+10000)) | cmp -s - $f; then good=$((good+1)); else echo "bad $f"; fi; done
+echo "good $good"
 "#;
 
 /// Stops [`DISK_WRITER`], then reads its files back from the disk (caches
@@ -331,6 +351,11 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
     }
     assert!(st["rounds"].as_u64().unwrap() >= 2, "{st}");
     assert!(st["bytes_on_wire"].as_u64().unwrap() > 1 << 20, "{st}");
+    // The guest's page cache holds app.bin (LOOK read it back): its pages
+    // went as references to the shared disk's blocks, not as bytes.
+    let refs = &st["measured_costs"]["disk_refs"];
+    assert!(refs["pages"].as_u64().unwrap() >= 400, "{st}");
+    assert!(refs["indexed_blocks"].as_u64().unwrap() >= 488, "{st}");
     // The digests committed in the pause (the disk's from what the receiver
     // hashed in the background while the guest ran on the source) are
     // those of the files: this guest does not write its disk.
@@ -359,6 +384,106 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
     let resumed = look(&dsock);
     assert_eq!(resumed.sums, before.sums);
     stop_vm(&dsock, &mut again);
+}
+
+#[test]
+fn migrates_a_linux_guest_rewriting_its_shared_disk() {
+    // The guest rewrites files on its shared disk in place while it
+    // migrates: a page of them sent as a reference to its block, which the
+    // guest rewrites (and syncs) before the receiver reads it, must come as
+    // PAGE (the receiver's hash check), never as the block's new bytes.
+    if !qemu() {
+        return;
+    }
+    let mut s = Src::new();
+    let w = Client::connect(&s.sock).exec_timeout(INPLACE_WRITER, Some(60_000));
+    assert!(w.iter().any(|l| l == "writing"), "{w:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let before = look(&s.sock);
+    let (_dst, addr) = s.recv(&s.key);
+    let dsock = s.migrated(&addr, &["--shared-disk", "--max-rounds", "8"], &before);
+    let c = Client::connect(&dsock).exec_timeout(INPLACE_CHECK, Some(120_000));
+    assert!(!c.iter().any(|l| l.starts_with("bad ")), "{c:?}");
+    assert_eq!(value(&c, "good"), "1", "{c:?}");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    let refs = &st["measured_costs"]["disk_refs"];
+    eprintln!("references: {refs}");
+    assert!(refs["pages"].as_u64().unwrap() > 0, "{st}");
+}
+
+#[test]
+fn a_shared_disk_block_that_differs_on_the_receiver_is_repaired() {
+    // The receiver's view of the shared disk differs from the sender's in
+    // every block of app.bin (as if the guest had rewritten them after the
+    // sender read them): each reference to one rebuilds a page of the
+    // guest's page cache of app.bin with other bytes, the receiver counts
+    // it (its hash differs), and the memory check at the end of the stream
+    // finds the page and sends it again: the guest resumes with the
+    // source's memory.
+    if !qemu() {
+        return;
+    }
+    let mut s = Src::new();
+    let sum = |sock: &Path| {
+        let l = Client::connect(sock).exec_timeout(
+            "echo \"app $(sha256sum /mnt/app/app.bin | cut -d' ' -f1)\"\n",
+            Some(60_000),
+        );
+        value(&l, "app")
+    };
+    let before = sum(&s.sock);
+    // The receiver's view: the same files, app.bin's blocks changed.
+    let alt = s.p("alt");
+    std::fs::create_dir(&alt).unwrap();
+    for f in ["kernel", "initrd", "disk0.raw"] {
+        std::fs::copy(s.p("vm").join(f), alt.join(f)).unwrap();
+    }
+    let o = Command::new("debugfs")
+        .args(["-R", "blocks /app.bin"])
+        .arg(alt.join("disk0.raw"))
+        .output()
+        .unwrap();
+    let blocks: Vec<u64> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(|b| b.parse().unwrap())
+        .collect();
+    assert!(blocks.len() >= 488, "{o:?}");
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(alt.join("disk0.raw"))
+        .unwrap();
+    for b in &blocks {
+        use std::os::unix::fs::FileExt;
+        disk.write_all_at(b"changed", b * 4096).unwrap();
+    }
+    drop(disk);
+    let (_dst, addr) = receiver_seeing(
+        &s.key,
+        &s.p("vm/dst"),
+        &[
+            "--shared-disk-dir".as_ref(),
+            s.t.path().as_os_str(),
+            "--stats-json".as_ref(),
+            s.p("rstats.json").as_os_str(),
+        ],
+        Duration::from_secs(20),
+        (&alt, &s.p("vm")),
+    );
+    ok(s.send(&addr, &s.key, &["--shared-disk", "--max-rounds", "5"]));
+    s.gone();
+    // The received guest's page cache of app.bin is the source's.
+    assert_eq!(sum(&alt.join("dst.sock")), before);
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    let rst: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.p("rstats.json")).unwrap()).unwrap();
+    let refs = &st["measured_costs"]["disk_refs"]["pages"];
+    let missed = rst["disk_refs"]["missed"].as_u64().unwrap();
+    assert!(missed as usize >= blocks.len() - 8, "{rst}");
+    assert!(refs.as_u64().unwrap() >= missed, "{st}");
+    let repaired = st["measured_costs"]["repaired_pages"].as_u64().unwrap();
+    assert!(repaired >= missed, "{st}");
 }
 
 #[test]

@@ -153,6 +153,26 @@ pub fn receiver_showing(
     receiver_in(sh, key, out, extra, within)
 }
 
+/// [`receiver`] in a mount namespace of its own where directory `over`
+/// shows what directory `from` holds (a host whose view of the shared
+/// storage differs from the sender's).
+pub fn receiver_seeing(
+    key: &Path,
+    out: &Path,
+    extra: &[&OsStr],
+    within: Duration,
+    (from, over): (&Path, &Path),
+) -> (Logged, String) {
+    let mut sh = Command::new("unshare");
+    sh.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" || exit 1; shift 2; exec "$@""#)
+        .arg("sh")
+        .arg(from)
+        .arg(over)
+        .arg(bin("vmigrate"));
+    receiver_in(sh, key, out, extra, within)
+}
+
 fn receiver_in(
     mut cmd: Command,
     key: &Path,
