@@ -556,18 +556,10 @@ pub(crate) fn prepare(
                     bail!("protocol error: STREAM_REFS outside the stream");
                 };
                 bytes += 8 + m.frame.len() as u64;
+                // A reference to a disk that is not shared fails the
+                // feeding thread (`disk_refs::rebuild`), and with it the
+                // next send or the stream's end.
                 let (list, literals) = m.open().context("protocol error")?;
-                if let Some(r) = list.iter().find(|r| {
-                    !targets
-                        .get(1 + usize::from(r.disk))
-                        .is_some_and(|t| t.shared)
-                        || usize::from(r.disk) >= nd
-                }) {
-                    bail!(
-                        "protocol error: a reference to disk {}, which is not shared",
-                        r.disk
-                    );
-                }
                 sock.send(Piece::Refs {
                     len: m.len as usize,
                     refs: list,

@@ -48,27 +48,28 @@ const INPLACE_WRITER: &str = r#"seq 1 10001 > /mnt/app/p.0; sync
 echo writing
 "#;
 
-/// Stops [`INPLACE_WRITER`], then reads its files back from the disk
-/// (caches dropped): each must be the `seq` its first line starts.
-const INPLACE_CHECK: &str = r#"touch /run/stop-writer
+/// Stops a writer ([`DISK_WRITER`], [`INPLACE_WRITER`]), then reads its
+/// files `glob` back from the disk (caches dropped): each must be the `seq`
+/// of `span + 1` numbers its first line starts; prints `good N`.
+fn files_check(glob: &str, span: u32) -> String {
+    format!(
+        r#"touch /run/stop-writer
 while [ ! -e /run/writer-stopped ]; do sleep 0.1; done
 sync
 echo 3 > /proc/sys/vm/drop_caches
 good=0
-for f in /mnt/app/p.*; do a=$(head -n 1 $f); if seq $a $((a+10000)) | cmp -s - $f; then good=$((good+1)); else echo "bad $f"; fi; done
+for f in {glob}; do a=$(head -n 1 $f); if seq $a $((a+{span})) | cmp -s - $f; then good=$((good+1)); else echo "bad $f"; fi; done
 echo "good $good"
-"#;
+"#
+    )
+}
 
-/// Stops [`DISK_WRITER`], then reads its files back from the disk (caches
-/// dropped): each must be the `seq` its first line starts.
-const DISK_CHECK: &str = r#"touch /run/stop-writer
-while [ ! -e /run/writer-stopped ]; do sleep 0.1; done
-sync
-echo 3 > /proc/sys/vm/drop_caches
-good=0
-for f in /mnt/app/w.*; do a=$(head -n 1 $f); if seq $a $((a+3000)) | cmp -s - $f; then good=$((good+1)); else echo "bad $f"; fi; done
-echo "good $good"
-"#;
+/// Starts `writer` in the guest behind `sock` and lets it run 2 s.
+fn start_writer(sock: &Path, writer: &str) {
+    let w = Client::connect(sock).exec_timeout(writer, Some(60_000));
+    assert!(w.iter().any(|l| l == "writing"), "{w:?}");
+    std::thread::sleep(Duration::from_secs(2));
+}
 
 /// The counter, and checksums of the file in memory and of the file on
 /// the disk read from the disk itself (caches dropped).
@@ -171,6 +172,11 @@ impl Src {
 
     fn p(&self, n: &str) -> PathBuf {
         self.t.path().join(n)
+    }
+
+    /// The JSON file `n` of the test's directory (`--stats-json`).
+    fn json(&self, n: &str) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.p(n)).unwrap()).unwrap()
     }
 
     /// `vmigrate recv` into `dst`, its shared disks beneath the test's
@@ -328,8 +334,7 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
     let before = look(&s.sock);
     let (mut dst, addr) = s.recv(&s.key);
     let dsock = s.migrated(&addr, &["--shared-disk", "--max-rounds", "5"], &before);
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    let st = s.json("stats.json");
     for k in [
         "total_ms",
         "downtime_ms",
@@ -388,25 +393,23 @@ fn migrates_a_linux_guest_with_its_shared_disk() {
 
 #[test]
 fn migrates_a_linux_guest_rewriting_its_shared_disk() {
-    // The guest rewrites files on its shared disk in place while it
-    // migrates: a page of them sent as a reference to its block, which the
-    // guest rewrites (and syncs) before the receiver reads it, must come as
-    // PAGE (the receiver's hash check), never as the block's new bytes.
+    // The guest rewrites a file on its shared disk in place while it
+    // migrates: a page of it sent as a reference to its block, which the
+    // guest rewrites (and syncs) before the receiver reads it, ends as the
+    // source's page (the memory check), never as the block's new bytes.
     if !qemu() {
         return;
     }
     let mut s = Src::new();
-    let w = Client::connect(&s.sock).exec_timeout(INPLACE_WRITER, Some(60_000));
-    assert!(w.iter().any(|l| l == "writing"), "{w:?}");
-    std::thread::sleep(Duration::from_secs(2));
+    start_writer(&s.sock, INPLACE_WRITER);
     let before = look(&s.sock);
     let (_dst, addr) = s.recv(&s.key);
     let dsock = s.migrated(&addr, &["--shared-disk", "--max-rounds", "8"], &before);
-    let c = Client::connect(&dsock).exec_timeout(INPLACE_CHECK, Some(120_000));
+    let c =
+        Client::connect(&dsock).exec_timeout(&files_check("/mnt/app/p.*", 10000), Some(120_000));
     assert!(!c.iter().any(|l| l.starts_with("bad ")), "{c:?}");
     assert_eq!(value(&c, "good"), "1", "{c:?}");
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    let st = s.json("stats.json");
     let refs = &st["measured_costs"]["disk_refs"];
     eprintln!("references: {refs}");
     assert!(refs["pages"].as_u64().unwrap() > 0, "{st}");
@@ -474,10 +477,8 @@ fn a_shared_disk_block_that_differs_on_the_receiver_is_repaired() {
     s.gone();
     // The received guest's page cache of app.bin is the source's.
     assert_eq!(sum(&alt.join("dst.sock")), before);
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
-    let rst: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.p("rstats.json")).unwrap()).unwrap();
+    let st = s.json("stats.json");
+    let rst = s.json("rstats.json");
     let refs = &st["measured_costs"]["disk_refs"]["pages"];
     let missed = rst["disk_refs"]["missed"].as_u64().unwrap();
     assert!(missed as usize >= blocks.len() - 8, "{rst}");
@@ -492,9 +493,7 @@ fn migrates_a_linux_guest_copying_its_disk_while_it_writes() {
         return;
     }
     let mut s = Src::new();
-    let w = Client::connect(&s.sock).exec_timeout(DISK_WRITER, Some(60_000));
-    assert!(w.iter().any(|l| l == "writing"), "{w:?}");
-    std::thread::sleep(Duration::from_secs(2));
+    start_writer(&s.sock, DISK_WRITER);
     let before = look(&s.sock);
     // A receiver with no shared directory: nothing can be linked.
     let (mut dst, addr) = receiver_showing(
@@ -507,7 +506,7 @@ fn migrates_a_linux_guest_copying_its_disk_while_it_writes() {
     let dsock = s.migrated(&addr, &["--max-rounds", "5"], &before);
     // The files rewritten during the migration read back whole from the
     // received disk.
-    let c = Client::connect(&dsock).exec_timeout(DISK_CHECK, Some(120_000));
+    let c = Client::connect(&dsock).exec_timeout(&files_check("/mnt/app/w.*", 3000), Some(120_000));
     assert!(!c.iter().any(|l| l.starts_with("bad ")), "{c:?}");
     assert_eq!(value(&c, "good"), "4", "{c:?}");
     // QEMU's own messages (its block migration prints its progress) are
@@ -525,8 +524,7 @@ fn migrates_a_linux_guest_copying_its_disk_while_it_writes() {
         std::fs::metadata(&src_disk).unwrap().ino(),
         std::fs::metadata(&dst_disk).unwrap().ino()
     );
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    let st = s.json("stats.json");
     assert!(st["bytes_on_wire"].as_u64().unwrap() > 2_000_000, "{st}");
     // The received VM suspends and resumes with its disk.
     assert_eq!(
@@ -653,8 +651,7 @@ fn migrates_between_network_namespaces_over_a_shaped_link() {
         "memory or disk differ after migration"
     );
     assert!(after.count > before.count, "the counter did not continue");
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.p("stats.json")).unwrap()).unwrap();
+    let st = s.json("stats.json");
     // The link was the limit: what went over it took at least its time.
     let wire = st["bytes_on_wire"].as_f64().unwrap();
     assert!(
