@@ -425,7 +425,11 @@ impl StreamRefs {
     /// Codes the piece `piece` whose pages at `refs` (ascending, not
     /// overlapping, inside the piece; 1 ..= [`MAX_REFS`]) are blocks of
     /// the shared disks, compressed at zstd `level`.
-    pub fn seal(piece: &[u8], refs: &[DiskRef], level: i32) -> std::io::Result<StreamRefs> {
+    pub fn seal(
+        piece: &[u8],
+        refs: &[DiskRef],
+        z: &mut zstd::bulk::Compressor<'_>,
+    ) -> std::io::Result<StreamRefs> {
         assert!(piece.len() <= MAX_STREAM_CHUNK && !refs.is_empty() && refs.len() <= MAX_REFS);
         let mut plain = Writer::with_capacity(refs.len() * REF_LEN + piece.len());
         for r in refs {
@@ -444,7 +448,7 @@ impl StreamRefs {
         Ok(StreamRefs {
             len: piece.len() as u32,
             count: refs.len() as u32,
-            frame: zstd::bulk::compress(&plain.into_inner(), level)?,
+            frame: z.compress(&plain.into_inner())?,
         })
     }
 
@@ -1032,7 +1036,7 @@ mod tests {
                 hash: 6,
             },
         ];
-        let m = StreamRefs::seal(&piece, &refs, 1).unwrap();
+        let m = StreamRefs::seal(&piece, &refs, &mut zstd::bulk::Compressor::new(1).unwrap()).unwrap();
         let back = Message::decode(Type::StreamRefs, Message::StreamRefs(m.clone()).encode());
         assert_eq!(back, Ok(Message::StreamRefs(m.clone())));
         let (r2, lit) = m.open().unwrap();

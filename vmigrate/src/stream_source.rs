@@ -200,7 +200,12 @@ impl Refs {
     /// Seals `piece` (guest pages at `pages`, found by the parse) as
     /// STREAM, or as STREAM_REFS with the pages that are blocks of the
     /// shared disks.
-    fn seal(&mut self, piece: &[u8], pages: &[usize]) -> Result<Message> {
+    fn seal(
+        &mut self,
+        piece: &[u8],
+        pages: &[usize],
+        z: &mut zstd::bulk::Compressor<'_>,
+    ) -> Result<Message> {
         let mut found = Vec::new();
         if !pages.is_empty() {
             let ix = &self.index;
@@ -212,20 +217,18 @@ impl Refs {
             }
         }
         if found.is_empty() {
-            return plain(piece);
+            return plain(piece, z);
         }
         self.stats.refs += found.len() as u64;
         Ok(Message::StreamRefs(
-            StreamRefs::seal(piece, &found, LEVEL).context("compressing")?,
+            StreamRefs::seal(piece, &found, z).context("compressing")?,
         ))
     }
 }
 
 /// Seals `piece` as STREAM.
-fn plain(piece: &[u8]) -> Result<Message> {
-    Ok(Message::Stream(
-        zstd::bulk::compress(piece, LEVEL).context("compressing")?,
-    ))
+fn plain(piece: &[u8], z: &mut zstd::bulk::Compressor<'_>) -> Result<Message> {
+    Ok(Message::Stream(z.compress(piece).context("compressing")?))
 }
 
 /// Handles what the receiver sent while the stream flows: its ROUND_ACK 0
@@ -262,6 +265,9 @@ fn pump(
 ) -> Result<Option<Refs>> {
     sock.set_nonblocking(true)
         .context("configuring the migration socket")?;
+    // One context for every piece: a new one per piece would set up and
+    // clear its tables each time.
+    let mut z = zstd::bulk::Compressor::new(LEVEL).context("compressing")?;
     let mut buf = Vec::new();
     // Bytes of `buf` parsed, and the pages found in them.
     let mut parsed = 0usize;
@@ -314,8 +320,8 @@ fn pump(
         }
         raw.fetch_add(cut as u64, Ordering::SeqCst);
         let m = match refs.as_mut() {
-            Some(r) => r.seal(&buf[..cut], &pages)?,
-            None => plain(&buf[..cut])?,
+            Some(r) => r.seal(&buf[..cut], &pages, &mut z)?,
+            None => plain(&buf[..cut], &mut z)?,
         };
         writer.push(vec![tx.seal(m)?])?;
         buf.drain(..cut);
