@@ -1036,7 +1036,8 @@ mod tests {
                 hash: 6,
             },
         ];
-        let m = StreamRefs::seal(&piece, &refs, &mut zstd::bulk::Compressor::new(1).unwrap()).unwrap();
+        let m =
+            StreamRefs::seal(&piece, &refs, &mut zstd::bulk::Compressor::new(1).unwrap()).unwrap();
         let back = Message::decode(Type::StreamRefs, Message::StreamRefs(m.clone()).encode());
         assert_eq!(back, Ok(Message::StreamRefs(m.clone())));
         let (r2, lit) = m.open().unwrap();
