@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +31,8 @@ pub struct DiskIndex {
     /// XXH3-64 of a block → disk << 32 | block number.
     map: RwLock<HashMap<u64, u64>>,
     disks: Vec<File>,
+    /// Set when the stream no longer needs more of it.
+    stopped: AtomicBool,
 }
 
 impl DiskIndex {
@@ -39,7 +42,14 @@ impl DiskIndex {
         DiskIndex {
             map: RwLock::new(HashMap::new()),
             disks,
+            stopped: AtomicBool::new(false),
         }
+    }
+
+    /// Ends [`DiskIndex::build`] at its next 1 MiB (the migration ended or
+    /// failed: reading on would only load the disks).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
     }
 
     /// Reads and hashes every block of the disks that holds data (at most
@@ -53,6 +63,9 @@ impl DiskIndex {
             for (start, end) in kimberley_formats::sparse::data_extents(f, size)? {
                 let mut off = start - start % REF_PAGE as u64;
                 while off < end {
+                    if self.stopped.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
                     let n = (buf.len() as u64).min(end - off) as usize;
                     let n = n - n % REF_PAGE;
                     if n == 0 {
@@ -186,6 +199,15 @@ mod tests {
             .open(&p)
             .unwrap();
         (d, f)
+    }
+
+    #[test]
+    fn a_stopped_index_reads_no_further() {
+        let (_d, f) = disk(&[1, 2, 3]);
+        let ix = DiskIndex::new(vec![f]);
+        ix.stop();
+        ix.build().unwrap();
+        assert_eq!(ix.len(), 0);
     }
 
     #[test]

@@ -245,6 +245,13 @@ impl Refs {
     }
 }
 
+impl Drop for Refs {
+    /// However the stream ended, the index's thread stops reading.
+    fn drop(&mut self) {
+        self.index.stop();
+    }
+}
+
 /// Seals `piece` as STREAM.
 fn plain(piece: &[u8], z: &mut zstd::bulk::Compressor<'_>) -> Result<Message> {
     Ok(Message::Stream(z.compress(piece).context("compressing")?))
