@@ -424,7 +424,7 @@ pub struct StreamRefs {
 impl StreamRefs {
     /// Codes the piece `piece` whose pages at `refs` (ascending, not
     /// overlapping, inside the piece; 1 ..= [`MAX_REFS`]) are blocks of
-    /// the shared disks, compressed at zstd `level`.
+    /// the shared disks, compressed with `z`.
     pub fn seal(
         piece: &[u8],
         refs: &[DiskRef],

@@ -80,8 +80,6 @@ impl Writer {
         let thread = std::thread::spawn(move || {
             // Token bucket: `next` is when the link is free again.
             let mut next = Instant::now();
-            // Whatever ends the thread wakes a caller waiting for room.
-            let _wake = Wake(q.clone());
             for item in rx {
                 match item {
                     Item::Frames(fs) => {
@@ -138,10 +136,9 @@ impl Writer {
     /// Lets the queue hold up to `bytes` beyond its 4 batches (0: just
     /// the 4 batches).
     pub fn set_depth(&self, bytes: u64) {
-        if self.depth.swap(bytes, Ordering::SeqCst) > bytes {
-            return;
+        if self.depth.swap(bytes, Ordering::SeqCst) < bytes {
+            self.queued.taken.notify_all();
         }
-        self.queued.taken.notify_all();
     }
 
     /// Queues frames; blocks while 4 batches are queued and their bytes
@@ -152,6 +149,8 @@ impl Writer {
         {
             let mut q = self.queued.lock();
             while q.0 >= BATCHES && q.1 + n > self.depth.load(Ordering::SeqCst) {
+                // A thread that ended (an error) takes nothing off: the
+                // send below fails instead. Checked every 50 ms.
                 if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                     break;
                 }
@@ -206,15 +205,6 @@ struct Taken<'a>(&'a Queued, u64);
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
         self.0.take(self.1);
-    }
-}
-
-/// Wakes whoever waits for room when the writer's thread ends.
-struct Wake(Arc<Queued>);
-
-impl Drop for Wake {
-    fn drop(&mut self) {
-        self.0.taken.notify_all();
     }
 }
 
